@@ -1,0 +1,5 @@
+import sys
+
+from sllmd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The `sllmd` command: runs the daemon, or one of the tool commands.
+
+`sllmd [daemon flags]` runs the daemon; `sllmd COMMAND ...` runs a tool (see --help). Any failure
+to start exits non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help); each module has main(argv) -> int
+    "demo-model": ("sllmd.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
+}
+
+
+def daemon_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="sllmd",
+        description="Serverless LLM inference daemon. Without a command, runs the daemon.",
+        epilog=f"commands (sllmd COMMAND --help):\n{commands}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (see config/sllmd.toml)")
+    parser.add_argument("--host", help="HTTP bind address [server.host]")
+    parser.add_argument("--port", type=int, help="HTTP port [server.port]")
+    parser.add_argument("--peer-port", type=int, help="peer (ZeroMQ) port [server.peer_port]")
+    parser.add_argument("--data-dir", help="state and checkpoint directory [server.data_dir]")
+    parser.add_argument("--join", metavar="HOST:PORT", help="peer address of a cluster member to join [server.join]")
+    parser.add_argument("--node-id", help="this node's id [server.node_id]")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="[server.log_level]")
+    parser.add_argument("--log-format", choices=["json", "text"], help="[server.log_format]")
+    parser.add_argument(
+        "--deploy", action="append", default=[], metavar="NAME=DIR",
+        help="deploy the Hugging Face model in DIR as NAME at start unless NAME is already deployed (repeatable)",
+    )
+    return parser
+
+
+def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, Path]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--deploy expects NAME=DIR, got {value!r}")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+def run_daemon(argv: list[str]) -> int:
+    parser = daemon_parser()
+    args = parser.parse_args(argv)
+    ensure_deployed = _parse_deploy(args.deploy, parser)
+
+    from sllmd.config import ConfigError, load_config
+
+    overrides = {
+        "server.host": args.host, "server.port": args.port, "server.peer_port": args.peer_port,
+        "server.data_dir": args.data_dir, "server.join": args.join, "server.node_id": args.node_id,
+        "server.log_level": args.log_level, "server.log_format": args.log_format,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"sllmd: config error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvloop
+
+    from sllmd.daemon import StartupError, serve
+    from sllmd.errors import SllmdError
+    from sllmd.logs import configure_logging
+
+    configure_logging(config.server.log_level, config.server.log_format)
+    try:
+        uvloop.run(serve(config, ensure_deployed))
+    except (StartupError, SllmdError) as exc:
+        print(f"sllmd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        module_name, _ = COMMANDS[argv[0]]
+        command: Callable[[list[str]], int] = importlib.import_module(module_name).main
+        return command(argv[1:])
+    return run_daemon(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

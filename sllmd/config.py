@@ -1,0 +1,187 @@
+"""Node configuration: loaded once at start, validated, then read-only.
+
+Precedence, lowest first: built-in defaults < the TOML file < `SLLMD_<SECTION>_<KEY>` environment
+variables < command-line flags. Unknown sections or keys are errors, so a typo never silently falls
+back to a default. `config/sllmd.toml` documents every setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sllmd.scheduler.autoscale import AutoscalingPolicy
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8343
+    peer_port: int = 8344
+    data_dir: str = "/var/lib/sllmd"
+    node_id: str = ""  # empty: generated on first start and kept in the data dir
+    join: str = ""  # HOST:PEERPORT of a cluster member; empty bootstraps or rejoins
+    api_keys: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_timeout_s: float = 10.0
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    kind: str = "auto"  # auto: every visible CUDA device if any, else CPU slots
+    cuda_devices: tuple[int, ...] = ()  # empty: all visible
+    cpu_slots: int = 2
+    cpu_slot_memory_gb: float = 4.0
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_queue_per_model: int = 256
+    queue_timeout_s: float = 60.0
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    autoscaling: AutoscalingPolicy = field(default_factory=AutoscalingPolicy)  # deployment defaults
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a validated Config. `overrides` maps "section.key" to a value (from flags); None values
+    are ignored so unset flags fall through."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                from_file = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        for section, values in from_file.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{path}: unknown section [{section}]")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            raw[section].update(values)
+    for name, value in (env if env is not None else os.environ).items():
+        if not name.startswith("SLLMD_"):
+            continue
+        section, _, key = name[len("SLLMD_") :].lower().partition("_")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"unknown environment setting {name}")
+        raw[section][key] = value
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            raw[section][key] = value
+    sections = {name: _build_section(_SECTIONS[name], name, values) for name, values in raw.items()}
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {section}.{key}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Accept the TOML type, or a string from the environment or a flag, for each field type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{name} must be a list")
+        return tuple(_coerce(item, item_hint, name) for item in items)
+    if isinstance(hint, types.UnionType):
+        raise ConfigError(f"{name}: unsupported setting type")  # pragma: no cover - programmer error
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[
+                    value.strip().lower()
+                ]
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool | float):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value.strip()
+    except (TypeError, ValueError, KeyError):
+        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported setting type")  # pragma: no cover
+
+
+def _validate(config: Config) -> None:
+    s, d, v, a = config.server, config.devices, config.serving, config.autoscaling
+    checks = [
+        (1 <= s.port <= 65535, "server.port must be in 1..65535"),
+        (1 <= s.peer_port <= 65535, "server.peer_port must be in 1..65535"),
+        (s.port != s.peer_port, "server.port and server.peer_port must differ"),
+        (bool(s.data_dir), "server.data_dir must not be empty"),
+        (s.log_level in ("debug", "info", "warning", "error"), "server.log_level must be debug|info|warning|error"),
+        (s.log_format in ("json", "text"), "server.log_format must be json|text"),
+        (s.shutdown_timeout_s >= 0, "server.shutdown_timeout_s must be >= 0"),
+        (s.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
+        (not s.join or _is_host_port(s.join), "server.join must be HOST:PORT"),
+        (d.kind in ("auto", "cpu", "cuda"), "devices.kind must be auto|cpu|cuda"),
+        (0 <= d.cpu_slots <= 1024, "devices.cpu_slots must be in 0..1024"),
+        (d.cpu_slot_memory_gb > 0, "devices.cpu_slot_memory_gb must be > 0"),
+        (v.max_queue_per_model >= 1, "serving.max_queue_per_model must be >= 1"),
+        (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
+        (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
+    ]
+    checks += [(False, f"autoscaling.{name} {message}") for name, message in a.problems()]
+    for is_ok, message in checks:
+        if not is_ok:
+            raise ConfigError(message)
+
+
+def _is_host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)

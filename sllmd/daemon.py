@@ -1,0 +1,105 @@
+"""Runs one node: opens its state, serves HTTP, and shuts down gracefully on SIGTERM/SIGINT.
+
+Signals only set a flag. Shutdown stops accepting connections, gives in-flight requests
+`server.shutdown_timeout_s` to finish, cancels the rest (and says how many), then stops engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from sllmd.config import Config
+from sllmd.deployments import DeploySpec
+from sllmd.engine.base import Backend
+from sllmd.http.app import build_app
+from sllmd.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message is the one-line reason for the operator."""
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract socket namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the process lifetime: two daemons on one state
+    would each believe they own it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(f"data dir {data_dir} is in use by another sllmd (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+async def serve(config: Config, ensure_deployed: Sequence[tuple[str, Path]] = ()) -> None:
+    lock_fd = lock_data_dir(config.data_dir)
+    if config.serving.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.serving.torch_threads)
+    node = Node.open(config)
+    try:
+        await node.start()
+        for name, checkpoint in ensure_deployed:
+            if node.state.deployment(name) is None:
+                spec = DeploySpec(name, checkpoint.resolve(), Backend.TRANSFORMERS, config.autoscaling)
+                await node.deployments.deploy(spec)
+                log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})
+        await _run_http(node)
+    finally:
+        await node.close()
+        os.close(lock_fd)
+
+
+async def _run_http(node: Node) -> None:
+    server = node.config.server
+    runner = web.AppRunner(
+        build_app(node), handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("serving", extra={"node_id": node.node_id, "http": f"{server.host}:{server.port}",
+                               "slots": [s.device for s in node.worker.slots.slots]})
+    notify_systemd("READY=1")
+    await stop.wait()
+    notify_systemd("STOPPING=1")
+    num_in_flight = len(runner.server.connections) if runner.server else 0
+    log.info("shutting down", extra={"open_connections": num_in_flight, "timeout_s": server.shutdown_timeout_s})
+    await runner.cleanup()  # waits up to shutdown_timeout for handlers, then cancels them
+    log.info("http stopped")

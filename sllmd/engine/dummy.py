@@ -1,0 +1,53 @@
+"""A backend with no model compute: measures the serving path (HTTP, routing, queues, streaming).
+
+Tokens are a deterministic function of (seed, position), drawn from the checkpoint's vocabulary
+minus the stop tokens, so output is reproducible and never ends early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from sllmd.engine.base import Engine, LoadReport, SamplingParams
+from sllmd.errors import ContextLengthExceeded
+
+DEFAULT_CONTEXT_LENGTH = 2048
+
+
+class DummyEngine(Engine):
+    def __init__(self, checkpoint_dir: Path) -> None:
+        config_path = checkpoint_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.vocab_size = int(config.get("vocab_size", 256))
+        self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+        self._num_active = 0
+
+    async def start(self) -> LoadReport:
+        return LoadReport(source_tier="none", num_bytes=0, load_s=0.0, init_s=0.0)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds {self.context_length}"
+            )
+        seed = params.seed or 0
+        self._num_active += 1
+        try:
+            for position in range(len(prompt_ids), len(prompt_ids) + params.max_tokens):
+                token = (seed * 2654435761 + position * 40503) % self.vocab_size
+                while token in params.stop_token_ids:
+                    token = (token + 1) % self.vocab_size
+                yield token
+                await asyncio.sleep(0)  # one scheduling point per token, like a real engine's handoff
+        finally:
+            self._num_active -= 1
+
+    async def stop(self) -> None:
+        pass
+
+    @property
+    def num_active(self) -> int:
+        return self._num_active

@@ -1,0 +1,75 @@
+"""Domain errors. Each carries the HTTP status and OpenAI error fields it maps to.
+
+The HTTP layer's one error middleware turns any `SllmdError` into
+`{"error": {"message", "type", "param", "code"}}` with `status`; nothing else builds error bodies.
+"""
+
+from __future__ import annotations
+
+
+class SllmdError(Exception):
+    """Base of every error that reaches a client. Subclasses fix status and type."""
+
+    status: int = 500
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> dict:
+        return {
+            "error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+        }
+
+
+class InvalidRequest(SllmdError):
+    """Malformed, missing, wrongly typed or out-of-range input."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class Unauthorized(SllmdError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class NotFound(SllmdError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+
+class Conflict(SllmdError):
+    status = 409
+    error_type = "conflict_error"
+
+
+class Overloaded(SllmdError):
+    """The node cannot take the request now; the client should retry after `retry_after_s`."""
+
+    status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = "overloaded") -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class EngineFailed(SllmdError):
+    """An engine could not start or died while generating."""
+
+    status = 500
+    error_type = "server_error"

@@ -1,0 +1,157 @@
+"""Admin routes: deploy, inspect, update and remove models; inspect the cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sllmd.deployments import DeploySpec
+from sllmd.engine.base import Backend
+from sllmd.errors import InvalidRequest, ModelNotFound
+from sllmd.http.keys import NODE
+from sllmd.http.schemas import parse_json_object
+from sllmd.node import Node
+from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.state.models import Deployment
+
+DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling"})
+POLICY_TYPES: dict[str, tuple[type, ...]] = {
+    "min_instances": (int,),
+    "max_instances": (int,),
+    "target_concurrency": (int,),
+    "keep_alive_s": (int, float),
+}
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/admin/models", deploy)
+    router.add_get("/admin/models", list_models)
+    router.add_get("/admin/models/{name}", get_model)
+    router.add_patch("/admin/models/{name}", patch_model)
+    router.add_delete("/admin/models/{name}", delete_model)
+    router.add_get("/admin/cluster", cluster)
+
+
+def parse_policy(raw: Any, base: AutoscalingPolicy) -> AutoscalingPolicy:
+    """`base` with the fields present in `raw` replaced; every field type- and range-checked."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest("autoscaling must be an object", param="autoscaling")
+    changes = {}
+    for key, value in raw.items():
+        if key not in POLICY_TYPES:
+            raise InvalidRequest(f"unknown autoscaling field '{key}'", param=f"autoscaling.{key}")
+        if isinstance(value, bool) or not isinstance(value, POLICY_TYPES[key]):
+            raise InvalidRequest(f"autoscaling.{key} must be a number", param=f"autoscaling.{key}")
+        changes[key] = value
+    policy = dataclasses.replace(base, **changes)
+    problems = policy.problems()
+    if problems:
+        key, message = problems[0]
+        raise InvalidRequest(f"autoscaling.{key} {message}", param=f"autoscaling.{key}")
+    return policy
+
+
+def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpec:
+    unknown = set(body) - DEPLOY_FIELDS
+    if unknown:
+        raise InvalidRequest(f"unknown field '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("name is required and must be a non-empty string", param="name")
+    checkpoint = body.get("checkpoint")
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise InvalidRequest("checkpoint is required: the path of a Hugging Face model directory", param="checkpoint")
+    backend_name = body.get("backend", Backend.TRANSFORMERS.value)
+    if backend_name not in {b.value for b in Backend}:
+        choices = ", ".join(b.value for b in Backend)
+        raise InvalidRequest(f"backend must be one of: {choices}", param="backend")
+    policy = parse_policy(body.get("autoscaling", {}), defaults)
+    return DeploySpec(name, Path(checkpoint), Backend(backend_name), policy)
+
+
+def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
+    view = deployment.to_wire()
+    runtime = node.worker.runtimes.get(deployment.name)
+    instances = []
+    for instance in runtime.instances if runtime else []:
+        report = instance.load_report
+        instances.append({
+            "id": instance.id,
+            "node_id": node.node_id,
+            "device": instance.slot.device,
+            "state": instance.state.value,
+            "in_flight": instance.in_flight,
+            "started_at": instance.started_at,
+            "load": dataclasses.asdict(report) if report else None,
+        })
+    view["instances"] = instances
+    view["queued"] = runtime.num_waiting if runtime else 0
+    return view
+
+
+def _deployment(node: Node, name: str) -> Deployment:
+    deployment = node.state.deployment(name)
+    if deployment is None:
+        raise ModelNotFound(name)
+    return deployment
+
+
+async def deploy(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    spec = parse_deploy(parse_json_object(await request.read()), node.config.autoscaling)
+    deployment = await node.deployments.deploy(spec)
+    return web.json_response(deployment_view(node, deployment), status=201)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    views = [deployment_view(node, d) for d in node.state.deployments().values()]
+    return web.json_response({"models": views})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response(deployment_view(node, _deployment(node, request.match_info["name"])))
+
+
+async def patch_model(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    body = parse_json_object(await request.read())
+    current = _deployment(node, request.match_info["name"])
+    unknown = set(body) - {"autoscaling"}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise InvalidRequest(f"'{field}' cannot be changed; only autoscaling can (redeploy to change others)",
+                             param=field)
+    policy = parse_policy(body.get("autoscaling", {}), current.autoscaling)
+    updated = await node.deployments.update_autoscaling(current.name, policy)
+    return web.json_response(deployment_view(node, updated))
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name = request.match_info["name"]
+    await node.deployments.remove(name)
+    return web.json_response({"deleted": name})
+
+
+async def cluster(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    server = node.config.server
+    slots = [
+        {"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes, "instance": node.worker.slots.holder(s)}
+        for s in node.worker.slots.slots
+    ]
+    this_node = {
+        "id": node.node_id,
+        "http": f"{server.host}:{server.port}",
+        "peer": f"{server.host}:{server.peer_port}",
+        "role": "leader",
+        "alive": True,
+        "slots": slots,
+        "free_slots": node.worker.slots.num_free,
+    }
+    return web.json_response({"leader": node.node_id, "term": 0, "nodes": [this_node]})

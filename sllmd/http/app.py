@@ -1,0 +1,93 @@
+"""The aiohttp application: one route table, typed app state, one error middleware."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sllmd.errors import InvalidRequest, NotFound, SllmdError, Unauthorized
+from sllmd.http import admin_api, openai_api
+from sllmd.http.keys import NODE
+from sllmd.node import Node
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def error_response(error: SllmdError) -> web.Response:
+    headers = {}
+    if getattr(error, "retry_after_s", None) is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return web.json_response(error.to_body(), status=error.status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-style JSON error body with a real status."""
+    node = request.app[NODE]
+    began = time.monotonic()
+    try:
+        response = await handler(request)
+    except SllmdError as error:
+        response = error_response(error)
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = error_response(InvalidRequest(f"request body too large ({exc.text})", code="body_too_large"))
+        response.set_status(413)
+    except web.HTTPNotFound:
+        response = error_response(NotFound(f"no route {request.method} {request.path}", code="unknown_route"))
+    except web.HTTPMethodNotAllowed as exc:
+        error = InvalidRequest(f"method {request.method} not allowed on {request.path}", code="method_not_allowed")
+        response = error_response(error)
+        response.set_status(405)
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        response = error_response(SllmdError("internal server error"))
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    node.metrics.requests.labels(route, str(response.status)).inc()
+    if request.path not in OPEN_PATHS:
+        log.debug("request", extra={"method": request.method, "path": request.path, "status": response.status,
+                                    "ms": round((time.monotonic() - began) * 1000, 2)})
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = request.app[NODE].config.server.api_keys
+    if keys and request.path not in OPEN_PATHS:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in keys):
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    uptime_s = round(time.time() - node.started_at, 3)
+    return web.json_response({"status": "ok", "node_id": node.node_id, "uptime_s": uptime_s})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[NODE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=node.config.server.max_body_bytes
+    )
+    app[NODE] = node
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    openai_api.add_routes(app.router)
+    admin_api.add_routes(app.router)
+    return app

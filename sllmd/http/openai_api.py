@@ -1,0 +1,136 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sllmd.errors import SllmdError
+from sllmd.http.keys import NODE
+from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
+from sllmd.router import Finished, PreparedRequest, TextDelta
+
+log = logging.getLogger(__name__)
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/models", list_models)
+    router.add_post("/v1/completions", completions)
+    router.add_post("/v1/chat/completions", chat_completions)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    data = [
+        {"id": d.name, "object": "model", "created": int(d.created_at), "owned_by": "sllmd"}
+        for d in node.state.deployments().values()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_completion_request(parse_json_object(await request.read())), is_chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, parse_chat_request(parse_json_object(await request.read())), is_chat=True)
+
+
+class _Shape:
+    """Builds the OpenAI objects of one response, completion or chat flavoured."""
+
+    def __init__(self, request: GenerationRequest, is_chat: bool) -> None:
+        self.is_chat = is_chat
+        self.id = ("chatcmpl-" if is_chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model = request.model
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, is_first: bool = False) -> dict[str, Any]:
+        if self.is_chat:
+            delta: dict[str, Any] = {}
+            if is_first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        body = self._envelope("chat.completion.chunk" if self.is_chat else "text_completion", [])
+        body["usage"] = usage
+        return body
+
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.is_chat:
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            body = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            body = self._envelope("text_completion", [choice])
+        body["usage"] = usage
+        return body
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+    }
+
+
+async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bool) -> web.StreamResponse:
+    router = request.app[NODE].router
+    prepared = await router.prepare(parsed)
+    shape = _Shape(parsed, is_chat)
+    # Opening the stream waits through a cold start; its errors (503, 500) still get real statuses.
+    async with router.open_stream(prepared) as events:
+        if parsed.stream:
+            return await _stream(request, prepared, shape, events)
+        parts: list[str] = []
+        async for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                return web.json_response(shape.whole("".join(parts), event.finish_reason, _usage(event)))
+    raise AssertionError("event stream ended without Finished")  # pragma: no cover
+
+
+async def _stream(request: web.Request, prepared: PreparedRequest, shape: _Shape, events) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(payload: dict[str, Any] | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        await response.write(f"data: {data}\n\n".encode())
+
+    is_first = True
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                await send(shape.chunk(event.text, None, is_first=is_first))
+                is_first = False
+                continue
+            if is_first and shape.is_chat:
+                await send(shape.chunk("", None, is_first=True))
+            await send(shape.chunk(None if shape.is_chat else "", event.finish_reason))
+            if prepared.request.include_usage:
+                await send(shape.usage_chunk(_usage(event)))
+    except SllmdError as error:
+        # The status line is gone; the error travels as an SSE event the SDKs raise on.
+        log.warning("stream failed", extra={"model": shape.model, "error": error.message})
+        await send(error.to_body())
+    await send("[DONE]")
+    await response.write_eof()
+    return response

@@ -1,0 +1,35 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes can share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sllmd_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.ttft = Histogram(
+            "sllmd_ttft_seconds", "Request arrival to first token", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "sllmd_request_latency_seconds", "Request arrival to last token", ["model"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("sllmd_tokens", "Tokens processed", ["model", "direction"], registry=r)
+        self.cold_starts = Counter("sllmd_cold_starts", "Instance starts by checkpoint source tier", ["model", "tier"],
+                                   registry=r)
+        self.cold_start_seconds = Histogram(
+            "sllmd_cold_start_seconds", "Instance start to ready", ["model", "tier"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load_bytes = Counter("sllmd_load_bytes", "Checkpoint bytes loaded", ["model", "tier"], registry=r)
+        self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
+        self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
+        self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

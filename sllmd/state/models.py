@@ -1,0 +1,61 @@
+"""Records kept in the replicated state: deployments and instances, with their wire form."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from sllmd.engine.base import Backend
+from sllmd.scheduler.autoscale import AutoscalingPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A model the cluster serves. `checkpoint` is a directory path in Hugging Face layout."""
+
+    name: str
+    checkpoint: str
+    backend: Backend
+    autoscaling: AutoscalingPolicy
+    context_length: int
+    checkpoint_bytes: int
+    created_at: float
+    revision: int = 1  # bumped by every update
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["backend"] = self.backend.value
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Deployment:
+        return cls(
+            **{**wire, "backend": Backend(wire["backend"]), "autoscaling": AutoscalingPolicy(**wire["autoscaling"])}
+        )
+
+    def with_autoscaling(self, policy: AutoscalingPolicy) -> Deployment:
+        return replace(self, autoscaling=policy, revision=self.revision + 1)
+
+
+class InstanceState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    id: str
+    model: str
+    node_id: str
+    device: str
+    state: InstanceState
+    started_at: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "state": self.state.value}
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> InstanceRecord:
+        return cls(**{**wire, "state": InstanceState(wire["state"])})

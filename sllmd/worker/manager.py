@@ -1,0 +1,347 @@
+"""The serverless lifecycle of this node's instances: scale from zero, scale out, keep-alive, eviction.
+
+Event-driven throughout: a request that finds no ready instance triggers a start at once and waits
+(bounded queue, timeout); an instance that goes idle arms a keep-alive timer; a freed slot re-runs
+scaling for every model with waiting requests. Nothing polls.
+
+Not thread-safe: every method runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sllmd.config import ServingConfig
+from sllmd.engine import Engine, create_engine
+from sllmd.engine.base import LoadReport
+from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
+from sllmd.metrics import Metrics
+from sllmd.scheduler.autoscale import num_instances_to_start, pick_instance
+from sllmd.state.machine import LocalStateMachine, Op
+from sllmd.state.models import Deployment, InstanceRecord, InstanceState
+from sllmd.worker.slots import Slot, SlotPool
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Deployment, str], Engine]
+
+
+def default_engine_factory(deployment: Deployment, device: str) -> Engine:
+    return create_engine(deployment.backend, Path(deployment.checkpoint), device)
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    deployment: Deployment
+    slot: Slot
+    engine: Engine
+    state: InstanceState = InstanceState.STARTING
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.time)
+    idle_since: float = field(default_factory=time.monotonic)
+    load_report: LoadReport | None = None
+    idle_timer: asyncio.TimerHandle | None = None
+    stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
+
+
+@dataclass(eq=False)
+class ModelRuntime:
+    """This node's instances of one deployment and the requests waiting for one."""
+
+    deployment: Deployment
+    instances: list[Instance] = field(default_factory=list)  # starting or ready; never stopping
+    num_waiting: int = 0
+    start_error: BaseException | None = None
+    is_removed: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def ready(self) -> list[Instance]:
+        return [i for i in self.instances if i.state is InstanceState.READY]
+
+    def num_starting(self) -> int:
+        return sum(1 for i in self.instances if i.state is InstanceState.STARTING)
+
+    def demand(self) -> int:
+        return self.num_waiting + sum(i.in_flight for i in self.instances)
+
+
+class Worker:
+    def __init__(
+        self,
+        node_id: str,
+        slots: SlotPool,
+        state: LocalStateMachine,
+        serving: ServingConfig,
+        metrics: Metrics,
+        engine_factory: EngineFactory = default_engine_factory,
+    ) -> None:
+        self.node_id = node_id
+        self.slots = slots
+        self.state = state
+        self.serving = serving
+        self.metrics = metrics
+        self.engine_factory = engine_factory
+        self.runtimes: dict[str, ModelRuntime] = {}
+        self._tasks: set[asyncio.Task] = set()
+        metrics.free_slots.set(slots.num_free)
+
+    # -- deployments ---------------------------------------------------------------------------
+
+    def sync_deployment(self, deployment: Deployment) -> None:
+        """Adopt a new or updated deployment; starts instances up to its min_instances."""
+        runtime = self.runtimes.get(deployment.name)
+        if runtime is None:
+            runtime = self.runtimes[deployment.name] = ModelRuntime(deployment)
+        runtime.deployment = deployment
+        for instance in runtime.instances:
+            instance.deployment = deployment
+            if instance.in_flight == 0 and instance.state is InstanceState.READY:
+                self._arm_idle_timer(runtime, instance)
+        self._scale(runtime)
+
+    async def remove_deployment(self, name: str) -> None:
+        """Stop every instance of `name`; waiting requests fail with ModelNotFound."""
+        runtime = self.runtimes.pop(name, None)
+        if runtime is None:
+            return
+        runtime.is_removed = True
+        await self._notify(runtime)
+        stopping = [self._stop_instance(runtime, instance) for instance in list(runtime.instances)]
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[Instance]:
+        """A ready instance of `model` for one request, held until the block exits.
+
+        Starts one if needed and waits for it (at most `serving.queue_timeout_s`, with at most
+        `serving.max_queue_per_model` requests waiting per model).
+        """
+        runtime = self.runtimes.get(model)
+        if runtime is None:
+            raise ModelNotFound(model)
+        instance = self._pick(runtime)
+        if instance is None:
+            instance = await self._wait_for_instance(runtime)
+        instance.in_flight += 1
+        if instance.idle_timer is not None:
+            instance.idle_timer.cancel()
+            instance.idle_timer = None
+        self._scale(runtime)
+        try:
+            yield instance
+        finally:
+            instance.in_flight -= 1
+            if instance.in_flight == 0 and instance.state is InstanceState.READY:
+                instance.idle_since = time.monotonic()
+                self._arm_idle_timer(runtime, instance)
+
+    def _pick(self, runtime: ModelRuntime) -> Instance | None:
+        ready = runtime.ready()
+        if not ready:
+            return None
+        return ready[pick_instance([i.in_flight for i in ready], runtime.deployment.autoscaling.target_concurrency)]
+
+    async def _wait_for_instance(self, runtime: ModelRuntime) -> Instance:
+        name = runtime.deployment.name
+        if runtime.num_waiting >= self.serving.max_queue_per_model:
+            raise Overloaded(f"too many requests waiting for model '{name}'", retry_after_s=1, code="queue_full")
+        runtime.num_waiting += 1
+        self.metrics.queued.labels(name).set(runtime.num_waiting)
+        try:
+            self._scale(runtime)
+
+            def outcome() -> Instance | BaseException | None:
+                if runtime.is_removed:
+                    return ModelNotFound(name)
+                picked = self._pick(runtime)
+                if picked is not None:
+                    return picked
+                if runtime.start_error is not None and not runtime.num_starting():
+                    return EngineFailed(f"model '{name}' failed to start: {runtime.start_error}")
+                return None
+
+            async with asyncio.timeout(self.serving.queue_timeout_s), runtime.changed:
+                result = await runtime.changed.wait_for(outcome)
+        except TimeoutError:
+            raise Overloaded(
+                f"model '{name}' did not become ready within {self.serving.queue_timeout_s:g}s",
+                retry_after_s=max(1, round(self.serving.queue_timeout_s / 4)),
+                code="cold_start_timeout",
+            ) from None
+        finally:
+            runtime.num_waiting -= 1
+            self.metrics.queued.labels(name).set(runtime.num_waiting)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    # -- scaling -------------------------------------------------------------------------------
+
+    def _scale(self, runtime: ModelRuntime) -> None:
+        """Start as many instances as the policy wants and capacity allows, evicting idle
+        instances of other models when no slot is free."""
+        if runtime.is_removed:
+            return
+        victims = self._eviction_candidates(exclude=runtime)
+        num_new = num_instances_to_start(
+            runtime.deployment.autoscaling,
+            demand=runtime.demand(),
+            num_live=len(runtime.instances),
+            num_startable=self.slots.num_free + len(victims),
+        )
+        for _ in range(num_new):
+            instance_id = f"{runtime.deployment.name}-{uuid.uuid4().hex[:8]}"
+            slot = self.slots.acquire(instance_id, runtime.deployment.checkpoint_bytes)
+            evicting = None
+            if slot is None:
+                if not victims:
+                    return
+                victim_runtime, victim = victims.pop(0)
+                slot = victim.slot
+                log.info("evicting idle instance", extra={"instance": victim.id, "for_model": runtime.deployment.name})
+                evicting = self._stop_instance(victim_runtime, victim, hand_slot_to=instance_id)
+            engine = self.engine_factory(runtime.deployment, slot.device)
+            instance = Instance(instance_id, runtime.deployment, slot, engine)
+            runtime.instances.append(instance)
+            runtime.start_error = None
+            self._spawn(self._start_instance(runtime, instance, evicting))
+        self._update_gauges(runtime)
+
+    def _eviction_candidates(self, exclude: ModelRuntime) -> list[tuple[ModelRuntime, Instance]]:
+        """Idle ready instances of other models above their min_instances, longest idle first."""
+        found = []
+        for runtime in self.runtimes.values():
+            if runtime is exclude:
+                continue
+            spare = len(runtime.instances) - runtime.deployment.autoscaling.min_instances
+            idle = [i for i in runtime.ready() if i.in_flight == 0]
+            idle.sort(key=lambda i: i.idle_since)
+            found += [(runtime, i) for i in idle[: max(0, spare)]]
+        found.sort(key=lambda pair: pair[1].idle_since)
+        return found
+
+    async def _start_instance(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
+        name = runtime.deployment.name
+        began = time.monotonic()
+        try:
+            if evicting is not None:
+                await evicting
+            await self._record(instance)
+            instance.load_report = await instance.engine.start()
+        except Exception as exc:  # any engine failure must reach the waiters
+            log.error("instance failed to start", extra={"instance": instance.id, "error": repr(exc)})
+            runtime.start_error = exc
+            await self._stop_instance(runtime, instance)
+            return
+        if instance.state is not InstanceState.STARTING:
+            return  # stopped while starting (model removed); _stop_instance cleans up
+        instance.state = InstanceState.READY
+        report = instance.load_report
+        self.metrics.cold_starts.labels(name, report.source_tier).inc()
+        self.metrics.cold_start_seconds.labels(name, report.source_tier).observe(time.monotonic() - began)
+        self.metrics.load_bytes.labels(name, report.source_tier).inc(report.num_bytes)
+        log.info(
+            "instance ready",
+            extra={"instance": instance.id, "device": instance.slot.device, "tier": report.source_tier,
+                   "load_s": round(report.load_s, 4), "init_s": round(report.init_s, 4),
+                   "start_s": round(time.monotonic() - began, 4)},
+        )
+        await self._record(instance)
+        if instance.in_flight == 0:
+            self._arm_idle_timer(runtime, instance)
+        self._update_gauges(runtime)
+        await self._notify(runtime)
+
+    def _arm_idle_timer(self, runtime: ModelRuntime, instance: Instance) -> None:
+        if instance.idle_timer is not None:
+            instance.idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        keep_alive_s = runtime.deployment.autoscaling.keep_alive_s
+        instance.idle_timer = loop.call_later(keep_alive_s, self._on_idle_timeout, runtime, instance)
+
+    def _on_idle_timeout(self, runtime: ModelRuntime, instance: Instance) -> None:
+        instance.idle_timer = None
+        is_spare = len(runtime.instances) > runtime.deployment.autoscaling.min_instances
+        if instance.in_flight == 0 and instance.state is InstanceState.READY and is_spare:
+            log.info("instance idle past keep-alive, stopping", extra={"instance": instance.id})
+            self._stop_instance(runtime, instance)
+
+    def _stop_instance(
+        self, runtime: ModelRuntime, instance: Instance, hand_slot_to: str | None = None
+    ) -> asyncio.Task:
+        """Begin stopping `instance` (idempotent); the returned task finishes when its slot is reusable.
+
+        With `hand_slot_to`, the slot passes to that instance id at once instead of becoming free.
+        """
+        if instance.stopped is not None:
+            return instance.stopped
+        instance.state = InstanceState.STOPPING
+        if instance.idle_timer is not None:
+            instance.idle_timer.cancel()
+            instance.idle_timer = None
+        if instance in runtime.instances:
+            runtime.instances.remove(instance)
+        if hand_slot_to is not None:
+            self.slots.transfer(instance.slot, hand_slot_to)
+
+        async def stop() -> None:
+            try:
+                await instance.engine.stop()
+            except Exception as exc:  # a failed stop must still free the slot
+                log.error("engine stop failed", extra={"instance": instance.id, "error": repr(exc)})
+            if hand_slot_to is None:
+                self.slots.release(instance.slot)
+            await self.state.propose({"op": Op.DELETE_INSTANCE, "id": instance.id})
+            self._update_gauges(runtime)
+            await self._notify(runtime)
+            if hand_slot_to is None:
+                self._on_capacity_freed()
+
+        instance.stopped = self._spawn(stop())
+        self._update_gauges(runtime)
+        return instance.stopped
+
+    def _on_capacity_freed(self) -> None:
+        for runtime in list(self.runtimes.values()):
+            if runtime.num_waiting:
+                self._scale(runtime)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _record(self, instance: Instance) -> None:
+        record = InstanceRecord(instance.id, instance.deployment.name, self.node_id, instance.slot.device,
+                                instance.state, instance.started_at)
+        await self.state.propose({"op": Op.PUT_INSTANCE, "instance": record.to_wire()})
+
+    async def _notify(self, runtime: ModelRuntime) -> None:
+        async with runtime.changed:
+            runtime.changed.notify_all()
+
+    def _update_gauges(self, runtime: ModelRuntime) -> None:
+        name = runtime.deployment.name
+        for state in (InstanceState.STARTING, InstanceState.READY):
+            self.metrics.instances.labels(name, state.value).set(sum(1 for i in runtime.instances if i.state is state))
+        self.metrics.free_slots.set(self.slots.num_free)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Stop every instance and wait for background work."""
+        for name in list(self.runtimes):
+            await self.remove_deployment(name)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
