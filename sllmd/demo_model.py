@@ -82,10 +82,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-# Multiplier applied to the random init. At the stock 0.02 std the logits are nearly flat and
-# greedy decoding cycles through a handful of tokens; scaling sharpens attention and MLP outputs enough that the
-# argmax moves around from step to step.
+# Multiplier applied to the random init of every layer below the LM head. At the stock 0.02 std
+# greedy decoding cycles through a handful of tokens; scaling sharpens attention and MLP outputs
+# enough that the argmax moves around from step to step.
 _WEIGHT_SCALE = 12.0
+# The LM head is scaled separately: it sets the logit spread, hence how random temperature-1
+# sampling is (too sharp and every seed samples the same text), without changing the argmax.
+_HEAD_SCALE = 1.5
+# Logit penalty, in units of the bias feature (about 1), for tokens the model must never emit.
+_MUTE_PENALTY = 100.0
 
 
 def _train_tokenizer() -> Tokenizer:
@@ -131,7 +136,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    """Randomly initialised float32 Llama, seeded, scaled, with special/unprintable outputs muted."""
+    """Seeded random float32 Llama, rescaled for varied output, never emitting special/unprintable tokens."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -153,15 +158,28 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausa
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # Tokens the model must never pick: specials (so greedy output never stops at EOS and runs to
-    # max_tokens) and byte fragments that are not printable ASCII (so every streamed chunk is
-    # valid, readable UTF-8). A zero lm_head row gives logit 0, far below the scaled logits' max.
-    specials = set(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
-    muted = [i for i in range(len(tokenizer)) if i in specials or not _printable(tokenizer.decode([i]))]
+    inner, head = model.model, model.lm_head.weight
     with torch.no_grad():
-        for param in model.parameters():
+        for param in inner.parameters():
             param.mul_(_WEIGHT_SCALE)
-        model.lm_head.weight[muted] = 0.0
+        head.mul_(_HEAD_SCALE)
+        # Llama has no output bias, so make one: residual dimension 0 is a constant (set in the
+        # embedding, never written by attention or MLP), so after the final RMSNorm it is a
+        # positive feature h0 on every position. Calibrate its norm weight to h0 ~ 1 on the corpus.
+        inner.embed_tokens.weight[:, 0] = 1.0
+        for layer in inner.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        calib = tokenizer(_CORPUS, truncation=True, max_length=_MAX_POSITIONS, return_tensors="pt")
+        inner.norm.weight[0] /= inner(calib.input_ids).last_hidden_state[0, :, 0].median()
+        # Tokens never to emit, even when sampling: specials (so output always runs to max_tokens,
+        # never stopping at EOS) and byte fragments that are not printable ASCII (so every
+        # streamed chunk is valid, readable UTF-8). They get only a large negative bias.
+        specials = set(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)))
+        muted = [i for i in range(len(tokenizer)) if i in specials or not _printable(tokenizer.decode([i]))]
+        head[:, 0] = 0.0
+        head[muted] = 0.0
+        head[muted, 0] = -_MUTE_PENALTY
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], do_sample=False
     )

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sllmd.engine.base import SamplingParams
-from sllmd.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
 from sllmd.state.machine import LocalStateMachine
 from sllmd.state.models import Deployment
-from sllmd.textgen import TextStream, Tokenizer
+from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.worker.manager import Worker
 
 
@@ -84,28 +84,13 @@ class Router:
             raise ModelNotFound(request.model)
         tokenizer = await self.tokenizers.get(deployment.checkpoint)
         if request.messages is not None:
-            prompt_ids = tokenizer.render_chat(request.messages)
-            prompt_param = "messages"
+            prompt_ids, param = tokenizer.render_chat(request.messages), "messages"
         elif isinstance(request.prompt, str):
-            prompt_ids = tokenizer.encode(request.prompt)
-            prompt_param = "prompt"
+            prompt_ids, param = tokenizer.encode(request.prompt), "prompt"
         else:
-            prompt_ids = list(request.prompt or [])
-            prompt_param = "prompt"
-            if any(token >= tokenizer.vocab_size for token in prompt_ids):
-                raise InvalidRequest(f"token ids must be below the vocabulary size {tokenizer.vocab_size}",
-                                     param="prompt")
-        if not prompt_ids:
-            raise InvalidRequest("the prompt is empty", param=prompt_param)
-        context = deployment.context_length
-        max_tokens = request.max_tokens if request.max_tokens is not None else context - len(prompt_ids)
-        if len(prompt_ids) + max(max_tokens, 1) > context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_param}, "
-                f"{max_tokens} in the completion). Please reduce the length of the {prompt_param} or completion.",
-                param=prompt_param,
-            )
+            prompt_ids, param = list(request.prompt or []), "prompt"
+            tokenizer.check_prompt_ids(prompt_ids)
+        max_tokens = resolve_max_tokens(len(prompt_ids), request.max_tokens, deployment.context_length, param=param)
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=request.temperature,
@@ -128,12 +113,14 @@ class Router:
         model = prepared.deployment.name
         text = TextStream(prepared.tokenizer, prepared.request.stop)
         num_generated = 0
+        is_eos = False
         self.metrics.tokens.labels(model, "in").inc(len(prepared.prompt_ids))
         async with aclosing(engine.generate(prepared.prompt_ids, prepared.params)) as tokens:
             async for token in tokens:
                 if num_generated == 0:
                     self.metrics.ttft.labels(model).observe(time.monotonic() - prepared.arrived_at)
                 num_generated += 1
+                is_eos = token in prepared.params.stop_token_ids
                 delta = text.push(token)
                 if delta:
                     yield TextDelta(delta)
@@ -144,7 +131,6 @@ class Router:
             tail = text.finish()
             if tail:
                 yield TextDelta(tail)
-        is_stopped = text.finish_reason == "stop" or num_generated < prepared.params.max_tokens
-        finish_reason = "stop" if is_stopped else "length"
+        finish_reason = "stop" if text.finish_reason == "stop" or is_eos else "length"
         self.metrics.latency.labels(model).observe(time.monotonic() - prepared.arrived_at)
         yield Finished(finish_reason, len(prepared.prompt_ids), num_generated)

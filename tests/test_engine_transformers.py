@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from sllmd.engine.base import SamplingParams
+from sllmd.engine.base import LoadReport, SamplingParams
 from sllmd.engine.transformers import TransformersEngine, _Request
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
@@ -20,11 +20,17 @@ SAMPLED = SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=1234)
 
 
 @pytest.fixture(scope="module")
-async def engine(demo_model_dir: Path) -> AsyncIterator[TransformersEngine]:
+async def started(demo_model_dir: Path) -> AsyncIterator[tuple[TransformersEngine, LoadReport]]:
+    """One engine shared by the module (loading once keeps the suite fast)."""
     eng = TransformersEngine(demo_model_dir)
-    eng.report = await eng.start()  # type: ignore[attr-defined]
-    yield eng
+    report = await eng.start()
+    yield eng, report
     await eng.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(started: tuple[TransformersEngine, LoadReport]) -> TransformersEngine:
+    return started[0]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +48,8 @@ async def wait_idle(engine: TransformersEngine, timeout_s: float = 2.0) -> None:
             await asyncio.sleep(0.005)
 
 
-def test_load_report(engine: TransformersEngine, demo_model_dir: Path) -> None:
-    report = engine.report  # type: ignore[attr-defined]
+def test_load_report(started: tuple[TransformersEngine, LoadReport], demo_model_dir: Path) -> None:
+    engine, report = started
     assert report.source_tier == "ssd"
     assert report.num_bytes == (demo_model_dir / "model.safetensors").stat().st_size
     assert report.load_s > 0 and report.init_s > 0

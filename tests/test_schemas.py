@@ -44,7 +44,7 @@ COMMON_ERRORS = [
     ({"temperature": 2.5}, "temperature", "[0, 2]"),
     ({"temperature": float("nan")}, "temperature", "[0, 2]"),
     ({"temperature": float("inf")}, "temperature", "[0, 2]"),
-    ({"temperature": 10**5000 if False else 10**400}, "temperature", "[0, 2]"),
+    ({"temperature": 10**400}, "temperature", "[0, 2]"),
     ({"top_p": 0}, "top_p", "(0, 1]"),
     ({"top_p": 1.01}, "top_p", "(0, 1]"),
     ({"top_p": [0.5]}, "top_p", "got an array"),

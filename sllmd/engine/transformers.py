@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from sllmd.engine.base import Engine, LoadReport, SamplingParams
 from sllmd.engine.sampling import choose_token
@@ -83,6 +84,8 @@ class TransformersEngine(Engine):
 
     @property
     def num_active(self) -> int:
+        """Requests admitted and not yet released by the worker. A finished request is released
+        before its last token is handed over; a closed one within one step of closing."""
         return len(self._live)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class TransformersEngine(Engine):
     def _load_weights(self) -> PreTrainedModel:
         """Checkpoint bytes -> model on `self.device`. The single place a faster loader plugs in."""
         # device_map= would load straight to the device but needs `accelerate`; .to() is a no-op on CPU.
+        transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
         model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=self.dtype)
         return model.to(self.device)
 

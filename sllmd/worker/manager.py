@@ -129,6 +129,8 @@ class Worker:
         runtime = self.runtimes.get(model)
         if runtime is None:
             raise ModelNotFound(model)
+        if runtime.start_error is not None and not runtime.num_starting():
+            runtime.start_error = None  # a new request earns a new attempt; waiters of the failed one got the error
         instance = self._pick(runtime)
         if instance is None:
             instance = await self._wait_for_instance(runtime)
@@ -190,8 +192,8 @@ class Worker:
     def _scale(self, runtime: ModelRuntime) -> None:
         """Start as many instances as the policy wants and capacity allows, evicting idle
         instances of other models when no slot is free."""
-        if runtime.is_removed:
-            return
+        if runtime.is_removed or runtime.start_error is not None:
+            return  # after a failed start, only a new request retries (no restart loop)
         victims = self._eviction_candidates(exclude=runtime)
         num_new = num_instances_to_start(
             runtime.deployment.autoscaling,
@@ -213,7 +215,6 @@ class Worker:
             engine = self.engine_factory(runtime.deployment, slot.device)
             instance = Instance(instance_id, runtime.deployment, slot, engine)
             runtime.instances.append(instance)
-            runtime.start_error = None
             self._spawn(self._start_instance(runtime, instance, evicting))
         self._update_gauges(runtime)
 

@@ -1,0 +1,178 @@
+"""Cold-start benchmark: what starting the demo model (transformers backend, CPU) costs, broken down.
+
+    python scripts/bench_coldstart.py [--json] [--runs N]
+
+Each run starts a fresh daemon (fresh data dir) with `--deploy demo=DIR` (min_instances 0, so the
+model starts at scale zero) and measures:
+
+  process_ready_s  process spawn -> GET /health answers 200
+  cold_ttft_s      first request from scale zero: POST /v1/completions (stream, max_tokens 8),
+                   time to the first SSE chunk carrying text
+  load_s, init_s   the instance's own load report (GET /admin/models/demo, instances[0].load)
+  warm_ttft_s      the same request again, instance warm
+  rewarm_ttft_s    after keep_alive_s is PATCHed down and the instance has stopped: the request again,
+                   a cold start inside an already warm process (rewarm_load_s/rewarm_init_s: its report)
+
+`*_total_s` are the matching whole-request times. Medians over the runs are reported along with the
+per-run values; timings on a small noisy machine vary, so compare figures from the same run. The last
+stdout line is one JSON object: {"runs": N, "median": {...}, "per_run": [{...}, ...], ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from _daemon import ChildError, make_demo_model, start_daemon, temp_dir, terminate_as_exception
+
+MODEL = "demo"
+PROMPT = "Hello, my name is"
+MAX_TOKENS = 8
+SCALE_DOWN_KEEP_ALIVE_S = 0.5
+SCALE_DOWN_POLL_TRIES = 200
+SCALE_DOWN_POLL_S = 0.05
+REQUEST_TIMEOUT_S = 180.0
+
+
+async def _json(session: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    async with session.request(method, url, json=body) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def timed_completion(session: aiohttp.ClientSession, base_url: str) -> tuple[float, float]:
+    """(seconds to the first SSE chunk with text, seconds for the whole request) of one streaming
+    completion; RuntimeError on a bad status, an error event, or a stream without text or [DONE]."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    began = time.perf_counter()
+    ttft = None
+    seen_done = False
+    async with session.post(base_url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"POST /v1/completions answered {resp.status}: {(await resp.read())[:300]!r}")
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                seen_done = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"error event in the stream: {data[:300]!r}")
+            if ttft is None and any(c.get("text") for c in event.get("choices") or ()):
+                ttft = time.perf_counter() - began
+    total = time.perf_counter() - began
+    if ttft is None or not seen_done:
+        raise RuntimeError(f"stream ended without text or [DONE] (text={ttft is not None}, done={seen_done})")
+    return ttft, total
+
+
+async def model_view(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
+    status, body = await _json(session, "GET", f"{base_url}/admin/models/{MODEL}")
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+        raise RuntimeError(f"GET /admin/models/{MODEL} answered {status}: {body}")
+    return body
+
+
+async def load_report(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
+    instances = (await model_view(session, base_url))["instances"]
+    if len(instances) != 1 or not isinstance(instances[0].get("load"), dict):
+        raise RuntimeError(f"expected one instance with a load report, got {instances}")
+    return instances[0]["load"]
+
+
+async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any]:
+    run_dir = tmp / f"run{index}"
+    run_dir.mkdir()
+    daemon = start_daemon(run_dir / "data", deploy=[(MODEL, checkpoint)], log_path=run_dir / "sllmd.log")
+    try:
+        result: dict[str, Any] = {"process_ready_s": await daemon.wait_ready()}
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            url = daemon.base_url
+            view = await model_view(session, url)
+            if view["instances"]:
+                raise RuntimeError(f"expected scale zero after start, got instances {view['instances']}")
+
+            result["cold_ttft_s"], result["cold_total_s"] = await timed_completion(session, url)
+            report = await load_report(session, url)
+            result["load_s"], result["init_s"] = report["load_s"], report["init_s"]
+            result["source_tier"], result["num_bytes"] = report["source_tier"], report["num_bytes"]
+
+            result["warm_ttft_s"], result["warm_total_s"] = await timed_completion(session, url)
+
+            status, body = await _json(session, "PATCH", f"{url}/admin/models/{MODEL}",
+                                       {"autoscaling": {"keep_alive_s": SCALE_DOWN_KEEP_ALIVE_S}})
+            if status != 200:
+                raise RuntimeError(f"PATCH /admin/models/{MODEL} answered {status}: {body}")
+            patched = time.perf_counter()
+            for _ in range(SCALE_DOWN_POLL_TRIES):
+                if not (await model_view(session, url))["instances"]:
+                    break
+                await asyncio.sleep(SCALE_DOWN_POLL_S)
+            else:
+                raise RuntimeError(f"instance still present {SCALE_DOWN_POLL_TRIES} polls after keep_alive_s "
+                                   f"was set to {SCALE_DOWN_KEEP_ALIVE_S}")
+            result["scale_down_s"] = time.perf_counter() - patched
+
+            result["rewarm_ttft_s"], result["rewarm_total_s"] = await timed_completion(session, url)
+            report = await load_report(session, url)
+            result["rewarm_load_s"], result["rewarm_init_s"] = report["load_s"], report["init_s"]
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"sllmd exited during the run; log tail:\n{daemon.log_tail()}")
+    except ChildError:
+        raise  # already carries the log tail
+    except Exception as exc:
+        raise RuntimeError(f"run {index}: {exc}\nsllmd log tail:\n{daemon.log_tail()}") from exc
+    finally:
+        stop_began = time.perf_counter()
+        exit_status = daemon.stop()
+    result["stop_s"] = time.perf_counter() - stop_began
+    result["exit_status"] = exit_status
+    say(f"run {index}: ready {result['process_ready_s']:.2f}s | cold ttft {result['cold_ttft_s']:.3f}s "
+        f"(load {result['load_s']:.3f}s, init {result['init_s']:.3f}s) | warm ttft {result['warm_ttft_s']:.4f}s | "
+        f"rewarm ttft {result['rewarm_ttft_s']:.3f}s (load {result['rewarm_load_s']:.3f}s, "
+        f"init {result['rewarm_init_s']:.3f}s) | stop {result['stop_s']:.2f}s, status {exit_status}")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with terminate_as_exception(), temp_dir("sllmd-bench-coldstart-") as tmp:
+        began = time.perf_counter()
+        checkpoint = make_demo_model(tmp / "demo-model")
+        args.say(f"demo model written in {time.perf_counter() - began:.1f}s")
+        per_run = [await one_run(i, tmp, checkpoint, args.say) for i in range(args.runs)]
+    numeric = [k for k, v in per_run[0].items() if isinstance(v, float)]
+    median = {k: round(statistics.median(r[k] for r in per_run), 4) for k in numeric}
+    median["cold_over_warm_ttft"] = round(median["cold_ttft_s"] / median["warm_ttft_s"], 1)
+    median["rewarm_over_warm_ttft"] = round(median["rewarm_ttft_s"] / median["warm_ttft_s"], 1)
+    return {"runs": args.runs, "max_tokens": MAX_TOKENS, "median": median, "per_run": per_run,
+            "total_s": round(time.perf_counter() - began, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="only the JSON result on stdout")
+    parser.add_argument("--runs", type=int, default=3, help="fresh-process runs; medians reported (default 3)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.runs <= 50:
+        parser.error("--runs must be between 1 and 50")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    args.say = say
+    results = asyncio.run(run(args))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""An in-process sllmd node on a real loopback port, for tests that need the whole serving path."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sllmd.config import load_config
+from sllmd.http.app import build_app
+from sllmd.node import Node
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningNode:
+    node: Node
+    url: str
+    http: aiohttp.ClientSession
+
+    async def deploy(self, name: str, checkpoint: Path, backend: str = "transformers", **autoscaling: Any) -> dict:
+        body = {"name": name, "checkpoint": str(checkpoint), "backend": backend, "autoscaling": autoscaling}
+        async with self.http.post(f"{self.url}/admin/models", json=body) as response:
+            assert response.status == 201, await response.text()
+            return await response.json()
+
+    async def complete(self, model: str, prompt: str = "Hello", **fields: Any) -> tuple[int, dict]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
+        async with self.http.post(f"{self.url}/v1/completions", json=body) as response:
+            return response.status, await response.json()
+
+    async def model_view(self, name: str) -> dict:
+        async with self.http.get(f"{self.url}/admin/models/{name}") as response:
+            assert response.status == 200
+            return await response.json()
+
+
+@asynccontextmanager
+async def running_node(data_dir: Path, **settings: Any) -> AsyncIterator[RunningNode]:
+    """`settings` are "section.key" overrides with dots written as double underscores,
+    e.g. `devices__cpu_slots=1`."""
+    port = free_port()
+    overrides = {"server.data_dir": str(data_dir), "server.port": port, "server.peer_port": free_port()}
+    overrides |= {key.replace("__", "."): value for key, value in settings.items()}
+    node = Node.open(load_config(None, env={}, overrides=overrides))
+    await node.start()
+    runner = web.AppRunner(build_app(node), handler_cancellation=True, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield RunningNode(node, f"http://127.0.0.1:{port}", http)
+    finally:
+        await runner.cleanup()
+        await node.close()

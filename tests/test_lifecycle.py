@@ -1,0 +1,163 @@
+"""The serverless lifecycle on real engines: scale from zero, keep-alive, scale-out, eviction,
+bounded waiting, start failures, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from sllmd.state.models import InstanceState
+from tests.nodes import RunningNode, running_node
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def num_instances(running: RunningNode, model: str) -> int:
+    runtime = running.node.worker.runtimes[model]
+    return len(runtime.instances)
+
+
+async def long_stream(running: RunningNode, model: str, started: asyncio.Event, release: asyncio.Event) -> None:
+    """Holds a request in flight on `model` until `release` is set."""
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1000, "temperature": 0, "stream": True}
+    async with running.http.post(f"{running.url}/v1/completions", json=body) as response:
+        assert response.status == 200
+        await response.content.readline()
+        started.set()
+        await release.wait()
+
+
+async def test_scale_from_zero_then_keep_alive_scale_down(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, keep_alive_s=0.3)
+        assert num_instances(running, "demo") == 0  # nothing runs before the first request
+        assert running.node.worker.slots.num_free == 2
+        status, body = await running.complete("demo")
+        assert status == 200 and body["choices"][0]["text"]
+        assert num_instances(running, "demo") == 1
+        assert [i.model for i in running.node.state.instances()] == ["demo"]  # recorded in LMDB
+        await wait_until(lambda: num_instances(running, "demo") == 0, timeout_s=3)
+        await wait_until(lambda: running.node.worker.slots.num_free == 2)
+        await wait_until(lambda: running.node.state.instances() == [])
+        status, _ = await running.complete("demo")  # and back up from zero
+        assert status == 200
+        metrics = running.node.metrics.render().decode()
+        assert 'sllmd_cold_starts_total{model="demo",tier="ssd"} 2.0' in metrics
+
+
+async def test_scale_out_across_two_slots_and_no_further(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=2) as running:
+        await running.deploy("demo", demo_model_dir, max_instances=4, target_concurrency=1, keep_alive_s=60)
+        release = asyncio.Event()
+        started = [asyncio.Event() for _ in range(4)]
+        streams = [asyncio.create_task(long_stream(running, "demo", s, release)) for s in started]
+        for event in started:
+            await asyncio.wait_for(event.wait(), 10)
+        runtime = running.node.worker.runtimes["demo"]
+        await wait_until(lambda: len(runtime.ready()) == 2)  # demand 4 wanted 4; two slots cap it
+        assert len(runtime.instances) == 2 and running.node.worker.slots.num_free == 0
+        # Waiters took the first instance that became ready; the next request goes to the idle one.
+        assert sum(i.in_flight for i in runtime.ready()) == 4
+        fifth = asyncio.Event()
+        streams.append(asyncio.create_task(long_stream(running, "demo", fifth, release)))
+        await asyncio.wait_for(fifth.wait(), 10)
+        assert min(i.in_flight for i in runtime.ready()) >= 1
+        release.set()
+        await asyncio.gather(*streams)
+
+
+async def test_min_instances_start_at_deploy_and_patch_scales_down(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, min_instances=1, keep_alive_s=0.1)
+        await wait_until(lambda: len(running.node.worker.runtimes["demo"].ready()) == 1)
+        await asyncio.sleep(0.3)
+        assert num_instances(running, "demo") == 1  # min_instances outlives keep-alive
+        async with running.http.patch(f"{running.url}/admin/models/demo",
+                                      json={"autoscaling": {"min_instances": 0}}) as response:
+            assert response.status == 200
+            assert (await response.json())["revision"] == 2
+        status, _ = await running.complete("demo")  # an idle transition re-arms keep-alive
+        assert status == 200
+        await wait_until(lambda: num_instances(running, "demo") == 0)
+
+
+async def test_idle_instance_of_another_model_is_evicted_for_a_cold_start(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=1) as running:
+        await running.deploy("a", demo_model_dir, keep_alive_s=600)
+        await running.deploy("b", demo_model_dir, keep_alive_s=600)
+        assert (await running.complete("a"))[0] == 200
+        assert (await running.complete("b"))[0] == 200  # a sat idle: evicted rather than waiting 600 s
+        assert num_instances(running, "a") == 0 and num_instances(running, "b") == 1
+
+
+async def test_waiting_for_a_busy_node_times_out_with_503_and_retry_after(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=1, serving__queue_timeout_s=0.3,
+                            serving__max_queue_per_model=1) as running:
+        await running.deploy("a", demo_model_dir, keep_alive_s=600)
+        await running.deploy("b", demo_model_dir, keep_alive_s=600)
+        started, release = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(long_stream(running, "a", started, release))
+        await asyncio.wait_for(started.wait(), 10)
+        # "a" is busy, so "b" cannot evict it: the first waiter queues, the second finds the queue full.
+        waiting = asyncio.create_task(running.complete("b"))
+        await wait_until(lambda: running.node.worker.runtimes["b"].num_waiting == 1)
+        async with running.http.post(f"{running.url}/v1/completions",
+                                     json={"model": "b", "prompt": "x"}) as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "queue_full"
+        status, body = await waiting
+        assert status == 503 and body["error"]["code"] == "cold_start_timeout"
+        release.set()
+        await holder
+        assert (await running.complete("a"))[0] == 200  # still serving
+
+
+async def test_a_model_that_fails_to_start_gets_500_and_frees_its_slot(demo_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
+    async with running_node(tmp_path / "data", devices__cpu_slots=1) as running:
+        await running.deploy("broken", broken)
+        await running.deploy("demo", demo_model_dir)
+        status, body = await running.complete("broken")
+        assert status == 500 and "failed to start" in body["error"]["message"]
+        assert running.node.worker.slots.num_free == 1
+        assert (await running.complete("demo"))[0] == 200
+
+
+async def test_deleting_a_model_fails_its_waiters_with_404(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=1) as running:
+        await running.deploy("a", demo_model_dir)
+        await running.deploy("b", demo_model_dir)
+        started, release = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(long_stream(running, "a", started, release))
+        await asyncio.wait_for(started.wait(), 10)
+        waiting = asyncio.create_task(running.complete("b"))
+        await wait_until(lambda: running.node.worker.runtimes["b"].num_waiting == 1)
+        async with running.http.delete(f"{running.url}/admin/models/b") as response:
+            assert response.status == 200
+        status, body = await waiting
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        release.set()
+        await holder
+
+
+async def test_deployments_survive_a_restart_and_stale_instances_are_cleared(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, max_instances=2, keep_alive_s=600)
+        assert (await running.complete("demo"))[0] == 200
+        node_id = running.node.node_id
+    async with running_node(tmp_path) as restarted:
+        assert restarted.node.node_id == node_id
+        view = await restarted.model_view("demo")
+        assert view["autoscaling"]["max_instances"] == 2 and view["instances"] == []
+        assert restarted.node.state.instances() == []
+        status, _ = await restarted.complete("demo")
+        assert status == 200
+        assert restarted.node.worker.runtimes["demo"].instances[0].state is InstanceState.READY
