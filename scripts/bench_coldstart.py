@@ -9,9 +9,18 @@ model starts at scale zero) and measures:
   cold_ttft_s      first request from scale zero: POST /v1/completions (stream, max_tokens 8),
                    time to the first SSE chunk carrying text
   load_s, init_s   the instance's own load report (GET /admin/models/demo, instances[0].load)
+  cold_other_s     cold_ttft_s - load_s - init_s: what the report does not cover (engine import,
+                   scheduling, tokenising, the first decode step, HTTP)
+  engine_import_s  for reference, measured in a separate fresh interpreter: importing the transformers
+                   engine module (torch) after what the daemon has loaded at start; the daemon does
+                   this import on its first transformers cold start
+  cold_health_max_s  the slowest GET /health answer while the cold request ran (polled every 10 ms):
+                   a large value means the daemon's event loop was blocked meanwhile
   warm_ttft_s      the same request again, instance warm
   rewarm_ttft_s    after keep_alive_s is PATCHed down and the instance has stopped: the request again,
-                   a cold start inside an already warm process (rewarm_load_s/rewarm_init_s: its report)
+                   a cold start inside an already warm process (rewarm_load_s/rewarm_init_s: its report,
+                   rewarm_other_s and rewarm_health_max_s as above)
+  scale_down_s     PATCH keep_alive_s=0.5 -> GET shows no instances;  stop_s: SIGTERM -> exit
 
 `*_total_s` are the matching whole-request times. Medians over the runs are reported along with the
 per-run values; timings on a small noisy machine vary, so compare figures from the same run. The last
@@ -24,6 +33,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +49,8 @@ SCALE_DOWN_KEEP_ALIVE_S = 0.5
 SCALE_DOWN_POLL_TRIES = 200
 SCALE_DOWN_POLL_S = 0.05
 REQUEST_TIMEOUT_S = 180.0
+HEALTH_PROBE_INTERVAL_S = 0.01
+HEALTH_PROBE_MAX = 20_000
 
 
 async def _json(session: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> tuple[int, Any]:
@@ -74,6 +86,45 @@ async def timed_completion(session: aiohttp.ClientSession, base_url: str) -> tup
     return ttft, total
 
 
+async def probed(session: aiohttp.ClientSession, base_url: str, work) -> tuple[Any, float]:
+    """Await `work` while GET /health is polled alongside it; (its result, the slowest health answer
+    in seconds). A slow answer means the daemon's event loop was blocked during `work`."""
+    slowest = 0.0
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        nonlocal slowest
+        for _ in range(HEALTH_PROBE_MAX):
+            if done.is_set():
+                return
+            began = time.perf_counter()
+            async with session.get(base_url + "/health") as resp:
+                await resp.read()
+            slowest = max(slowest, time.perf_counter() - began)
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+
+    prober = asyncio.create_task(probe())
+    try:
+        result = await work
+    finally:
+        done.set()
+        await asyncio.wait_for(prober, REQUEST_TIMEOUT_S)
+    return result, slowest
+
+
+def measure_engine_import(timeout_s: float = 300.0) -> float:
+    """Seconds a fresh interpreter spends importing the transformers engine module (torch) after what
+    the daemon has imported by the time it serves (sllmd.daemon and transformers' AutoTokenizer,
+    loaded for deploy). The daemon does this import on its first transformers cold start."""
+    code = ("import time, sllmd.daemon, sllmd.router; from transformers import AutoTokenizer; "
+            "t = time.perf_counter(); import sllmd.engine.transformers; print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                         stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"importing sllmd.engine.transformers failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 async def model_view(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
     status, body = await _json(session, "GET", f"{base_url}/admin/models/{MODEL}")
     if status != 200 or not isinstance(body, dict) or not isinstance(body.get("instances"), list):
@@ -101,9 +152,11 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
             if view["instances"]:
                 raise RuntimeError(f"expected scale zero after start, got instances {view['instances']}")
 
-            result["cold_ttft_s"], result["cold_total_s"] = await timed_completion(session, url)
+            (ttft, total), slowest = await probed(session, url, timed_completion(session, url))
+            result["cold_ttft_s"], result["cold_total_s"], result["cold_health_max_s"] = ttft, total, slowest
             report = await load_report(session, url)
             result["load_s"], result["init_s"] = report["load_s"], report["init_s"]
+            result["cold_other_s"] = ttft - report["load_s"] - report["init_s"]
             result["source_tier"], result["num_bytes"] = report["source_tier"], report["num_bytes"]
 
             result["warm_ttft_s"], result["warm_total_s"] = await timed_completion(session, url)
@@ -122,9 +175,11 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
                                    f"was set to {SCALE_DOWN_KEEP_ALIVE_S}")
             result["scale_down_s"] = time.perf_counter() - patched
 
-            result["rewarm_ttft_s"], result["rewarm_total_s"] = await timed_completion(session, url)
+            (ttft, total), slowest = await probed(session, url, timed_completion(session, url))
+            result["rewarm_ttft_s"], result["rewarm_total_s"], result["rewarm_health_max_s"] = ttft, total, slowest
             report = await load_report(session, url)
             result["rewarm_load_s"], result["rewarm_init_s"] = report["load_s"], report["init_s"]
+            result["rewarm_other_s"] = ttft - report["load_s"] - report["init_s"]
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"sllmd exited during the run; log tail:\n{daemon.log_tail()}")
     except ChildError:
@@ -137,9 +192,11 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
     result["stop_s"] = time.perf_counter() - stop_began
     result["exit_status"] = exit_status
     say(f"run {index}: ready {result['process_ready_s']:.2f}s | cold ttft {result['cold_ttft_s']:.3f}s "
-        f"(load {result['load_s']:.3f}s, init {result['init_s']:.3f}s) | warm ttft {result['warm_ttft_s']:.4f}s | "
+        f"(load {result['load_s']:.3f}s, init {result['init_s']:.3f}s, other {result['cold_other_s']:.3f}s, "
+        f"slowest /health {result['cold_health_max_s']:.3f}s) | warm ttft {result['warm_ttft_s']:.4f}s | "
         f"rewarm ttft {result['rewarm_ttft_s']:.3f}s (load {result['rewarm_load_s']:.3f}s, "
-        f"init {result['rewarm_init_s']:.3f}s) | stop {result['stop_s']:.2f}s, status {exit_status}")
+        f"init {result['rewarm_init_s']:.3f}s, slowest /health {result['rewarm_health_max_s']:.3f}s) | "
+        f"stop {result['stop_s']:.2f}s, status {exit_status}")
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
@@ -148,7 +205,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         began = time.perf_counter()
         checkpoint = make_demo_model(tmp / "demo-model")
         args.say(f"demo model written in {time.perf_counter() - began:.1f}s")
-        per_run = [await one_run(i, tmp, checkpoint, args.say) for i in range(args.runs)]
+        per_run = []
+        for i in range(args.runs):
+            engine_import_s = measure_engine_import()
+            result = await one_run(i, tmp, checkpoint, args.say)
+            per_run.append({**result, "engine_import_s": round(engine_import_s, 4)})
     numeric = [k for k, v in per_run[0].items() if isinstance(v, float)]
     median = {k: round(statistics.median(r[k] for r in per_run), 4) for k in numeric}
     median["cold_over_warm_ttft"] = round(median["cold_ttft_s"] / median["warm_ttft_s"], 1)

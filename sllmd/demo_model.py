@@ -11,8 +11,10 @@ Contract of `build_demo_model(out_dir, seed=...)`:
 * refuses to touch an existing non-empty `out_dir` (`FileExistsError`);
 * takes a few seconds on a CPU.
 
-The weights are random but scaled up so greedy decoding produces varied text and does not stop
-at EOS early, which is what serving tests need (predictable token counts, visible streaming).
+The weights are random, scaled so greedy decoding produces varied text and temperature-1 sampling
+differs from seed to seed. The model never emits special tokens (so no EOS: every request runs to
+max_tokens) nor non-printable-ASCII byte fragments (so every token decodes to readable text on
+its own), which is what serving tests need: predictable token counts, clean streaming.
 """
 
 from __future__ import annotations

@@ -116,6 +116,20 @@ def test_greedy_generation_is_long_and_varied(model, tokenizer, prompt: str) -> 
     assert decoded.strip() and decoded.isprintable()
 
 
+def test_sampling_depends_on_seed_and_never_emits_specials(model, tokenizer) -> None:
+    enc = tokenizer("Hello, my name is", return_tensors="pt")
+    samples = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        new = out[0, enc.input_ids.shape[1] :].tolist()
+        assert len(new) == NEW_TOKENS
+        assert not set(new) & set(tokenizer.all_special_ids)
+        samples.add(tuple(new))
+    assert len(samples) >= 3
+
+
 def test_deterministic(demo_model_dir: Path, tmp_path: Path) -> None:
     again = build_demo_model(tmp_path / "again", seed=0)
     other = build_demo_model(tmp_path / "other", seed=1)
