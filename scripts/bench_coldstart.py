@@ -12,8 +12,8 @@ model starts at scale zero) and measures:
   cold_other_s     cold_ttft_s - load_s - init_s: what the report does not cover (engine import,
                    scheduling, tokenising, the first decode step, HTTP)
   engine_import_s  for reference, measured in a separate fresh interpreter: importing the transformers
-                   engine module (torch) after what the daemon has loaded at start; the daemon does
-                   this import on its first transformers cold start
+                   engine module after what the daemon has loaded by then (sllmd, the tokenizer); the
+                   daemon does this import on its first transformers cold start
   cold_health_max_s  the slowest GET /health answer while the cold request ran (polled every 10 ms):
                    a large value means the daemon's event loop was blocked meanwhile
   warm_ttft_s      the same request again, instance warm
@@ -112,14 +112,15 @@ async def probed(session: aiohttp.ClientSession, base_url: str, work) -> tuple[A
     return result, slowest
 
 
-def measure_engine_import(timeout_s: float = 300.0) -> float:
-    """Seconds a fresh interpreter spends importing the transformers engine module (torch) after what
-    the daemon has imported by the time it serves (sllmd.daemon and transformers' AutoTokenizer,
-    loaded for deploy). The daemon does this import on its first transformers cold start."""
-    code = ("import time, sllmd.daemon, sllmd.router; from transformers import AutoTokenizer; "
+def measure_engine_import(checkpoint: Path, timeout_s: float = 300.0) -> float:
+    """Seconds a fresh interpreter spends importing the transformers engine module after doing what
+    the daemon does before its first request (import sllmd.daemon, load the checkpoint's tokenizer
+    for the deploy). The daemon does this import on its first transformers cold start."""
+    code = ("import sys, time, sllmd.daemon, sllmd.router; from sllmd.textgen import Tokenizer; "
+            "Tokenizer.from_dir(sys.argv[1]); "
             "t = time.perf_counter(); import sllmd.engine.transformers; print(time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                         stdin=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True,
+                         timeout=timeout_s, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise RuntimeError(f"importing sllmd.engine.transformers failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
@@ -207,7 +208,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.say(f"demo model written in {time.perf_counter() - began:.1f}s")
         per_run = []
         for i in range(args.runs):
-            engine_import_s = measure_engine_import()
+            engine_import_s = measure_engine_import(checkpoint)
             result = await one_run(i, tmp, checkpoint, args.say)
             per_run.append({**result, "engine_import_s": round(engine_import_s, 4)})
     numeric = [k for k, v in per_run[0].items() if isinstance(v, float)]

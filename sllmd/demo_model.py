@@ -4,7 +4,7 @@ Contract of `build_demo_model(out_dir, seed=...)`:
 
 * writes a standard Hugging Face model directory (`config.json`, `generation_config.json`,
   float32 `model.safetensors`, fast tokenizer files with a chat template) that
-  `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` load offline and that vLLM accepts;
+  `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` load offline (head_dim 64, as vLLM needs);
 * is deterministic: the same seed gives byte-identical weights and tokenizer files;
 * is atomic: everything is written and fsynced in a hidden sibling directory that is then
   renamed into place, so `out_dir` is either absent/empty or complete;
@@ -173,7 +173,9 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausa
             layer.self_attn.o_proj.weight[0] = 0.0
             layer.mlp.down_proj.weight[0] = 0.0
         calib = tokenizer(_CORPUS, truncation=True, max_length=_MAX_POSITIONS, return_tensors="pt")
-        inner.norm.weight[0] /= inner(calib.input_ids).last_hidden_state[0, :, 0].median()
+        h0 = inner(calib.input_ids).last_hidden_state[0, :, 0].median().item()
+        # Rounded so float noise between CPUs cannot change the saved bytes.
+        inner.norm.weight[0] /= float(f"{h0:.2g}")
         # Tokens never to emit, even when sampling: specials (so output always runs to max_tokens,
         # never stopping at EOS) and byte fragments that are not printable ASCII (so every
         # streamed chunk is valid, readable UTF-8). They get only a large negative bias.

@@ -130,7 +130,7 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
 def test_flag_values_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"server\.port must be in 1\.\.65535"):
         load_config(None, env={}, overrides={"server.port": 0})
-    with pytest.raises(ConfigError, match="server.join must be HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"server\.join must be HOST:PORT"):
         load_config(None, env={}, overrides={"server.join": "leader.example"})
 
 

@@ -64,7 +64,8 @@ def test_notify_ready_then_graceful_stop_then_restart_serves_the_same_deployment
         assert locked.stderr.strip().splitlines() == [f"sllmd: data dir {data_dir} is in use by another sllmd "
                                                       f"(pid {daemon.process.pid})"]
         taken = run_to_exit("--data-dir", str(tmp_path / "other"), "--port", str(daemon.port))
-        assert taken.returncode == 1 and taken.stderr.strip().startswith(f"sllmd: cannot listen on 127.0.0.1:{daemon.port}")
+        assert taken.returncode == 1
+        assert taken.stderr.strip().startswith(f"sllmd: cannot listen on 127.0.0.1:{daemon.port}")
         assert len(taken.stderr.strip().splitlines()) == 1
 
         # SIGTERM while a stream is in flight: the stream still completes, then the process exits 0.

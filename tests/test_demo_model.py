@@ -118,11 +118,12 @@ def test_greedy_generation_is_long_and_varied(model, tokenizer, prompt: str) -> 
 
 def test_sampling_depends_on_seed_and_never_emits_specials(model, tokenizer) -> None:
     enc = tokenizer("Hello, my name is", return_tensors="pt")
+    plain_sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # no truncation of the distribution
     samples = set()
     for seed in range(4):
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+            out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=True, **plain_sampling)
         new = out[0, enc.input_ids.shape[1] :].tolist()
         assert len(new) == NEW_TOKENS
         assert not set(new) & set(tokenizer.all_special_ids)
