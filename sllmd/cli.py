@@ -14,6 +14,8 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help); each module has main(argv) -> int
     "demo-model": ("sllmd.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
+    "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
+    "verify": ("sllmd.checkpoint", "re-hash every chunk of an sllmd checkpoint directory"),
 }
 
 
@@ -74,11 +76,12 @@ def run_daemon(argv: list[str]) -> int:
     from sllmd.daemon import StartupError, serve
     from sllmd.errors import SllmdError
     from sllmd.logs import configure_logging
+    from sllmd.worker.slots import DeviceConfigError
 
     configure_logging(config.server.log_level, config.server.log_format)
     try:
         uvloop.run(serve(config, ensure_deployed))
-    except (StartupError, SllmdError) as exc:
+    except (StartupError, SllmdError, DeviceConfigError) as exc:
         print(f"sllmd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

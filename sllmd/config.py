@@ -8,6 +8,7 @@ back to a default. `config/sllmd.toml` documents every setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -84,13 +85,17 @@ def load_config(
                 from_file = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         for section, values in from_file.items():
+            if not isinstance(values, dict):
+                if section in _SECTIONS:
+                    raise ConfigError(f"{path}: [{section}] must be a table")
+                raise ConfigError(f"{path}: setting '{section}' must be inside a [section]")
             if section not in _SECTIONS:
                 raise ConfigError(f"{path}: unknown section [{section}]")
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: [{section}] must be a table")
             raw[section].update(values)
     for name, value in (env if env is not None else os.environ).items():
         if not name.startswith("SLLMD_"):
@@ -147,13 +152,17 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError  # nan would pass every range check and inf means nothing here
+            return number
         if hint is str:
             if not isinstance(value, str):
                 raise TypeError
             return value.strip()
     except (TypeError, ValueError, KeyError):
-        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
+        raise ConfigError(f"{name} must be a finite {hint.__name__}, got {value!r}" if hint is float
+                          else f"{name} must be of type {hint.__name__}, got {value!r}") from None
     raise ConfigError(f"{name}: unsupported setting type")  # pragma: no cover
 
 

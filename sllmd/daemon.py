@@ -19,6 +19,7 @@ from aiohttp import web
 
 from sllmd.config import Config
 from sllmd.deployments import DeploySpec
+from sllmd.engine import preload_backends
 from sllmd.engine.base import Backend
 from sllmd.http.app import build_app
 from sllmd.node import Node
@@ -64,6 +65,7 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, Path]] = ()
         import torch
 
         torch.set_num_threads(config.serving.torch_threads)
+    await asyncio.to_thread(preload_backends)
     node = Node.open(config)
     try:
         await node.start()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # `_created` series double the output and no dashboard reads them
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("sllmd_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -30,6 +33,13 @@ class Metrics:
         self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
         self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
         self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)
+
+    def forget_model(self, model: str) -> None:
+        """Drop the gauges of a removed model (counters and histograms keep its history)."""
+        for gauge, labels in [(self.instances, (model, "starting")), (self.instances, (model, "ready")),
+                              (self.queued, (model,))]:
+            with contextlib.suppress(KeyError):  # never set for this model
+                gauge.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sllmd.engine.base import SamplingParams
+from sllmd.engine.base import Engine, SamplingParams
 from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
@@ -109,7 +109,8 @@ class Router:
         ):
             yield events
 
-    async def _generate(self, prepared: PreparedRequest, engine) -> AsyncIterator[StreamEvent]:
+    async def _generate(self, prepared: PreparedRequest, engine: Engine | None) -> AsyncIterator[StreamEvent]:
+        assert engine is not None, "leased instances are ready"
         model = prepared.deployment.name
         text = TextStream(prepared.tokenizer, prepared.request.stop)
         num_generated = 0

@@ -146,7 +146,9 @@ def test_data_dir_property(tmp_path: Path) -> None:
     ("text", "fragment"),
     [
         ("[bogus]\nx = 1\n", "unknown section [bogus]"),
-        ("stray = 1\n", "unknown section [stray]"),
+        ("stray = 1\n", "setting 'stray' must be inside a [section]"),
+        ("[autoscaling]\nkeep_alive_s = nan\n", "autoscaling.keep_alive_s must be a finite float"),
+        ("[serving]\nqueue_timeout_s = inf\n", "serving.queue_timeout_s must be a finite float"),
         ("[server]\nbogus = 1\n", "unknown setting server.bogus"),
         ("[autoscaling]\nmin_instance = 1\n", "unknown setting autoscaling.min_instance"),
         ("[server.tls]\ncert = 'x'\n", "unknown setting server.tls"),
@@ -156,8 +158,8 @@ def test_data_dir_property(tmp_path: Path) -> None:
         ("[server]\napi_keys = 5\n", "server.api_keys must be a list"),
         ("[server]\napi_keys = [1]\n", "server.api_keys must be of type str"),
         ("[devices]\ncuda_devices = ['x']\n", "devices.cuda_devices must be of type int"),
-        ("[serving]\nqueue_timeout_s = true\n", "serving.queue_timeout_s must be of type float"),
-        ("[serving]\nqueue_timeout_s = 'soon'\n", "serving.queue_timeout_s must be of type float"),
+        ("[serving]\nqueue_timeout_s = true\n", "serving.queue_timeout_s must be a finite float"),
+        ("[serving]\nqueue_timeout_s = 'soon'\n", "serving.queue_timeout_s must be a finite float"),
     ],
 )
 def test_file_errors_name_the_setting(tmp_path: Path, text: str, fragment: str) -> None:
@@ -183,6 +185,11 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml", env={})
 
 
+def test_unreadable_config_path_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path, env={})  # a directory
+
+
 @pytest.mark.parametrize(
     ("name", "value", "fragment"),
     [
@@ -193,7 +200,7 @@ def test_missing_file(tmp_path: Path) -> None:
         ("SLLMD_SERVER_BOGUS", "1", "unknown setting server.bogus"),
         ("SLLMD_SERVER_PORT", "http", "server.port must be of type int"),
         ("SLLMD_SERVER_PORT", "80.5", "server.port must be of type int"),
-        ("SLLMD_SERVING_QUEUE_TIMEOUT_S", "1m", "serving.queue_timeout_s must be of type float"),
+        ("SLLMD_SERVING_QUEUE_TIMEOUT_S", "1m", "serving.queue_timeout_s must be a finite float"),
         ("SLLMD_DEVICES_CUDA_DEVICES", "0,one", "devices.cuda_devices must be of type int"),
     ],
 )

@@ -161,3 +161,20 @@ async def test_deployments_survive_a_restart_and_stale_instances_are_cleared(dem
         status, _ = await restarted.complete("demo")
         assert status == 200
         assert restarted.node.worker.runtimes["demo"].instances[0].state is InstanceState.READY
+
+
+async def test_a_warm_model_at_capacity_answers_503(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=1, serving__max_queue_per_model=1) as running:
+        await running.deploy("demo", demo_model_dir, max_instances=1, target_concurrency=1)
+        release = asyncio.Event()
+        started = [asyncio.Event(), asyncio.Event()]
+        # Capacity = 1 ready instance x target 1 + max_queue 1 = 2 requests.
+        holders = []
+        for event in started:  # one at a time: while cold, capacity is only max_queue
+            holders.append(asyncio.create_task(long_stream(running, "demo", event, release)))
+            await asyncio.wait_for(event.wait(), 10)
+        status, body = await running.complete("demo")
+        assert status == 503 and body["error"]["code"] == "queue_full"
+        release.set()
+        await asyncio.gather(*holders)
+        assert (await running.complete("demo"))[0] == 200

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from sllmd.engine.base import Backend, Engine
 
+_MODULES = {
+    Backend.DUMMY: ("sllmd.engine.dummy", "DummyEngine"),
+    Backend.TRANSFORMERS: ("sllmd.engine.transformers", "TransformersEngine"),
+}
+
+
+def import_backend(backend: Backend) -> type[Engine]:
+    module_name, class_name = _MODULES[backend]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def preload_backends() -> None:
+    """Import every backend and the tokenizer library now, from one thread.
+
+    The daemon calls this once before it reports ready: a cold start then pays no import time
+    (torch + transformers take seconds), and no two threads ever run transformers' lazy imports
+    at once, which is not thread-safe (an `ImportError` for a name that exists).
+    """
+    from transformers import AutoTokenizer  # noqa: F401 - imported for its side effect
+
+    for backend in _MODULES:
+        import_backend(backend)
+
 
 def create_engine(backend: Backend, checkpoint_dir: Path, device: str) -> Engine:
-    """A new, not yet started engine. Heavy backends are imported only when used."""
+    """A new, not yet started engine."""
+    engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
-        from sllmd.engine.dummy import DummyEngine
-
-        return DummyEngine(checkpoint_dir)
-    if backend is Backend.TRANSFORMERS:
-        from sllmd.engine.transformers import TransformersEngine
-
-        return TransformersEngine(checkpoint_dir, device)
-    raise ValueError(f"unknown backend {backend}")
+        return engine_class(checkpoint_dir)
+    return engine_class(checkpoint_dir, device)

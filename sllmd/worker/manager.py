@@ -42,13 +42,14 @@ class Instance:
     id: str
     deployment: Deployment
     slot: Slot
-    engine: Engine
+    engine: Engine | None = None  # created off the event loop when the start begins
     state: InstanceState = InstanceState.STARTING
     in_flight: int = 0
     started_at: float = field(default_factory=time.time)
     idle_since: float = field(default_factory=time.monotonic)
     load_report: LoadReport | None = None
     idle_timer: asyncio.TimerHandle | None = None
+    starting: asyncio.Task | None = None
     stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
 
 
@@ -113,6 +114,7 @@ class Worker:
         if runtime is None:
             return
         runtime.is_removed = True
+        self.metrics.forget_model(name)
         await self._notify(runtime)
         stopping = [self._stop_instance(runtime, instance) for instance in list(runtime.instances)]
         await asyncio.gather(*stopping, return_exceptions=True)
@@ -131,6 +133,7 @@ class Worker:
             raise ModelNotFound(model)
         if runtime.start_error is not None and not runtime.num_starting():
             runtime.start_error = None  # a new request earns a new attempt; waiters of the failed one got the error
+        self._admit(runtime)
         instance = self._pick(runtime)
         if instance is None:
             instance = await self._wait_for_instance(runtime)
@@ -153,10 +156,17 @@ class Worker:
             return None
         return ready[pick_instance([i.in_flight for i in ready], runtime.deployment.autoscaling.target_concurrency)]
 
+    def _admit(self, runtime: ModelRuntime) -> None:
+        """Bound a model's load: its ready instances at target concurrency, plus `max_queue_per_model`
+        more (waiting through a cold start, or over target on a ready instance). Beyond that: 503."""
+        policy = runtime.deployment.autoscaling
+        capacity = len(runtime.ready()) * policy.target_concurrency + self.serving.max_queue_per_model
+        if runtime.demand() >= capacity:
+            raise Overloaded(f"model '{runtime.deployment.name}' is at capacity ({capacity} requests)",
+                             retry_after_s=1, code="queue_full")
+
     async def _wait_for_instance(self, runtime: ModelRuntime) -> Instance:
         name = runtime.deployment.name
-        if runtime.num_waiting >= self.serving.max_queue_per_model:
-            raise Overloaded(f"too many requests waiting for model '{name}'", retry_after_s=1, code="queue_full")
         runtime.num_waiting += 1
         self.metrics.queued.labels(name).set(runtime.num_waiting)
         try:
@@ -212,10 +222,9 @@ class Worker:
                 slot = victim.slot
                 log.info("evicting idle instance", extra={"instance": victim.id, "for_model": runtime.deployment.name})
                 evicting = self._stop_instance(victim_runtime, victim, hand_slot_to=instance_id)
-            engine = self.engine_factory(runtime.deployment, slot.device)
-            instance = Instance(instance_id, runtime.deployment, slot, engine)
+            instance = Instance(instance_id, runtime.deployment, slot)
             runtime.instances.append(instance)
-            self._spawn(self._start_instance(runtime, instance, evicting))
+            instance.starting = self._spawn(self._start_instance(runtime, instance, evicting))
         self._update_gauges(runtime)
 
     def _eviction_candidates(self, exclude: ModelRuntime) -> list[tuple[ModelRuntime, Instance]]:
@@ -238,11 +247,14 @@ class Worker:
             if evicting is not None:
                 await evicting
             await self._record(instance)
+            instance.engine = await asyncio.to_thread(self.engine_factory, runtime.deployment, instance.slot.device)
+            if instance.state is not InstanceState.STARTING:
+                return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
         except Exception as exc:  # any engine failure must reach the waiters
             log.error("instance failed to start", extra={"instance": instance.id, "error": repr(exc)})
             runtime.start_error = exc
-            await self._stop_instance(runtime, instance)
+            self._stop_instance(runtime, instance)  # not awaited: the stop waits for this task to end
             return
         if instance.state is not InstanceState.STARTING:
             return  # stopped while starting (model removed); _stop_instance cleans up
@@ -296,8 +308,11 @@ class Worker:
             self.slots.transfer(instance.slot, hand_slot_to)
 
         async def stop() -> None:
+            if instance.starting is not None:
+                await asyncio.wait([instance.starting])  # stop what the start made, not half of it
             try:
-                await instance.engine.stop()
+                if instance.engine is not None:
+                    await instance.engine.stop()
             except Exception as exc:  # a failed stop must still free the slot
                 log.error("engine stop failed", extra={"instance": instance.id, "error": repr(exc)})
             if hand_slot_to is None:

@@ -17,6 +17,10 @@ class Slot:
     memory_bytes: int
 
 
+class DeviceConfigError(RuntimeError):
+    """The configured devices do not exist on this machine."""
+
+
 def detect_slots(config: DevicesConfig) -> list[Slot]:
     """Slots from config: every (or each listed) visible CUDA device when kind allows, else CPU slots."""
     if config.kind in ("auto", "cuda"):
@@ -25,12 +29,16 @@ def detect_slots(config: DevicesConfig) -> list[Slot]:
         num_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if num_visible:
             indices = config.cuda_devices or tuple(range(num_visible))
+            missing = [i for i in indices if not 0 <= i < num_visible]
+            if missing:
+                raise DeviceConfigError(f"devices.cuda_devices lists {missing}, but only {num_visible} "
+                                        "CUDA device(s) are visible")
             return [
                 Slot(i, f"cuda:{device}", torch.cuda.get_device_properties(device).total_memory)
                 for i, device in enumerate(indices)
             ]
         if config.kind == "cuda":
-            raise RuntimeError("devices.kind is 'cuda' but no CUDA device is visible")
+            raise DeviceConfigError("devices.kind is 'cuda' but no CUDA device is visible")
     memory = int(config.cpu_slot_memory_gb * (1 << 30))
     return [Slot(i, "cpu", memory) for i in range(config.cpu_slots)]
 

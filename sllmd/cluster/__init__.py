@@ -1,0 +1,1 @@
+"""Cluster: the pure Raft core (`raft`), its LMDB persistence (`raft_storage`), and the peer shell."""
