@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -161,3 +163,22 @@ def terminate_as_exception() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+class StreamError(RuntimeError):
+    """An SSE stream carried an error event or ended without `data: [DONE]`."""
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Each JSON event of an OpenAI-style SSE stream, in order; StreamError on an error event or
+    when the stream ends without `[DONE]`."""
+    async for line in response.content:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise StreamError(f"error event in the stream: {data[:300]!r}")
+        yield event
+    raise StreamError("stream ended without [DONE]")

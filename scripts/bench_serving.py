@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _daemon import make_demo_model, start_daemon, start_script, temp_dir, terminate_as_exception
+from _daemon import (
+    StreamError,
+    make_demo_model,
+    sse_events,
+    start_daemon,
+    start_script,
+    temp_dir,
+    terminate_as_exception,
+)
 
 LEVELS = (1, 16, 64)
 STREAM_CONCURRENCY = 16
@@ -172,32 +180,25 @@ async def _one_plain(session: aiohttp.ClientSession, url: str, payload: bytes, m
 
 async def _one_stream(session: aiohttp.ClientSession, url: str, payload: bytes, began: float, load: Load) -> bool:
     tokens = None
-    seen_done = False
     async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp:
         if resp.status != 200:
             load.fail(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
             return False
-        async for line in resp.content:
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                seen_done = True
-                break
-            event = json.loads(data)
-            if "error" in event:
-                load.fail(f"error event: {data[:200]!r}")
-                return False
-            if event.get("usage"):
-                tokens = event["usage"].get("completion_tokens")
-            for choice in event.get("choices") or ():
-                if choice.get("text"):
-                    load.num_chunks += 1
-                    if began > 0:
-                        load.ttfts.append(time.perf_counter() - began)
-                        began = 0.0
-    if not seen_done or not isinstance(tokens, int):
-        load.fail(f"stream ended without [DONE] or usage (done={seen_done}, tokens={tokens})")
+        try:
+            async for event in sse_events(resp):
+                if event.get("usage"):
+                    tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices") or ():
+                    if choice.get("text"):
+                        load.num_chunks += 1
+                        if began > 0:
+                            load.ttfts.append(time.perf_counter() - began)
+                            began = 0.0
+        except StreamError as exc:
+            load.fail(str(exc))
+            return False
+    if not isinstance(tokens, int):
+        load.fail(f"stream ended without usage (tokens={tokens})")
         return False
     load.num_tokens += tokens
     return True

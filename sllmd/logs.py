@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -42,5 +43,9 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "httpx", "transformers"):
+    for noisy in ("aiohttp.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers logs through a handler of its own, in plain text, and resets its level when first
+    # imported; its environment switch is the one setting that sticks. Its warnings (e.g. a prompt
+    # longer than the model's context, which we reject with a 400 anyway) are noise in a daemon's log.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
