@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help); each module has main(argv) -> int
     "demo-model": ("sllmd.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
     "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
-    "verify": ("sllmd.checkpoint", "re-hash every chunk of an sllmd checkpoint directory"),
+    "verify": ("sllmd.checkpoint.reader", "re-hash every chunk of an sllmd checkpoint directory"),
 }
 
 
@@ -37,19 +37,23 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="[server.log_level]")
     parser.add_argument("--log-format", choices=["json", "text"], help="[server.log_format]")
     parser.add_argument(
-        "--deploy", action="append", default=[], metavar="NAME=DIR",
-        help="deploy the Hugging Face model in DIR as NAME at start unless NAME is already deployed (repeatable)",
+        "--deploy", action="append", default=[], metavar="NAME=DIR|URL",
+        help="deploy the checkpoint (Hugging Face or sllmd directory, or sllmd URL) as NAME at start unless NAME "
+             "is already deployed (repeatable)",
     )
     return parser
 
 
-def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, Path]]:
+def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """NAME=SOURCE pairs; a relative directory becomes absolute (URLs pass through)."""
     pairs = []
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--deploy expects NAME=DIR, got {value!r}")
-        pairs.append((name, Path(path)))
+        name, sep, source = value.partition("=")
+        if not sep or not name or not source:
+            parser.error(f"--deploy expects NAME=DIR or NAME=URL, got {value!r}")
+        if "://" not in source:
+            source = str(Path(source).resolve())
+        pairs.append((name, source))
     return pairs
 
 

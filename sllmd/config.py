@@ -56,10 +56,33 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    advertise_host: str = ""  # host peers and clients use to reach this node; empty: server.host
+    tick_s: float = 0.05
+    heartbeat_interval_s: float = 0.1
+    election_timeout_min_s: float = 0.5
+    election_timeout_max_s: float = 1.0
+    propose_timeout_s: float = 5.0
+    compact_every_entries: int = 1000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    ssd_budget_gb: float = 100.0  # local SSD checkpoint store under data_dir/store
+    dram_budget_gb: float = 8.0  # DRAM cache of checkpoint chunks; 0 disables it
+    fetch_connections: int = 4  # parallel Range requests per checkpoint fetch
+    fetch_request_mb: int = 64  # bytes per Range request (rounded to whole hash chunks)
+    fetch_timeout_s: float = 30.0  # to connect, and between two reads
+    fetch_retries: int = 5  # per request, after a connection error or a 5xx
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     autoscaling: AutoscalingPolicy = field(default_factory=AutoscalingPolicy)  # deployment defaults
 
     @property
@@ -167,7 +190,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    s, d, v, a = config.server, config.devices, config.serving, config.autoscaling
+    s, d, v, a, c = config.server, config.devices, config.serving, config.autoscaling, config.cluster
     checks = [
         (1 <= s.port <= 65535, "server.port must be in 1..65535"),
         (1 <= s.peer_port <= 65535, "server.peer_port must be in 1..65535"),
@@ -184,6 +207,19 @@ def _validate(config: Config) -> None:
         (v.max_queue_per_model >= 1, "serving.max_queue_per_model must be >= 1"),
         (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
         (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
+        (config.store.ssd_budget_gb > 0, "store.ssd_budget_gb must be > 0"),
+        (config.store.dram_budget_gb >= 0, "store.dram_budget_gb must be >= 0"),
+        (1 <= config.store.fetch_connections <= 64, "store.fetch_connections must be in 1..64"),
+        (1 <= config.store.fetch_request_mb <= 4096, "store.fetch_request_mb must be in 1..4096"),
+        (config.store.fetch_timeout_s > 0, "store.fetch_timeout_s must be > 0"),
+        (0 <= config.store.fetch_retries <= 100, "store.fetch_retries must be in 0..100"),
+        (0.001 <= c.tick_s <= c.heartbeat_interval_s, "cluster.tick_s must be in 0.001..heartbeat_interval_s"),
+        (c.heartbeat_interval_s < c.election_timeout_min_s,
+         "cluster.heartbeat_interval_s must be < cluster.election_timeout_min_s"),
+        (c.election_timeout_min_s <= c.election_timeout_max_s,
+         "cluster.election_timeout_min_s must be <= cluster.election_timeout_max_s"),
+        (c.propose_timeout_s > 0, "cluster.propose_timeout_s must be > 0"),
+        (c.compact_every_entries >= 1, "cluster.compact_every_entries must be >= 1"),
     ]
     checks += [(False, f"autoscaling.{name} {message}") for name, message in a.problems()]
     for is_ok, message in checks:

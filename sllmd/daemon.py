@@ -17,10 +17,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from sllmd.cluster.node import ClusterStartupError
 from sllmd.config import Config
 from sllmd.deployments import DeploySpec
 from sllmd.engine import preload_backends
 from sllmd.engine.base import Backend
+from sllmd.errors import Conflict
 from sllmd.http.app import build_app
 from sllmd.node import Node
 
@@ -59,7 +61,7 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-async def serve(config: Config, ensure_deployed: Sequence[tuple[str, Path]] = ()) -> None:
+async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ()) -> None:
     lock_fd = lock_data_dir(config.data_dir)
     if config.serving.torch_threads:
         import torch
@@ -68,11 +70,17 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, Path]] = ()
     await asyncio.to_thread(preload_backends)
     node = Node.open(config)
     try:
-        await node.start()
+        try:
+            await node.start()
+        except ClusterStartupError as exc:
+            raise StartupError(str(exc)) from None
         for name, checkpoint in ensure_deployed:
             if node.state.deployment(name) is None:
-                spec = DeploySpec(name, checkpoint.resolve(), Backend.TRANSFORMERS, config.autoscaling)
-                await node.deployments.deploy(spec)
+                spec = DeploySpec(name, checkpoint, Backend.TRANSFORMERS, config.autoscaling)
+                try:
+                    await node.deployments.deploy(spec)
+                except Conflict:  # another member deployed it first; this node had not applied that yet
+                    continue
                 log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})
         await _run_http(node)
     finally:
@@ -97,6 +105,7 @@ async def _run_http(node: Node) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info("serving", extra={"node_id": node.node_id, "http": f"{server.host}:{server.port}",
+                               "peer": f"{server.host}:{server.peer_port}", "leader": node.state.leader_id,
                                "slots": [s.device for s in node.worker.slots.slots]})
     notify_systemd("READY=1")
     await stop.wait()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
+from sllmd.checkpoint.store import open_dram_cache, open_store
+from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
-from sllmd.deployments import DeploymentService
+from sllmd.deployments import CheckpointTokenizers, DeploymentService
 from sllmd.metrics import Metrics
-from sllmd.router import Router, TokenizerCache
-from sllmd.state.machine import LocalStateMachine, Op
+from sllmd.router import Router
+from sllmd.state.machine import Op
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.slots import SlotPool, detect_slots
@@ -24,7 +29,7 @@ class Node:
     config: Config
     node_id: str
     store: StateStore
-    state: LocalStateMachine
+    state: ReplicatedStateMachine
     worker: Worker
     router: Router
     deployments: DeploymentService
@@ -36,16 +41,22 @@ class Node:
         """Open the data dir's state and detect devices; starts nothing yet."""
         store = StateStore(config.data_dir / "state")
         node_id = _node_id(store, config.server.node_id)
-        state = LocalStateMachine(store)
+        state = ReplicatedStateMachine.open(config, store, node_id)
         metrics = Metrics()
-        worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, engine_factory)
-        tokenizers = TokenizerCache()
+        checkpoints = open_store(config.data_dir, config.store)
+        worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, engine_factory,
+                        store=checkpoints, dram_cache=open_dram_cache(config.store))
+        tokenizers = CheckpointTokenizers(checkpoints)
         router = Router(state, worker, tokenizers, metrics)
-        deployments = DeploymentService(state, worker, tokenizers)
-        return cls(config, node_id, store, state, worker, router, deployments, metrics)
+        deployments = DeploymentService(state, worker, tokenizers, checkpoints)
+        node = cls(config, node_id, store, state, worker, router, deployments, metrics)
+        state.on_applied = node._adopt
+        state.soft_state = node._slots_view
+        return node
 
     async def start(self) -> None:
-        """Forget instances a previous run left behind, then adopt every deployment."""
+        """Join the cluster, forget instances a previous run left behind, then adopt every deployment."""
+        await self.state.start()
         num_stale = await self.state.propose({"op": Op.DELETE_NODE_INSTANCES, "node_id": self.node_id})
         if num_stale:
             log.info("cleared instances of a previous run", extra={"count": num_stale})
@@ -54,7 +65,31 @@ class Node:
 
     async def close(self) -> None:
         await self.worker.close()
+        if self.worker.store is not None:
+            await self.worker.store.close()
+        await self.state.close()
         self.store.close()
+
+    def _adopt(self, command: dict[str, Any] | None, result: Any) -> Awaitable[Any] | None:
+        """Every node's worker follows the committed deployments (None: a snapshot replaced them all)."""
+        if command is None:
+            current = self.state.deployments()
+            for deployment in current.values():
+                runtime = self.worker.runtimes.get(deployment.name)
+                if runtime is None or runtime.deployment != deployment:
+                    self.worker.sync_deployment(deployment)
+            gone = [name for name in self.worker.runtimes if name not in current]
+            return asyncio.gather(*(self.worker.remove_deployment(name) for name in gone))
+        if command["op"] in (Op.DEPLOY, Op.UPDATE_DEPLOYMENT):
+            self.worker.sync_deployment(result)
+        elif command["op"] == Op.UNDEPLOY:
+            return self.worker.remove_deployment(command["name"])
+        return None
+
+    def _slots_view(self) -> dict[str, Any]:
+        slots = self.worker.slots
+        return {"slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
+                           "instance": slots.holder(s)} for s in slots.slots], "free_slots": slots.num_free}
 
 
 def _node_id(store: StateStore, configured: str) -> str:

@@ -202,3 +202,106 @@ async def test_model_errors_surface_and_stop_fails_pending(demo_model_dir: Path)
     assert eng.num_active == 0
     with pytest.raises(EngineFailed):
         await run(eng, PROMPTS[0], GREEDY)
+
+
+# ---- sllmd v1 checkpoints: the fast loader, meta-device build, zero-copy binding --------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sllmd.checkpoint.convert import convert
+
+    dst = tmp_path_factory.mktemp("v1") / "ckpt"
+    convert(demo_model_dir, dst, partition_max_bytes=256 * 1024)  # several partitions in one buffer
+    return dst
+
+
+async def run_all(engine: TransformersEngine) -> list[list[int]]:
+    jobs = [(p, GREEDY) for p in PROMPTS] + [(p, SAMPLED) for p in PROMPTS]
+    return [await run(engine, p, sp) for p, sp in jobs]
+
+
+async def test_v1_checkpoint_serves_exactly_what_the_hf_path_serves(engine, hf_model, converted_dir: Path) -> None:
+    from sllmd.checkpoint.reader import read_manifest
+
+    eng = TransformersEngine(converted_dir)
+    report = await eng.start()
+    try:
+        assert report.source_tier == "ssd" and report.num_bytes == read_manifest(converted_dir).total_bytes
+        assert report.load_s > 0 and report.init_s > 0
+        assert await run_all(eng) == await run_all(engine)
+        model = eng._model
+        assert model is not None
+        buffer = model._sllmd_checkpoint.buffer
+        lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+        for name, param in model.named_parameters():  # bound in place: no copy, no grad
+            assert lo <= param.data_ptr() < hi and not param.requires_grad, name
+        ref_buffers = dict(hf_model.named_buffers())
+        for name, buf in model.named_buffers():  # non-persistent ones (RoPE) recomputed exactly, off meta
+            assert not buf.is_meta and torch.equal(buf, ref_buffers[name]) and buf.dtype == ref_buffers[name].dtype
+    finally:
+        await eng.stop()
+
+
+async def test_v1_checkpoint_through_the_dram_cache(converted_dir: Path) -> None:
+    from sllmd.checkpoint.dram import DramCache
+
+    cache = DramCache(64 << 20)
+    first = TransformersEngine(converted_dir, dram_cache=cache)
+    assert (await first.start()).source_tier == "ssd"
+    second = TransformersEngine(converted_dir, dram_cache=cache)
+    assert (await second.start()).source_tier == "dram"
+    assert first._model is not None and second._model is not None
+    w1, w2 = (e._model.get_input_embeddings().weight for e in (first, second))
+    assert w1.data_ptr() == w2.data_ptr()  # two instances, one copy of the weights in memory
+    assert await run(second, PROMPTS[0], GREEDY) == await run(first, PROMPTS[0], GREEDY)
+    key = cache.lru_keys()[0]
+    await first.stop()
+    assert not cache.evict(key)  # the second engine still serves from it
+    await second.stop()
+    assert cache.evict(key)  # released with the last model that viewed it
+
+
+async def test_tied_embeddings_are_bound_from_the_one_stored_tensor(tmp_path: Path) -> None:
+    """HF saves a tied LM head once (under the embedding's name); the binding fills the tied name from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sllmd.checkpoint.convert import convert
+    from sllmd.checkpoint.reader import read_manifest
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                         max_position_embeddings=256)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(15)
+    model.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "v1")
+    names = {t.name for t in read_manifest(tmp_path / "v1").tensors} | set(read_manifest(tmp_path / "v1").aliases)
+    assert "lm_head.weight" not in names
+    hf, v1 = TransformersEngine(tmp_path / "hf"), TransformersEngine(tmp_path / "v1")
+    await hf.start()
+    await v1.start()
+    try:
+        assert v1._model is not None
+        assert v1._model.lm_head.weight.data_ptr() == v1._model.get_input_embeddings().weight.data_ptr()
+        for prompt in ([1, 2, 3], [7, 300, 12, 9, 100]):
+            assert await run(v1, prompt, GREEDY) == await run(hf, prompt, GREEDY)
+    finally:
+        await hf.stop()
+        await v1.stop()
+
+
+async def test_v1_checkpoint_that_does_not_fit_the_model_fails_clearly(converted_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(converted_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # a layer the checkpoint lacks
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineFailed, match="Missing key"):
+        await TransformersEngine(bad).start()

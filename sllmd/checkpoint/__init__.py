@@ -1,19 +1,13 @@
-"""Checkpoints in the sllmd v1 format (docs/checkpoint-format.md): the manifest, conversion from
-Hugging Face directories, verification and a reference reader.
+"""Checkpoints in the sllmd v1 format (docs/checkpoint-format.md): the manifest (`format`), conversion from
+Hugging Face directories (`convert`), verification and a reference reader (`reader`), the fast loader
+(`loader`, with its host buffer pool `pool` and the DRAM cache tier `dram`).
 
-Importing this package imports neither torch nor transformers; only `convert` and `read_tensors` do.
-The `convert` function lives at `sllmd.checkpoint.convert.convert`: re-exporting it here would shadow
-the submodule of the same name. `main` is the entry point of `sllmd verify DIR` (cli.COMMANDS names one
-module per command, and `sllmd convert` already takes `sllmd.checkpoint.convert.main`).
+Importing this package imports neither torch nor transformers; only `convert`, `read_tensors` and the
+loader modules do. The `convert` function lives at `sllmd.checkpoint.convert.convert`: re-exporting it here
+would shadow the submodule of the same name. `sllmd verify DIR` runs `sllmd.checkpoint.reader.main`;
+`main` here is the same function, kept for callers of the old entry point.
 """
 
-from sllmd.checkpoint.convert import (
-    VerifyReport,
-    read_manifest,
-    read_tensors,
-    verify,
-)
-from sllmd.checkpoint.convert import verify_main as main
 from sllmd.checkpoint.format import (
     ALIGNMENT,
     CHUNK_BYTES,
@@ -33,6 +27,13 @@ from sllmd.checkpoint.format import (
     PartitionHasher,
     TensorEntry,
     plan_layout,
+)
+from sllmd.checkpoint.reader import (
+    VerifyReport,
+    main,
+    read_manifest,
+    read_tensors,
+    verify,
 )
 
 __all__ = [

@@ -1,11 +1,11 @@
-"""Convert a Hugging Face model directory to the sllmd v1 checkpoint format; verify and read one back.
+"""Convert a Hugging Face model directory to the sllmd v1 checkpoint format (reading back: `reader.py`).
 
 `convert` streams one tensor at a time from the source files (safetensors bytes are copied raw through
 one reusable buffer; `.bin` files are memory-mapped with `torch.load(weights_only=True, mmap=True)`,
 never unpickled otherwise) into data files it hashes as it writes, so the model is never held twice in
 RAM. The result appears atomically: everything is written and fsynced in a hidden sibling directory that
 is renamed into place, so a crash leaves no `dst` (only a hidden `.NAME.tmp-*` directory on SIGKILL).
-Torch and transformers are imported only by the functions that need them: `verify` needs neither.
+Torch and transformers are imported only by the functions that need them.
 """
 
 from __future__ import annotations
@@ -29,13 +29,8 @@ from sllmd.checkpoint.format import (
     CHUNK_BYTES,
     DTYPE_SIZES,
     MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
     PARTITION_MAX_BYTES,
-    CheckpointError,
-    CheckpointNotFound,
-    ChecksumMismatch,
     ConversionError,
-    CorruptCheckpoint,
     Manifest,
     PartitionEntry,
     PartitionHasher,
@@ -45,10 +40,19 @@ from sllmd.checkpoint.format import (
     plan_layout,
 )
 
+# Reading back (verify, the reference reader) lives in reader.py; these names stay importable from here.
+from sllmd.checkpoint.reader import VerifyReport as VerifyReport
+from sllmd.checkpoint.reader import human_bytes as _human
+from sllmd.checkpoint.reader import main as verify_main  # noqa: F401
+from sllmd.checkpoint.reader import read_manifest as read_manifest
+from sllmd.checkpoint.reader import read_tensors as read_tensors
+from sllmd.checkpoint.reader import report_failure as _report_failure
+from sllmd.checkpoint.reader import verify as verify
+
 if TYPE_CHECKING:
     import torch
 
-_IO_BLOCK_BYTES = 16 << 20  # one reusable buffer for source copies and verify reads
+_IO_BLOCK_BYTES = 16 << 20  # one reusable buffer for source copies
 _WRITE_SLICE_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20  # safetensors' own limit
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz",
@@ -299,14 +303,6 @@ class _Progress:
             self._stream.flush()
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError
-
-
 class _PartitionWriter:
     """Writes the planned tensors into data-NNNNN.bin files in order, zero padding, hashing as it goes."""
 
@@ -460,98 +456,6 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
     return manifest
 
 
-def read_manifest(path: Path) -> Manifest:
-    """The validated manifest of checkpoint directory `path`."""
-    try:
-        with open(Path(path) / MANIFEST_FILE, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointNotFound(f"{path}: not an sllmd checkpoint (no {MANIFEST_FILE})") from None
-    return Manifest.parse(data)
-
-
-def _open_partition(root: Path, part: PartitionEntry) -> int:
-    try:
-        fd = os.open(root / part.file, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptCheckpoint(f"{root}: {part.file} is missing") from None
-    size = os.fstat(fd).st_size
-    if size != part.nbytes:
-        os.close(fd)
-        raise CorruptCheckpoint(f"{root}: {part.file} is {size} bytes, the manifest says {part.nbytes}")
-    return fd
-
-
-def _read_exactly(fd: int, view: memoryview, offset: int, name: str) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise CorruptCheckpoint(f"{name}: unexpected end of file at byte {offset + done}")
-        done += got
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    path: Path
-    num_tensors: int
-    num_partitions: int
-    num_chunks: int
-    num_bytes: int
-    seconds: float
-
-
-def verify(path: Path) -> VerifyReport:
-    """Re-hash every chunk of every partition; `ChecksumMismatch` names the first bad partition and range."""
-    path, start = Path(path), time.monotonic()
-    manifest = read_manifest(path)
-    buffer = memoryview(bytearray(_IO_BLOCK_BYTES))
-    for index, part in enumerate(manifest.partitions):
-        fd = _open_partition(path, part)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            hasher = PartitionHasher(manifest.chunk_bytes)
-            for offset in range(0, part.nbytes, len(buffer)):
-                view = buffer[: min(len(buffer), part.nbytes - offset)]
-                _read_exactly(fd, view, offset, part.file)
-                hasher.update(view)
-        finally:
-            os.close(fd)
-        digest, chunk_digests = hasher.finish()
-        for (lo, hi), want, got in zip(manifest.chunk_ranges(index), part.chunk_digests, chunk_digests, strict=True):
-            if want != got:
-                raise ChecksumMismatch(part.file, lo, hi)
-        if digest != part.digest:
-            raise ChecksumMismatch(part.file, 0, part.nbytes)
-    return VerifyReport(path, len(manifest.tensors), len(manifest.partitions),
-                        sum(len(p.chunk_digests) for p in manifest.partitions), manifest.total_bytes,
-                        time.monotonic() - start)
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Reference reader: all partitions into one CPU buffer, tensors (aliases too) as views into it."""
-    import torch
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()).cast("B")
-    for part, base in zip(manifest.partitions, manifest.partition_offsets(), strict=True):
-        fd = _open_partition(path, part)
-        try:
-            _read_exactly(fd, view[base : base + part.nbytes], 0, part.file)
-        finally:
-            os.close(fd)
-    return manifest.tensor_views(buffer)
-
-
-def _report_failure(exc: BaseException) -> int:
-    known = isinstance(exc, CheckpointError | OSError)
-    message = str(exc) if known else f"{type(exc).__name__}: {exc}"
-    print("sllmd: " + " ".join(message.split()), file=sys.stderr)
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """`sllmd convert SRC DST [--no-progress]`: exit 0, or 1 with one `sllmd: ...` line on stderr."""
     parser = argparse.ArgumentParser(prog="sllmd convert",
@@ -573,18 +477,3 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(manifest.partitions)} partitions, {_human(manifest.total_bytes)} in {seconds:.1f} s "
           f"({_human(manifest.total_bytes / max(seconds, 1e-9))}/s)")
     return 0
-
-
-def verify_main(argv: list[str] | None = None) -> int:
-    """`sllmd verify DIR`: exit 0 when every chunk hashes right, else 1 with one `sllmd: ...` line."""
-    parser = argparse.ArgumentParser(prog="sllmd verify", description="Re-hash every chunk of an sllmd checkpoint.")
-    parser.add_argument("dir", type=Path, help="checkpoint directory")
-    args = parser.parse_args(argv)
-    try:
-        report = verify(args.dir)
-    except Exception as exc:
-        return _report_failure(exc)
-    print(f"{args.dir}: ok, {report.num_tensors} tensors, {report.num_partitions} partitions, {report.num_chunks} "
-          f"chunks, {_human(report.num_bytes)} in {report.seconds:.1f} s")
-    return 0
-

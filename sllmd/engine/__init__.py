@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sllmd.engine.base import Backend, Engine
+
+if TYPE_CHECKING:
+    from sllmd.checkpoint.dram import DramCache
 
 _MODULES = {
     Backend.DUMMY: ("sllmd.engine.dummy", "DummyEngine"),
@@ -29,11 +33,22 @@ def preload_backends() -> None:
 
     for backend in _MODULES:
         import_backend(backend)
+    import torch
+
+    if torch.cuda.is_available():
+        from sllmd.checkpoint.pool import default_pool
+
+        default_pool()  # pin the staging buffers now, not during the first cold start
 
 
-def create_engine(backend: Backend, checkpoint_dir: Path, device: str) -> Engine:
-    """A new, not yet started engine."""
+def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *,
+                  dram_cache: DramCache | None = None) -> Engine:
+    """A new, not yet started engine for the local checkpoint directory `checkpoint_dir` (an sllmd v1
+    checkpoint from the store, or a Hugging Face directory). `dram_cache` is the node's cache of
+    checkpoint chunks; backends that read checkpoints themselves use it."""
     engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
         return engine_class(checkpoint_dir)
-    return engine_class(checkpoint_dir, device)
+    if dram_cache is None:
+        return engine_class(checkpoint_dir, device)
+    return engine_class(checkpoint_dir, device, dram_cache=dram_cache)

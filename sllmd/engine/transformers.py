@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import re
 import secrets
 import threading
 import time
@@ -32,9 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
+from sllmd.checkpoint.dram import DramCache
+from sllmd.checkpoint.format import MANIFEST_FILE
+from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.engine.base import Engine, LoadReport, SamplingParams
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
@@ -45,6 +49,51 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:
     """The one stopping rule, shared by the worker and the generator so they agree."""
     return produced >= params.max_tokens or token in params.stop_token_ids
+
+
+def _bind(checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: torch.device,
+          dtype: torch.dtype) -> PreTrainedModel:
+    """The model of `checkpoint_dir/config.json` built on the meta device (no memory, no random init), its
+    parameters and persistent buffers bound to `tensors` without a copy (`assign=True`; a tensor is converted
+    only where its dtype differs from the model's), and the non-persistent buffers left on meta (RoPE
+    frequencies...) computed on `device` by the model's own `_init_weights`, exactly as `from_pretrained` does."""
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    wanted = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied: dict[int, list[str]] = {}  # a tied parameter is one object under several names
+    for name, param in params.items():
+        tied.setdefault(id(param), []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for name, meta in wanted.items():
+        source = tensors.get(name)
+        if source is None and name in params:  # tied: stored under another of its names
+            source = next((tensors[n] for n in tied[id(params[name])] if n in tensors), None)
+        if source is None:
+            continue  # load_state_dict(strict=True) below names it
+        state[name] = source if source.dtype == meta.dtype or not meta.is_floating_point() else source.to(meta.dtype)
+    ignore = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or ())]
+    state.update({k: v for k, v in tensors.items() if k not in wanted and not any(p.search(k) for p in ignore)})
+    model.load_state_dict(state, strict=True, assign=True)
+    for param in model.parameters():
+        param.requires_grad_(False)
+        param._is_hf_initialized = True  # transformers' init functions skip these: they hold loaded weights
+    owner = {}  # module -> the innermost PreTrainedModel containing it (whose _init_weights applies)
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            owner.update({id(m): sub for m in sub.modules()})
+    with torch.no_grad():
+        for module in model.modules():
+            names = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+            for n in names:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
+            if names:
+                owner[id(module)]._init_weights(module)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{checkpoint_dir}: no value for {', '.join(left[:5])} (left on the meta device)")
+    return model
 
 
 @dataclass(eq=False)
@@ -68,10 +117,14 @@ class TransformersEngine(Engine):
     concurrently from any loop once `start()` has returned.
     """
 
-    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: torch.dtype = torch.float32,
+                 dram_cache: DramCache | None = None):
+        """`checkpoint_dir` is an sllmd v1 checkpoint (it has a manifest.json: loaded by the sllmd loader,
+        through `dram_cache` if given) or a plain Hugging Face model directory (`from_pretrained`)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.dram_cache = dram_cache
         self.context_length = 0
         self._model: PreTrainedModel | None = None
         self._vocab_size = 0
@@ -90,18 +143,31 @@ class TransformersEngine(Engine):
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    def _load_weights(self) -> PreTrainedModel:
-        """Checkpoint bytes -> model on `self.device`. The single place a faster loader plugs in."""
+    def _load_weights(self) -> tuple[PreTrainedModel, LoadReport]:
+        """Checkpoint bytes -> model on `self.device`, with `load_s` (bytes to the device) and `init_s` (so far:
+        building and binding the model) measured. The single place a faster loader plugs in."""
+        if (self.checkpoint_dir / MANIFEST_FILE).is_file():
+            loaded = load_checkpoint(self.checkpoint_dir, self.device, dram_cache=self.dram_cache)
+            t0 = time.perf_counter()
+            try:
+                model = _bind(self.checkpoint_dir, loaded.tensors, self.device, self.dtype)
+            except BaseException:
+                loaded.release()
+                raise
+            # The model owns the load: when it is collected the DRAM-cache entry it views may be evicted.
+            model._sllmd_checkpoint = loaded
+            return model, dataclasses.replace(loaded.report, init_s=time.perf_counter() - t0)
         # device_map= would load straight to the device but needs `accelerate`; .to() is a no-op on CPU.
-        transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
-        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=self.dtype)
-        return model.to(self.device)
-
-    def _load_and_init(self) -> LoadReport:
         t0 = time.perf_counter()
-        model = self._load_weights()
+        transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
+        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=self.dtype).to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count asynchronous copies as loading, not init
+        num_bytes = sum(p.stat().st_size for pat in _WEIGHT_PATTERNS for p in self.checkpoint_dir.glob(pat))
+        return model, LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
+
+    def _load_and_init(self) -> LoadReport:
+        model, report = self._load_weights()
         t1 = time.perf_counter()
         model.eval()
         text_config = model.config.get_text_config()
@@ -110,8 +176,7 @@ class TransformersEngine(Engine):
         with torch.inference_mode():  # warm-up: first-call kernel/allocator setup counts as init
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
         self._model = model
-        num_bytes = sum(p.stat().st_size for pat in _WEIGHT_PATTERNS for p in self.checkpoint_dir.glob(pat))
-        return LoadReport(source_tier="ssd", num_bytes=num_bytes, load_s=t1 - t0, init_s=time.perf_counter() - t1)
+        return dataclasses.replace(report, init_s=report.init_s + time.perf_counter() - t1)
 
     async def start(self) -> LoadReport:
         if self._thread is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -63,13 +62,14 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
         raise InvalidRequest("name is required and must be a non-empty string", param="name")
     checkpoint = body.get("checkpoint")
     if not isinstance(checkpoint, str) or not checkpoint:
-        raise InvalidRequest("checkpoint is required: the path of a Hugging Face model directory", param="checkpoint")
+        raise InvalidRequest("checkpoint is required: an absolute path of a Hugging Face or sllmd checkpoint "
+                             "directory, or an http(s):// URL of an sllmd checkpoint", param="checkpoint")
     backend_name = body.get("backend", Backend.TRANSFORMERS.value)
     if backend_name not in {b.value for b in Backend}:
         choices = ", ".join(b.value for b in Backend)
         raise InvalidRequest(f"backend must be one of: {choices}", param="backend")
     policy = parse_policy(body.get("autoscaling", {}), defaults)
-    return DeploySpec(name, Path(checkpoint), Backend(backend_name), policy)
+    return DeploySpec(name, checkpoint, Backend(backend_name), policy)
 
 
 def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
@@ -139,19 +139,6 @@ async def delete_model(request: web.Request) -> web.Response:
 
 
 async def cluster(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    server = node.config.server
-    slots = [
-        {"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes, "instance": node.worker.slots.holder(s)}
-        for s in node.worker.slots.slots
-    ]
-    this_node = {
-        "id": node.node_id,
-        "http": f"{server.host}:{server.port}",
-        "peer": f"{server.host}:{server.peer_port}",
-        "role": "leader",
-        "alive": True,
-        "slots": slots,
-        "free_slots": node.worker.slots.num_free,
-    }
-    return web.json_response({"leader": node.node_id, "term": 0, "nodes": [this_node]})
+    """The cluster as this node sees it: leader, term, and every member with its addresses, role,
+    liveness (recent messages) and slots (this node's exact; others' from their last status message)."""
+    return web.json_response(request.app[NODE].state.cluster_view())

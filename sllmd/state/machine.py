@@ -3,16 +3,26 @@
 Commands are plain msgpack-able maps `{"op": Op, ...}`. A single node applies them as they are
 proposed; in a cluster the same maps are the Raft log entries and every node applies them in log
 order, so `apply` must be deterministic: no clocks, no randomness, no reads outside the txn.
+
+The replicated state is the databases in STATE_DATABASES (deployments, instances, the node table).
+`meta` is local to a node (its id, the index of the last applied log entry) and never replicated.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sllmd.errors import Conflict, ModelNotFound
+import msgpack
+
+from sllmd.errors import Conflict, ModelNotFound, NotFound
 from sllmd.state.models import Deployment, InstanceRecord
 from sllmd.state.store import StateStore, Transaction
+
+STATE_DATABASES = ("deployments", "instances", "nodes")
+APPLIED_INDEX_KEY = "raft_applied_index"  # in `meta`: written in the same txn as the entries it counts
+SNAPSHOT_VERSION = 1
 
 
 class Op(enum.StrEnum):
@@ -22,6 +32,34 @@ class Op(enum.StrEnum):
     PUT_INSTANCE = "put_instance"
     DELETE_INSTANCE = "delete_instance"
     DELETE_NODE_INSTANCES = "delete_node_instances"
+    PUT_NODE = "put_node"  # add or re-address a cluster member
+    REMOVE_NODE = "remove_node"  # forget a member and its instances
+
+
+# Instance records describe what a node runs right now. Writing them is idempotent (a put, a delete),
+# and a node keeps serving when they cannot be committed (no leader): see ReplicatedStateMachine.
+SOFT_OPS = frozenset({Op.PUT_INSTANCE, Op.DELETE_INSTANCE, Op.DELETE_NODE_INSTANCES})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A cluster member as the replicated node table knows it. Addresses are "host:port"."""
+
+    id: str
+    peer: str  # ZeroMQ peer transport
+    http: str  # HTTP API
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> NodeRecord:
+        """Raises ValueError unless `wire` is {"id", "peer", "http"} with non-empty strings."""
+        if not isinstance(wire, dict) or set(wire) != {"id", "peer", "http"}:
+            raise ValueError("node record: expected a map of id, peer, http")
+        if not all(isinstance(v, str) and 0 < len(v) <= 255 for v in wire.values()):
+            raise ValueError("node record: id, peer and http must be strings of 1..255 characters")
+        return cls(wire["id"], wire["peer"], wire["http"])
 
 
 def apply(txn: Transaction, command: dict[str, Any]) -> Any:
@@ -54,11 +92,63 @@ def apply(txn: Transaction, command: dict[str, Any]) -> Any:
     if op is Op.DELETE_INSTANCE:
         return txn.delete("instances", command["id"])
     if op is Op.DELETE_NODE_INSTANCES:
-        stale = [key for key, wire in txn.items("instances") if wire["node_id"] == command["node_id"]]
-        for key in stale:
-            txn.delete("instances", key)
-        return len(stale)
+        return _delete_node_instances(txn, command["node_id"])
+    if op is Op.PUT_NODE:
+        node = NodeRecord.from_wire(command["node"])
+        txn.put("nodes", node.id, node.to_wire())
+        return node
+    if op is Op.REMOVE_NODE:
+        if not txn.delete("nodes", command["node_id"]):
+            raise NotFound(f"node '{command['node_id']}' is not a cluster member", code="node_not_found")
+        return _delete_node_instances(txn, command["node_id"])
     raise AssertionError(f"unhandled op {op}")  # pragma: no cover - Op() above rejects unknown ops
+
+
+def _delete_node_instances(txn: Transaction, node_id: str) -> int:
+    stale = [key for key, wire in txn.items("instances") if wire["node_id"] == node_id]
+    for key in stale:
+        txn.delete("instances", key)
+    return len(stale)
+
+
+# ------------------------------------------------------------------------------- snapshots (Raft §7)
+
+
+def read_applied_index(txn: Transaction) -> int:
+    return txn.get("meta", APPLIED_INDEX_KEY) or 0
+
+
+def write_applied_index(txn: Transaction, index: int) -> None:
+    txn.put("meta", APPLIED_INDEX_KEY, index)
+
+
+def snapshot_state(txn: Transaction) -> bytes:
+    """The replicated databases as one msgpack map, as of the txn's view (pair it with its applied index)."""
+    dbs = {db: dict(txn.items(db)) for db in STATE_DATABASES}
+    return msgpack.packb({"version": SNAPSHOT_VERSION, "dbs": dbs}, use_bin_type=True)
+
+
+def restore_state(txn: Transaction, data: bytes) -> None:
+    """Replace the replicated databases with a `snapshot_state` copy. b"" is the empty state (index 0).
+    Raises ValueError on a copy that does not decode; the caller's txn then aborts and changes nothing."""
+    dbs: dict[str, Any] = {}
+    if data:
+        try:
+            snapshot = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # hostile or corrupt bytes: whatever the decoder raises
+            raise ValueError(f"state snapshot does not decode: {exc}") from None
+        if not isinstance(snapshot, dict) or snapshot.get("version") != SNAPSHOT_VERSION:
+            raise ValueError("state snapshot: unknown version")
+        dbs = snapshot.get("dbs")
+        if not isinstance(dbs, dict) or not all(isinstance(dbs.get(db, {}), dict) for db in STATE_DATABASES):
+            raise ValueError("state snapshot: expected a map of databases")
+    for db in STATE_DATABASES:
+        for key in [key for key, _ in txn.items(db)]:
+            txn.delete(db, key)
+        for key, value in dbs.get(db, {}).items():
+            if not isinstance(key, str):
+                raise ValueError(f"state snapshot: {db} has a non-string key")
+            txn.put(db, key, value)
 
 
 class LocalStateMachine:
@@ -83,3 +173,7 @@ class LocalStateMachine:
     def instances(self) -> list[InstanceRecord]:
         with self.store.read() as txn:
             return [InstanceRecord.from_wire(wire) for _, wire in txn.items("instances")]
+
+    def nodes(self) -> dict[str, NodeRecord]:
+        with self.store.read() as txn:
+            return {key: NodeRecord.from_wire(wire) for key, wire in txn.items("nodes")}

@@ -12,7 +12,8 @@ from sllmd.scheduler.autoscale import AutoscalingPolicy
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
-    """A model the cluster serves. `checkpoint` is a directory path in Hugging Face layout."""
+    """A model the cluster serves. `checkpoint` is its source in the model repository: an absolute path
+    (Hugging Face or sllmd v1 directory) or an http(s):// URL of an sllmd v1 checkpoint."""
 
     name: str
     checkpoint: str

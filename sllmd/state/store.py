@@ -14,7 +14,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-DATABASES = ("meta", "deployments", "instances")
+DATABASES = ("meta", "deployments", "instances", "nodes")
 DEFAULT_MAP_SIZE = 1 << 30  # address space only; the file grows with use
 
 

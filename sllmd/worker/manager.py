@@ -10,6 +10,7 @@ Not thread-safe: every method runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -17,7 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, reads_store
 from sllmd.config import ServingConfig
 from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
@@ -28,13 +31,18 @@ from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
 
+if TYPE_CHECKING:
+    from sllmd.checkpoint.dram import DramCache
+
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Deployment, str], Engine]
+# (deployment, local checkpoint directory, device, the node's DRAM cache or None) -> a new engine.
+EngineFactory = Callable[[Deployment, Path, str, "DramCache | None"], Engine]
 
 
-def default_engine_factory(deployment: Deployment, device: str) -> Engine:
-    return create_engine(deployment.backend, Path(deployment.checkpoint), device)
+def default_engine_factory(deployment: Deployment, checkpoint_dir: Path, device: str,
+                           dram_cache: DramCache | None = None) -> Engine:
+    return create_engine(deployment.backend, checkpoint_dir, device, dram_cache=dram_cache)
 
 
 @dataclass(eq=False)
@@ -83,13 +91,20 @@ class Worker:
         serving: ServingConfig,
         metrics: Metrics,
         engine_factory: EngineFactory = default_engine_factory,
+        *,
+        store: CheckpointStore | None = None,
+        dram_cache: DramCache | None = None,
     ) -> None:
+        """Without a `store`, engines read `deployment.checkpoint` in place (it must be a local path)."""
         self.node_id = node_id
         self.slots = slots
         self.state = state
         self.serving = serving
         self.metrics = metrics
         self.engine_factory = engine_factory
+        self.store = store
+        self.dram_cache = dram_cache
+        self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self._tasks: set[asyncio.Task] = set()
         metrics.free_slots.set(slots.num_free)
@@ -247,10 +262,20 @@ class Worker:
             if evicting is not None:
                 await evicting
             await self._record(instance)
-            instance.engine = await asyncio.to_thread(self.engine_factory, runtime.deployment, instance.slot.device)
+            deployment = runtime.deployment
+            checkpoint_dir, fetched_from = Path(deployment.checkpoint), None
+            if self.store is not None and reads_store(deployment.backend, deployment.checkpoint):
+                # Pinned until the instance stops; fetched again if it was evicted since deploy.
+                lease = self._leases[instance.id] = await self.store.acquire(deployment.checkpoint)
+                checkpoint_dir = lease.path
+                fetched_from = None if lease.tier == TIER_SSD else lease.tier
+            instance.engine = await asyncio.to_thread(
+                self.engine_factory, deployment, checkpoint_dir, instance.slot.device, self.dram_cache)
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
+            if fetched_from is not None:  # the bytes came from the repository on this start
+                instance.load_report = dataclasses.replace(instance.load_report, source_tier=fetched_from)
         except Exception as exc:  # any engine failure must reach the waiters
             log.error("instance failed to start", extra={"instance": instance.id, "error": repr(exc)})
             runtime.start_error = exc
@@ -317,6 +342,8 @@ class Worker:
                 log.error("engine stop failed", extra={"instance": instance.id, "error": repr(exc)})
             if hand_slot_to is None:
                 self.slots.release(instance.slot)
+            if (lease := self._leases.pop(instance.id, None)) is not None and self.store is not None:
+                self.store.release(lease)
             await self.state.propose({"op": Op.DELETE_INSTANCE, "id": instance.id})
             self._update_gauges(runtime)
             await self._notify(runtime)

@@ -1,0 +1,173 @@
+"""The DRAM tier: an LRU cache of whole loaded checkpoints held in host memory, within a byte budget.
+
+An entry is one host buffer holding all of a checkpoint's partitions back to back (the layout of
+`Manifest.tensor_views`), keyed by the checkpoint's identity: its resolved path and the digest of its
+manifest (which holds every data file's hash, so a checkpoint replaced in place gets a new key).
+
+Users hold a `CacheLease` while they use a buffer (an engine serving from it, a load copying out of it): a
+leased entry is never evicted. Eviction drops the cache's reference, so the memory is freed once nobody
+views it any more. All methods are thread-safe; `single_flight(key)` serialises concurrent loads of one
+checkpoint so the second finds the first's entry instead of reading the disk again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CacheKey = tuple[str, str]  # (resolved checkpoint path, manifest digest)
+
+
+def cache_key(path: Path, manifest_digest: str) -> CacheKey:
+    return str(Path(path).resolve()), manifest_digest
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: CacheKey
+    buffer: torch.Tensor
+    nbytes: int
+    num_leases: int = 0
+
+
+@dataclass(eq=False)
+class CacheLease:
+    """A pin on one cache entry: its buffer is not evicted until `release()` (idempotent; also on exit
+    of a `with` block). Treat `buffer` as read-only: it may be shared with other leases."""
+
+    key: CacheKey
+    buffer: torch.Tensor
+    _cache: DramCache = field(repr=False)
+    _entry: _Entry = field(repr=False)
+    is_released: bool = False
+
+    def release(self) -> None:
+        self._cache._unpin(self)
+
+    def __enter__(self) -> CacheLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class DramCache:
+    """LRU of host buffers within `budget_bytes`; leased entries are never evicted."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
+        self._used = 0
+        self._lock = threading.Lock()
+        self._loading: dict[CacheKey, list] = {}  # key -> [lock, number of waiters]
+        self.num_hits = self.num_misses = self.num_evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def lru_keys(self) -> list[CacheKey]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, key: CacheKey) -> CacheLease | None:
+        """A lease on the entry for `key` (now the most recently used), or None on a miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.num_misses += 1
+                return None
+            self.num_hits += 1
+            self._entries.move_to_end(key)
+            return self._pin(entry)
+
+    def put(self, key: CacheKey, buffer: torch.Tensor) -> CacheLease | None:
+        """Cache `buffer` (CPU, 1-D uint8) under `key` and lease it, evicting least recently used unleased
+        entries to make room. None, caching nothing, when it cannot fit even after evicting every unleased
+        entry. If `key` is already cached, the existing entry is leased and `buffer` is not kept."""
+        if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+            raise ValueError("a cached buffer must be a 1-D uint8 CPU tensor")
+        nbytes = buffer.numel()
+        with self._lock:
+            existing = self._entries.get(key)
+            if existing is not None:
+                self._entries.move_to_end(key)
+                return self._pin(existing)
+            evictable = sum(e.nbytes for e in self._entries.values() if not e.num_leases)
+            if nbytes > self.budget_bytes - self._used + evictable:
+                return None
+            for victim in [e for e in self._entries.values() if not e.num_leases]:
+                if self._used + nbytes <= self.budget_bytes:
+                    break
+                self._drop(victim)
+            entry = _Entry(key, buffer, nbytes)
+            self._entries[key] = entry
+            self._used += nbytes
+            return self._pin(entry)
+
+    def evict(self, key: CacheKey) -> bool:
+        """Drop `key` if cached and unleased; True if it was dropped."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.num_leases:
+                return False
+            self._drop(entry)
+            return True
+
+    def clear(self) -> None:
+        """Drop every unleased entry."""
+        with self._lock:
+            for entry in [e for e in self._entries.values() if not e.num_leases]:
+                self._drop(entry)
+
+    @contextmanager
+    def single_flight(self, key: CacheKey) -> Iterator[None]:
+        """Hold while looking `key` up and loading it on a miss: concurrent holders for the same key wait,
+        then find the entry the first one put. Different keys do not wait for each other."""
+        with self._lock:
+            slot = self._loading.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        try:
+            with slot[0]:
+                yield
+        finally:
+            with self._lock:
+                slot[1] -= 1
+                if not slot[1]:
+                    del self._loading[key]
+
+    # ---- internals (called with self._lock held, except _unpin) ---------------------------------
+
+    def _pin(self, entry: _Entry) -> CacheLease:
+        entry.num_leases += 1
+        return CacheLease(entry.key, entry.buffer, self, entry)
+
+    def _unpin(self, lease: CacheLease) -> None:
+        with self._lock:
+            if lease.is_released:
+                return
+            lease.is_released = True
+            lease._entry.num_leases -= 1
+
+    def _drop(self, entry: _Entry) -> None:
+        del self._entries[entry.key]
+        self._used -= entry.nbytes
+        self.num_evictions += 1

@@ -1,0 +1,403 @@
+"""The fast loader: an sllmd v1 checkpoint into ONE device allocation, at storage speed.
+
+Pipelines (`load_checkpoint` picks one):
+
+* **CPU target, direct**: `num_readers` threads take fixed `chunk_bytes` pieces of the data files in file
+  order and `preadv` them straight into their final place in one page-aligned host buffer. No pool, no
+  second copy; the buffer's pages fault in inside the readers, overlapping other readers' I/O.
+* **CUDA target (and `staged=True` on CPU, the same pipeline with CPU copies, for tests)**: readers fill
+  buffers from a bounded pool of pinned, pre-faulted host buffers; the calling thread, as the copier, issues
+  `non_blocking` copies on a dedicated CUDA stream into the device allocation, and a buffer returns to the
+  pool when its copy's event has completed. Reads overlap copies; a model of any size streams through.
+* **DRAM cache hit**: on CPU, no copy at all (the tensors view the cached, read-only buffer); on CUDA the
+  readers copy out of the cached host buffer instead of the files (copy-only).
+
+How a piece is read (`io_mode`): "auto" (default) copies a piece from the page cache when all of it is
+there (so a model still in the page cache loads at memory speed) and reads any other piece with O_DIRECT
+(no page-cache copy, no readahead guessing, no eviction of other data); filesystems that refuse O_DIRECT
+(EINVAL, e.g. tmpfs) fall back to buffered reads. "direct" and "buffered" force one way, for
+measurements (`reader.PartitionFiles`). Defaults were chosen with `scripts/bench_loader.py --sweep` (see DEFAULT_*).
+
+Integrity: `convert` and `fetch` verify; the loader does not re-hash unless `verify=True`, which hashes
+each manifest chunk as its bytes land (xxh3-128) and raises `ChecksumMismatch` naming the range.
+Missing or truncated data files raise `CorruptCheckpoint` before any byte is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+
+from sllmd.checkpoint.dram import CacheLease, DramCache, cache_key
+from sllmd.checkpoint.format import ALIGNMENT, ChecksumMismatch, Manifest
+from sllmd.checkpoint.pool import (
+    BufferPool,
+    CudaCopier,
+    Landed,
+    SyncCopier,
+    default_pool,
+    host_buffer,
+    seal_read_only,
+)
+from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes
+from sllmd.engine.base import LoadReport
+
+log = logging.getLogger(__name__)
+
+# Chosen by measurement on the 2-core development VM (scripts/bench_loader.py --sweep, 1 GB, 5 interleaved
+# runs, page cache dropped; the O_DIRECT limit there is ~2.4 GB/s): 1 reader 0.9 GB/s, 2 readers 1.5, 4 readers
+# 1.4-1.7, 8 readers 1.5-1.7 (no better than 4); O_DIRECT beats buffered reads cold (1.66 vs 1.36 GB/s with 4
+# readers, 0.95 vs 0.46 with 1). Pieces of 4, 16 or 64 MiB are within the noise of each other; into a
+# pre-faulted destination 4 readers x 16 MiB reach 98% (direct) and 99.8% (staged pool) of the O_DIRECT
+# limit, so what is left on a CPU target is faulting in the fresh destination, not the reads. 16 MiB keeps
+# the staging pool fine-grained (the copier starts after one piece). Re-measure on GPU nodes (--device cuda).
+DEFAULT_NUM_READERS = 4
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+_Fill = Callable[["_Piece", memoryview, torch.Tensor], None]  # fills one staging buffer with a piece
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """`nbytes` at `offset` of partition `partition`, landing at `dst` of the whole-model buffer."""
+
+    partition: int
+    offset: int
+    nbytes: int
+    dst: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """Pieces one reader handles in order; with `digest` set they make up one hashed manifest chunk."""
+
+    pieces: tuple[_Piece, ...]
+    digest: str | None = None
+
+    def mismatch(self, file: str) -> ChecksumMismatch:
+        start = self.pieces[0].offset
+        return ChecksumMismatch(file, start, self.pieces[-1].offset + self.pieces[-1].nbytes)
+
+
+@dataclass(eq=False)
+class LoadedCheckpoint:
+    """A loaded checkpoint. `tensors` (aliases too: an alias maps to its target's very tensor object) are
+    views into `buffer`, the one allocation holding every partition. Call `release()` when done with the
+    tensors so a DRAM-cache entry they view can be evicted again (also done when this object is collected)."""
+
+    path: Path
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor
+    report: LoadReport
+    _lease: CacheLease | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._lease is not None:
+            weakref.finalize(self, self._lease.release)
+
+    @property
+    def gbps(self) -> float:
+        return self.report.num_bytes / max(self.report.load_s, 1e-9) / 1e9
+
+    def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dram_cache: DramCache | None = None,
+                    num_readers: int = DEFAULT_NUM_READERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    pool: BufferPool | None = None, verify: bool = False, io_mode: IoMode = "auto",
+                    staged: bool = False, out: torch.Tensor | None = None) -> LoadedCheckpoint:
+    """Load the checkpoint directory `path` onto `device`; see the module docstring for how.
+
+    `dram_cache`: look the checkpoint up there first, and put it there after a disk load if it fits (on CPU
+    the loaded buffer itself, sealed read-only; on CUDA a host copy made as the pieces pass). `pool`: the
+    staging pool for CUDA or `staged` loads (default: the process-wide `default_pool()`). `chunk_bytes`:
+    bytes per read, a multiple of 4096 (at most the pool's buffer size when staging). `out`: load into this
+    1-D uint8 tensor on `device` (at least the checkpoint's total bytes, 4 KiB-aligned)
+    instead of a new allocation, e.g. memory recycled from an unloaded model; not with `dram_cache`.
+    Thread-safe: any number of loads may run at once (they share the pool).
+    """
+    start = time.perf_counter()
+    path, device = Path(path), torch.device(device)
+    if num_readers < 1:
+        raise ValueError("num_readers must be >= 1")
+    if chunk_bytes < ALIGNMENT or chunk_bytes % ALIGNMENT:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
+    if io_mode not in ("auto", "direct", "buffered"):
+        raise ValueError(f"unknown io_mode {io_mode!r}")
+    raw = read_manifest_bytes(path)
+    manifest = Manifest.parse(raw)
+    if out is not None:
+        if dram_cache is not None:
+            raise ValueError("out= and dram_cache= do not combine (a cached buffer is the cache's own)")
+        if (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < manifest.total_bytes
+                or not _same_device(out.device, device) or out.data_ptr() % ALIGNMENT):
+            raise ValueError(f"out must be a 1-D uint8 tensor on {device} of at least {manifest.total_bytes} bytes, "
+                             f"starting at a multiple of {ALIGNMENT}")
+        out = out[: manifest.total_bytes]
+    is_staged = staged or device.type != "cpu"
+    if is_staged:
+        pool = pool or default_pool()
+        chunk_bytes = min(chunk_bytes, pool.buffer_bytes)
+    loader = _Load(path, manifest, device, num_readers, chunk_bytes, verify, io_mode, pool, out)
+    if dram_cache is None:
+        buffer = loader.from_files(tee=None) if is_staged else loader.direct()
+        return _finish(loader, buffer, "ssd", start, None)
+    key = cache_key(path, manifest_digest(raw))
+    is_zero_copy = not is_staged  # a CPU target views the cached buffer itself
+    with dram_cache.single_flight(key):
+        lease = dram_cache.get(key)
+        if lease is not None and is_zero_copy:
+            if verify:
+                try:
+                    loader.verify_memory(lease.buffer)
+                except BaseException:
+                    lease.release()
+                    raise
+            return _finish(loader, lease.buffer, "dram", start, lease)
+        if lease is not None:
+            with lease:  # pinned only while copying out of it
+                return _finish(loader, loader.from_memory(lease.buffer), "dram", start, None)
+        fits = manifest.total_bytes <= dram_cache.budget_bytes
+        if is_zero_copy:
+            buffer = loader.direct()
+            if fits:
+                seal_read_only(buffer)  # every later hit shares it: no writer may touch it
+                lease = dram_cache.put(key, buffer)
+            return _finish(loader, buffer, "ssd", start, lease)
+        tee = host_buffer(manifest.total_bytes) if fits else None
+        buffer = loader.from_files(tee=tee)
+        if tee is not None:
+            seal_read_only(tee)
+            lease = dram_cache.put(key, tee)
+            if lease is not None:
+                lease.release()
+        return _finish(loader, buffer, "ssd", start, None)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _finish(loader: _Load, buffer: torch.Tensor, tier: str, start: float, lease: CacheLease | None) -> LoadedCheckpoint:
+    tensors = loader.manifest.tensor_views(buffer)
+    report = LoadReport(source_tier=tier, num_bytes=loader.manifest.total_bytes, load_s=time.perf_counter() - start,
+                        init_s=0.0)
+    log.debug("loaded %s to %s from %s: %d bytes in %.3f s (%.2f GB/s)", loader.path, loader.device, tier,
+              report.num_bytes, report.load_s, report.num_bytes / max(report.load_s, 1e-9) / 1e9)
+    return LoadedCheckpoint(loader.path, loader.manifest, tensors, buffer, report, lease)
+
+
+class _Load:
+    """One load's plan and pipelines. Pieces are handed out in file order (model order), so a load that
+    streams through the pool delivers layer 0 first and the disk sees near-sequential reads."""
+
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device, num_readers: int, chunk_bytes: int,
+                 verify: bool, io_mode: IoMode, pool: BufferPool | None, out: torch.Tensor | None = None) -> None:
+        self.path, self.manifest, self.device, self.out = path, manifest, device, out
+        self.num_readers, self.chunk_bytes, self.verify = num_readers, chunk_bytes, verify
+        self.io_mode, self.pool = io_mode, pool
+        self.segments = self._plan()
+
+    def _plan(self) -> list[_Segment]:
+        """Without verify: one piece per segment. With it: one segment per manifest chunk, so the reader
+        that owns a chunk feeds its pieces to one hasher in order."""
+        segments: list[_Segment] = []
+        for index, (part, base) in enumerate(zip(self.manifest.partitions, self.manifest.partition_offsets(),
+                                                 strict=True)):
+            if self.verify:
+                for (lo, hi), digest in zip(self.manifest.chunk_ranges(index), part.chunk_digests, strict=True):
+                    segments.append(_Segment(self._pieces(index, base, lo, hi), digest))
+            else:
+                segments.extend(_Segment((p,)) for p in self._pieces(index, base, 0, part.nbytes))
+        return segments
+
+    def _pieces(self, partition: int, base: int, lo: int, hi: int) -> tuple[_Piece, ...]:
+        return tuple(_Piece(partition, off, min(self.chunk_bytes, hi - off), base + off)
+                     for off in range(lo, hi, self.chunk_bytes))
+
+    # ---- pipelines --------------------------------------------------------------------------------
+
+    def direct(self) -> torch.Tensor:
+        """CPU target: every piece straight into its place in one fresh page-aligned host buffer."""
+        buffer = host_buffer(self.manifest.total_bytes) if self.out is None else self.out
+        whole = memoryview(buffer.numpy())
+        files = PartitionFiles(self.path, self.manifest, self.io_mode)
+        try:
+            def work(segment: _Segment, cancel: threading.Event) -> None:
+                hasher = xxhash.xxh3_128() if segment.digest else None
+                for piece in segment.pieces:
+                    view = whole[piece.dst : piece.dst + piece.nbytes]
+                    files.read(piece.partition, piece.offset, view)
+                    if hasher is not None:
+                        hasher.update(view)
+                self._check(segment, hasher)
+
+            _run_threads(self.segments, self.num_readers, work)
+        finally:
+            files.close()
+        return buffer
+
+    def from_files(self, tee: torch.Tensor | None) -> torch.Tensor:
+        """Staged: files -> pool buffers -> device. `tee`, if given, also receives every byte (host copy)."""
+        files = PartitionFiles(self.path, self.manifest, self.io_mode)
+        try:
+            return self._staged(lambda piece, view, _: files.read(piece.partition, piece.offset, view), tee)
+        finally:
+            files.close()
+
+    def from_memory(self, host: torch.Tensor) -> torch.Tensor:
+        """A DRAM hit on a staged target: a pinned host buffer copies in one go; a pageable one goes through
+        the pinned pool (a CPU copy per piece by the readers, in parallel, then an async device copy; with
+        `verify` each chunk is hashed in the staging buffers, i.e. the very bytes sent to the device)."""
+        if host.is_pinned() and self.device.type == "cuda":
+            if self.verify:
+                self.verify_memory(host)
+            out = torch.empty(host.numel(), dtype=torch.uint8, device=self.device) if self.out is None else self.out
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                out.copy_(host, non_blocking=True)
+            stream.synchronize()
+            return out
+
+        def fill(piece: _Piece, _view: memoryview, staging: torch.Tensor) -> None:
+            staging.copy_(host[piece.dst : piece.dst + piece.nbytes])
+
+        return self._staged(fill, None)
+
+    def verify_memory(self, host: torch.Tensor) -> None:
+        """Hash every manifest chunk of a host buffer already holding the checkpoint."""
+        whole = memoryview(host.numpy())
+        for index, (part, base) in enumerate(zip(self.manifest.partitions, self.manifest.partition_offsets(),
+                                                 strict=True)):
+            for (lo, hi), digest in zip(self.manifest.chunk_ranges(index), part.chunk_digests, strict=True):
+                if xxhash.xxh3_128_hexdigest(whole[base + lo : base + hi]) != digest:
+                    raise ChecksumMismatch(part.file, lo, hi)
+
+    def _staged(self, fill: _Fill, tee: torch.Tensor | None) -> torch.Tensor:
+        """Readers fill pool buffers with `fill(piece, view, staging)`; this thread copies them to the device."""
+        pool = self.pool
+        assert pool is not None
+        out = self.out if self.out is not None else torch.empty(self.manifest.total_bytes, dtype=torch.uint8,
+                                                                device=self.device)
+        landed: queue.SimpleQueue[Landed | None] = queue.SimpleQueue()
+
+        def work(segment: _Segment, cancel: threading.Event) -> None:
+            hasher = xxhash.xxh3_128() if segment.digest else None
+            for piece in segment.pieces:
+                buf = pool.acquire(cancel)
+                if buf is None:
+                    return  # cancelled: another thread failed
+                try:
+                    staging = buf[: piece.nbytes]
+                    view = memoryview(staging.numpy())
+                    fill(piece, view, staging)
+                    if hasher is not None:
+                        hasher.update(view)
+                    if tee is not None:
+                        tee[piece.dst : piece.dst + piece.nbytes].copy_(staging)
+                except BaseException:
+                    pool.release(buf)
+                    raise
+                landed.put((buf, piece.dst, piece.nbytes))
+            self._check(segment, hasher)
+
+        copier = CudaCopier(out, pool) if self.device.type == "cuda" else SyncCopier(out, pool)
+        threads = _start_threads(self.segments, self.num_readers, work, on_exit=lambda: landed.put(None))
+        try:
+            remaining = len(threads.workers)
+            while remaining:
+                item = copier.next_item(landed)
+                if item is None:
+                    remaining -= 1
+                elif threads.cancel.is_set():
+                    pool.release(item[0])  # a reader failed: drain without copying
+                else:
+                    copier.submit(*item)
+        except BaseException as exc:
+            threads.fail(exc)  # wakes readers waiting for a buffer; they stop taking work
+        finally:
+            try:
+                copier.finish()
+            except BaseException as exc:
+                threads.fail(exc)
+            threads.join()
+            while True:  # after a failure, buffers may still sit in the queue
+                try:
+                    item = landed.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    pool.release(item[0])
+        threads.raise_first()
+        return out
+
+    def _check(self, segment: _Segment, hasher: xxhash.xxh3_128 | None) -> None:
+        if hasher is not None and hasher.hexdigest() != segment.digest:
+            raise segment.mismatch(self.manifest.partitions[segment.pieces[0].partition].file)
+
+
+@dataclass(eq=False)
+class _Threads:
+    workers: list[threading.Thread]
+    cancel: threading.Event
+    errors: list[BaseException]
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.cancel.set()
+
+    def join(self) -> None:
+        for worker in self.workers:
+            worker.join()
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def _start_threads(segments: Sequence[_Segment], num_threads: int,
+                   work: Callable[[_Segment, threading.Event], None],
+                   on_exit: Callable[[], None] = lambda: None) -> _Threads:
+    """Up to `num_threads` threads taking segments in order until none is left or one fails (the first
+    failure cancels the rest). `on_exit` runs once in each thread as it ends, whatever happened."""
+    lock, cancel, errors = threading.Lock(), threading.Event(), []
+    todo = iter(segments)
+    threads = _Threads([], cancel, errors)
+
+    def loop() -> None:
+        try:
+            while not cancel.is_set():
+                with lock:
+                    segment = next(todo, None)
+                if segment is None:
+                    return
+                work(segment, cancel)
+        except BaseException as exc:
+            threads.fail(exc)
+        finally:
+            on_exit()
+
+    for i in range(max(1, min(num_threads, len(segments)))):
+        worker = threading.Thread(target=loop, name=f"sllmd-reader-{i}", daemon=True)
+        threads.workers.append(worker)
+        worker.start()
+    return threads
+
+
+def _run_threads(segments: Sequence[_Segment], num_threads: int,
+                 work: Callable[[_Segment, threading.Event], None]) -> None:
+    threads = _start_threads(segments, num_threads, work)
+    threads.join()
+    threads.raise_first()

@@ -1,0 +1,348 @@
+"""The node's local SSD store of sllmd v1 checkpoints, under `<data_dir>/store/`.
+
+Layout: `<root>/<id>/` is one complete checkpoint; `<root>/index.json` records each entry's source,
+size, fingerprint and last use (wall-clock seconds), so LRU order survives restarts; anything hidden
+(`.NAME`) is a fetch or conversion in progress, removed when the store opens (a crash leftover).
+
+An entry's id is derived from its normalised source (`checkpoint_id`), so every node, and every
+restart, finds a deployment's checkpoint from the deployment alone. Entries appear only complete: the
+fetcher builds them under a hidden name and renames them into place. The store keeps the bytes of its
+entries plus those being fetched within `budget_bytes`, evicting the least recently used entries that
+no instance has pinned.
+
+Not thread-safe: every method runs on the event loop. Blocking work (fetches, deletions) runs in
+threads; `ensure` of one id by many callers fetches once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from sllmd.checkpoint.fetch import FetchReport, FetchSettings, describe, fetch, is_url, normalize_source
+from sllmd.checkpoint.format import MANIFEST_FILE, CheckpointError
+from sllmd.config import StoreConfig
+from sllmd.engine.base import Backend
+
+if TYPE_CHECKING:
+    from sllmd.checkpoint.dram import DramCache
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+TIER_SSD = "ssd"
+TIER_REPOSITORY = "repository"
+
+
+def reads_store(backend: Backend, source: str) -> bool:
+    """Whether instances of a deployment read the store's copy of `source`: all but the dummy backend,
+    which reads only config.json and so serves a local source as is."""
+    return backend is not Backend.DUMMY or is_url(source)
+
+
+class StoreFull(CheckpointError):
+    """A checkpoint does not fit the store's budget, even after evicting every unpinned entry."""
+
+
+class CheckpointInUse(CheckpointError):
+    """The operation needs an entry that a running instance has pinned."""
+
+
+def checkpoint_id(source: str) -> str:
+    """A stable, file-name-safe id for a source: a readable stem plus 16 hex digits of its xxh3."""
+    source = normalize_source(source)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rstrip("/").rsplit("/", 1)[-1]).strip(".-")[:48] or "checkpoint"
+    return f"{stem}-{xxhash.xxh3_64_hexdigest(source.encode())}"
+
+
+@dataclass(slots=True)
+class StoreEntry:
+    id: str
+    source: str  # empty for an entry found on disk without an index record
+    num_bytes: int
+    last_used: float  # time.time() of the last ensure
+    fingerprint: str = ""  # `fetch.describe`'s fingerprint of the source when it was fetched
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointLease:
+    """A pinned entry: it stays on disk until `CheckpointStore.release`."""
+
+    id: str
+    path: Path
+    tier: str  # "ssd" if it was there already, else "repository" (fetched for this lease)
+    fetch: FetchReport | None = None
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, budget_bytes: int, settings: FetchSettings | None = None) -> None:
+        """Open (creating) the store at `root`: remove crash leftovers, reconcile the index with the
+        directories, evict down to `budget_bytes`. Blocking; call before the event loop is busy."""
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be positive")
+        self.root = Path(root)
+        self.budget_bytes = budget_bytes
+        self.settings = settings or FetchSettings()
+        self._pins: Counter[str] = Counter()
+        self._reserved: dict[str, int] = {}  # id -> bytes being fetched
+        self._jobs: dict[str, asyncio.Task[FetchReport]] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._entries = self._open()
+        while self.used_bytes > self.budget_bytes and self._entries:
+            victim = min(self._entries.values(), key=lambda e: (e.last_used, e.id))
+            log.info("store over budget at start, evicting", extra={"checkpoint": victim.id})
+            del self._entries[victim.id]
+            shutil.rmtree(self.path_of(victim.id), ignore_errors=True)
+        self._save_index()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def path_of(self, id: str) -> Path:
+        if not id or id.startswith(".") or "/" in id or id == INDEX_FILE:
+            raise ValueError(f"invalid checkpoint id {id!r}")
+        return self.root / id
+
+    def contains(self, id: str) -> bool:
+        return id in self._entries
+
+    def entry(self, id: str) -> StoreEntry | None:
+        return self._entries.get(id)
+
+    def entries(self) -> list[StoreEntry]:
+        """Every entry, least recently used first."""
+        return sorted(self._entries.values(), key=lambda e: (e.last_used, e.id))
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the complete entries plus those reserved by fetches under way."""
+        return sum(e.num_bytes for e in self._entries.values()) + sum(self._reserved.values())
+
+    def is_pinned(self, id: str) -> bool:
+        return self._pins[id] > 0
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def pin(self, id: str) -> None:
+        """Keep entry `id` from eviction until a matching `unpin`; pins nest. KeyError if absent."""
+        if id not in self._entries:
+            raise KeyError(id)
+        self._pins[id] += 1
+
+    def unpin(self, id: str) -> None:
+        if self._pins[id] <= 1:
+            self._pins.pop(id, None)
+        else:
+            self._pins[id] -= 1
+
+    @contextmanager
+    def pinned(self, id: str) -> Iterator[Path]:
+        self.pin(id)
+        try:
+            yield self.path_of(id)
+        finally:
+            self.unpin(id)
+
+    # -- getting checkpoints -------------------------------------------------------------------
+
+    async def ensure(self, source: str, *, refresh: bool = False) -> tuple[Path, str]:
+        """The local path of `source`'s checkpoint and the tier it came from: "ssd" if the store had
+        it, "repository" if it had to be fetched (or converted) now.
+
+        With `refresh`, an entry whose source changed since it was fetched (see `fetch.describe`) is
+        fetched again; `CheckpointInUse` if an instance has it pinned. Fetch errors propagate
+        (`fetch.FetchError`, `ManifestError`, `ConversionError`, `ChecksumMismatch`, `StoreFull`, ...).
+        """
+        lease = await self._ensure(source, refresh=refresh, pin=False)
+        return lease.path, lease.tier
+
+    async def acquire(self, source: str) -> CheckpointLease:
+        """`ensure` and `pin` in one step (no eviction can come between): for an instance's lifetime."""
+        return await self._ensure(source, refresh=False, pin=True)
+
+    def release(self, lease: CheckpointLease) -> None:
+        self.unpin(lease.id)
+
+    async def remove(self, id: str) -> bool:
+        """Delete entry `id` now; False if absent. `CheckpointInUse` if pinned."""
+        if id not in self._entries:
+            return False
+        if self.is_pinned(id):
+            raise CheckpointInUse(f"checkpoint {id} is in use by a running instance")
+        await self._delete(id)
+        return True
+
+    async def close(self) -> None:
+        """Cancel fetches under way (their verified chunks are not kept: the next open cleans up)."""
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _ensure(self, source: str, *, refresh: bool, pin: bool) -> CheckpointLease:
+        source = normalize_source(source)
+        cid = checkpoint_id(source)
+        tier, report = TIER_SSD, None
+        if refresh and cid in self._entries and cid not in self._jobs:
+            await self._drop_if_stale(cid, source)
+        while True:
+            entry = self._entries.get(cid)
+            if entry is not None:  # checked and pinned with no await in between: eviction cannot interleave
+                entry.last_used = time.time()
+                self._save_index()
+                if pin:
+                    self.pin(cid)
+                return CheckpointLease(cid, self.path_of(cid), tier, report)
+            job = self._jobs.get(cid)
+            if job is None or job.done():
+                job = self._jobs[cid] = asyncio.get_running_loop().create_task(self._fetch(cid, source))
+                job.add_done_callback(self._job_done)
+            tier = TIER_REPOSITORY
+            report = await asyncio.shield(job)
+            # Loop: the entry is normally there now, but could have been evicted before we resumed.
+
+    def _job_done(self, job: asyncio.Task[FetchReport]) -> None:
+        for cid, current in list(self._jobs.items()):
+            if current is job:
+                del self._jobs[cid]
+        if not job.cancelled():
+            job.exception()  # retrieved: every waiter got it already, or none is left to
+
+    async def _drop_if_stale(self, cid: str, source: str) -> None:
+        entry = self._entries[cid]
+        info = await describe(source, self.settings)
+        if cid not in self._entries or entry.fingerprint == info.fingerprint:
+            return
+        if self.is_pinned(cid):
+            raise CheckpointInUse(f"{source} changed since it was stored, and a running instance uses the stored "
+                                  "copy; stop its instances (or wait for keep-alive) and deploy again")
+        log.info("source changed since it was stored, fetching it again", extra={"checkpoint": cid, "source": source})
+        await self._delete(cid)
+
+    async def _fetch(self, cid: str, source: str) -> FetchReport:
+        info = await describe(source, self.settings)
+        need = info.num_bytes
+        await self._make_room(need, for_id=cid)
+        self._reserved[cid] = need
+        try:
+            report = await fetch(source, self.path_of(cid), work_dir=self.root / f".{cid}.partial",
+                                 settings=self.settings)
+        finally:
+            del self._reserved[cid]
+        self._entries[cid] = StoreEntry(cid, source, report.num_bytes, time.time(), report.fingerprint)
+        self._save_index()
+        if self.used_bytes > self.budget_bytes:  # the estimate was short (padding, side files)
+            await self._make_room(0, for_id=cid)
+        return report
+
+    async def _make_room(self, need: int, *, for_id: str) -> None:
+        """Evict least recently used unpinned entries until `need` more bytes fit the budget."""
+        if need > self.budget_bytes:
+            raise StoreFull(f"checkpoint needs {need / 2**30:.2f} GiB, more than the whole store budget "
+                            f"({self.budget_bytes / 2**30:.2f} GiB, store.ssd_budget_gb)")
+        while self.used_bytes + need > self.budget_bytes:
+            candidates = [e for e in self.entries() if not self.is_pinned(e.id) and e.id != for_id]
+            if not candidates:
+                pinned = sum(e.num_bytes for e in self._entries.values() if self.is_pinned(e.id))
+                raise StoreFull(f"checkpoint needs {need / 2**30:.2f} GiB; the store budget is "
+                                f"{self.budget_bytes / 2**30:.2f} GiB, {pinned / 2**30:.2f} GiB of it pinned by "
+                                f"running instances and {sum(self._reserved.values()) / 2**30:.2f} GiB being fetched")
+            victim = candidates[0]
+            log.info("evicting checkpoint from the store", extra={"checkpoint": victim.id, "bytes": victim.num_bytes,
+                                                                   "for": for_id})
+            await self._delete(victim.id)
+
+    async def _delete(self, cid: str) -> None:
+        """Forget the entry at once (so nothing new uses it), then move it aside and delete it."""
+        del self._entries[cid]
+        self._save_index()
+        path = self.path_of(cid)
+        doomed = self.root / f".{cid}.deleting-{time.monotonic_ns()}"
+        try:
+            os.rename(path, doomed)  # the id's path is free at once, even while the delete runs
+        except FileNotFoundError:
+            return
+        await asyncio.to_thread(shutil.rmtree, doomed, True)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _open(self) -> dict[str, StoreEntry]:
+        num_leftovers = 0
+        for child in self.root.iterdir():
+            if child.name.startswith("."):
+                num_leftovers += 1
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        if num_leftovers:
+            log.info("removed unfinished fetches of a previous run", extra={"count": num_leftovers})
+        recorded = self._load_index()
+        entries: dict[str, StoreEntry] = {}
+        for child in self.root.iterdir():
+            if child.name == INDEX_FILE:
+                continue
+            if not child.is_dir() or child.is_symlink() or not (child / MANIFEST_FILE).is_file():
+                log.warning("removing a store entry that is not a checkpoint", extra={"path": str(child)})
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+                continue
+            num_bytes = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+            entry = recorded.get(child.name) or StoreEntry(child.name, "", 0, child.stat().st_mtime)
+            entry.num_bytes = num_bytes
+            entries[child.name] = entry
+        return entries
+
+    def _load_index(self) -> dict[str, StoreEntry]:
+        try:
+            raw = json.loads((self.root / INDEX_FILE).read_bytes())
+            return {e["id"]: StoreEntry(e["id"], str(e["source"]), int(e["num_bytes"]), float(e["last_used"]),
+                                        str(e.get("fingerprint", ""))) for e in raw["entries"]}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("store index unreadable; rebuilding it from the directories", extra={"error": repr(exc)})
+            return {}
+
+    def _save_index(self) -> None:
+        """Write-and-rename without fsync: the index only orders eviction and detects changed sources,
+        and after a crash it is rebuilt from the directories (entries themselves are fsynced)."""
+        data = json.dumps({"version": 1, "entries": [asdict(e) for e in self.entries()]}, indent=1).encode()
+        tmp = self.root / f".{INDEX_FILE}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / INDEX_FILE)
+
+
+def open_store(data_dir: Path, config: StoreConfig) -> CheckpointStore:
+    """The node's store at `<data_dir>/store`, with the configured budget and fetch settings."""
+    settings = FetchSettings(connections=config.fetch_connections, request_bytes=config.fetch_request_mb << 20,
+                             timeout_s=config.fetch_timeout_s, retries=config.fetch_retries)
+    return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings)
+
+
+def open_dram_cache(config: StoreConfig) -> DramCache | None:
+    """The node's DRAM cache of checkpoint chunks, or None when `dram_budget_gb` is 0 or this build has
+    no DRAM tier (`sllmd.checkpoint.dram`); every load then reads the SSD store."""
+    if config.dram_budget_gb <= 0:
+        return None
+    try:
+        from sllmd.checkpoint.dram import DramCache
+    except ModuleNotFoundError as exc:
+        if exc.name != "sllmd.checkpoint.dram":
+            raise
+        return None
+    return DramCache(int(config.dram_budget_gb * 2**30))
