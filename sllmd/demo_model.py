@@ -20,13 +20,13 @@ its own), which is what serving tests need: predictable token counts, clean stre
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import secrets
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sllmd.fsutil import publish_dir
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -207,21 +207,6 @@ def _save_quietly(model: LlamaForCausalLM, path: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file under root, then root itself, so the rename publishes durable data."""
-    for path in sorted(root.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(root)
-
-
 def build_demo_model(out_dir: Path, *, seed: int = 0) -> Path:
     """Write the demo model to `out_dir` atomically and return `out_dir`.
 
@@ -239,19 +224,14 @@ def build_demo_model(out_dir: Path, *, seed: int = 0) -> Path:
         model = _build_model(tokenizer, seed)
         _save_quietly(model, tmp)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
         try:
-            # rename() replaces an empty directory but fails on a non-empty one, which also
-            # covers another builder winning a race after the check above.
-            os.rename(tmp, out_dir)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
-            raise FileExistsError(f"refusing to overwrite non-empty {out_dir}") from exc
+            # Also covers another builder winning a race after the check above.
+            publish_dir(tmp, out_dir)
+        except FileExistsError:
+            raise FileExistsError(f"refusing to overwrite non-empty {out_dir}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out_dir.parent)  # make the rename itself durable
     return out_dir
 
 

@@ -11,7 +11,6 @@ Torch and transformers are imported only by the functions that need them.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import re
@@ -39,15 +38,9 @@ from sllmd.checkpoint.format import (
     partition_file,
     plan_layout,
 )
-
-# Reading back (verify, the reference reader) lives in reader.py; these names stay importable from here.
-from sllmd.checkpoint.reader import VerifyReport as VerifyReport
 from sllmd.checkpoint.reader import human_bytes as _human
-from sllmd.checkpoint.reader import main as verify_main  # noqa: F401
-from sllmd.checkpoint.reader import read_manifest as read_manifest
-from sllmd.checkpoint.reader import read_tensors as read_tensors
 from sllmd.checkpoint.reader import report_failure as _report_failure
-from sllmd.checkpoint.reader import verify as verify
+from sllmd.fsutil import publish_dir
 
 if TYPE_CHECKING:
     import torch
@@ -374,16 +367,9 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
             continue
         if path.name == MANIFEST_FILE:
             raise ConversionError(f"{src} has a {MANIFEST_FILE}, a name the checkpoint format reserves")
-        shutil.copyfile(path, dst / path.name)
-        _fsync(dst / path.name)
+        shutil.copyfile(path, dst / path.name)  # publish_dir fsyncs it
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: TextIO | None = None,
@@ -437,14 +423,10 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
         manifest = Manifest(entries, writer.finish(), aliases, chunk_bytes, metadata)
         _copy_non_weights(src, tmp)
         (tmp / MANIFEST_FILE).write_bytes(manifest.to_json())
-        _fsync(tmp / MANIFEST_FILE)
-        _fsync(tmp)
         try:
-            os.rename(tmp, dst)  # replaces at most an empty directory created since the check above
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise ConversionError(f"{dst} already exists") from None
-            raise
+            publish_dir(tmp, dst)
+        except FileExistsError as exc:
+            raise ConversionError(str(exc)) from None
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -452,7 +434,6 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
     finally:
         if stream is not None:
             bar.close()
-    _fsync(dst.parent)
     return manifest
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from sllmd.checkpoint.format import (
     PartitionHasher,
 )
 from sllmd.checkpoint.reader import read_manifest_bytes
+from sllmd.fsutil import publish_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -238,26 +238,11 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(work_dir: Path, dst: Path) -> None:
-    """fsync every file and the directory, rename it to `dst`, fsync the parent."""
-    for f in work_dir.iterdir():
-        _fsync_path(f)
-    _fsync_path(work_dir)
     try:
-        os.rename(work_dir, dst)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FetchError(f"{dst} already exists") from None
-        raise
-    _fsync_path(dst.parent)
+        publish_dir(work_dir, dst)
+    except FileExistsError as exc:
+        raise FetchError(str(exc)) from None
 
 
 def _copy_v1(src: Path, dst: Path, work_dir: Path) -> tuple[int, str]:
