@@ -15,6 +15,7 @@ from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
 from sllmd.metrics import Metrics
+from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
 from sllmd.state.machine import Op
 from sllmd.state.store import StateStore
@@ -34,6 +35,7 @@ class Node:
     router: Router
     deployments: DeploymentService
     metrics: Metrics
+    relay: Relay  # this node's HTTP client to the others (one session)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -47,9 +49,11 @@ class Node:
         worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, engine_factory,
                         store=checkpoints, dram_cache=open_dram_cache(config.store))
         tokenizers = CheckpointTokenizers(checkpoints)
-        router = Router(state, worker, tokenizers, metrics)
+        relay = Relay(node_id, api_key=next(iter(config.server.api_keys), None),
+                      read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
+        router = Router(state, worker, tokenizers, metrics, relay=relay)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
-        node = cls(config, node_id, store, state, worker, router, deployments, metrics)
+        node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
         state.on_applied = node._adopt
         state.soft_state = node._slots_view
         return node
@@ -64,6 +68,7 @@ class Node:
             self.worker.sync_deployment(deployment)
 
     async def close(self) -> None:
+        await self.relay.close()
         await self.worker.close()
         if self.worker.store is not None:
             await self.worker.store.close()

@@ -2,26 +2,42 @@
 context, get an instance (waiting through a cold start), generate, detokenise.
 
 Everything that can be rejected is rejected in `prepare` or while opening the stream, before the
-HTTP layer sends a status line, so errors keep their real status codes.
+HTTP layer sends a status line, so errors keep their real status codes. `prepare` always runs on the
+entry node (4xx are answered there); `open_stream` then serves locally or relays to the node that
+`scheduler.placement` picks, and yields the same events either way. A relayed request is always
+served where it lands (one hop, no loops). A node that failed a relay is avoided for SUSPECT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sllmd.engine.base import Engine, SamplingParams
 from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
+from sllmd.relay import Relay, RelayFailed
+from sllmd.scheduler.placement import NodeView, choose_node
 from sllmd.state.machine import LocalStateMachine
-from sllmd.state.models import Deployment
+from sllmd.state.models import Deployment, InstanceState
 from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.worker.manager import Worker
+
+if TYPE_CHECKING:
+    from sllmd.cluster.replicated import ReplicatedStateMachine
+
+log = logging.getLogger(__name__)
+
+SUSPECT_S = 5.0  # a node that failed a relay is left out of placement this long (liveness lags ~2 s)
+MAX_RELAY_ATTEMPTS = 2  # a relay that could not connect is retried once, placed again without that node
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +63,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrived_at: float
+    relayed_from: str | None = None  # the entry node's id when another node relayed this request here
 
 
 class TokenizerCache:
@@ -71,13 +88,19 @@ class TokenizerCache:
 
 
 class Router:
-    def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: TokenizerCache, metrics: Metrics) -> None:
+    """Without a `relay` (or with a state that has no cluster view) every request is served locally."""
+
+    def __init__(self, state: LocalStateMachine | ReplicatedStateMachine, worker: Worker, tokenizers: TokenizerCache,
+                 metrics: Metrics, *, relay: Relay | None = None) -> None:
         self.state = state
         self.worker = worker
         self.tokenizers = tokenizers
         self.metrics = metrics
+        self.relay = relay
+        self._suspect_until: dict[str, float] = {}  # node id -> time.monotonic() until which to avoid it
+        self._num_relayed: collections.Counter[str] = collections.Counter()  # node id -> relays in flight
 
-    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+    async def prepare(self, request: GenerationRequest, *, relayed_from: str | None = None) -> PreparedRequest:
         arrived_at = time.monotonic()
         deployment = self.state.deployment(request.model)
         if deployment is None:
@@ -98,11 +121,105 @@ class Router:
             seed=request.seed,
             stop_token_ids=tokenizer.eos_token_ids,
         )
-        return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at)
+        return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at, relayed_from)
 
     @asynccontextmanager
     async def open_stream(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        """Holds an instance for the request while the caller consumes the yielded event stream."""
+        """Holds an instance (here or, through a relay, on the serving node) for the request while the
+        caller consumes the yielded event stream. Errors raised on entry come before any output."""
+        async with AsyncExitStack() as stack:
+            for _ in range(MAX_RELAY_ATTEMPTS if self._can_relay(prepared) else 0):
+                target = self.place(prepared.deployment.name)
+                if target is None or target[0] == self.worker.node_id:
+                    break
+                try:
+                    events = await stack.enter_async_context(self._relayed(*target, prepared))
+                except RelayFailed as exc:
+                    if not exc.is_connect:
+                        raise
+                    log.warning("relay could not connect; placing again", extra={"node": target[0]})
+                    continue
+                yield events
+                return
+            events = await stack.enter_async_context(self._local(prepared))
+            yield events
+
+    def _can_relay(self, prepared: PreparedRequest) -> bool:
+        return prepared.relayed_from is None and self.relay is not None and hasattr(self.state, "cluster_view")
+
+    def place(self, model: str) -> tuple[str, str] | None:
+        """(node id, HTTP address) of the node that should serve `model` now, or None for "here, queued"."""
+        local = self._local_view(model)
+        if local.ready_instances_of_model:  # rule 1, without reading the cluster's state
+            return local.id, ""
+        now = time.monotonic()
+        counts = collections.Counter((r.node_id, r.state) for r in self.state.instances() if r.model == model)
+        views, addresses = [local], {self.worker.node_id: ""}
+        for node in self.state.cluster_view()["nodes"]:
+            node_id = node["id"]
+            if node_id == self.worker.node_id or not node["http"]:
+                continue
+            addresses[node_id] = node["http"]
+            views.append(NodeView(
+                node_id, is_alive=node["alive"] and self._suspect_until.get(node_id, 0.0) <= now,
+                num_free_slots=node["free_slots"] or 0,
+                ready_instances_of_model=counts[(node_id, InstanceState.READY)],
+                starting_instances_of_model=counts[(node_id, InstanceState.STARTING)],
+                in_flight_hint=self._num_relayed[node_id]))
+        chosen = choose_node(model, local_node_id=self.worker.node_id, nodes=views)
+        return None if chosen is None else (chosen, addresses[chosen])
+
+    def _local_view(self, model: str) -> NodeView:
+        """This node from its worker (exact, no replication lag)."""
+        runtime = self.worker.runtimes.get(model)
+        num_evictable = sum(  # idle instances of other models above their min_instances (the worker's rule)
+            max(0, min(len(r.instances) - r.deployment.autoscaling.min_instances,
+                       sum(1 for i in r.ready() if i.in_flight == 0)))
+            for r in self.worker.runtimes.values() if r is not runtime)
+        return NodeView(
+            self.worker.node_id, is_alive=True, num_free_slots=self.worker.slots.num_free,
+            ready_instances_of_model=len(runtime.ready()) if runtime else 0,
+            starting_instances_of_model=runtime.num_starting() if runtime else 0,
+            in_flight_hint=runtime.demand() if runtime else 0, num_evictable=num_evictable)
+
+    @asynccontextmanager
+    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest
+                       ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        assert self.relay is not None
+        log.debug("relaying", extra={"model": prepared.deployment.name, "node": node_id, "http": address})
+        self._num_relayed[node_id] += 1
+        try:
+            async with (
+                self.relay.open(address, prepared) as events,
+                aclosing(self._watch(node_id, events)) as watched,
+            ):
+                yield watched
+        except RelayFailed:
+            self._suspect(node_id)
+            raise
+        finally:
+            self._num_relayed[node_id] -= 1
+            if not self._num_relayed[node_id]:
+                del self._num_relayed[node_id]
+
+    async def _watch(self, node_id: str, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        """Passes the relayed events on; a stream that broke off marks its node suspect (the HTTP layer
+        turns the error into an SSE error event, so it never reaches `_relayed`)."""
+        try:
+            async for event in events:
+                yield event
+        except RelayFailed:
+            self._suspect(node_id)
+            raise
+
+    def _suspect(self, node_id: str) -> None:
+        now = time.monotonic()
+        if self._suspect_until.get(node_id, 0.0) <= now:
+            log.warning("relay to node failed; avoiding it for a while", extra={"node": node_id, "for_s": SUSPECT_S})
+        self._suspect_until[node_id] = now + SUSPECT_S
+
+    @asynccontextmanager
+    async def _local(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
         async with (
             self.worker.lease(prepared.deployment.name) as instance,
             aclosing(self._generate(prepared, instance.engine)) as events,

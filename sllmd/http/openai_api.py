@@ -13,6 +13,7 @@ from aiohttp import web
 from sllmd.errors import SllmdError
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
+from sllmd.relay import RELAYED_HEADER
 from sllmd.router import Finished, PreparedRequest, TextDelta
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _usage(finished: Finished) -> dict[str, int]:
 
 async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bool) -> web.StreamResponse:
     router = request.app[NODE].router
-    prepared = await router.prepare(parsed)
+    prepared = await router.prepare(parsed, relayed_from=request.headers.get(RELAYED_HEADER))
     shape = _Shape(parsed, is_chat)
     # Opening the stream waits through a cold start; its errors (503, 500) still get real statuses.
     async with router.open_stream(prepared) as events:

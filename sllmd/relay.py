@@ -1,0 +1,157 @@
+"""Relays a prepared request to the node that serves it and turns its SSE answer back into router events.
+
+The entry node has already validated and tokenised the request, so it always asks the serving node
+for the same thing: a streamed `/v1/completions` of the prompt token ids with the resolved sampling
+parameters and usage included. The chat template is applied once (on the entry node), both kinds of
+request take one relay path, and the HTTP layer shapes local and relayed answers with the same code.
+
+Failures keep their meaning: an HTTP error of the serving node becomes the same domain error here
+(400 InvalidRequest, 404 ModelNotFound, 503 Overloaded with its Retry-After, else EngineFailed), an
+SSE error event likewise, and a serving node that cannot be reached or stops mid-stream (connection
+reset, EOF without [DONE], no byte within the read timeout) is `RelayFailed` (502).
+
+Not thread-safe: one `Relay` per node, used from its event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded, SllmdError
+
+if TYPE_CHECKING:
+    from sllmd.router import PreparedRequest, StreamEvent
+
+RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver always serves locally
+CONNECT_TIMEOUT_S = 2.0
+READ_SLACK_S = 30.0  # beyond the serving node's own queue timeout, before a silent peer counts as dead
+
+
+class RelayFailed(SllmdError):
+    """The serving node could not be reached, or its answer broke off; a retry goes elsewhere."""
+
+    status = 502
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, is_connect: bool = False) -> None:
+        super().__init__(message, code="relay_failed")
+        self.is_connect = is_connect  # nothing reached the serving node: safe to try another
+
+
+class Relay:
+    """Owns the node's one HTTP client session (made on first use, closed by `close`)."""
+
+    def __init__(self, node_id: str, *, api_key: str | None = None, read_timeout_s: float = 90.0) -> None:
+        self.node_id = node_id
+        self.api_key = api_key
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def open(self, address: str, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """The serving node's event stream for `prepared`. Entering raises the serving node's error
+        status as a domain error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
+        headers = {RELAYED_HEADER: self.node_id, "Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = f"http://{address}/v1/completions"
+        try:
+            response = await self._client().post(url, json=relay_body(prepared), headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            is_connect = isinstance(exc, aiohttp.ClientConnectorError)  # refused or unroutable: never sent
+            raise RelayFailed(f"node at {address} did not answer: {exc!r}", is_connect=is_connect) from None
+        async with response:
+            if response.status != 200:
+                raise await _http_error(response, prepared.request.model)
+            async with aclosing(_events(response, address)) as events:
+                yield events
+
+
+def relay_body(prepared: PreparedRequest) -> dict[str, Any]:
+    """A completions request for exactly what `prepared` asks (prompt as token ids, limits resolved)."""
+    params = prepared.params
+    body: dict[str, Any] = {
+        "model": prepared.deployment.name, "prompt": prepared.prompt_ids or "", "max_tokens": params.max_tokens,
+        "temperature": params.temperature, "top_p": params.top_p, "stop": list(prepared.request.stop),
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
+
+
+async def _events(response: aiohttp.ClientResponse, address: str) -> AsyncIterator[StreamEvent]:
+    from sllmd.router import Finished, TextDelta  # the router imports this module
+
+    finish_reason: str | None = None
+    is_finished = False
+    try:
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                if not is_finished:
+                    raise RelayFailed(f"node at {address} ended the stream without a result")
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise _sse_error(chunk["error"])
+            for choice in chunk.get("choices") or ():
+                if choice.get("text"):
+                    yield TextDelta(choice["text"])
+                finish_reason = choice.get("finish_reason") or finish_reason
+            usage = chunk.get("usage")
+            if usage is not None:
+                is_finished = True
+                yield Finished(finish_reason or "length", int(usage["prompt_tokens"]),
+                               int(usage["completion_tokens"]))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RelayFailed(f"node at {address} broke off the stream: {exc!r}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RelayFailed(f"node at {address} sent a malformed event: {exc!r}") from None
+    raise RelayFailed(f"node at {address} closed the stream before [DONE]")
+
+
+async def _http_error(response: aiohttp.ClientResponse, model: str) -> SllmdError:
+    try:
+        error = (await response.json(content_type=None))["error"]
+        message, param, code = str(error["message"]), error.get("param"), error.get("code")
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+        message, param, code = f"serving node answered HTTP {response.status}", None, None
+    if response.status == 404:
+        return ModelNotFound(model)
+    if response.status == 503:
+        retry_after = response.headers.get("Retry-After", "")
+        return Overloaded(message, retry_after_s=int(retry_after) if retry_after.isdigit() else 1, code=code)
+    if response.status == 400:
+        return InvalidRequest(message, param=param, code=code)
+    return EngineFailed(message, code=code)
+
+
+def _sse_error(error: Any) -> SllmdError:
+    """An error event of the serving node (its status line was already 200) as the same domain error."""
+    if not isinstance(error, dict):
+        return EngineFailed("serving node sent a malformed error event")
+    message, code, kind = str(error.get("message")), error.get("code"), error.get("type")
+    if kind == Overloaded.error_type:
+        return Overloaded(message, code=code)
+    if kind == InvalidRequest.error_type:
+        return InvalidRequest(message, param=error.get("param"), code=code)
+    return EngineFailed(message, code=code)

@@ -1,0 +1,227 @@
+"""Request routing across three real `sllmd` processes: a model with `max_instances: 1` runs on one node
+and the other nodes relay to it (same answers, streaming and not); `kill -9` of the serving node in the
+middle of a relayed stream ends that stream with an error event, and the next request goes elsewhere.
+Last, in process: the relay maps a peer's error statuses and broken streams to domain errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from sllmd.errors import Overloaded
+from sllmd.relay import RELAYED_HEADER, Relay, RelayFailed
+from sllmd.router import TextDelta
+from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
+
+ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[list[Member]]:
+    root = tmp_path_factory.mktemp("routing")
+    ports = free_ports(6)
+    members = [Member(root, f"n{i + 1}", ports[2 * i], ports[2 * i + 1]) for i in range(3)]
+    try:
+        members[0].start()
+        for member in members[1:]:
+            member.start(join=members[0])
+        for member in members:
+            member.wait_ready()
+        wait_until(lambda: agreed_leader(members, 3), 20, "three members agreeing on a leader", members)
+        for name, backend in (("tiny", "dummy"), ("demo", "transformers")):
+            body = {"name": name, "checkpoint": str(demo_model_dir), "backend": backend, "autoscaling": ONE_INSTANCE}
+            reply = members[1].post("/admin/models", body)
+            assert reply.status_code == 201, reply.text
+        wait_until(lambda: all({"tiny", "demo"} <= m.models() for m in members), 5, "models everywhere", members)
+        yield members
+    finally:
+        for member in members:
+            member.terminate()
+        for member in members:
+            member.wait_stopped()
+
+
+def instances(members: list[Member], model: str) -> dict[str, int]:
+    """Node id -> number of instances of `model` it runs (each node reports its own)."""
+    counts = {m.node_id: len(m.get(f"/admin/models/{model}")["instances"]) for m in members}
+    return {node_id: count for node_id, count in counts.items() if count}
+
+
+def serving_node(members: list[Member], model: str) -> Member:
+    counts = instances(members, model)
+    assert list(counts.values()) == [1], counts  # exactly one instance cluster-wide
+    return next(m for m in members if m.node_id in counts)
+
+
+def wait_known_everywhere(members: list[Member], model: str, serving: Member) -> None:
+    """Until every node's view shows `serving` holding a slot for `model` (the instance record, committed
+    before that, has then reached them too)."""
+    def holds(observer: Member) -> bool:
+        node = next(n for n in observer.get("/admin/cluster")["nodes"] if n["id"] == serving.node_id)
+        return any((slot["instance"] or "").startswith(f"{model}-") for slot in node["slots"])
+
+    wait_until(lambda: all(holds(m) for m in members), 5, f"{model} instance known everywhere", members)
+
+
+def complete(member: Member, model: str, **fields: Any) -> dict[str, Any]:
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 12, "temperature": 0, "seed": 7, **fields}
+    reply = member.post("/v1/completions", body, timeout_s=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def stream_events(member: Member, path: str, body: dict[str, Any]) -> list[Any]:
+    """Every SSE data payload, decoded ("[DONE]" as is)."""
+    events: list[Any] = []
+    with httpx.stream("POST", f"{member.url}{path}", json={**body, "stream": True}, timeout=60) as reply:
+        assert reply.status_code == 200, reply.read()
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def test_other_nodes_relay_to_the_one_instance_with_identical_answers(cluster):
+    first = complete(cluster[0], "tiny")
+    serving = serving_node(cluster, "tiny")
+    wait_known_everywhere(cluster, "tiny", serving)
+    for member in cluster:
+        again = complete(member, "tiny")
+        assert again["choices"][0]["text"] == first["choices"][0]["text"]
+        assert again["usage"] == first["usage"] == {"prompt_tokens": first["usage"]["prompt_tokens"],
+                                                    "completion_tokens": 12,
+                                                    "total_tokens": first["usage"]["prompt_tokens"] + 12}
+        # Streaming, chat flavoured, through the same node: same text, usage, then [DONE].
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+                "stream_options": {"include_usage": True}}
+        events = stream_events(member, "/v1/chat/completions", chat)
+        assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 6
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2])
+        whole = member.post("/v1/chat/completions", {**chat, "stream_options": None}).json()
+        assert text == whole["choices"][0]["message"]["content"]
+    assert serving_node(cluster, "tiny") is serving  # still the only instance
+
+
+def test_errors_are_answered_by_the_entry_node(cluster):
+    reply = cluster[2].post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 5000})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text
+    reply = cluster[2].post("/v1/completions", {"model": "nope", "prompt": "Hi"})
+    assert reply.status_code == 404, reply.text
+
+
+def test_transformers_model_served_once_and_relayed(cluster):
+    first = complete(cluster[1], "demo", max_tokens=8)
+    serving = serving_node(cluster, "demo")
+    wait_known_everywhere(cluster, "demo", serving)
+    for member in cluster:
+        assert complete(member, "demo", max_tokens=8)["choices"][0]["text"] == first["choices"][0]["text"]
+    assert serving_node(cluster, "demo") is serving
+
+
+def test_kill_of_the_serving_node_mid_stream_ends_the_relayed_stream_with_an_error(cluster):
+    complete(cluster[0], "tiny")  # so that it runs somewhere (it may already)
+    serving = serving_node(cluster, "tiny")
+    wait_known_everywhere(cluster, "tiny", serving)
+    entry, other = [m for m in cluster if m is not serving]
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 1000, "stream": True}
+    events: list[Any] = []
+    with httpx.stream("POST", f"{entry.url}/v1/completions", json=body, timeout=30) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                break
+        serving.kill()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    print(f"relayed stream broke off after {len(events) - 2} chunks")
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "relay_failed", events[-2]
+    assert len(events) < 1000  # it broke off: no finish, no usage
+    assert not any(e["choices"][0]["finish_reason"] for e in events[:-2])
+
+    # The next requests succeed on survivors: through `other` (which still counts the dead node alive, so
+    # its relay is refused and placed again) and through `entry` (which marked it suspect).
+    survivors = [entry, other]
+    for member in (other, entry):
+        assert complete(member, "tiny")["usage"]["completion_tokens"] == 12
+    assert sum(instances(survivors, "tiny").values()) == 1
+
+
+# ------------------------------------------------------------- the relay against a misbehaving peer
+
+
+def prepared_request() -> Any:
+    request = SimpleNamespace(model="m", stop=())
+    params = SimpleNamespace(max_tokens=4, temperature=0.0, top_p=1.0, seed=None)
+    return SimpleNamespace(request=request, deployment=SimpleNamespace(name="m"), params=params, prompt_ids=[1, 2])
+
+
+@asynccontextmanager
+async def peer(handler) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def drain(relay: Relay, address: str) -> list[Any]:
+    async with relay.open(address, prepared_request()) as events:
+        return [event async for event in events]
+
+
+async def test_relay_maps_peer_errors_and_broken_streams():
+    seen: list[dict[str, Any]] = []
+
+    async def overloaded(request: web.Request) -> web.Response:
+        seen.append({"header": request.headers.get(RELAYED_HEADER), "body": await request.json()})
+        body = {"error": {"message": "busy", "type": "overloaded_error", "param": None, "code": "queue_full"}}
+        return web.json_response(body, status=503, headers={"Retry-After": "7"})
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"index":0,"text":"Hi","finish_reason":null}]}\n\n')
+        assert request.transport is not None
+        request.transport.close()  # the peer dies: no last chunk, no [DONE]
+        return response
+
+    relay = Relay("entry")
+    try:
+        async with peer(overloaded) as address:
+            with pytest.raises(Overloaded) as raised:
+                await drain(relay, address)
+        assert raised.value.retry_after_s == 7 and raised.value.code == "queue_full"
+        assert seen[0]["header"] == "entry"
+        assert seen[0]["body"] == {"model": "m", "prompt": [1, 2], "max_tokens": 4, "temperature": 0.0,
+                                   "top_p": 1.0, "stop": [], "stream": True, "stream_options": {"include_usage": True}}
+        async with peer(broken) as address:
+            events: list[Any] = []
+            with pytest.raises(RelayFailed) as failed:
+                async with relay.open(address, prepared_request()) as stream:
+                    async for event in stream:
+                        events.append(event)
+        assert events == [TextDelta("Hi")] and not failed.value.is_connect
+        with pytest.raises(RelayFailed) as refused:
+            await drain(relay, address)  # nobody listens there any more
+        assert refused.value.is_connect
+    finally:
+        await relay.close()
