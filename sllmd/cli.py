@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("sllmd.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
     "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
     "verify": ("sllmd.checkpoint.reader", "re-hash every chunk of an sllmd checkpoint directory"),
+    "cluster-keys": ("sllmd.cluster.keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
 }
 
 

@@ -64,6 +64,12 @@ class ClusterConfig:
     election_timeout_max_s: float = 1.0
     propose_timeout_s: float = 5.0
     compact_every_entries: int = 1000
+    # CurveZMQ on the peer port (z85, 40 characters each); all empty: plaintext. The issue's
+    # `cluster_secret_key` / `cluster_public_keys` are `cluster.secret_key` / `cluster.public_keys` here.
+    secret_key: str = ""
+    public_key: str = ""
+    public_keys: tuple[str, ...] = ()  # client keys admitted; empty: just public_key
+    dead_node_timeout_s: float = 30.0  # the leader drops instance records of nodes silent this long; 0: never
 
 
 @dataclass(frozen=True)
@@ -221,10 +227,33 @@ def _validate(config: Config) -> None:
         (c.propose_timeout_s > 0, "cluster.propose_timeout_s must be > 0"),
         (c.compact_every_entries >= 1, "cluster.compact_every_entries must be >= 1"),
     ]
+    checks.append((c.dead_node_timeout_s >= 0, "cluster.dead_node_timeout_s must be >= 0"))
     checks += [(False, f"autoscaling.{name} {message}") for name, message in a.problems()]
     for is_ok, message in checks:
         if not is_ok:
             raise ConfigError(message)
+    cluster_curve_keys(c)
+
+
+def cluster_curve_keys(cluster: ClusterConfig) -> Any:
+    """The peer transport's CurveKeys from cluster.secret_key/public_key/public_keys, or None when none is
+    set. ConfigError (one line) when they are incomplete or invalid. Every member shares one server key
+    pair (secret_key/public_key); public_keys lists the client keys the peer port admits and must hold
+    public_key."""
+    if not (cluster.secret_key or cluster.public_key or cluster.public_keys):
+        return None
+    if not (cluster.secret_key and cluster.public_key):
+        raise ConfigError("cluster.secret_key and cluster.public_key must both be set to use CurveZMQ "
+                          "(generate them with `sllmd cluster-keys`)")
+    from sllmd.cluster.transport import CurveKeys
+
+    admitted = cluster.public_keys or (cluster.public_key,)
+    if cluster.public_key not in admitted:
+        raise ConfigError("cluster.public_keys must include cluster.public_key")
+    try:
+        return CurveKeys(cluster.secret_key, cluster.public_key, admitted)
+    except ValueError as exc:
+        raise ConfigError(f"cluster keys: {str(exc).removeprefix('CurveKeys: ')}") from None
 
 
 def _is_host_port(text: str) -> bool:

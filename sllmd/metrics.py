@@ -7,6 +7,7 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+GBPS_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 25, 50, 100)  # disk ~1-7, PCIe ~10-50, DRAM hit more
 
 
 class Metrics:
@@ -30,6 +31,10 @@ class Metrics:
             registry=r,
         )
         self.load_bytes = Counter("sllmd_load_bytes", "Checkpoint bytes loaded", ["model", "tier"], registry=r)
+        self.load_gbps = Histogram(
+            "sllmd_load_gbps", "Checkpoint load speed (bytes / load_s, GB/s) by source tier", ["model", "tier"],
+            buckets=GBPS_BUCKETS, registry=r,
+        )
         self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
         self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
         self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)

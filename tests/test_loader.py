@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import shutil
 import threading
@@ -19,7 +20,7 @@ from sllmd.checkpoint.convert import convert
 from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.format import CheckpointError, ChecksumMismatch, CorruptCheckpoint, Manifest
 from sllmd.checkpoint.loader import LoadedCheckpoint, load_checkpoint
-from sllmd.checkpoint.pool import PAGE_BYTES, BufferPool, CudaCopier, host_buffer
+from sllmd.checkpoint.pool import PAGE_BYTES, BufferPool, CudaCopier, HostMemoryPool, host_buffer, seal_read_only
 from sllmd.checkpoint.reader import read_manifest, read_tensors
 
 SHM = Path("/dev/shm")
@@ -463,3 +464,145 @@ def test_cuda_copier_returns_a_buffer_only_after_its_copy_event(ckpt: Path, refe
     loaded = load_checkpoint(ckpt, "cpu", staged=True, pool=pool, num_readers=3)
     assert_same(loaded, reference)
     assert pool.num_free == 2 and not event_of
+
+
+# ---- recycled host memory (HostMemoryPool) ----------------------------------------------------------
+
+
+def test_recycled_memory_is_reused_only_once_no_view_remains(ckpt: Path, reference: dict[str, torch.Tensor],
+                                                             tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path, seed=1)
+    other_reference = read_tensors(other)
+    pool = HostMemoryPool(10 << 20)
+    first = load_checkpoint(ckpt, "cpu", host_pool=pool)
+    assert_same(first, reference)
+    address = first.buffer.data_ptr()
+    held = first.tensors["layers.2.big"]  # one view outlives the load
+    del first
+    gc.collect()
+    assert pool.num_free == 0  # still viewed: not back
+    second = load_checkpoint(other, "cpu", host_pool=pool)
+    assert second.buffer.data_ptr() != address and pool.num_fresh == 2 and pool.num_reused == 0
+    assert same_bits(held, reference["layers.2.big"])  # the held view was not overwritten
+    assert_same(second, other_reference)
+    del held
+    gc.collect()
+    assert pool.num_free == 1  # the last view died: the mapping is idle, still mapped and touched
+    third = load_checkpoint(other, "cpu", host_pool=pool)
+    assert third.buffer.data_ptr() == address  # no new mapping: the first load's pages
+    assert pool.num_fresh == 2 and pool.num_reused == 1
+    assert_same(third, other_reference)
+    assert_same(second, other_reference)
+
+
+def test_dram_cache_recycles_an_evicted_entry_and_unseals_it(ckpt: Path, tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path, seed=1)
+    size = read_manifest(ckpt).total_bytes
+    assert read_manifest(other).total_bytes == size
+    cache = DramCache(size + size // 2)  # room for one
+    first = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    address = first.buffer.data_ptr()
+    if os.path.exists("/proc/self/maps"):
+        assert region_permissions(address).startswith("r-")  # sealed while cached
+    first.release()
+    del first
+    gc.collect()
+    # Loading `other` evicts the entry (unleased, unviewed): its pages become the new buffer, writable again
+    # for the readers (a sealed page would fault), then sealed again as the new entry.
+    second = load_checkpoint(other, "cpu", dram_cache=cache)
+    assert second.report.source_tier == "ssd" and second.buffer.data_ptr() == address
+    assert cache.host_pool.num_reused == 1 and cache.num_evictions == 1
+    assert_same(second, read_tensors(other))
+    if os.path.exists("/proc/self/maps"):
+        assert region_permissions(address).startswith("r-")
+    assert cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes
+
+    # A released lease whose tensor is still held: evicted, but its memory is not reused (nor kept over budget).
+    held = second.tensors["layers.2.big"]
+    second.release()
+    del second
+    gc.collect()
+    third = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    assert third.buffer.data_ptr() != address and cache.host_pool.num_fresh == 2
+    assert same_bits(held, read_tensors(other)["layers.2.big"])
+    del held, third
+    gc.collect()
+    assert cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes
+
+
+def test_sealed_mapping_is_writable_again_when_taken() -> None:
+    pool = HostMemoryPool(1 << 20)
+    buf = pool.take(5 * PAGE_BYTES)
+    buf.fill_(1)
+    address = buf.data_ptr()
+    assert seal_read_only(buf)
+    if os.path.exists("/proc/self/maps"):
+        assert region_permissions(address).startswith("r-")
+    del buf
+    again = pool.take(4 * PAGE_BYTES + 1)
+    assert again.data_ptr() == address and again.numel() == 4 * PAGE_BYTES + 1
+    if os.path.exists("/proc/self/maps"):
+        assert region_permissions(address).startswith("rw")
+    again.fill_(2)  # would fault if still sealed
+    assert int(again[0]) == 2 and int(again[-1]) == 2
+
+
+def test_host_pool_is_bounded() -> None:
+    mib = 1 << 20
+    pool = HostMemoryPool(3 * mib)
+    buffers = [pool.take(mib) for _ in range(4)]
+    addresses = [b.data_ptr() for b in buffers]
+    del buffers
+    assert pool.free_bytes == 3 * mib and pool.num_free == 3 and pool.num_unmapped == 1  # the 4th did not fit
+    small = pool.take(64 << 10)  # far smaller than any idle mapping: fresh, rather than waste 1 MiB
+    assert small.data_ptr() not in addresses and pool.num_reused == 0
+    big = pool.take(2 * mib)  # bigger than any: fresh
+    assert big.data_ptr() not in addresses and pool.free_bytes == 3 * mib
+    pool.set_limit(mib)  # the oldest idle mappings go
+    assert pool.free_bytes == mib and pool.num_unmapped == 3
+    del small, big
+    assert pool.free_bytes == mib  # returned, but over the limit: unmapped
+    pool.clear()
+    assert pool.free_bytes == 0 and pool.num_free == 0
+    if os.path.exists("/proc/self/maps"):
+        with pytest.raises(AssertionError, match="not mapped"):
+            region_permissions(addresses[0])  # really unmapped, not just forgotten
+
+
+def test_dram_budget_covers_cached_entries_and_idle_memory(ckpt: Path, reference: dict[str, torch.Tensor],
+                                                           tmp_path: Path) -> None:
+    size = read_manifest(ckpt).total_bytes
+    a, b = (copy_checkpoint(ckpt, tmp_path / name) for name in "ab")
+    cache = DramCache(2 * size + size // 2)
+    for path in (a, b):
+        load_checkpoint(path, "cpu", dram_cache=cache).release()
+    gc.collect()
+    assert cache.used_bytes == 2 * size and cache.host_pool.free_bytes == 0
+    cache.clear()
+    assert cache.used_bytes == 0 and cache.host_pool.num_free == 2  # evicted pages kept, within the budget
+    loaded = load_checkpoint(a, "cpu", dram_cache=cache)
+    assert cache.host_pool.num_reused == 1 and cache.host_pool.num_fresh == 2
+    assert_same(loaded, reference)
+    assert cache.used_bytes == size and cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes
+
+
+def test_prefaulted_pool_serves_the_first_load(ckpt: Path, reference: dict[str, torch.Tensor]) -> None:
+    pool = HostMemoryPool(10 << 20)
+    assert pool.prefault(read_manifest(ckpt).total_bytes)
+    assert not HostMemoryPool(PAGE_BYTES).prefault(2 * PAGE_BYTES)  # over the limit: nothing mapped
+    loaded = load_checkpoint(ckpt, "cpu", host_pool=pool)
+    assert pool.num_fresh == 0 and pool.num_reused == 1
+    assert_same(loaded, reference)
+    with pytest.raises(ValueError, match="host_pool"):
+        load_checkpoint(ckpt, "cpu", host_pool=pool, dram_cache=DramCache(10 << 20))
+
+
+def test_dram_cache_can_prefault_at_start(ckpt: Path, reference: dict[str, torch.Tensor]) -> None:
+    assert DramCache(10 << 20).host_pool.free_bytes == 0  # off by default
+    size = read_manifest(ckpt).total_bytes
+    cache = DramCache(10 << 20, prefault_bytes=size)
+    assert cache.host_pool.free_bytes == size
+    loaded = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    assert cache.host_pool.num_fresh == 0 and cache.host_pool.num_reused == 1
+    assert_same(loaded, reference)
+    assert cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes

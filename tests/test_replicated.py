@@ -4,6 +4,9 @@ LMDB, fast Raft timing. Partitions use the transport's block() hook on both side
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,14 +15,15 @@ import pytest
 
 from sllmd.cluster.raft import Role
 from sllmd.cluster.replicated import ReplicatedStateMachine
-from sllmd.config import ClusterConfig
+from sllmd.cluster.transport import generate_curve_keypair
+from sllmd.config import ClusterConfig, ConfigError, cluster_curve_keys, load_config
 from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, ModelNotFound, Overloaded
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import NodeRecord, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.state.store import StateStore
-from tests.nodes import free_port
+from tests.nodes import free_port, running_node
 
 FAST = ClusterConfig(tick_s=0.01, heartbeat_interval_s=0.03, election_timeout_min_s=0.15,
                      election_timeout_max_s=0.3, propose_timeout_s=1.5)
@@ -48,11 +52,12 @@ class Cluster:
     def peer(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
-    async def start(self, name: str, *, seed: str | None = None) -> ReplicatedStateMachine:
+    async def start(self, name: str, *, seed: str | None = None, settings: ClusterConfig | None = None
+                    ) -> ReplicatedStateMachine:
         port = self.ports.setdefault(name, free_port())
         me = NodeRecord(name, f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}")
         node = ReplicatedStateMachine.create(StateStore(self.root / name), me, bind_host="127.0.0.1", peer_port=port,
-                                             seed=seed and self.peer(seed), cluster_config=self.settings)
+                                             seed=seed and self.peer(seed), cluster_config=settings or self.settings)
         self.applied[name] = []
         node.on_applied = lambda command, result: self.applied[name].append(command)
         await node.start()
@@ -234,3 +239,94 @@ async def test_removing_a_member_through_a_follower_shrinks_the_cluster_for_good
     assert leader.cluster.voters == kept
     await follower.propose(deploy("two-nodes"))  # a majority of the two remaining members commits
     await wait_until(lambda: leader.deployment("two-nodes") is not None)
+
+
+def keyed(public: bytes, secret: bytes, settings: ClusterConfig = FAST) -> ClusterConfig:
+    return dataclasses.replace(settings, secret_key=secret.decode(), public_key=public.decode(),
+                               public_keys=(public.decode(),))
+
+
+async def test_a_node_without_the_cluster_keys_cannot_join_a_keyed_cluster(cluster):
+    public, secret = generate_curve_keypair()
+    settings = keyed(public, secret)
+    first = await cluster.start("n1", settings=settings)
+    member = await cluster.start("n2", seed="n1", settings=settings)  # the keyed one joins
+    await cluster.wait_stable(voters=("n1", "n2"))
+    other_public, other_secret = generate_curve_keypair()
+    outsider = await cluster.start("n3", seed="n1")  # no keys at all
+    stranger = await cluster.start("n4", seed="n1", settings=keyed(other_public, other_secret))  # other keys
+    await asyncio.sleep(1.5)  # JOINs every 0.2 s: plenty of attempts
+    for node in (first, member):
+        assert node.cluster.voters == ("n1", "n2") and set(node.nodes()) == {"n1", "n2"}
+    assert outsider.cluster.voters == () and stranger.cluster.voters == ()
+    assert first.cluster.transport.stats.rejected_handshakes > 0
+    await member.propose(deploy("keyed"))  # the keyed members still commit
+    await wait_until(lambda: first.deployment("keyed") is not None)
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"secret_key": "x" * 40}, "cluster.secret_key and cluster.public_key must both be set"),
+    ({"secret_key": "x" * 40, "public_key": "y" * 40}, "public_key does not belong to secret_key"),
+    ({"secret_key": "short", "public_key": "short"}, "40 z85 characters"),
+])
+def test_bad_cluster_keys_are_a_one_line_config_error(changes, fragment):
+    env = {f"SLLMD_CLUSTER_{key.upper()}": value for key, value in changes.items()}
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env=env)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+    public, secret = generate_curve_keypair()
+    with pytest.raises(ConfigError, match=r"must include cluster\.public_key"):
+        load_config(None, env={"SLLMD_CLUSTER_SECRET_KEY": secret.decode(), "SLLMD_CLUSTER_PUBLIC_KEY": public.decode(),
+                               "SLLMD_CLUSTER_PUBLIC_KEYS": generate_curve_keypair()[0].decode()})
+
+
+def test_cluster_keys_command_prints_a_loadable_pair(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sllmd", "cluster-keys"], capture_output=True, text=True, check=True)
+    path = tmp_path / "keys.toml"
+    path.write_text(done.stdout)
+    config = load_config(path, env={})
+    assert cluster_curve_keys(config.cluster) is not None
+    assert config.cluster.public_keys == (config.cluster.public_key,)
+
+
+async def test_the_leader_deletes_the_instance_records_of_a_silent_node(tmp_path):
+    cluster = Cluster(tmp_path, dataclasses.replace(FAST, dead_node_timeout_s=0.5))
+    try:
+        await cluster.three()
+        leader = await cluster.wait_stable()
+        dying, living = cluster.followers()
+        for i, node in enumerate((dying, living)):
+            record = InstanceRecord(f"i{i}", "m", node.node_id, "cpu", InstanceState.READY, 1.0)
+            await node.propose({"op": Op.PUT_INSTANCE, "instance": record.to_wire()})
+        await wait_until(lambda: len(leader.instances()) == 2)
+        await cluster.stop(dying.node_id)
+        began = time.monotonic()
+        await wait_until(lambda: [i.id for i in leader.instances()] == ["i1"], 5, "the dead node's records deleted")
+        await wait_until(lambda: [i.id for i in living.instances()] == ["i1"], 2)
+        assert time.monotonic() - began < 0.5 + 2.0
+        assert set(leader.nodes()) == {"n1", "n2", "n3"}  # still a member: it may come back
+    finally:
+        await cluster.close()
+
+
+async def test_delete_admin_cluster_node_removes_the_member_and_its_instances(tmp_path):
+    fast = {f"cluster__{key}": value for key, value in dataclasses.asdict(FAST).items()
+            if key in ("tick_s", "heartbeat_interval_s", "election_timeout_min_s", "election_timeout_max_s")}
+    async with running_node(tmp_path / "a", server__node_id="a", **fast) as a:
+        peer = f"127.0.0.1:{a.node.config.server.peer_port}"
+        async with running_node(tmp_path / "b", server__node_id="b", server__join=peer, **fast) as b:
+            await wait_until(lambda: a.node.state.cluster.voters == ("a", "b") and "b" in a.node.state.nodes(),
+                             10, "b joining")
+            record = InstanceRecord("ib", "m", "b", "cpu", InstanceState.READY, 1.0)
+            await b.node.state.propose({"op": Op.PUT_INSTANCE, "instance": record.to_wire()})
+            await wait_until(lambda: a.node.state.instances() == [record])
+            async with a.http.delete(f"{a.url}/admin/cluster/nodes/absent") as response:
+                assert response.status == 404, await response.text()
+                assert (await response.json())["error"]["code"] == "node_not_found"
+            async with a.http.delete(f"{a.url}/admin/cluster/nodes/b") as response:
+                assert response.status == 200, await response.text()
+                assert await response.json() == {"removed": "b", "instances_deleted": 1}
+            assert a.node.state.cluster.voters == ("a",) and set(a.node.state.nodes()) == {"a"}
+            assert a.node.state.instances() == []
+            async with a.http.get(f"{a.url}/admin/cluster") as response:
+                assert {n["id"] for n in (await response.json())["nodes"]} == {"a"}

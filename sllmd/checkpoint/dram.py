@@ -8,6 +8,14 @@ Users hold a `CacheLease` while they use a buffer (an engine serving from it, a 
 leased entry is never evicted. Eviction drops the cache's reference, so the memory is freed once nobody
 views it any more. All methods are thread-safe; `single_flight(key)` serialises concurrent loads of one
 checkpoint so the second finds the first's entry instead of reading the disk again.
+
+Recycling (`host_pool`, a `HostMemoryPool`): an evicted entry's pages are not unmapped but, once nothing
+views them any more, kept touched for the next CPU load (`host_buffer`), which then skips first-touch page
+faults. Accounting: ONE budget covers both, `used_bytes` (cached entries) + `host_pool.free_bytes` (idle
+recycled memory) <= `budget_bytes` at all times: the pool's limit is kept at `budget_bytes - used_bytes`, so
+caching an entry unmaps idle memory first (it is worth less than a cached model), and eviction makes room
+for it. Memory a running model uses outside the cache (a load too big for the budget) is not counted, as
+before; when it is freed it is kept only if it fits the idle limit.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from sllmd.checkpoint.pool import HostMemoryPool
 
 CacheKey = tuple[str, str]  # (resolved checkpoint path, manifest digest)
 
@@ -60,15 +70,36 @@ class CacheLease:
 class DramCache:
     """LRU of host buffers within `budget_bytes`; leased entries are never evicted."""
 
-    def __init__(self, budget_bytes: int) -> None:
-        if budget_bytes < 0:
-            raise ValueError("budget_bytes must be >= 0")
+    def __init__(self, budget_bytes: int, *, prefault_bytes: int = 0) -> None:
+        """`prefault_bytes` (default 0: it costs that much RSS from the start): map and fault in one idle
+        buffer of that size now, within the budget, so the first CPU load of a model up to that size (and
+        not much smaller: see `HostMemoryPool.max_waste`) skips first touch too."""
+        if budget_bytes < 0 or prefault_bytes < 0:
+            raise ValueError("budget_bytes and prefault_bytes must be >= 0")
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # least recently used first
         self._used = 0
         self._lock = threading.Lock()
         self._loading: dict[CacheKey, list] = {}  # key -> [lock, number of waiters]
         self.num_hits = self.num_misses = self.num_evictions = 0
+        self.host_pool = HostMemoryPool(budget_bytes)  # idle recycled memory: within budget - used
+        if prefault_bytes:
+            self.host_pool.prefault(min(prefault_bytes, budget_bytes))
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Host memory for a CPU load of `nbytes` that is to be cached: if it can be cached, evict least
+        recently used unleased entries until it fits (as `put` would, but before the load, so an evicted
+        entry's pages can become this load's buffer), then take recycled memory from `host_pool` (fresh if
+        none fits). Not zeroed."""
+        with self._lock:
+            evictable = sum(e.nbytes for e in self._entries.values() if not e.num_leases)
+            if nbytes <= self.budget_bytes - self._used + evictable:
+                for key in [k for k, e in self._entries.items() if not e.num_leases]:
+                    if self._used + nbytes <= self.budget_bytes:
+                        break
+                    self._drop(self._entries[key])  # the entry dies here: its buffer returns if unviewed
+            self.host_pool.set_limit(self.budget_bytes - self._used)
+        return self.host_pool.take(nbytes)
 
     @property
     def used_bytes(self) -> int:
@@ -121,6 +152,7 @@ class DramCache:
             entry = _Entry(key, buffer, nbytes)
             self._entries[key] = entry
             self._used += nbytes
+            self.host_pool.set_limit(self.budget_bytes - self._used)  # idle memory makes way for the entry
             return self._pin(entry)
 
     def evict(self, key: CacheKey) -> bool:
@@ -130,13 +162,16 @@ class DramCache:
             if entry is None or entry.num_leases:
                 return False
             self._drop(entry)
+            del entry
+            self.host_pool.set_limit(self.budget_bytes - self._used)
             return True
 
     def clear(self) -> None:
-        """Drop every unleased entry."""
+        """Drop every unleased entry (their memory stays idle in `host_pool`, within the budget)."""
         with self._lock:
-            for entry in [e for e in self._entries.values() if not e.num_leases]:
-                self._drop(entry)
+            for key in [k for k, e in self._entries.items() if not e.num_leases]:
+                self._drop(self._entries[key])
+            self.host_pool.set_limit(self.budget_bytes - self._used)
 
     @contextmanager
     def single_flight(self, key: CacheKey) -> Iterator[None]:

@@ -8,14 +8,20 @@ development VMs, slower than the disk), so the staging pool is allocated and fau
 PCIe speed; without CUDA they are anonymous mappings populated at creation (`MAP_POPULATE`).
 
 Every buffer starts on a page boundary, so O_DIRECT can read into it.
+
+`HostMemoryPool` recycles the loader's destination memory the same way: a whole-model host buffer whose last
+view has died goes back (touched, still resident) to a bounded free list instead of being unmapped, and the
+next CPU load of a size it fits takes it, so steady-state cold loads skip the first-touch cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import queue
 import threading
+import weakref
 from collections import deque
 
 import torch
@@ -53,7 +59,166 @@ def seal_read_only(buffer: torch.Tensor) -> bool:
     except OSError:
         return False
     length = _round_up(buffer.numel(), PAGE_BYTES)
+    mapping = _RECYCLABLE.get(start)
+    if mapping is not None:
+        mapping.sealed = True  # before the call: a half-applied mprotect must be undone before reuse too
     return libc.mprotect(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.PROT_READ) == 0
+
+
+def _unseal(mapping: _Mapping) -> None:
+    """Make a recycled mapping read-write again (it was sealed while a DRAM-cache entry)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(mapping.address), ctypes.c_size_t(mapping.nbytes),
+                     mmap.PROT_READ | mmap.PROT_WRITE) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect(PROT_READ|PROT_WRITE) failed on a recycled buffer")
+    mapping.sealed = False
+
+
+class _Mapping:
+    """One anonymous mapping `HostMemoryPool` hands out whole (never split), again and again."""
+
+    __slots__ = ("__weakref__", "address", "nbytes", "region", "sealed")
+
+    def __init__(self, nbytes: int, *, populate: bool = False) -> None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        self.region = mmap.mmap(-1, nbytes, flags=flags)
+        self.nbytes = nbytes
+        self.address = ctypes.addressof(ctypes.c_ubyte.from_buffer(self.region))  # the export ends at once
+        self.sealed = False
+
+    def unmap(self) -> None:
+        _RECYCLABLE.pop(self.address, None)
+        with contextlib.suppress(BufferError):  # still exported (cannot be once its tensor died): left to the GC
+            self.region.close()
+
+
+# start address -> the pool mapping there, so `seal_read_only` can mark it for unsealing before reuse
+_RECYCLABLE: weakref.WeakValueDictionary[int, _Mapping] = weakref.WeakValueDictionary()
+
+
+class HostMemoryPool:
+    """Recycled whole-model host buffers: touched memory kept for the next load instead of unmapped.
+
+    `take(nbytes)` returns a page-aligned 1-D uint8 CPU tensor of `nbytes`, read-write, NOT zeroed (the
+    loader overwrites every byte): the best-fitting idle mapping (the smallest at least `nbytes` and at most
+    `max_waste` larger; made read-write again if it was sealed read-only) or, if none fits, a fresh one.
+    A handed-out mapping comes back by itself when the last tensor viewing it dies: `torch.frombuffer` keeps
+    a per-hand-out ctypes array over the mapping alive for as long as any view of the storage exists, and a
+    `weakref.finalize` on that array queues the mapping for reuse. So memory is never handed out again while
+    anything still views it, whoever holds the view (an engine's model, a stray tensor, a leaked numpy array).
+
+    Bounded: idle mappings total at most `limit_bytes` (the oldest go first, unmapped); a returned mapping
+    that does not fit is unmapped. `DramCache` owns one and keeps its limit at `budget - cached bytes`, so the
+    cache's entries plus the idle memory stay within the DRAM budget. Thread-safe; the finalizers only append
+    to a queue, processed under the lock by the next call.
+    """
+
+    def __init__(self, limit_bytes: int, *, max_waste: float = 0.25) -> None:
+        if limit_bytes < 0 or max_waste < 0:
+            raise ValueError("limit_bytes and max_waste must be >= 0")
+        self.max_waste = max_waste
+        self._limit = limit_bytes
+        self._free: list[_Mapping] = []  # idle mappings, oldest first
+        self._free_bytes = 0
+        self._returned: deque[_Mapping] = deque()  # appended by finalizers, from any thread
+        self._lock = threading.Lock()
+        self.num_reused = self.num_fresh = self.num_unmapped = 0
+
+    @property
+    def limit_bytes(self) -> int:
+        with self._lock:
+            return self._limit
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of idle (touched, resident) mappings waiting for reuse."""
+        with self._lock:
+            self._collect()
+            return self._free_bytes
+
+    @property
+    def num_free(self) -> int:
+        with self._lock:
+            self._collect()
+            return len(self._free)
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Bound the idle memory to `limit_bytes` from now on, unmapping the oldest idle mappings beyond it."""
+        with self._lock:
+            self._limit = max(0, limit_bytes)
+            self._collect()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        need = max(_round_up(nbytes, PAGE_BYTES), PAGE_BYTES)
+        with self._lock:
+            self._collect()
+            best: _Mapping | None = None
+            for mapping in self._free:
+                if need <= mapping.nbytes <= need + need * self.max_waste and (
+                        best is None or mapping.nbytes < best.nbytes):
+                    best = mapping
+            if best is not None:
+                self._free.remove(best)
+                self._free_bytes -= best.nbytes
+                self.num_reused += 1
+            else:
+                self.num_fresh += 1
+        if best is None:
+            best = _Mapping(need)
+        elif best.sealed:
+            _unseal(best)
+        return self._hand_out(best, nbytes)
+
+    def prefault(self, nbytes: int) -> bool:
+        """Map and fault in one idle mapping of `nbytes` now (at daemon start), so the first load of a model
+        of up to that size skips first touch; False (nothing mapped) if it does not fit the limit."""
+        need = max(_round_up(nbytes, PAGE_BYTES), PAGE_BYTES)
+        with self._lock:
+            self._collect()
+            if self._free_bytes + need > self._limit:
+                return False
+        mapping = _Mapping(need, populate=True)
+        self._hand_out(mapping, need)[::PAGE_BYTES].zero_()  # touch, in case MAP_POPULATE did not
+        with self._lock:
+            self._collect()  # the temporary tensor just died: the mapping is queued, and lands in the free list
+            return any(m is mapping for m in self._free)
+
+    def clear(self) -> None:
+        """Unmap every idle mapping."""
+        with self._lock:
+            self._collect()
+            for mapping in self._free:
+                self._unmap(mapping)
+            self._free.clear()
+            self._free_bytes = 0
+
+    def _hand_out(self, mapping: _Mapping, nbytes: int) -> torch.Tensor:
+        _RECYCLABLE[mapping.address] = mapping
+        owner = (ctypes.c_ubyte * mapping.nbytes).from_buffer(mapping.region)
+        weakref.finalize(owner, self._returned.append, mapping).atexit = False
+        return torch.frombuffer(owner, dtype=torch.uint8)[:nbytes]
+
+    def _collect(self) -> None:
+        """(Lock held.) Returned mappings join the free list if they fit the limit; then trim to the limit."""
+        while self._returned:
+            mapping = self._returned.popleft()
+            if self._free_bytes + mapping.nbytes <= self._limit:
+                self._free.append(mapping)
+                self._free_bytes += mapping.nbytes
+            else:
+                self._unmap(mapping)
+        while self._free_bytes > self._limit:
+            mapping = self._free.pop(0)
+            self._free_bytes -= mapping.nbytes
+            self._unmap(mapping)
+
+    def _unmap(self, mapping: _Mapping) -> None:
+        self.num_unmapped += 1
+        mapping.unmap()
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -16,6 +16,10 @@
 - Leave: proposing REMOVE_NODE (from any node) removes the voter, then its record and instances.
 - Transport peers = the node table, plus addresses from a JOIN_ACK for ids not in it yet, plus the seed
   while joining; recomputed whenever a node record applies or a snapshot replaces the table.
+- Dead nodes: the leader deletes the instance records of a node it has not heard from for
+  `dead_node_timeout_s` (counted from when it became leader, as last_seen starts then), or that has no
+  node record, so placement stops routing to it. The node re-registers what it runs when it restarts.
+  REMOVE_NODE deletes a member's records for good.
 - Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS (its role and `soft_state()`: slots)
   to the others. A node is "alive" if any message from it arrived within ALIVE_WINDOW_S. Approximate.
 """
@@ -54,8 +58,11 @@ class Membership:
     `propose` routes a command to the leader (ReplicatedStateMachine's strict path)."""
 
     def __init__(self, cluster: ClusterNode, me: NodeRecord, *, seed: str | None,
-                 propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float) -> None:
+                 propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float,
+                 dead_node_timeout_s: float = 0.0) -> None:
         self.cluster = cluster
+        self.dead_node_timeout_s = dead_node_timeout_s
+        self.server_key: bytes | None = None  # CurveZMQ: the cluster's shared server public key
         self.me = me
         self._seed = seed
         self._propose = propose
@@ -80,7 +87,8 @@ class Membership:
             self._seed = None
         self.refresh_peers()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(coro) for coro in (self._join(), self._announce(), self._send_status())]
+        self._tasks = [loop.create_task(coro)
+                       for coro in (self._join(), self._announce(), self._send_status(), self._reap_dead())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -108,7 +116,8 @@ class Membership:
         if self._seed and self._seed not in peers.values():
             peers[SEED_PEER_ID] = self._seed
         self._peers = {pid: address for pid, address in peers.items() if _is_host_port(address)}
-        self.cluster.transport.set_peers(self._peers)
+        keys = None if self.server_key is None else dict.fromkeys(self._peers, self.server_key)
+        self.cluster.transport.set_peers(self._peers, keys)
 
     def view(self) -> dict[str, Any]:
         """GET /admin/cluster: every known node with its addresses, role, liveness and slots."""
@@ -179,6 +188,36 @@ class Membership:
             except Exception:
                 log.exception("status broadcast failed")
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _reap_dead(self) -> None:
+        """Leader: delete the instance records of nodes silent for dead_node_timeout_s, or unrecorded."""
+        timeout_s = self.dead_node_timeout_s
+        if timeout_s <= 0:
+            return
+        leader_since: float | None = None
+        while True:
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            if not self.cluster.is_leader:
+                leader_since = None
+                continue
+            now = time.monotonic()
+            leader_since = now if leader_since is None else leader_since
+            with self.cluster.store.read() as txn:
+                owners = {wire["node_id"] for _, wire in txn.items("instances")}
+            records = self.records()
+            for node_id in sorted(owners - {self.me.id}):
+                silent_s = now - max(self.cluster.last_seen.get(node_id, 0.0), leader_since)
+                if node_id in records and silent_s <= timeout_s:
+                    continue
+                try:
+                    count = await self.cluster.propose({"op": Op.DELETE_NODE_INSTANCES, "node_id": node_id},
+                                                       self._propose_timeout_s)
+                    log.warning("deleted the instance records of a dead node", extra={
+                        "node": node_id, "count": count, "silent_s": round(silent_s, 1),
+                        "recorded": node_id in records})
+                except (NotLeaderError, ProposalDropped, SllmdError) as exc:
+                    log.info("dead node's instance records not deleted yet", extra={"node": node_id,
+                                                                                    "reason": str(exc)})
 
     # ------------------------------------------------------------------------------------- handlers
 

@@ -37,7 +37,7 @@ from sllmd.cluster.membership import Membership
 from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing
 from sllmd.cluster.raft import Role
 from sllmd.cluster.transport import Message, PeerTransport
-from sllmd.config import ClusterConfig, Config
+from sllmd.config import ClusterConfig, Config, cluster_curve_keys
 from sllmd.errors import InvalidRequest, Overloaded, SllmdError
 from sllmd.state.machine import SOFT_OPS, LocalStateMachine, NodeRecord, Op
 from sllmd.state.models import Deployment, InstanceRecord
@@ -67,13 +67,13 @@ class ReplicatedStateMachine:
     """Not thread-safe: use from the event loop that started it."""
 
     def __init__(self, store: StateStore, cluster: ClusterNode, me: NodeRecord, *, seed: str | None,
-                 propose_timeout_s: float) -> None:
+                 propose_timeout_s: float, dead_node_timeout_s: float = 0.0) -> None:
         self.store = store
         self.cluster = cluster
         self.node_id = me.id
         self.propose_timeout_s = propose_timeout_s
         self.membership = Membership(cluster, me, seed=seed, propose=self._propose_strict,
-                                     propose_timeout_s=propose_timeout_s)
+                                     propose_timeout_s=propose_timeout_s, dead_node_timeout_s=dead_node_timeout_s)
         self.on_applied: AppliedCallback | None = None
         self._reads = LocalStateMachine(store)
         self._forward_ids = itertools.count(1)
@@ -102,9 +102,13 @@ class ReplicatedStateMachine:
     def create(cls, store: StateStore, me: NodeRecord, *, bind_host: str, peer_port: int, seed: str | None,
                cluster_config: ClusterConfig | None = None) -> ReplicatedStateMachine:
         settings = cluster_config or ClusterConfig()
-        transport = PeerTransport(me.id, bind_host, peer_port)
+        curve = cluster_curve_keys(settings)
+        transport = PeerTransport(me.id, bind_host, peer_port, curve=curve)
         cluster = ClusterNode(me.id, store, transport, timing=Timing.from_config(settings), is_joining=bool(seed))
-        return cls(store, cluster, me, seed=seed, propose_timeout_s=settings.propose_timeout_s)
+        node = cls(store, cluster, me, seed=seed, propose_timeout_s=settings.propose_timeout_s,
+                   dead_node_timeout_s=settings.dead_node_timeout_s)
+        node.membership.server_key = curve.public_key if curve is not None else None
+        return node
 
     async def start(self) -> None:
         await self.cluster.start()

@@ -14,6 +14,7 @@ from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
 from sllmd.node import Node
 from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 
 DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling"})
@@ -32,6 +33,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_patch("/admin/models/{name}", patch_model)
     router.add_delete("/admin/models/{name}", delete_model)
     router.add_get("/admin/cluster", cluster)
+    router.add_delete("/admin/cluster/nodes/{id}", remove_node)
 
 
 def parse_policy(raw: Any, base: AutoscalingPolicy) -> AutoscalingPolicy:
@@ -142,3 +144,12 @@ async def cluster(request: web.Request) -> web.Response:
     """The cluster as this node sees it: leader, term, and every member with its addresses, role,
     liveness (recent messages) and slots (this node's exact; others' from their last status message)."""
     return web.json_response(request.app[NODE].state.cluster_view())
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    """Remove a member for good: it leaves the voters, its record and instance records are deleted (one
+    REMOVE_NODE through the replicated state machine). 404 node_not_found if it is not a member. To come
+    back, the node starts on an empty data dir with --join."""
+    node_id = request.match_info["id"]
+    num_instances = await request.app[NODE].state.propose({"op": Op.REMOVE_NODE, "node_id": node_id})
+    return web.json_response({"removed": node_id, "instances_deleted": num_instances})

@@ -288,6 +288,8 @@ class Worker:
         self.metrics.cold_starts.labels(name, report.source_tier).inc()
         self.metrics.cold_start_seconds.labels(name, report.source_tier).observe(time.monotonic() - began)
         self.metrics.load_bytes.labels(name, report.source_tier).inc(report.num_bytes)
+        if report.load_s > 0 and report.num_bytes:
+            self.metrics.load_gbps.labels(name, report.source_tier).observe(report.num_bytes / report.load_s / 1e9)
         log.info(
             "instance ready",
             extra={"instance": instance.id, "device": instance.slot.device, "tier": report.source_tier,
