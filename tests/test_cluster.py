@@ -92,13 +92,17 @@ class Member:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-def wait_until(predicate, timeout_s: float, what: str, members: list[Member]) -> None:
+def wait_until(predicate, timeout_s: float, what: str, members: list) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that; on timeout fail with the
+    tail of every member's log. Errors while the cluster settles (refused connections, 503s read as
+    missing keys, curl timeouts) count as "not yet"."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if predicate():
-                return
-        except (httpx.TransportError, AssertionError):
+            result = predicate()
+            if result:
+                return result
+        except (httpx.TransportError, AssertionError, KeyError, TypeError, ValueError, subprocess.TimeoutExpired):
             pass
         if time.monotonic() > deadline:
             logs = "\n".join(f"--- {m.node_id}\n{m.log()[-3000:]}" for m in members)

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_cluster import wait_until
+
 HTTP_PORT, PEER_PORT = 8343, 8344
 PREFIX = f"sllmdpt{os.getpid()}"
 SUBNET = f"10.231.{os.getpid() % 250}"  # a /24 configured only inside this test's namespaces
@@ -132,21 +134,6 @@ class NsMember:
 
     def log(self) -> str:
         return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
-
-
-def wait_until(predicate, timeout_s: float, what: str, members: list[NsMember]) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except (AssertionError, KeyError, TypeError, ValueError, subprocess.TimeoutExpired):
-            pass
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {m.node_id}\n{m.log()}" for m in members)
-            raise AssertionError(f"{what} not reached within {timeout_s}s\n{logs}")
-        time.sleep(0.1)
 
 
 def leader_seen_by(members: list[NsMember], num_voters: int) -> str | None:
