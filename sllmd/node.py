@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sllmd.checkpoint.store import open_dram_cache, open_store
@@ -20,7 +21,7 @@ from sllmd.router import Router
 from sllmd.state.machine import Op
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
-from sllmd.worker.slots import SlotPool, detect_slots
+from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Node:
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
         state.on_applied = node._adopt
-        state.soft_state = node._slots_view
+        state.soft_state = node._soft_state
         return node
 
     async def start(self) -> None:
@@ -91,10 +92,22 @@ class Node:
             return self.worker.remove_deployment(command["name"])
         return None
 
-    def _slots_view(self) -> dict[str, Any]:
-        slots = self.worker.slots
-        return {"slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
-                           "instance": slots.holder(s)} for s in slots.slots], "free_slots": slots.num_free}
+    def _soft_state(self) -> dict[str, Any]:
+        """Facts that change too often for the Raft log; sent to every node in NODE_STATUS: slots with
+        their free memory, checkpoints in the DRAM cache (store ids), per-model queue and in-flight
+        counts, and measured load bandwidth by source tier (GB/s)."""
+        worker, slots = self.worker, self.worker.slots
+        dram = worker.dram_cache
+        return {
+            "slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
+                       "free_memory_bytes": free_device_memory(s) if slots.holder(s) is None else 0,
+                       "instance": slots.holder(s)} for s in slots.slots],
+            "free_slots": slots.num_free,
+            "dram_cached": [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else [],
+            "queues": {name: {"waiting": runtime.num_waiting, "in_flight": sum(i.in_flight for i in runtime.instances)}
+                       for name, runtime in worker.runtimes.items()},
+            "load_gbps": {tier: round(gbps, 3) for tier, gbps in worker.measured_gbps.items()},
+        }
 
 
 def _node_id(store: StateStore, configured: str) -> str:

@@ -179,3 +179,17 @@ async def test_a_warm_model_at_capacity_answers_503(demo_model_dir, tmp_path):
         release.set()
         await asyncio.gather(*holders)
         assert (await running.complete("demo"))[0] == 200
+
+
+async def test_cluster_view_reports_soft_state_after_loads(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, keep_alive_s=600)
+        assert (await running.complete("demo"))[0] == 200
+        async with running.http.get(f"{running.url}/admin/cluster") as response:
+            (node,) = (await response.json())["nodes"]
+        assert node["queues"] == {"demo": {"waiting": 0, "in_flight": 0}}
+        assert node["load_gbps"]["ssd"] > 0  # the first load came from the node's SSD store
+        assert len(node["dram_cached"]) == 1  # ... and its buffer stays in the DRAM cache
+        held = [slot for slot in node["slots"] if slot["instance"]]
+        assert len(held) == 1 and held[0]["free_memory_bytes"] == 0
+        assert all(slot["free_memory_bytes"] == slot["memory_bytes"] for slot in node["slots"] if not slot["instance"])

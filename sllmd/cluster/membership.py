@@ -20,7 +20,8 @@
   `dead_node_timeout_s` (counted from when it became leader, as last_seen starts then), or that has no
   node record, so placement stops routing to it. The node re-registers what it runs when it restarts.
   REMOVE_NODE deletes a member's records for good.
-- Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS (its role and `soft_state()`: slots)
+- Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS (its role and `soft_state()`: slots and
+  their free memory, DRAM-cache contents, queues, measured load bandwidths)
   to the others. A node is "alive" if any message from it arrived within ALIVE_WINDOW_S. Approximate.
 """
 
@@ -138,6 +139,8 @@ class Membership:
                 "role": role, "alive": seen_s is not None and seen_s < ALIVE_WINDOW_S,
                 "voter": node_id in cluster.voters, "last_seen_s": seen_s,
                 "slots": soft.get("slots", []), "free_slots": soft.get("free_slots"),
+                "dram_cached": soft.get("dram_cached", []), "queues": soft.get("queues", {}),
+                "load_gbps": soft.get("load_gbps", {}),
             })
         return {"leader": cluster.leader_id, "term": cluster.term, "nodes": nodes}
 

@@ -176,7 +176,7 @@ class ReplicatedStateMachine:
 
     @property
     def soft_state(self) -> Callable[[], dict[str, Any]]:
-        """This node's soft facts (slots) for NODE_STATUS and the cluster view."""
+        """This node's soft facts (slots, DRAM cache, queues, bandwidths) for NODE_STATUS and the cluster view."""
         return self.membership.soft_state
 
     @soft_state.setter

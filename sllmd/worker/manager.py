@@ -104,6 +104,8 @@ class Worker:
         self.engine_factory = engine_factory
         self.store = store
         self.dram_cache = dram_cache
+        # GB/s of recent loads by source tier (EWMA), reported to the cluster as soft state.
+        self.measured_gbps: dict[str, float] = {}
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -289,7 +291,10 @@ class Worker:
         self.metrics.cold_start_seconds.labels(name, report.source_tier).observe(time.monotonic() - began)
         self.metrics.load_bytes.labels(name, report.source_tier).inc(report.num_bytes)
         if report.load_s > 0 and report.num_bytes:
-            self.metrics.load_gbps.labels(name, report.source_tier).observe(report.num_bytes / report.load_s / 1e9)
+            gbps = report.num_bytes / report.load_s / 1e9
+            self.metrics.load_gbps.labels(name, report.source_tier).observe(gbps)
+            previous = self.measured_gbps.get(report.source_tier)
+            self.measured_gbps[report.source_tier] = gbps if previous is None else 0.7 * previous + 0.3 * gbps
         log.info(
             "instance ready",
             extra={"instance": instance.id, "device": instance.slot.device, "tier": report.source_tier,

@@ -43,6 +43,16 @@ def detect_slots(config: DevicesConfig) -> list[Slot]:
     return [Slot(i, "cpu", memory) for i in range(config.cpu_slots)]
 
 
+def free_device_memory(slot: Slot) -> int:
+    """Bytes free on the slot's device now: the driver's figure for CUDA, the slot budget for CPU."""
+    if slot.device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(slot.device))
+        return int(free)
+    return slot.memory_bytes
+
+
 class SlotPool:
     def __init__(self, slots: list[Slot]) -> None:
         self.slots = slots
