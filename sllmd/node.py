@@ -90,6 +90,9 @@ class Node:
             self.worker.sync_deployment(result)
         elif command["op"] == Op.UNDEPLOY:
             return self.worker.remove_deployment(command["name"])
+        elif command["op"] == Op.DELETE_NODE_INSTANCES and command["node_id"] == self.node_id and result:
+            # The leader took us for dead (a partition outlasted the timeout): say again what we run.
+            return self.worker.record_all()
         return None
 
     def _soft_state(self) -> dict[str, Any]:

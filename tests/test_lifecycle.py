@@ -193,3 +193,13 @@ async def test_cluster_view_reports_soft_state_after_loads(demo_model_dir, tmp_p
         held = [slot for slot in node["slots"] if slot["instance"]]
         assert len(held) == 1 and held[0]["free_memory_bytes"] == 0
         assert all(slot["free_memory_bytes"] == slot["memory_bytes"] for slot in node["slots"] if not slot["instance"])
+
+
+async def test_a_node_whose_instance_records_were_dropped_records_them_again(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, keep_alive_s=600)
+        assert (await running.complete("demo"))[0] == 200
+        (record,) = running.node.state.instances()
+        # What the leader's dead-node reaper proposes for a node silent past the timeout:
+        await running.node.state.propose({"op": "delete_node_instances", "node_id": running.node.node_id})
+        await wait_until(lambda: running.node.state.instances() == [record])

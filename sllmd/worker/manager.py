@@ -368,6 +368,13 @@ class Worker:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    async def record_all(self) -> None:
+        """Write the records of every live instance again (after the cluster dropped this node's records,
+        e.g. while it was cut off longer than the dead-node timeout)."""
+        for runtime in list(self.runtimes.values()):
+            for instance in list(runtime.instances):
+                await self._record(instance)
+
     async def _record(self, instance: Instance) -> None:
         record = InstanceRecord(instance.id, instance.deployment.name, self.node_id, instance.slot.device,
                                 instance.state, instance.started_at)
