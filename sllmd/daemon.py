@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from sllmd.cluster.node import ClusterStartupError
-from sllmd.config import Config
+from sllmd.config import Config, StoreConfig
 from sllmd.deployments import DeploySpec
 from sllmd.engine import preload_backends
 from sllmd.engine.base import Backend
@@ -61,6 +61,18 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def prepare_loader(store: StoreConfig) -> None:
+    """Apply the node's loader settings, and on CUDA nodes pin the staging buffers now rather than
+    during the first cold start."""
+    import torch
+
+    from sllmd.checkpoint import loader, pool
+
+    loader.configure(num_readers=store.loader_readers, chunk_bytes=store.loader_chunk_mb << 20)
+    if torch.cuda.is_available():
+        pool.default_pool(store.staging_buffers, store.loader_chunk_mb << 20)
+
+
 async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ()) -> None:
     lock_fd = lock_data_dir(config.data_dir)
     if config.serving.torch_threads:
@@ -68,6 +80,7 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
 
         torch.set_num_threads(config.serving.torch_threads)
     await asyncio.to_thread(preload_backends)
+    await asyncio.to_thread(prepare_loader, config.store)
     node = Node.open(config)
     try:
         try:

@@ -68,6 +68,16 @@ log = logging.getLogger(__name__)
 DEFAULT_NUM_READERS = 4
 DEFAULT_CHUNK_BYTES = 16 << 20
 
+_node_defaults = {"num_readers": DEFAULT_NUM_READERS, "chunk_bytes": DEFAULT_CHUNK_BYTES}
+
+
+def configure(*, num_readers: int, chunk_bytes: int) -> None:
+    """Set this node's reader count and read size (config `[store]`), once at daemon start, before any load;
+    they describe the node's disks, so every load on the node uses them unless it passes its own."""
+    if num_readers < 1 or chunk_bytes < ALIGNMENT or chunk_bytes % ALIGNMENT:
+        raise ValueError("num_readers must be >= 1 and chunk_bytes a positive multiple of 4096")
+    _node_defaults.update(num_readers=num_readers, chunk_bytes=chunk_bytes)
+
 _Fill = Callable[["_Piece", memoryview, torch.Tensor], None]  # fills one staging buffer with a piece
 
 
@@ -120,7 +130,7 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dram_cache: DramCache | None = None,
-                    num_readers: int = DEFAULT_NUM_READERS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    num_readers: int | None = None, chunk_bytes: int | None = None,
                     pool: BufferPool | None = None, verify: bool = False, io_mode: IoMode = "auto",
                     staged: bool = False, out: torch.Tensor | None = None,
                     host_pool: HostMemoryPool | None = None) -> LoadedCheckpoint:
@@ -134,8 +144,11 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dra
     instead of a new allocation, e.g. memory recycled from an unloaded model; not with `dram_cache`.
     `host_pool`: without `dram_cache`, take the host buffer (CPU target) from this pool of recycled memory;
     it goes back there once no tensor views it. With `dram_cache`, its own `host_pool` is used.
+    `num_readers` / `chunk_bytes`: None takes the node's (see `configure`).
     Thread-safe: any number of loads may run at once (they share the pool).
     """
+    num_readers = _node_defaults["num_readers"] if num_readers is None else num_readers
+    chunk_bytes = _node_defaults["chunk_bytes"] if chunk_bytes is None else chunk_bytes
     start = time.perf_counter()
     path, device = Path(path), torch.device(device)
     if num_readers < 1:

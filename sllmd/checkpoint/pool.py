@@ -366,11 +366,12 @@ _default_pool: BufferPool | None = None
 _default_lock = threading.Lock()
 
 
-def default_pool() -> BufferPool:
-    """The process-wide staging pool, created (and pinned, when CUDA is available) on first use;
-    the daemon creates it at start on CUDA nodes so no cold start pays for pinning it."""
+def default_pool(num_buffers: int = DEFAULT_NUM_BUFFERS, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> BufferPool:
+    """The process-wide staging pool, created (and pinned, when CUDA is available) by the first call,
+    with that call's sizes; the daemon makes that call at start on CUDA nodes, with the configured
+    sizes, so no cold start pays for pinning it."""
     global _default_pool
     with _default_lock:
         if _default_pool is None:
-            _default_pool = BufferPool(DEFAULT_NUM_BUFFERS, DEFAULT_BUFFER_BYTES)
+            _default_pool = BufferPool(num_buffers, buffer_bytes)
         return _default_pool

@@ -335,14 +335,10 @@ def open_store(data_dir: Path, config: StoreConfig) -> CheckpointStore:
 
 
 def open_dram_cache(config: StoreConfig) -> DramCache | None:
-    """The node's DRAM cache of checkpoint chunks, or None when `dram_budget_gb` is 0 or this build has
-    no DRAM tier (`sllmd.checkpoint.dram`); every load then reads the SSD store."""
+    """The node's DRAM cache of loaded checkpoints, or None when `dram_budget_gb` is 0 (every load then
+    reads the SSD store)."""
     if config.dram_budget_gb <= 0:
         return None
-    try:
-        from sllmd.checkpoint.dram import DramCache
-    except ModuleNotFoundError as exc:
-        if exc.name != "sllmd.checkpoint.dram":
-            raise
-        return None
+    from sllmd.checkpoint.dram import DramCache
+
     return DramCache(int(config.dram_budget_gb * 2**30))

@@ -33,12 +33,6 @@ def preload_backends() -> None:
 
     for backend in _MODULES:
         import_backend(backend)
-    import torch
-
-    if torch.cuda.is_available():
-        from sllmd.checkpoint.pool import default_pool
-
-        default_pool()  # pin the staging buffers now, not during the first cold start
 
 
 def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *,
