@@ -209,7 +209,7 @@ def _validate(config: Config) -> None:
         (s.log_format in ("json", "text"), "server.log_format must be json|text"),
         (s.shutdown_timeout_s >= 0, "server.shutdown_timeout_s must be >= 0"),
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be >= 1024"),
-        (not s.join or _is_host_port(s.join), "server.join must be HOST:PORT"),
+        (not s.join or is_host_port(s.join), "server.join must be HOST:PORT"),
         (d.kind in ("auto", "cpu", "cuda"), "devices.kind must be auto|cpu|cuda"),
         (0 <= d.cpu_slots <= 1024, "devices.cpu_slots must be in 0..1024"),
         (d.cpu_slot_memory_gb > 0, "devices.cpu_slot_memory_gb must be > 0"),
@@ -262,6 +262,6 @@ def cluster_curve_keys(cluster: ClusterConfig) -> Any:
         raise ConfigError(f"cluster keys: {str(exc).removeprefix('CurveKeys: ')}") from None
 
 
-def _is_host_port(text: str) -> bool:
+def is_host_port(text: str) -> bool:
     host, sep, port = text.rpartition(":")
     return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)

@@ -1,5 +1,5 @@
 """Deploy, update and remove models: validate against the checkpoint and this node, fetch the
-checkpoint into the local store, commit to the state machine, then tell the worker.
+checkpoint into the local store, then commit to the state machine (which adopts it into every node's worker).
 
 A deployment's `checkpoint` is its source in the model repository, kept as given (normalised): an
 absolute path of a Hugging Face model directory or of an sllmd v1 checkpoint, or the http(s) base URL
@@ -120,8 +120,7 @@ class CheckpointTokenizers(TokenizerCache):
 
 class DeploymentService:
     def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: TokenizerCache,
-                 store: CheckpointStore | None = None) -> None:
-        """Without a `store`, checkpoints must be local Hugging Face directories, read in place."""
+                 store: CheckpointStore) -> None:
         self.state = state
         self.worker = worker
         self.tokenizers = tokenizers
@@ -143,7 +142,7 @@ class DeploymentService:
             raise InvalidRequest(
                 f"checkpoint needs {num_bytes / 2**30:.2f} GiB, more than any device slot here "
                 f"({largest / 2**30:.2f} GiB)", param="checkpoint")
-        if self.store is not None and reads_store(spec.backend, source):
+        if reads_store(spec.backend, source):
             num_bytes = await self._fetch(source, num_bytes)
         try:
             await self.tokenizers.get(source)
@@ -158,8 +157,8 @@ class DeploymentService:
             checkpoint_bytes=0 if spec.backend is Backend.DUMMY else num_bytes,
             created_at=time.time(),
         )
+        # Committing adopts it into every node's worker, this one's before propose returns (Node._adopt).
         await self.state.propose({"op": Op.DEPLOY, "deployment": deployment.to_wire()})
-        self.worker.sync_deployment(deployment)
         return deployment
 
     async def _inspect(self, spec: DeploySpec) -> tuple[str, int, int]:
@@ -168,16 +167,10 @@ class DeploymentService:
             source = normalize_source(str(spec.checkpoint))
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="checkpoint") from None
-        if self.store is None and is_url(source):
-            raise InvalidRequest("this node has no checkpoint store; checkpoint must be a local path",
-                                 param="checkpoint")
         kind = source_kind(source)
         if kind is SourceKind.HF_DIR:  # the Hugging Face checks and messages, as before
             context_length, num_bytes = inspect_checkpoint(Path(source))
             return source, context_length, num_bytes
-        if self.store is None:
-            raise InvalidRequest(f"{source} is an sllmd v1 checkpoint; this node has no checkpoint store to "
-                                 "serve it from", param="checkpoint")
         try:
             info: SourceInfo = await describe(source, self.store.settings)
         except CheckpointError as exc:
@@ -189,7 +182,6 @@ class DeploymentService:
         """Fetch (or refresh) the store's copy; returns its checkpoint bytes. A Hugging Face directory
         whose weights cannot be converted is still deployed (its instances will fail to start with the
         reason), as before conversion happened at deploy."""
-        assert self.store is not None
         try:
             path, tier = await self.store.ensure(source, refresh=True)
         except CheckpointInUse as exc:
@@ -213,7 +205,6 @@ class DeploymentService:
             raise ModelNotFound(name)
         updated = current.with_autoscaling(policy)
         await self.state.propose({"op": Op.UPDATE_DEPLOYMENT, "deployment": updated.to_wire()})
-        self.worker.sync_deployment(updated)
         return updated
 
     async def remove(self, name: str) -> None:
@@ -222,5 +213,4 @@ class DeploymentService:
         if deployment is None:
             raise ModelNotFound(name)
         await self.state.propose({"op": Op.UNDEPLOY, "name": name})
-        await self.worker.remove_deployment(name)
         self.tokenizers.forget(deployment.checkpoint)

@@ -47,12 +47,12 @@ class Node:
         state = ReplicatedStateMachine.open(config, store, node_id)
         metrics = Metrics()
         checkpoints = open_store(config.data_dir, config.store)
-        worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, engine_factory,
-                        store=checkpoints, dram_cache=open_dram_cache(config.store))
+        worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, checkpoints,
+                        engine_factory, dram_cache=open_dram_cache(config.store))
         tokenizers = CheckpointTokenizers(checkpoints)
         relay = Relay(node_id, api_key=next(iter(config.server.api_keys), None),
                       read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
-        router = Router(state, worker, tokenizers, metrics, relay=relay)
+        router = Router(state, worker, tokenizers, metrics, relay)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
         state.on_applied = node._adopt
@@ -71,8 +71,7 @@ class Node:
     async def close(self) -> None:
         await self.relay.close()
         await self.worker.close()
-        if self.worker.store is not None:
-            await self.worker.store.close()
+        await self.worker.store.close()
         await self.state.close()
         self.store.close()
 

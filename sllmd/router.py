@@ -26,7 +26,6 @@ from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
 from sllmd.relay import Relay, RelayFailed
 from sllmd.scheduler.placement import NodeView, choose_node
-from sllmd.state.machine import LocalStateMachine
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.worker.manager import Worker
@@ -88,10 +87,8 @@ class TokenizerCache:
 
 
 class Router:
-    """Without a `relay` (or with a state that has no cluster view) every request is served locally."""
-
-    def __init__(self, state: LocalStateMachine | ReplicatedStateMachine, worker: Worker, tokenizers: TokenizerCache,
-                 metrics: Metrics, *, relay: Relay | None = None) -> None:
+    def __init__(self, state: ReplicatedStateMachine, worker: Worker, tokenizers: TokenizerCache,
+                 metrics: Metrics, relay: Relay) -> None:
         self.state = state
         self.worker = worker
         self.tokenizers = tokenizers
@@ -128,7 +125,8 @@ class Router:
         """Holds an instance (here or, through a relay, on the serving node) for the request while the
         caller consumes the yielded event stream. Errors raised on entry come before any output."""
         async with AsyncExitStack() as stack:
-            for _ in range(MAX_RELAY_ATTEMPTS if self._can_relay(prepared) else 0):
+            # A relayed request is always served here: no relay loops.
+            for _ in range(MAX_RELAY_ATTEMPTS if prepared.relayed_from is None else 0):
                 target = self.place(prepared.deployment.name)
                 if target is None or target[0] == self.worker.node_id:
                     break
@@ -144,18 +142,16 @@ class Router:
             events = await stack.enter_async_context(self._local(prepared))
             yield events
 
-    def _can_relay(self, prepared: PreparedRequest) -> bool:
-        return prepared.relayed_from is None and self.relay is not None and hasattr(self.state, "cluster_view")
-
     def place(self, model: str) -> tuple[str, str] | None:
         """(node id, HTTP address) of the node that should serve `model` now, or None for "here, queued"."""
+        runtime = self.worker.runtimes.get(model)
+        if runtime is not None and runtime.ready():  # rule 1, without reading the cluster's state
+            return self.worker.node_id, ""
         local = self._local_view(model)
-        if local.ready_instances_of_model:  # rule 1, without reading the cluster's state
-            return local.id, ""
         now = time.monotonic()
         counts = collections.Counter((r.node_id, r.state) for r in self.state.instances() if r.model == model)
         views, addresses = [local], {self.worker.node_id: ""}
-        for node in self.state.cluster_view()["nodes"]:
+        for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]:
             node_id = node["id"]
             if node_id == self.worker.node_id or not node["http"]:
                 continue
@@ -172,10 +168,7 @@ class Router:
     def _local_view(self, model: str) -> NodeView:
         """This node from its worker (exact, no replication lag)."""
         runtime = self.worker.runtimes.get(model)
-        num_evictable = sum(  # idle instances of other models above their min_instances (the worker's rule)
-            max(0, min(len(r.instances) - r.deployment.autoscaling.min_instances,
-                       sum(1 for i in r.ready() if i.in_flight == 0)))
-            for r in self.worker.runtimes.values() if r is not runtime)
+        num_evictable = len(self.worker.eviction_candidates(exclude=runtime))
         return NodeView(
             self.worker.node_id, is_alive=True, num_free_slots=self.worker.slots.num_free,
             ready_instances_of_model=len(runtime.ready()) if runtime else 0,
@@ -185,7 +178,6 @@ class Router:
     @asynccontextmanager
     async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest
                        ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        assert self.relay is not None
         log.debug("relaying", extra={"model": prepared.deployment.name, "node": node_id, "http": address})
         self._num_relayed[node_id] += 1
         try:

@@ -112,6 +112,20 @@ def test_other_nodes_relay_to_the_one_instance_with_identical_answers(cluster):
     assert serving_node(cluster, "tiny") is serving  # still the only instance
 
 
+def test_every_node_sees_the_serving_nodes_soft_state(cluster):
+    complete(cluster[0], "tiny")
+    serving = serving_node(cluster, "tiny")
+
+    def seen_by_all() -> bool:
+        for member in cluster:
+            (view,) = [n for n in member.get("/admin/cluster")["nodes"] if n["id"] == serving.node_id]
+            if "tiny" not in view["queues"]:
+                return False
+        return True
+
+    wait_until(seen_by_all, 5.0, "the serving node's queues in every node's cluster view", cluster)
+
+
 def test_errors_are_answered_by_the_entry_node(cluster):
     reply = cluster[2].post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 5000})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text

@@ -36,8 +36,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped
+from sllmd.config import is_host_port
 from sllmd.errors import SllmdError
-from sllmd.state.machine import NodeRecord, Op
+from sllmd.state.machine import LocalStateMachine, NodeRecord, Op
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Membership:
                  propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float,
                  dead_node_timeout_s: float = 0.0) -> None:
         self.cluster = cluster
+        self._reads = LocalStateMachine(cluster.store)
         self.dead_node_timeout_s = dead_node_timeout_s
         self.server_key: bytes | None = None  # CurveZMQ: the cluster's shared server public key
         self.me = me
@@ -103,8 +105,7 @@ class Membership:
         return self.me.id in self.cluster.voters
 
     def records(self) -> dict[str, NodeRecord]:
-        with self.cluster.store.read() as txn:
-            return {key: NodeRecord.from_wire(wire) for key, wire in txn.items("nodes")}
+        return self._reads.nodes()
 
     def refresh_peers(self) -> None:
         records = self.records()
@@ -116,18 +117,20 @@ class Membership:
         # whose id we do not know yet.
         if self._seed and self._seed not in peers.values():
             peers[SEED_PEER_ID] = self._seed
-        self._peers = {pid: address for pid, address in peers.items() if _is_host_port(address)}
+        self._peers = {pid: address for pid, address in peers.items() if is_host_port(address)}
         keys = None if self.server_key is None else dict.fromkeys(self._peers, self.server_key)
         self.cluster.transport.set_peers(self._peers, keys)
 
-    def view(self) -> dict[str, Any]:
-        """GET /admin/cluster: every known node with its addresses, role, liveness and slots."""
+    def view(self, *, include_own_soft_state: bool = True) -> dict[str, Any]:
+        """GET /admin/cluster: every known node with its addresses, role, liveness and soft state.
+        The request router passes include_own_soft_state=False: it knows this node from its worker."""
         records, cluster, now = self.records(), self.cluster, time.monotonic()
         nodes = []
         for node_id in sorted(set(records) | set(cluster.voters) | {self.me.id}):
             record = records.get(node_id, self.me if node_id == self.me.id else None)
             if node_id == self.me.id:
-                role, soft, seen_s = cluster.role.value, self.soft_state(), 0.0
+                role, seen_s = cluster.role.value, 0.0
+                soft = self.soft_state() if include_own_soft_state else {}
             else:
                 soft = self._statuses.get(node_id, {})
                 role = "leader" if node_id == cluster.leader_id else soft.get("role", "unknown")
@@ -184,7 +187,7 @@ class Membership:
     async def _send_status(self) -> None:
         while True:
             try:
-                body = {"role": self.cluster.role.value, "applied": self.cluster.applied_index, **self.soft_state()}
+                body = {"role": self.cluster.role.value, **self.soft_state()}
                 for node_id in self.records():
                     if node_id != self.me.id:
                         self.cluster.send(node_id, MembershipMessage.NODE_STATUS, body)
@@ -231,7 +234,7 @@ class Membership:
             is_ready = body["is_ready"] is True
         except (TypeError, KeyError, ValueError):
             return
-        if joiner.id == self.me.id or not (_is_host_port(joiner.peer) and _is_host_port(joiner.http)):
+        if joiner.id == self.me.id or not (is_host_port(joiner.peer) and is_host_port(joiner.http)):
             return
         if joiner.id in self.records():
             self._send_ack(joiner.id)
@@ -265,7 +268,7 @@ class Membership:
         if not isinstance(peers, dict):
             return
         hints = {pid: a for pid, a in peers.items() if isinstance(pid, str) and pid and isinstance(a, str)
-                 and _is_host_port(a) and pid != self.me.id}
+                 and is_host_port(a) and pid != self.me.id}
         if hints != {pid: self._hints.get(pid) for pid in hints} or not self._has_peer_table:
             self._hints.update(hints)
             self._has_peer_table = True
@@ -276,17 +279,17 @@ class Membership:
         if not isinstance(body, dict):
             return
         role, slots, free = body.get("role"), body.get("slots"), body.get("free_slots")
+        cached, queues, gbps = body.get("dram_cached"), body.get("queues"), body.get("load_gbps")
         self._statuses[message.sender] = {
             "role": role if isinstance(role, str) else "unknown",
             "slots": slots if isinstance(slots, list) else [],
             "free_slots": free if isinstance(free, int) else None,
+            "dram_cached": cached if isinstance(cached, list) else [],
+            "queues": queues if isinstance(queues, dict) else {},
+            "load_gbps": gbps if isinstance(gbps, dict) else {},
         }
 
     def _on_applied(self, command: dict[str, Any] | None, result: Any) -> None:
         if command is None or command.get("op") in (Op.PUT_NODE, Op.REMOVE_NODE):
             self.refresh_peers()
 
-
-def _is_host_port(text: str) -> bool:
-    host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

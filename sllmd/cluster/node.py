@@ -87,11 +87,11 @@ class ConfigChangeError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Timing:
+    """The shell's clock (seconds per tick) and the core's timeouts in ticks."""
+
     tick_s: float = 0.05
-    heartbeat_ticks: int = 2
-    election_ticks_min: int = 10
-    election_ticks_max: int = 20
     compact_every_entries: int = 1000
+    raft: RaftConfig = field(default_factory=RaftConfig)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> Timing:
@@ -100,12 +100,9 @@ class Timing:
 
         heartbeat = ticks(config.heartbeat_interval_s)
         low = max(heartbeat + 1, ticks(config.election_timeout_min_s))
-        return cls(config.tick_s, heartbeat, low, max(low, ticks(config.election_timeout_max_s)),
-                   config.compact_every_entries)
-
-    def raft_config(self) -> RaftConfig:
-        return RaftConfig(election_ticks_min=self.election_ticks_min, election_ticks_max=self.election_ticks_max,
-                          heartbeat_ticks=self.heartbeat_ticks)
+        raft = RaftConfig(election_ticks_min=low, election_ticks_max=max(low, ticks(config.election_timeout_max_s)),
+                          heartbeat_ticks=heartbeat)
+        return cls(config.tick_s, config.compact_every_entries, raft)
 
 
 @dataclass(eq=False)
@@ -161,7 +158,7 @@ class ClusterNode:
             raise ClusterStartupError(f"the Raft state in {self.store.path} does not decode: {exc}") from None
         with self.store.read() as txn:
             applied = machine.read_applied_index(txn)
-        config = self.timing.raft_config()
+        config = self.timing.raft
         self.started_empty = persisted.is_empty
         if persisted.is_empty and self._is_joining:
             await asyncio.to_thread(self._restore_state, b"", 0)  # a joiner's state comes from the cluster
@@ -506,7 +503,7 @@ class ClusterNode:
             next_at += tick_s
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             behind = loop.time() - next_at
-            if behind > tick_s * self.timing.election_ticks_min:
+            if behind > tick_s * self.timing.raft.election_ticks_min:
                 next_at = loop.time()  # the loop was stalled: don't replay a burst of ticks
             self._num_ticks += 1
             self._wake.set()

@@ -171,8 +171,8 @@ class ReplicatedStateMachine:
     def is_leader(self) -> bool:
         return self.cluster.is_leader
 
-    def cluster_view(self) -> dict[str, Any]:
-        return self.membership.view()
+    def cluster_view(self, *, include_own_soft_state: bool = True) -> dict[str, Any]:
+        return self.membership.view(include_own_soft_state=include_own_soft_state)
 
     @property
     def soft_state(self) -> Callable[[], dict[str, Any]]:

@@ -90,12 +90,11 @@ class Worker:
         state: LocalStateMachine,
         serving: ServingConfig,
         metrics: Metrics,
+        store: CheckpointStore,
         engine_factory: EngineFactory = default_engine_factory,
         *,
-        store: CheckpointStore | None = None,
         dram_cache: DramCache | None = None,
     ) -> None:
-        """Without a `store`, engines read `deployment.checkpoint` in place (it must be a local path)."""
         self.node_id = node_id
         self.slots = slots
         self.state = state
@@ -221,7 +220,7 @@ class Worker:
         instances of other models when no slot is free."""
         if runtime.is_removed or runtime.start_error is not None:
             return  # after a failed start, only a new request retries (no restart loop)
-        victims = self._eviction_candidates(exclude=runtime)
+        victims = self.eviction_candidates(exclude=runtime)
         num_new = num_instances_to_start(
             runtime.deployment.autoscaling,
             demand=runtime.demand(),
@@ -244,7 +243,7 @@ class Worker:
             instance.starting = self._spawn(self._start_instance(runtime, instance, evicting))
         self._update_gauges(runtime)
 
-    def _eviction_candidates(self, exclude: ModelRuntime) -> list[tuple[ModelRuntime, Instance]]:
+    def eviction_candidates(self, exclude: ModelRuntime | None) -> list[tuple[ModelRuntime, Instance]]:
         """Idle ready instances of other models above their min_instances, longest idle first."""
         found = []
         for runtime in self.runtimes.values():
@@ -266,7 +265,7 @@ class Worker:
             await self._record(instance)
             deployment = runtime.deployment
             checkpoint_dir, fetched_from = Path(deployment.checkpoint), None
-            if self.store is not None and reads_store(deployment.backend, deployment.checkpoint):
+            if reads_store(deployment.backend, deployment.checkpoint):
                 # Pinned until the instance stops; fetched again if it was evicted since deploy.
                 lease = self._leases[instance.id] = await self.store.acquire(deployment.checkpoint)
                 checkpoint_dir = lease.path
@@ -349,7 +348,7 @@ class Worker:
                 log.error("engine stop failed", extra={"instance": instance.id, "error": repr(exc)})
             if hand_slot_to is None:
                 self.slots.release(instance.slot)
-            if (lease := self._leases.pop(instance.id, None)) is not None and self.store is not None:
+            if (lease := self._leases.pop(instance.id, None)) is not None:
                 self.store.release(lease)
             await self.state.propose({"op": Op.DELETE_INSTANCE, "id": instance.id})
             self._update_gauges(runtime)
