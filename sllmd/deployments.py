@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sllmd.checkpoint.fetch import (
+    WEIGHT_SUFFIXES,
     RepositoryNotFound,
     SourceInfo,
     SourceKind,
@@ -38,7 +39,6 @@ from sllmd.worker.manager import Worker
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 MAX_NAME_LENGTH = 128
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +52,8 @@ class DeploySpec:
 
 
 def inspect_checkpoint(path: Path) -> tuple[int, int]:
-    """(context length, weight bytes) of a Hugging Face model directory; InvalidRequest if it is not one."""
-    if not path.is_absolute():
-        raise InvalidRequest("checkpoint must be an absolute path", param="checkpoint")
+    """(context length, weight bytes) of a Hugging Face model directory (an absolute path, as
+    `normalize_source` makes it); InvalidRequest if it is not one."""
     if not path.is_dir():
         raise InvalidRequest(f"checkpoint directory {path} does not exist", param="checkpoint")
     try:
@@ -67,7 +66,7 @@ def inspect_checkpoint(path: Path) -> tuple[int, int]:
     if not isinstance(config, dict):
         raise InvalidRequest(f"{path}/config.json must hold a JSON object", param="checkpoint")
     context_length = _context_length(config, f"{path}/config.json")
-    num_bytes = sum(f.stat().st_size for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    num_bytes = sum(f.stat().st_size for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES) and f.is_file())
     return context_length, num_bytes
 
 
@@ -97,8 +96,6 @@ class CheckpointTokenizers(TokenizerCache):
     async def get(self, checkpoint: str) -> Tokenizer:
         directory = self._dirs.get(checkpoint)
         if directory is None:
-            if not is_url(checkpoint) and not Path(checkpoint).is_absolute():
-                return await super().get(checkpoint)
             cid = checkpoint_id(checkpoint)
             if self.store.contains(cid):
                 directory = str(self.store.path_of(cid))

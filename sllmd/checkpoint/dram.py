@@ -92,14 +92,21 @@ class DramCache:
         entry's pages can become this load's buffer), then take recycled memory from `host_pool` (fresh if
         none fits). Not zeroed."""
         with self._lock:
-            evictable = sum(e.nbytes for e in self._entries.values() if not e.num_leases)
-            if nbytes <= self.budget_bytes - self._used + evictable:
-                for key in [k for k, e in self._entries.items() if not e.num_leases]:
-                    if self._used + nbytes <= self.budget_bytes:
-                        break
-                    self._drop(self._entries[key])  # the entry dies here: its buffer returns if unviewed
+            self._make_room(nbytes)  # evicted entries die here: their buffers return to the pool if unviewed
             self.host_pool.set_limit(self.budget_bytes - self._used)
         return self.host_pool.take(nbytes)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least recently used unleased entries until `nbytes` more fit; False, evicting nothing,
+        when they cannot fit even with every unleased entry gone. Call with the lock held."""
+        evictable = sum(e.nbytes for e in self._entries.values() if not e.num_leases)
+        if nbytes > self.budget_bytes - self._used + evictable:
+            return False
+        for victim in [e for e in self._entries.values() if not e.num_leases]:
+            if self._used + nbytes <= self.budget_bytes:
+                break
+            self._drop(victim)
+        return True
 
     @property
     def used_bytes(self) -> int:
@@ -109,10 +116,6 @@ class DramCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            return key in self._entries
 
     def lru_keys(self) -> list[CacheKey]:
         """Cached keys, least recently used first."""
@@ -142,13 +145,8 @@ class DramCache:
             if existing is not None:
                 self._entries.move_to_end(key)
                 return self._pin(existing)
-            evictable = sum(e.nbytes for e in self._entries.values() if not e.num_leases)
-            if nbytes > self.budget_bytes - self._used + evictable:
+            if not self._make_room(nbytes):
                 return None
-            for victim in [e for e in self._entries.values() if not e.num_leases]:
-                if self._used + nbytes <= self.budget_bytes:
-                    break
-                self._drop(victim)
             entry = _Entry(key, buffer, nbytes)
             self._entries[key] = entry
             self._used += nbytes

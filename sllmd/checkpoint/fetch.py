@@ -56,6 +56,7 @@ T = TypeVar("T")
 
 # Non-weight files fetched next to a URL checkpoint. HTTP cannot list a directory, so these are the
 # names transformers and tokenizers look for; only config.json must exist.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what counts as weights in a Hugging Face dir
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -189,7 +190,7 @@ def _describe_dir(source: str, kind: SourceKind) -> SourceInfo:
         return SourceInfo(source, kind, manifest.total_bytes, config, xxhash.xxh3_128_hexdigest(manifest_bytes))
     files = sorted((f.name, f.stat()) for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
     stamp = "\n".join(f"{name}\t{st.st_size}\t{st.st_mtime_ns}" for name, st in files)
-    num_bytes = sum(st.st_size for name, st in files if name.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    num_bytes = sum(st.st_size for name, st in files if name.endswith(WEIGHT_SUFFIXES))
     return SourceInfo(source, kind, num_bytes, config, xxhash.xxh3_128_hexdigest(stamp.encode()))
 
 

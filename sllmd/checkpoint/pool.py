@@ -127,11 +127,6 @@ class HostMemoryPool:
         self.num_reused = self.num_fresh = self.num_unmapped = 0
 
     @property
-    def limit_bytes(self) -> int:
-        with self._lock:
-            return self._limit
-
-    @property
     def free_bytes(self) -> int:
         """Bytes of idle (touched, resident) mappings waiting for reuse."""
         with self._lock:

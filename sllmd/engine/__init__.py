@@ -43,6 +43,4 @@ def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *,
     engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
         return engine_class(checkpoint_dir)
-    if dram_cache is None:
-        return engine_class(checkpoint_dir, device)
     return engine_class(checkpoint_dir, device, dram_cache=dram_cache)

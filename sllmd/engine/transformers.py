@@ -37,13 +37,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrai
 from transformers.utils import logging as transformers_logging
 
 from sllmd.checkpoint.dram import DramCache
+from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.engine.base import Engine, LoadReport, SamplingParams
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
-
-_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:
@@ -163,7 +162,7 @@ class TransformersEngine(Engine):
         model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=self.dtype).to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count asynchronous copies as loading, not init
-        num_bytes = sum(p.stat().st_size for pat in _WEIGHT_PATTERNS for p in self.checkpoint_dir.glob(pat))
+        num_bytes = sum(p.stat().st_size for p in self.checkpoint_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         return model, LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
 
     def _load_and_init(self) -> LoadReport:

@@ -26,7 +26,7 @@ from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
-from sllmd.scheduler.autoscale import num_instances_to_start, pick_instance
+from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
@@ -220,12 +220,13 @@ class Worker:
         instances of other models when no slot is free."""
         if runtime.is_removed or runtime.start_error is not None:
             return  # after a failed start, only a new request retries (no restart loop)
-        victims = self.eviction_candidates(exclude=runtime)
+        policy, num_live = runtime.deployment.autoscaling, len(runtime.instances)
+        num_missing = num_instances_wanted(policy, runtime.demand()) - num_live
+        if num_missing <= 0:
+            return  # the common case, on every request: nothing to start, so no eviction scan
+        victims = self.eviction_candidates(exclude=runtime) if self.slots.num_free < num_missing else []
         num_new = num_instances_to_start(
-            runtime.deployment.autoscaling,
-            demand=runtime.demand(),
-            num_live=len(runtime.instances),
-            num_startable=self.slots.num_free + len(victims),
+            policy, demand=runtime.demand(), num_live=num_live, num_startable=self.slots.num_free + len(victims)
         )
         for _ in range(num_new):
             instance_id = f"{runtime.deployment.name}-{uuid.uuid4().hex[:8]}"
