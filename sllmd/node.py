@@ -106,7 +106,7 @@ class Node:
                        "instance": slots.holder(s)} for s in slots.slots],
             "free_slots": slots.num_free,
             "dram_cached": [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else [],
-            "queues": {name: {"waiting": runtime.num_waiting, "in_flight": sum(i.in_flight for i in runtime.instances)}
+            "queues": {name: {"waiting": runtime.num_waiting, "in_flight": runtime.num_in_flight()}
                        for name, runtime in worker.runtimes.items()},
             "load_gbps": {tier: round(gbps, 3) for tier, gbps in worker.measured_gbps.items()},
         }

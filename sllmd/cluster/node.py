@@ -349,7 +349,7 @@ class ClusterNode:
         if ready.restore_snapshot:
             assert ready.snapshot is not None
             for index in [i for i in self._pending if i <= ready.snapshot.index]:
-                _settle(self._pending.pop(index)[1], error=Overloaded("outcome unknown: replaced by a snapshot"))
+                settle(self._pending.pop(index)[1], error=Overloaded("outcome unknown: replaced by a snapshot"))
             self._notify_listeners(None, None)
         for entry, command, result in outcomes:
             if command is not None:
@@ -358,16 +358,16 @@ class ClusterNode:
             if future is None:
                 continue
             if term != entry.term:
-                _settle(future, error=ProposalDropped(f"entry {entry.index} was replaced by a new leader"))
+                settle(future, error=ProposalDropped(f"entry {entry.index} was replaced by a new leader"))
             elif isinstance(result, BaseException):
-                _settle(future, error=result)
+                settle(future, error=result)
             else:
-                _settle(future, result=result)
+                settle(future, result=result)
         applied = self.raft.applied_index
         waiting = []
         for index, future in self._applied_waiters:
             if index <= applied:
-                _settle(future)
+                settle(future)
             elif not future.done():
                 waiting.append((index, future))
         self._applied_waiters = waiting
@@ -446,9 +446,9 @@ class ClusterNode:
 
     def _fail_waiting(self, error: Overloaded) -> None:
         for proposal in self._proposals:
-            _settle(proposal.future, error=error)
+            settle(proposal.future, error=error)
         for _, future in self._pending.values():
-            _settle(future, error=error)
+            settle(future, error=error)
         for _, future in self._applied_waiters:
             future.cancel()
         self._proposals, self._pending, self._applied_waiters = [], {}, []
@@ -509,7 +509,8 @@ class ClusterNode:
             self._wake.set()
 
 
-def _settle(future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+def settle(future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve `future` unless something already did."""
     if future.done():
         return
     if error is not None:

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sllmd.cluster.membership import Membership
-from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing
+from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing, settle
 from sllmd.cluster.raft import Role
 from sllmd.cluster.transport import Message, PeerTransport
 from sllmd.config import ClusterConfig, Config, cluster_curve_keys
@@ -124,7 +124,7 @@ class ReplicatedStateMachine:
         if self._soft_queue:
             log.warning("instance-record writes dropped at shutdown", extra={"count": len(self._soft_queue)})
         for _, future in self._soft_queue:
-            _settle(future)
+            settle(future)
         self._soft_queue.clear()
         if self._tasks or self._callbacks:
             await asyncio.gather(*self._tasks, *self._callbacks, return_exceptions=True)
@@ -246,7 +246,7 @@ class ReplicatedStateMachine:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if len(self._soft_queue) >= MAX_SOFT_QUEUE:
             _, dropped = self._soft_queue.popleft()
-            _settle(dropped)
+            settle(dropped)
             log.warning("instance-record write dropped: too many waiting for a leader")
         self._soft_queue.append((command, future))
         self._soft_wake.set()
@@ -280,7 +280,7 @@ class ReplicatedStateMachine:
             num_failures = 0
             if self._soft_queue and self._soft_queue[0][1] is future:
                 self._soft_queue.popleft()
-            _settle(future, result)
+            settle(future, result=result)
 
     # ------------------------------------------------------------------------------------ handlers
 
@@ -403,7 +403,3 @@ def _str_or_none(value: Any) -> str | None:
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
-
-def _settle(future: asyncio.Future[Any], result: Any = None) -> None:
-    if not future.done():
-        future.set_result(result)

@@ -78,8 +78,11 @@ class ModelRuntime:
     def num_starting(self) -> int:
         return sum(1 for i in self.instances if i.state is InstanceState.STARTING)
 
+    def num_in_flight(self) -> int:
+        return sum(i.in_flight for i in self.instances)
+
     def demand(self) -> int:
-        return self.num_waiting + sum(i.in_flight for i in self.instances)
+        return self.num_waiting + self.num_in_flight()
 
 
 class Worker:
