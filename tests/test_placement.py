@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from sllmd.scheduler.placement import NodeView, choose_node
+import pytest
+
+from sllmd.scheduler.estimate import Calibration, Tier, load_time_s, migration_time_s
+from sllmd.scheduler.placement import (
+    NodeState,
+    NodeView,
+    RunningInstance,
+    StartPlan,
+    choose_node,
+    plan_checkpoint_homes,
+    plan_dram_warming,
+    plan_start,
+)
 
 
 def node(node_id: str, *, alive: bool = True, free: int = 0, ready: int = 0, starting: int = 0, load: int = 0,
@@ -64,3 +76,137 @@ def test_ties_break_by_node_id_whatever_the_order():
         assert choose(node("a"), *nodes) == "b"
     assert choose(node("z"), node("c", starting=1), node("b", starting=1), local="z") == "b"
     assert choose(node("z"), node("c", free=2), node("b", free=2), local="z") == "b"
+
+
+# Cold-start planning: plan_start, plan_checkpoint_homes, plan_dram_warming.
+
+GB = 10**9
+CAL = Calibration.defaults()
+
+
+def state(node_id: str, *, alive: bool = True, free: int = 0, dram: tuple[str, ...] = (), ssd: tuple[str, ...] = (),
+          instances: tuple[RunningInstance, ...] = (), pending: float = 0.0, free_dram: int = 0,
+          free_ssd: int = 0) -> NodeState:
+    return NodeState(node_id, is_alive=alive, num_free_slots=free, calibration=CAL, dram_models=frozenset(dram),
+                     ssd_models=frozenset(ssd), free_dram_bytes=free_dram, free_ssd_bytes=free_ssd,
+                     pending_load_s=pending, instances=instances)
+
+
+def busy(instance_id: str, model: str, *, tokens: int = 1000, num_bytes: int = 13 * GB) -> RunningInstance:
+    return RunningInstance(instance_id, model, num_requests=2, num_tokens=tokens, num_bytes=num_bytes)
+
+
+def idle(instance_id: str, model: str) -> RunningInstance:
+    return RunningInstance(instance_id, model, num_requests=0, num_tokens=0, num_bytes=13 * GB)
+
+
+def test_prefers_dram_over_ssd_over_peer_over_repository():
+    nodes = [state("a", free=1), state("b", free=1, ssd=("m",)), state("c", free=1, dram=("m",))]
+    plan = plan_start("m", 26 * GB, nodes)
+    assert (plan.node_id, plan.tier) == ("c", Tier.DRAM)
+    assert plan.estimated_s == pytest.approx(load_time_s(26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", 26 * GB, nodes[:2]).tier == Tier.SSD
+    # "b" holds it but has no slot: "a" fetches from the peer rather than the repository.
+    peer = plan_start("m", 26 * GB, [state("a", free=1), state("b", ssd=("m",))], allow_migration=False)
+    assert (peer.node_id, peer.tier) == ("a", Tier.PEER)
+    # A dead node's copy is no peer.
+    assert plan_start("m", 26 * GB, [state("a", free=1), state("b", alive=False, ssd=("m",))]).tier == Tier.REPOSITORY
+
+
+def test_queued_loads_count_against_a_node():
+    nodes = [state("a", free=1, dram=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
+    assert plan_start("m", 26 * GB, nodes).node_id == "b"
+    nodes = [state("a", free=1, dram=("m",), pending=1.0), state("b", free=1, ssd=("m",))]
+    assert plan_start("m", 26 * GB, nodes).node_id == "a"
+
+
+def test_evicts_an_idle_instance_of_another_model_but_not_busy_ones():
+    nodes = [state("a", dram=("m",), instances=(idle("i2", "x"), idle("i1", "y"), busy("i0", "z")))]
+    plan = plan_start("m", 26 * GB, nodes)
+    assert (plan.node_id, plan.evictions, plan.migrations) == ("a", ("i1",), ())
+    # A free slot elsewhere at equal cost beats killing a warm instance.
+    nodes = [state("a", dram=("m",), instances=(idle("i1", "y"),)), state("b", free=1, dram=("m",))]
+    assert plan_start("m", 26 * GB, nodes).node_id == "b"
+
+
+def test_never_plans_on_a_full_node_without_migration_or_on_dead_nodes():
+    full = state("a", dram=("m",), instances=(busy("i1", "x"),))
+    assert plan_start("m", GB, [full], allow_migration=False) is None
+    assert plan_start("m", GB, [full]) is None  # nowhere to migrate to
+    assert plan_start("m", GB, [state("b", alive=False, free=4)]) is None
+    assert plan_start("m", GB, []) is None
+
+
+def test_migrates_only_when_that_pays():
+    # "a" has m in DRAM but its slot runs x; "b" has a free slot and x in DRAM, m only from the repository.
+    nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)), state("b", free=1, dram=("x",))]
+    plan = plan_start("m", 26 * GB, nodes)
+    assert plan.node_id == "a" and plan.tier == Tier.DRAM
+    (migration,) = plan.migrations
+    assert (migration.instance_id, migration.from_node, migration.to_node) == ("i1", "a", "b")
+    expected_migration = load_time_s(13 * GB, Tier.DRAM, CAL) + migration_time_s(1000, CAL)
+    assert migration.estimated_s == pytest.approx(expected_migration)
+    assert plan.estimated_s == pytest.approx(expected_migration + load_time_s(26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", 26 * GB, nodes, allow_migration=False).node_id == "b"
+    # When b can load m cheaply too, moving x costs more than it saves.
+    nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)), state("b", free=1, dram=("x", "m"))]
+    assert plan_start("m", 26 * GB, nodes) == StartPlan("m", "b", Tier.DRAM, load_time_s(26 * GB, Tier.DRAM, CAL))
+
+
+def test_a_migration_never_reuses_the_plans_slot_and_unknown_sizes_stay_put():
+    # The only free slot is on "a" itself: migrating a's instance there would count that slot twice.
+    nodes = [state("a", free=0, dram=("m",), instances=(busy("i1", "x"),)), state("b", ssd=("x",))]
+    assert plan_start("m", 26 * GB, nodes) is None
+    unknown = RunningInstance("i1", "x", num_requests=2, num_tokens=10, num_bytes=0)
+    nodes = [state("a", dram=("m",), instances=(unknown,)), state("b", free=1, dram=("x",))]
+    assert plan_start("m", 26 * GB, nodes).migrations == ()
+
+
+def test_migration_picks_the_cheapest_instance_and_destination():
+    nodes = [
+        state("a", dram=("m",), instances=(busy("i1", "x", tokens=50_000), busy("i2", "y", tokens=100))),
+        state("b", free=1, dram=("x", "y")),
+        state("c", free=1, dram=("y",), pending=0.0),
+    ]
+    (migration,) = plan_start("m", 26 * GB, nodes).migrations
+    assert (migration.instance_id, migration.to_node) == ("i2", "b")  # fewer tokens; b before c on a tie
+
+
+def test_ties_break_by_node_id_then_instance_id_whatever_the_order():
+    nodes = [state("c", free=1, ssd=("m",)), state("b", free=1, ssd=("m",)), state("d", free=2, ssd=("m",))]
+    for order in (nodes, nodes[::-1]):
+        assert plan_start("m", GB, order).node_id == "b"
+    full = [state("a", dram=("m",), instances=(busy("i9", "x"), busy("i3", "x"))), state("b", free=1, dram=("x",))]
+    for order in (full, full[::-1]):
+        assert plan_start("m", 26 * GB, order).migrations[0].instance_id == "i3"
+
+
+def test_checkpoint_homes_are_k_alive_nodes_with_room_and_agree_across_views():
+    nodes = [state(f"n{i}", free_ssd=100 * GB) for i in range(8)]
+    homes = plan_checkpoint_homes("opt-13b", 26 * GB, nodes, k=3)
+    assert len(homes) == 3 == len(set(homes))
+    assert plan_checkpoint_homes("opt-13b", 26 * GB, nodes[::-1], k=3) == homes
+    # Removing a node that is not a home changes nothing; removing a home replaces only that one.
+    others = [n for n in nodes if n.id not in homes]
+    assert plan_checkpoint_homes("opt-13b", 26 * GB, [n for n in nodes if n.id != others[0].id], k=3) == homes
+    without_first = plan_checkpoint_homes("opt-13b", 26 * GB, [n for n in nodes if n.id != homes[0]], k=3)
+    assert without_first[:2] == homes[1:]
+    # Different models spread over different nodes.
+    assert len({tuple(plan_checkpoint_homes(f"model-{i}", GB, nodes, k=1)) for i in range(40)}) > 4
+
+
+def test_checkpoint_homes_skip_dead_and_full_nodes_but_keep_holders():
+    nodes = [state("a", free_ssd=GB), state("b", alive=False, free_ssd=100 * GB), state("c", free_ssd=100 * GB),
+             state("d", ssd=("m",))]
+    assert sorted(plan_checkpoint_homes("m", 26 * GB, nodes, k=4)) == ["c", "d"]
+    assert plan_checkpoint_homes("m", 26 * GB, nodes, k=0) == []
+    with pytest.raises(ValueError):
+        plan_checkpoint_homes("m", 26 * GB, nodes, k=-1)
+
+
+def test_dram_warming_most_popular_first_within_free_dram():
+    node = state("a", ssd=("big", "hot", "warm", "cold", "cached"), dram=("cached",), free_dram=40 * GB)
+    rates = {"big": 5.0, "hot": 3.0, "warm": 1.0, "cold": 0.0, "cached": 9.0, "elsewhere": 7.0}
+    sizes = {"big": 60 * GB, "hot": 26 * GB, "warm": 13 * GB, "cold": 1 * GB, "cached": 1 * GB, "elsewhere": GB}
+    assert plan_dram_warming(rates, sizes, node) == ["hot", "warm"]  # big does not fit; never over 40 GB
+    assert plan_dram_warming(rates, sizes, state("a", ssd=("hot",))) == []

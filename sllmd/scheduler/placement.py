@@ -1,4 +1,7 @@
-"""Where one request for a model is served: pure policy over a snapshot of the cluster, no I/O or clocks.
+"""Placement: where a request is served, and where a new instance starts. Pure policy over a snapshot of
+the cluster, no I/O or clocks.
+
+Warm routing, `choose_node` over `NodeView`s:
 
 The entry node builds a `NodeView` per known node (its own from the worker, the others from the
 replicated instance records and NODE_STATUS soft state) and asks `choose_node`. Rules, first match wins:
@@ -11,13 +14,21 @@ replicated instance records and NODE_STATUS soft state) and asks `choose_node`. 
 6. None: nothing can take it now; the caller serves locally and queues (or answers 503) there.
 
 Ties are broken by node id, so every entry node with the same view makes the same choice.
-Later rules (checkpoint locality, estimated load time) extend `NodeView` with defaulted fields.
+
+Cold starts, `plan_start` over `NodeState`s (the leader asks it for every instance the autoscaler wants):
+the node where the model will be serving soonest by the estimators of `sllmd.scheduler.estimate`,
+possibly after evicting idle instances or migrating one running instance away (see `plan_start`).
+Checkpoint homes (`plan_checkpoint_homes`, at deploy) and DRAM warming (`plan_dram_warming`, per node)
+decide where checkpoints sit before any request needs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from sllmd.scheduler.estimate import Calibration, Tier, load_time_s, migration_time_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +71,172 @@ def choose_node(model: str, *, local_node_id: str, nodes: Sequence[NodeView]) ->
     if free:
         return min(free, key=lambda n: (-n.num_free_slots, n.id)).id
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class RunningInstance:
+    """A ready instance. `num_tokens`: prompt + generated tokens of its in-flight requests (what a
+    migration moves). `num_bytes`: its model's checkpoint size; 0 means unknown, and such an instance is
+    never migrated (its reload cost at the destination could not be estimated)."""
+
+    id: str
+    model: str
+    num_requests: int
+    num_tokens: int
+    num_bytes: int = 0
+
+    @property
+    def is_idle(self) -> bool:
+        return self.num_requests == 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """One node as the leader sees it for a cold start. Byte counts are free cache space; `pending_load_s`
+    is the estimated seconds of loads already queued or in progress there (a new load waits behind them);
+    `instances` are its ready instances (starting ones hold slots but are not listed)."""
+
+    id: str
+    is_alive: bool
+    num_free_slots: int
+    calibration: Calibration
+    dram_models: frozenset[str] = frozenset()
+    ssd_models: frozenset[str] = frozenset()
+    free_dram_bytes: int = 0
+    free_ssd_bytes: int = 0
+    pending_load_s: float = 0.0
+    instances: tuple[RunningInstance, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    instance_id: str
+    model: str
+    from_node: str
+    to_node: str
+    estimated_s: float  # the instance's load at `to_node` plus moving its tokens
+
+
+@dataclass(frozen=True, slots=True)
+class StartPlan:
+    """Start `model` on `node_id` from `tier`: first stop `evictions` (idle instance ids on `node_id`) and
+    complete `migrations` (which free the slot), then load. `estimated_s`: seconds until it serves."""
+
+    model: str
+    node_id: str
+    tier: Tier
+    estimated_s: float
+    migrations: tuple[Migration, ...] = ()
+    evictions: tuple[str, ...] = ()
+
+
+def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
+    """The fastest place `node` can load `model` from: its DRAM, its SSD, another alive node, the repository."""
+    if model in node.dram_models:
+        return Tier.DRAM
+    if model in node.ssd_models:
+        return Tier.SSD
+    if any(model in n.dram_models or model in n.ssd_models for n in alive if n.id != node.id):
+        return Tier.PEER
+    return Tier.REPOSITORY
+
+
+def plan_start(
+    model: str, num_bytes: int, nodes: Sequence[NodeState], *, allow_migration: bool = True
+) -> StartPlan | None:
+    """The plan that has a new instance of `model` (`num_bytes` of checkpoint) serving soonest, or None
+    when no alive node can take one.
+
+    The start on node N is estimated as N.pending_load_s + load_time_s from N's best tier. Candidates:
+    - N with a free slot;
+    - N with an idle instance of another model, evicted first (the lowest id; eviction costs ~0);
+    - with `allow_migration`, N whose slot is freed by migrating ONE running instance of another model to
+      its best other alive node with a free slot; that instance's load there plus migration_time_s of its
+      tokens (at the destination's calibration) come first. The destination is never N, so no slot is
+      counted twice.
+    The minimum wins; on equal estimates a plan without migration, then without eviction, then the lower
+    node id, then the lower instance id. Dead nodes are never chosen, nor used as migration destinations.
+    """
+    alive = sorted((n for n in nodes if n.is_alive), key=lambda n: n.id)
+    best: tuple[tuple[float, int, int, str, str], StartPlan] | None = None
+    for node in alive:
+        tier = best_tier(model, node, alive)
+        start_s = node.pending_load_s + load_time_s(num_bytes, tier, node.calibration)
+        for plan in _plans_on(model, node, tier, start_s, alive, allow_migration):
+            victim = plan.evictions[0] if plan.evictions else plan.migrations[0].instance_id if plan.migrations else ""
+            key = (plan.estimated_s, len(plan.migrations), len(plan.evictions), node.id, victim)
+            if best is None or key < best[0]:
+                best = (key, plan)
+    return None if best is None else best[1]
+
+
+def _plans_on(
+    model: str, node: NodeState, tier: Tier, start_s: float, alive: Sequence[NodeState], allow_migration: bool
+) -> list[StartPlan]:
+    if node.num_free_slots > 0:
+        return [StartPlan(model, node.id, tier, start_s)]
+    others = sorted((i for i in node.instances if i.model != model), key=lambda i: i.id)
+    idle = [i for i in others if i.is_idle]
+    if idle:
+        return [StartPlan(model, node.id, tier, start_s, evictions=(idle[0].id,))]
+    if not allow_migration:
+        return []
+    plans = []
+    for instance in others:
+        migration = _best_migration(instance, node, alive)
+        if migration is not None:
+            plans.append(StartPlan(model, node.id, tier, migration.estimated_s + start_s, migrations=(migration,)))
+    return plans
+
+
+def _best_migration(instance: RunningInstance, source: NodeState, alive: Sequence[NodeState]) -> Migration | None:
+    if instance.num_bytes <= 0:
+        return None
+    best: Migration | None = None
+    for dest in alive:
+        if dest.id == source.id or dest.num_free_slots <= 0:
+            continue
+        tier = best_tier(instance.model, dest, alive)
+        seconds = (
+            dest.pending_load_s
+            + load_time_s(instance.num_bytes, tier, dest.calibration)
+            + migration_time_s(instance.num_tokens, dest.calibration)
+        )
+        if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
+            best = Migration(instance.id, instance.model, source.id, dest.id, seconds)
+    return best
+
+
+def plan_checkpoint_homes(model: str, num_bytes: int, nodes: Sequence[NodeState], k: int) -> list[str]:
+    """The ids of (up to) `k` alive nodes whose SSDs should hold `model`'s checkpoint, best first.
+
+    Rendezvous hashing of (model, node id) among alive nodes that hold it already or have `num_bytes` of
+    free SSD: deterministic, so every node computes the same homes from the same view, and a node joining
+    or leaving moves only the homes it wins or held.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    eligible = [n.id for n in nodes if n.is_alive and (model in n.ssd_models or n.free_ssd_bytes >= num_bytes)]
+    return sorted(eligible, key=lambda node_id: (_rendezvous_score(model, node_id), node_id), reverse=True)[:k]
+
+
+def _rendezvous_score(model: str, node_id: str) -> bytes:
+    # A keyed digest rather than hash(): Python salts str hashes per process.
+    return hashlib.blake2b(f"{len(model)}:{model}:{node_id}".encode(), digest_size=8).digest()
+
+
+def plan_dram_warming(request_rates: Mapping[str, float], model_bytes: Mapping[str, int], node: NodeState) -> list[str]:
+    """Models on `node`'s SSD (not yet in its DRAM) worth copying into its DRAM, most requested first
+    (`request_rates` in requests/s; ties by name). Models with no requests or unknown size are skipped;
+    the total never exceeds `node.free_dram_bytes` (a model that does not fit is passed over for smaller,
+    less requested ones)."""
+    candidates = sorted(
+        (m for m in node.ssd_models - node.dram_models if request_rates.get(m, 0.0) > 0 and m in model_bytes),
+        key=lambda m: (-request_rates[m], m),
+    )
+    chosen, free_bytes = [], node.free_dram_bytes
+    for model in candidates:
+        if model_bytes[model] <= free_bytes:
+            chosen.append(model)
+            free_bytes -= model_bytes[model]
+    return chosen
