@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
     "verify": ("sllmd.checkpoint.reader", "re-hash every chunk of an sllmd checkpoint directory"),
     "cluster-keys": ("sllmd.cluster.keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
+    "simulate": ("sllmd.scheduler.simulate", "compare cold-start placement policies on a simulated cluster"),
 }
 
 

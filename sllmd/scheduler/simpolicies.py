@@ -1,0 +1,106 @@
+"""The placement policies `sllmd simulate` compares. Each decides where a new instance starts and where
+a cold start reads its checkpoint from; the engine (`simengine`) does everything else the same way.
+
+- `sllmd`: the real `plan_start` over the engine's `node_states()` (calibrated estimators, checkpoint
+  locality, queued loads, eviction of idle instances, migration of one running instance).
+- `no-migration`: the same, `allow_migration=False`.
+- `random`: a uniformly random free GPU (else a random idle instance of another model is evicted), the
+  same node tiers as sllmd (DRAM cache, SSD homes, peer fetch).
+- `ray-serve`: locality-unaware (the server with the most free GPUs; else the longest-idle instance is
+  evicted), and every cold start downloads the checkpoint from the repository. No DRAM or SSD cache.
+- `ray-serve-cache`: the same placement, but each server's SSD keeps checkpoints (the deploy-time homes
+  and every download, LRU): a cold start reads the local SSD when it holds the model. No DRAM cache, no
+  peer fetch.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sllmd.scheduler.estimate import Tier
+from sllmd.scheduler.placement import plan_start
+from sllmd.scheduler.simcluster import ModelSpec
+from sllmd.scheduler.simengine import Policy, Simulation
+from sllmd.scheduler.simstate import Decision, SimInstance, SimServer
+
+
+class NodeTiers(Policy):
+    """Reads from sllmd's node tiers: DRAM cache, local SSD, a peer holding it, else the repository."""
+
+    def source_tier(self, server: SimServer, model: ModelSpec, sim: Simulation) -> Tier:
+        if server.dram is not None and model.name in server.dram:
+            return Tier.DRAM
+        if model.name in server.ssd:
+            return Tier.SSD
+        if any(other is not server and _holds(other, model) for other in sim.servers):
+            return Tier.PEER
+        return Tier.REPOSITORY
+
+
+class Sllmd(NodeTiers):
+    def __init__(self, *, allow_migration: bool = True) -> None:
+        self.name = "sllmd" if allow_migration else "no-migration"
+        self.allow_migration = allow_migration
+
+    def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
+        plan = plan_start(model.name, model.num_bytes, sim.node_states(), allow_migration=self.allow_migration)
+        if plan is None:
+            return None
+        servers = {s.id: s for s in sim.servers}
+        server = servers[plan.node_id]
+        instances = {i.id: i for s in sim.servers for i in s.instances}
+        evictions = tuple(instances[i] for i in plan.evictions)
+        if not plan.migrations:
+            return Decision(server, evictions)
+        (migration,) = plan.migrations
+        return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node])
+
+
+class RandomGpu(NodeTiers):
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
+        free_gpus = [s for s in sim.servers for _ in range(s.num_free_slots)]
+        if free_gpus:
+            return Decision(self.rng.choice(free_gpus))
+        idle = _idle_of_other_models(model, sim)
+        if not idle:
+            return None
+        victim = self.rng.choice(idle)
+        return Decision(victim.server, (victim,))
+
+
+class RayServe(Policy):
+    has_dram_cache = False
+
+    def __init__(self, *, ssd_cache: bool) -> None:
+        self.name = "ray-serve-cache" if ssd_cache else "ray-serve"
+        self.keeps_fetched = self.has_checkpoint_homes = ssd_cache
+
+    def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
+        free = [s for s in sim.servers if s.num_free_slots > 0]
+        if free:
+            return Decision(max(free, key=lambda s: s.num_free_slots))  # max keeps the first (lowest id) on ties
+        idle = _idle_of_other_models(model, sim)
+        if not idle:
+            return None
+        victim = min(idle, key=lambda i: (i.idle_since_s, i.id))
+        return Decision(victim.server, (victim,))
+
+    def source_tier(self, server: SimServer, model: ModelSpec, sim: Simulation) -> Tier:
+        return Tier.SSD if self.keeps_fetched and model.name in server.ssd else Tier.REPOSITORY
+
+
+def _holds(server: SimServer, model: ModelSpec) -> bool:
+    return model.name in server.ssd or (server.dram is not None and model.name in server.dram)
+
+
+def _idle_of_other_models(model: ModelSpec, sim: Simulation) -> list[SimInstance]:
+    return [i for s in sim.servers for i in s.instances if sim.is_evictable(i) and i.spec.name != model.name]
+
+
+def all_policies(seed: int) -> list[Policy]:
+    return [Sllmd(), Sllmd(allow_migration=False), RayServe(ssd_cache=False), RayServe(ssd_cache=True), RandomGpu(seed)]
