@@ -70,6 +70,7 @@ class ClusterConfig:
     public_key: str = ""
     public_keys: tuple[str, ...] = ()  # client keys admitted; empty: just public_key
     dead_node_timeout_s: float = 30.0  # the leader drops instance records of nodes silent this long; 0: never
+    checkpoint_copies: int = 2  # nodes whose SSD store fetches a deployment's checkpoint when it is deployed
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class StoreConfig:
     loader_readers: int = 4  # reader threads per checkpoint load
     loader_chunk_mb: int = 16  # bytes per read, and per pinned staging buffer on CUDA nodes
     staging_buffers: int = 16  # pinned staging buffers (CUDA nodes; allocated once at start)
+    probe_mb: int = 128  # synthetic checkpoint loaded at start to measure load bandwidths; 0: no probe
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ def _validate(config: Config) -> None:
         (1 <= config.store.loader_readers <= 256, "store.loader_readers must be in 1..256"),
         (1 <= config.store.loader_chunk_mb <= 1024, "store.loader_chunk_mb must be in 1..1024"),
         (1 <= config.store.staging_buffers <= 1024, "store.staging_buffers must be in 1..1024"),
+        (0 <= config.store.probe_mb <= 65536, "store.probe_mb must be in 0..65536"),
+        (1 <= config.cluster.checkpoint_copies <= 64, "cluster.checkpoint_copies must be in 1..64"),
         (0.001 <= c.tick_s <= c.heartbeat_interval_s, "cluster.tick_s must be in 0.001..heartbeat_interval_s"),
         (c.heartbeat_interval_s < c.election_timeout_min_s,
          "cluster.heartbeat_interval_s must be < cluster.election_timeout_min_s"),

@@ -22,7 +22,7 @@ from sllmd.config import Config, StoreConfig
 from sllmd.deployments import DeploySpec
 from sllmd.engine import preload_backends
 from sllmd.engine.base import Backend
-from sllmd.errors import Conflict
+from sllmd.errors import Conflict, SllmdError
 from sllmd.http.app import build_app
 from sllmd.node import Node
 
@@ -82,6 +82,8 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
     await asyncio.to_thread(preload_backends)
     await asyncio.to_thread(prepare_loader, config.store)
     node = Node.open(config)
+    if config.store.probe_mb:
+        await _probe(node)
     try:
         try:
             await node.start()
@@ -99,6 +101,20 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
     finally:
         await node.close()
         os.close(lock_fd)
+
+
+async def _probe(node: Node) -> None:
+    """Measure this node's load bandwidths before it reports them (a failed probe keeps the defaults)."""
+    from sllmd.worker.probe import probe_calibration
+
+    worker, store = node.worker, node.config.store
+    try:
+        calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.slots.slots[0].device,
+                                              store.probe_mb << 20, worker.calibration)
+    except (OSError, SllmdError) as exc:
+        log.warning("load bandwidth probe failed; estimates start from defaults", extra={"error": repr(exc)})
+        return
+    worker.set_calibration(calibration)
 
 
 async def _run_http(node: Node) -> None:

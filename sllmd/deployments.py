@@ -86,7 +86,8 @@ def _bad_checkpoint(source: str, exc: BaseException) -> InvalidRequest:
 class CheckpointTokenizers(TokenizerCache):
     """The tokenizer of each deployed checkpoint, keyed by source, loaded from the store's copy of it
     (v1 checkpoints carry the tokenizer files) and kept in memory even if that copy is evicted later.
-    A local source the store lacks serves its own files; a URL the store lacks is fetched first."""
+    A local source the store lacks serves its own files; a URL (or a local source that is gone) the store lacks
+    is fetched first, from a peer if one has it."""
 
     def __init__(self, store: CheckpointStore) -> None:
         super().__init__()
@@ -99,7 +100,7 @@ class CheckpointTokenizers(TokenizerCache):
             cid = checkpoint_id(checkpoint)
             if self.store.contains(cid):
                 directory = str(self.store.path_of(cid))
-            elif not is_url(checkpoint):
+            elif not is_url(checkpoint) and Path(checkpoint).is_dir():
                 directory = checkpoint
             else:
                 directory = str((await self.store.ensure(checkpoint))[0])

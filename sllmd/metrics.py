@@ -6,6 +6,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from sllmd.scheduler.estimate import Calibration
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 GBPS_BUCKETS = (0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 25, 50, 100)  # disk ~1-7, PCIe ~10-50, DRAM hit more
 
@@ -35,6 +37,15 @@ class Metrics:
             "sllmd_load_gbps", "Checkpoint load speed (bytes / load_s, GB/s) by source tier", ["model", "tier"],
             buckets=GBPS_BUCKETS, registry=r,
         )
+        self.fetches = Counter("sllmd_checkpoint_fetches", "Checkpoints copied into the SSD store by origin tier",
+                               ["tier"], registry=r)
+        self.fetch_bytes = Counter("sllmd_checkpoint_fetch_bytes", "Bytes copied into the SSD store by origin tier",
+                                   ["tier"], registry=r)
+        self.start_estimate_error = Histogram(
+            "sllmd_start_estimate_error_seconds", "|actual - estimated| seconds of instance starts, by source tier",
+            ["tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.estimator = Gauge("sllmd_estimator", "This node's estimator constants (GB/s, or s and s per unit)",
+                               ["quantity", "tier"], registry=r)
         self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
         self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
         self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)
@@ -45,6 +56,15 @@ class Metrics:
                               (self.queued, (model,))]:
             with contextlib.suppress(KeyError):  # never set for this model
                 gauge.remove(*labels)
+
+    def show_calibration(self, calibration: Calibration) -> None:
+        for tier, gbps in calibration.load_gbps.items():
+            self.estimator.labels("load_gbps", tier).set(gbps)
+        for tier, gbps in calibration.fetch_gbps.items():
+            self.estimator.labels("fetch_gbps", tier).set(gbps)
+        for name, fit in (("init", calibration.init), ("migration", calibration.migration)):
+            self.estimator.labels(f"{name}_intercept_s", "").set(fit.intercept)
+            self.estimator.labels(f"{name}_slope_s", "").set(fit.slope)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sllmd.checkpoint.store import open_dram_cache, open_store
+from sllmd.checkpoint.store import open_dram_cache, open_store, peer_url
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
@@ -46,17 +46,20 @@ class Node:
         node_id = _node_id(store, config.server.node_id)
         state = ReplicatedStateMachine.open(config, store, node_id)
         metrics = Metrics()
-        checkpoints = open_store(config.data_dir, config.store)
+        api_key = next(iter(config.server.api_keys), None)
+        checkpoints = open_store(config.data_dir, config.store, api_key=api_key)
         worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, checkpoints,
                         engine_factory, dram_cache=open_dram_cache(config.store))
         tokenizers = CheckpointTokenizers(checkpoints)
-        relay = Relay(node_id, api_key=next(iter(config.server.api_keys), None),
+        relay = Relay(node_id, api_key=api_key,
                       read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
         router = Router(state, worker, tokenizers, metrics, relay)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
         state.on_applied = node._adopt
         state.soft_state = node._soft_state
+        checkpoints.peer_sources = node._peer_sources
+        checkpoints.on_fetched = worker.on_fetched
         return node
 
     async def start(self) -> None:
@@ -97,7 +100,8 @@ class Node:
     def _soft_state(self) -> dict[str, Any]:
         """Facts that change too often for the Raft log; sent to every node in NODE_STATUS: slots with
         their free memory, checkpoints in the DRAM cache (store ids), per-model queue and in-flight
-        counts, and measured load bandwidth by source tier (GB/s)."""
+        counts, the estimator constants, the estimated seconds of starts under way, every instance with its
+        requests in flight, and free DRAM-cache and SSD-store bytes: the scheduler's view of this node."""
         worker, slots = self.worker, self.worker.slots
         dram = worker.dram_cache
         return {
@@ -106,10 +110,23 @@ class Node:
                        "instance": slots.holder(s)} for s in slots.slots],
             "free_slots": slots.num_free,
             "dram_cached": [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else [],
+            "ssd_cached": [entry.id for entry in worker.store.entries()],
             "queues": {name: {"waiting": runtime.num_waiting, "in_flight": runtime.num_in_flight()}
                        for name, runtime in worker.runtimes.items()},
-            "load_gbps": {tier: round(gbps, 3) for tier, gbps in worker.measured_gbps.items()},
+            "calibration": worker.calibration.to_wire(),
+            "pending_load_s": round(worker.pending_load_s(), 4),
+            "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "state": i.state.value}
+                          for name, runtime in worker.runtimes.items() for i in runtime.instances],
+            "free_dram_bytes": dram.budget_bytes - dram.used_bytes if dram is not None else 0,
+            "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
         }
+
+    def _peer_sources(self, checkpoint_id: str) -> list[str]:
+        """Base URLs of the alive peers whose SSD store holds `checkpoint_id`, in node-id order."""
+        return [peer_url(node["http"], checkpoint_id)
+                for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]  # sorted by id
+                if node["id"] != self.node_id and node["alive"] and node["http"]
+                and checkpoint_id in node.get("ssd_cached", ())]
 
 
 def _node_id(store: StateStore, configured: str) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from sllmd.demo_model import build_demo_model
+
+# Daemons started by tests (they inherit this environment) probe with a small synthetic checkpoint: the
+# probe still runs in every one of them, at a fraction of the default's cost.
+os.environ.setdefault("SLLMD_STORE_PROBE_MB", "16")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sllmd.scheduler.estimate import Calibration, Tier
 from tests.nodes import free_port
 
 
@@ -65,8 +66,9 @@ def test_notify_ready_then_graceful_stop_then_restart_serves_the_same_deployment
                                                       f"(pid {daemon.process.pid})"]
         taken = run_to_exit("--data-dir", str(tmp_path / "other"), "--port", str(daemon.port))
         assert taken.returncode == 1
-        assert taken.stderr.strip().startswith(f"sllmd: cannot listen on 127.0.0.1:{daemon.port}")
-        assert len(taken.stderr.strip().splitlines()) == 1
+        *logged, reason = taken.stderr.strip().splitlines()  # the start-time probe logged before the bind
+        assert reason.startswith(f"sllmd: cannot listen on 127.0.0.1:{daemon.port}")
+        assert all(json.loads(line)["level"] == "info" for line in logged)
 
         # SIGTERM while a stream is in flight: the stream still completes, then the process exits 0.
         body = {"model": "demo", "prompt": "Hello", "max_tokens": 64, "temperature": 0, "stream": True}
@@ -92,6 +94,12 @@ def test_notify_ready_then_graceful_stop_then_restart_serves_the_same_deployment
         reply = httpx.post(f"{restarted.url}/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 4},
                            timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+        # The start-time probe replaced the default load bandwidths; the cold start was estimated and scored.
+        reported = Calibration.from_wire(httpx.get(f"{restarted.url}/admin/cluster").json()["nodes"][0]["calibration"])
+        assert reported.load_gbps[Tier.SSD] != Calibration.defaults().load_gbps[Tier.SSD]
+        metrics = httpx.get(f"{restarted.url}/metrics").text
+        assert f'sllmd_estimator{{quantity="load_gbps",tier="ssd"}} {reported.load_gbps[Tier.SSD]}' in metrics
+        assert 'sllmd_start_estimate_error_seconds_count{tier="ssd"} 1.0' in metrics
         assert restarted.stop() == 0
     finally:
         if restarted.process.poll() is None:

@@ -6,6 +6,7 @@ Last, in process: the relay maps a peer's error statuses and broken streams to d
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -140,6 +141,43 @@ def test_transformers_model_served_once_and_relayed(cluster):
     for member in cluster:
         assert complete(member, "demo", max_tokens=8)["choices"][0]["text"] == first["choices"][0]["text"]
     assert serving_node(cluster, "demo") is serving
+
+
+def fetches_by_tier(member: Member) -> dict[str, float]:
+    counts = {"peer": 0.0, "repository": 0.0}
+    for line in httpx.get(f"{member.url}/metrics").text.splitlines():
+        if line.startswith("sllmd_checkpoint_fetches_total{"):
+            counts[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_cold_start_fetches_the_checkpoint_from_a_peer_when_the_repository_is_gone(cluster, demo_model_dir,
+                                                                                     tmp_path):
+    source = tmp_path / "peered"
+    shutil.copytree(demo_model_dir, source)
+    body = {"name": "peered", "checkpoint": str(source), "backend": "transformers", "autoscaling": ONE_INSTANCE}
+    reply = cluster[1].post("/admin/models", body)  # the deploying node converts it into its SSD store
+    assert reply.status_code == 201, reply.text
+    cid = next(e for e in cluster[1].get("/admin/cluster")["nodes"] if e["id"] == cluster[1].node_id)["ssd_cached"]
+    cid = next(c for c in cid if c.startswith("peered-"))
+
+    def peer_has_it() -> bool:
+        nodes = cluster[2].get("/admin/cluster")["nodes"]
+        return any(n["id"] == cluster[1].node_id and cid in n["ssd_cached"] for n in nodes)
+
+    wait_until(peer_has_it, 5, "node 3 seeing node 2's store", cluster)
+    fetched_before = fetches_by_tier(cluster[2])
+    shutil.rmtree(source)  # from now on only node 2 has the bytes
+    request = {"model": "peered", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+    served = httpx.post(f"{cluster[2].url}/v1/completions", json=request, timeout=60,
+                        headers={RELAYED_HEADER: "test"})  # "relayed": node 3 serves it itself
+    assert served.status_code == 200, served.text
+    fetched = fetches_by_tier(cluster[2])
+    assert fetched["peer"] == fetched_before["peer"] + 1 and fetched["repository"] == fetched_before["repository"]
+    path = f"/internal/checkpoints/{cid}/manifest.json"
+    assert httpx.get(cluster[1].url + path).status_code == 200
+    missing = httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/..%2Fstate")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "checkpoint_not_found"
 
 
 def test_kill_of_the_serving_node_mid_stream_ends_the_relayed_stream_with_an_error(cluster):

@@ -98,6 +98,7 @@ class FetchSettings:
     retries: int = 5  # per request, reset whenever a chunk verifies
     backoff_s: float = 0.25  # first retry delay; doubles up to 2 s, with jitter
     max_side_file_bytes: int = 256 << 20
+    bearer_token: str | None = None  # sent as Authorization on every request: for peers, never a repository
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +323,8 @@ def _session(settings: FetchSettings) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=settings.connections + 1),
         auto_decompress=False,
         read_bufsize=_PIECE_BYTES,  # the flow-control window: 64 KiB (the default) starves one connection
-        headers={"Accept-Encoding": "identity", "User-Agent": "sllmd"},
+        headers={"Accept-Encoding": "identity", "User-Agent": "sllmd",
+                 **({"Authorization": f"Bearer {settings.bearer_token}"} if settings.bearer_token else {})},
     )
 
 

@@ -17,6 +17,7 @@ threads; `ensure` of one id by many callers fetches once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 TIER_SSD = "ssd"
+TIER_PEER = "peer"
 TIER_REPOSITORY = "repository"
+PEER_PATH = "/internal/checkpoints"  # + "/{id}": where a node serves its store's entries to its peers
 
 
 def reads_store(backend: Backend, source: str) -> bool:
@@ -83,12 +86,13 @@ class CheckpointLease:
 
     id: str
     path: Path
-    tier: str  # "ssd" if it was there already, else "repository" (fetched for this lease)
+    tier: str  # "ssd" if it was there already, else where this lease fetched it from: "peer" | "repository"
     fetch: FetchReport | None = None
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, budget_bytes: int, settings: FetchSettings | None = None) -> None:
+    def __init__(self, root: Path, budget_bytes: int, settings: FetchSettings | None = None,
+                 peer_settings: FetchSettings | None = None) -> None:
         """Open (creating) the store at `root`: remove crash leftovers, reconcile the index with the
         directories, evict down to `budget_bytes`. Blocking; call before the event loop is busy."""
         if budget_bytes <= 0:
@@ -96,9 +100,14 @@ class CheckpointStore:
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self.settings = settings or FetchSettings()
+        self.peer_settings = peer_settings or self.settings  # carries the cluster's API key, if any
+        # checkpoint id -> base URLs (`peer_url`) of other nodes holding it, best first; set by the node.
+        self.peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: ()
+        # Called with (tier, report) after every completed fetch: the node's metrics and estimators learn from it.
+        self.on_fetched: Callable[[str, FetchReport], None] = lambda tier, report: None
         self._pins: Counter[str] = Counter()
         self._reserved: dict[str, int] = {}  # id -> bytes being fetched
-        self._jobs: dict[str, asyncio.Task[FetchReport]] = {}
+        self._jobs: dict[str, asyncio.Task[tuple[str, FetchReport]]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         self._entries = self._open()
         while self.used_bytes > self.budget_bytes and self._entries:
@@ -209,11 +218,10 @@ class CheckpointStore:
             if job is None or job.done():
                 job = self._jobs[cid] = asyncio.get_running_loop().create_task(self._fetch(cid, source))
                 job.add_done_callback(self._job_done)
-            tier = TIER_REPOSITORY
-            report = await asyncio.shield(job)
+            tier, report = await asyncio.shield(job)
             # Loop: the entry is normally there now, but could have been evicted before we resumed.
 
-    def _job_done(self, job: asyncio.Task[FetchReport]) -> None:
+    def _job_done(self, job: asyncio.Task[tuple[str, FetchReport]]) -> None:
         for cid, current in list(self._jobs.items()):
             if current is job:
                 del self._jobs[cid]
@@ -231,17 +239,35 @@ class CheckpointStore:
         log.info("source changed since it was stored, fetching it again", extra={"checkpoint": cid, "source": source})
         await self._delete(cid)
 
-    async def _fetch(self, cid: str, source: str) -> FetchReport:
-        info = await describe(source, self.settings)
+    async def _fetch(self, cid: str, source: str) -> tuple[str, FetchReport]:
+        """(tier it came from, report). Peers holding `cid` go first; one that fails is skipped (logged). The
+        repository is last, so a checkpoint still reaches this node while its repository is down."""
+        for peer in self.peer_sources(cid):
+            try:
+                report = await self._fetch_from(cid, source, peer, self.peer_settings)
+            except (CheckpointError, OSError) as exc:
+                log.warning("peer could not supply the checkpoint; trying the next source",
+                            extra={"checkpoint": cid, "peer": peer, "error": repr(exc)})
+                shutil.rmtree(self.root / f".{cid}.partial", ignore_errors=True)  # a peer's chunks: not resumable
+                continue
+            self.on_fetched(TIER_PEER, report)
+            return TIER_PEER, report
+        report = await self._fetch_from(cid, source, source, self.settings)
+        self.on_fetched(TIER_REPOSITORY, report)
+        return TIER_REPOSITORY, report
+
+    async def _fetch_from(self, cid: str, source: str, origin: str, settings: FetchSettings) -> FetchReport:
+        """Entry `cid` (of `source`) fetched from `origin`: `source` itself or a peer's copy of it. A peer's
+        fingerprint is its v1 manifest's, so a later refresh of an HF-directory source fetches it again."""
+        info = await describe(origin, settings)
         need = info.num_bytes
         await self._make_room(need, for_id=cid)
         self._reserved[cid] = need
         try:
-            report = await fetch(source, self.path_of(cid), work_dir=self.root / f".{cid}.partial",
-                                 settings=self.settings)
+            report = await fetch(origin, self.path_of(cid), work_dir=self.root / f".{cid}.partial", settings=settings)
         finally:
             del self._reserved[cid]
-        self._entries[cid] = StoreEntry(cid, source, report.num_bytes, time.time(), report.fingerprint)
+        self._entries[cid] = StoreEntry(cid, source, report.num_bytes, time.time(), info.fingerprint)
         self._save_index()
         if self.used_bytes > self.budget_bytes:  # the estimate was short (padding, side files)
             await self._make_room(0, for_id=cid)
@@ -327,11 +353,19 @@ class CheckpointStore:
         os.replace(tmp, self.root / INDEX_FILE)
 
 
-def open_store(data_dir: Path, config: StoreConfig) -> CheckpointStore:
-    """The node's store at `<data_dir>/store`, with the configured budget and fetch settings."""
+def peer_url(http_address: str, id: str) -> str:
+    """The base URL under which the node at `http_address` serves its store entry `id` (a v1 checkpoint)."""
+    return f"http://{http_address}{PEER_PATH}/{id}"
+
+
+def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = None) -> CheckpointStore:
+    """The node's store at `<data_dir>/store`, with the configured budget and fetch settings; `api_key`
+    authenticates its fetches from peers."""
     settings = FetchSettings(connections=config.fetch_connections, request_bytes=config.fetch_request_mb << 20,
                              timeout_s=config.fetch_timeout_s, retries=config.fetch_retries)
-    return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings)
+    return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings,
+                           # One retry: a peer that fails is skipped for the repository, not waited for.
+                           dataclasses.replace(settings, bearer_token=api_key, retries=1))
 
 
 def open_dram_cache(config: StoreConfig) -> DramCache | None:

@@ -44,6 +44,27 @@ log = logging.getLogger(__name__)
 
 JOIN_RETRY_S = 0.2
 STATUS_INTERVAL_S = 0.5
+# The fields of NODE_STATUS (see `Node._soft_state`) as (type, default): anything else a peer sends is dropped,
+# a field of the wrong type reads as its default. Deeper checks belong to the reader (e.g. the scheduler's).
+STATUS_FIELDS: dict[str, tuple[type | tuple[type, ...], Callable[[], Any]]] = {
+    "role": (str, lambda: "unknown"),
+    "slots": (list, list),
+    "free_slots": (int, lambda: None),
+    "dram_cached": (list, list),
+    "ssd_cached": (list, list),
+    "queues": (dict, dict),
+    "calibration": (dict, dict),  # the node's estimator constants (`Calibration.to_wire`)
+    "pending_load_s": ((int, float), lambda: 0.0),
+    "instances": (list, list),
+    "free_dram_bytes": (int, lambda: 0),
+    "free_ssd_bytes": (int, lambda: 0),
+}
+
+
+def checked_status(body: dict[str, Any]) -> dict[str, Any]:
+    """The known fields of a NODE_STATUS body, each of its declared type (else its default)."""
+    return {name: value if isinstance(value := body.get(name), kind) and not isinstance(value, bool) else default()
+            for name, (kind, default) in STATUS_FIELDS.items()}
 ALIVE_WINDOW_S = 2.0
 ANNOUNCE_RETRY_S = 0.5
 SEED_PEER_ID = "join-seed"  # a local transport key only; never sent
@@ -141,9 +162,7 @@ class Membership:
                 "id": node_id, "http": record.http if record else None, "peer": record.peer if record else None,
                 "role": role, "alive": seen_s is not None and seen_s < ALIVE_WINDOW_S,
                 "voter": node_id in cluster.voters, "last_seen_s": seen_s,
-                "slots": soft.get("slots", []), "free_slots": soft.get("free_slots"),
-                "dram_cached": soft.get("dram_cached", []), "queues": soft.get("queues", {}),
-                "load_gbps": soft.get("load_gbps", {}),
+                **{name: soft.get(name, default()) for name, (_, default) in STATUS_FIELDS.items() if name != "role"},
             })
         return {"leader": cluster.leader_id, "term": cluster.term, "nodes": nodes}
 
@@ -275,19 +294,8 @@ class Membership:
             self.refresh_peers()
 
     def _on_status(self, message: Any) -> None:
-        body = message.body
-        if not isinstance(body, dict):
-            return
-        role, slots, free = body.get("role"), body.get("slots"), body.get("free_slots")
-        cached, queues, gbps = body.get("dram_cached"), body.get("queues"), body.get("load_gbps")
-        self._statuses[message.sender] = {
-            "role": role if isinstance(role, str) else "unknown",
-            "slots": slots if isinstance(slots, list) else [],
-            "free_slots": free if isinstance(free, int) else None,
-            "dram_cached": cached if isinstance(cached, list) else [],
-            "queues": queues if isinstance(queues, dict) else {},
-            "load_gbps": gbps if isinstance(gbps, dict) else {},
-        }
+        if isinstance(message.body, dict):
+            self._statuses[message.sender] = {"role": "unknown", **checked_status(message.body)}
 
     def _on_applied(self, command: dict[str, Any] | None, result: Any) -> None:
         if command is None or command.get("op") in (Op.PUT_NODE, Op.REMOVE_NODE):

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sllmd.errors import InvalidRequest, NotFound, SllmdError, Unauthorized
-from sllmd.http import admin_api, openai_api
+from sllmd.http import admin_api, openai_api, peer_api
 from sllmd.http.keys import NODE
 from sllmd.node import Node
 
@@ -90,4 +90,5 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app.router)
     admin_api.add_routes(app.router)
+    peer_api.add_routes(app.router)
     return app

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, reads_store
+from sllmd.checkpoint.fetch import FetchReport
+from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, checkpoint_id, reads_store
 from sllmd.config import ServingConfig
 from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
+from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
@@ -56,6 +58,7 @@ class Instance:
     started_at: float = field(default_factory=time.time)
     idle_since: float = field(default_factory=time.monotonic)
     load_report: LoadReport | None = None
+    estimated_start_s: float = 0.0  # what the estimators predicted for this start, when it began
     idle_timer: asyncio.TimerHandle | None = None
     starting: asyncio.Task | None = None
     stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
@@ -106,8 +109,9 @@ class Worker:
         self.engine_factory = engine_factory
         self.store = store
         self.dram_cache = dram_cache
-        # GB/s of recent loads by source tier (EWMA), reported to the cluster as soft state.
-        self.measured_gbps: dict[str, float] = {}
+        # This node's estimator constants: probed at start (`set_calibration`), corrected by every load and fetch.
+        self.calibration = Calibration.defaults()
+        metrics.show_calibration(self.calibration)
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -263,6 +267,7 @@ class Worker:
     async def _start_instance(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
         name = runtime.deployment.name
         began = time.monotonic()
+        instance.estimated_start_s = self.estimate_start_s(runtime.deployment)
         try:
             if evicting is not None:
                 await evicting
@@ -279,6 +284,7 @@ class Worker:
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
+            self._observe_load(runtime.deployment, instance.load_report)
             if fetched_from is not None:  # the bytes came from the repository on this start
                 instance.load_report = dataclasses.replace(instance.load_report, source_tier=fetched_from)
         except Exception as exc:  # any engine failure must reach the waiters
@@ -294,15 +300,14 @@ class Worker:
         self.metrics.cold_start_seconds.labels(name, report.source_tier).observe(time.monotonic() - began)
         self.metrics.load_bytes.labels(name, report.source_tier).inc(report.num_bytes)
         if report.load_s > 0 and report.num_bytes:
-            gbps = report.num_bytes / report.load_s / 1e9
-            self.metrics.load_gbps.labels(name, report.source_tier).observe(gbps)
-            previous = self.measured_gbps.get(report.source_tier)
-            self.measured_gbps[report.source_tier] = gbps if previous is None else 0.7 * previous + 0.3 * gbps
+            self.metrics.load_gbps.labels(name, report.source_tier).observe(report.num_bytes / report.load_s / 1e9)
+        start_s = time.monotonic() - began
+        self.metrics.start_estimate_error.labels(report.source_tier).observe(abs(start_s - instance.estimated_start_s))
         log.info(
             "instance ready",
             extra={"instance": instance.id, "device": instance.slot.device, "tier": report.source_tier,
-                   "load_s": round(report.load_s, 4), "init_s": round(report.init_s, 4),
-                   "start_s": round(time.monotonic() - began, 4)},
+                   "bytes": report.num_bytes, "load_s": round(report.load_s, 4), "init_s": round(report.init_s, 4),
+                   "start_s": round(start_s, 4), "estimated_s": round(instance.estimated_start_s, 4)},
         )
         await self._record(instance)
         if instance.in_flight == 0:
@@ -368,6 +373,45 @@ class Worker:
         for runtime in list(self.runtimes.values()):
             if runtime.num_waiting:
                 self._scale(runtime)
+
+    # -- estimates -----------------------------------------------------------------------------
+
+    def checkpoint_tier(self, deployment: Deployment) -> Tier:
+        """Where the next start of `deployment` on this node would find its checkpoint."""
+        if not reads_store(deployment.backend, deployment.checkpoint):
+            return Tier.SSD  # a local directory read in place
+        cid = checkpoint_id(deployment.checkpoint)
+        if self.dram_cache is not None and any(Path(path).name == cid for path, _ in self.dram_cache.lru_keys()):
+            return Tier.DRAM
+        if self.store.contains(cid):
+            return Tier.SSD
+        return Tier.PEER if self.store.peer_sources(cid) else Tier.REPOSITORY
+
+    def estimate_start_s(self, deployment: Deployment) -> float:
+        """Seconds a start of `deployment` here would take from now to ready, queued loads aside."""
+        return load_time_s(deployment.checkpoint_bytes, self.checkpoint_tier(deployment), self.calibration)
+
+    def pending_load_s(self) -> float:
+        """Estimated seconds still to go of the starts under way here (what a new start queues behind)."""
+        now = time.time()
+        return sum(max(0.0, i.estimated_start_s - (now - i.started_at)) for r in self.runtimes.values()
+                   for i in r.instances if i.state is InstanceState.STARTING)
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        self.calibration = calibration
+        self.metrics.show_calibration(calibration)
+
+    def on_fetched(self, tier: str, report: FetchReport) -> None:
+        """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""
+        self.metrics.fetches.labels(tier).inc()
+        self.metrics.fetch_bytes.labels(tier).inc(report.num_bytes)
+        self.set_calibration(self.calibration.observe_fetch(Tier(tier), report.num_bytes, report.seconds))
+
+    def _observe_load(self, deployment: Deployment, report: LoadReport) -> None:
+        if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
+            self.set_calibration(self.calibration.observe_load(
+                Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
+                report.init_s))
 
     # -- plumbing ------------------------------------------------------------------------------
 

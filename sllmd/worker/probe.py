@@ -1,0 +1,88 @@
+"""The start-of-node probe: this node's load bandwidths, measured with its own loader on its own disk.
+
+The scheduler's estimators need each node's bandwidths before its first real load. Rather than timing a
+generic temp file (which says little about the loader's real path: O_DIRECT, reader threads, the
+device copy), the probe loads a synthetic sllmd v1 checkpoint of `num_bytes` from `<data_dir>/probe`
+onto the node's first device twice: cold from the SSD (its pages evicted first), then again from a
+DRAM cache. The checkpoint is built once (atomically) and kept, so later starts only read it.
+
+Engine init and the fetch and migration figures cannot be probed without a model or a peer; they keep
+their defaults until real loads, fetches and migrations correct them (`Worker` observes every one).
+Blocking and slow-ish (a fraction of a second per 100 MB): run it off the event loop, before READY.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sllmd.checkpoint.convert import convert
+from sllmd.checkpoint.dram import DramCache
+from sllmd.checkpoint.format import MANIFEST_FILE
+from sllmd.checkpoint.loader import load_checkpoint
+from sllmd.fsutil import publish_dir
+from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, Tier
+
+log = logging.getLogger(__name__)
+
+PROBE_DIR = "probe"
+TENSOR_BYTES = 16 << 20  # several tensors, like a model, so the loader's per-tensor work is in the figure
+MAX_PROBE_GBPS = 1000.0  # a CPU DRAM hit hands over a buffer without copying: cap the "bandwidth" it implies
+
+
+def probe_calibration(data_dir: Path, device: str, num_bytes: int, base: Calibration) -> Calibration:
+    """`base` with its DRAM and SSD load bandwidths replaced by ones measured now on `device`."""
+    path = _probe_checkpoint(Path(data_dir) / PROBE_DIR, num_bytes)
+    total = sum(f.stat().st_size for f in path.iterdir() if f.name != MANIFEST_FILE)
+    _evict_page_cache(path)
+    cache = DramCache(2 * total)
+    rates = {}
+    for expected in (Tier.SSD, Tier.DRAM):
+        loaded = load_checkpoint(path, device, dram_cache=cache)
+        report = loaded.report
+        loaded.release()
+        if report.source_tier != expected:  # e.g. the cache refused it: keep the default
+            log.warning("probe load came from an unexpected tier", extra={"expected": expected,
+                                                                          "tier": report.source_tier})
+            continue
+        rates[expected] = min(report.num_bytes / BYTES_PER_GB / max(report.load_s, 1e-9), MAX_PROBE_GBPS)
+    log.info("probed load bandwidth", extra={"device": device, "bytes": total,
+                                             **{f"{t}_gbps": round(g, 3) for t, g in rates.items()}})
+    return dataclasses.replace(base, load_gbps={**base.load_gbps, **rates})
+
+
+def _probe_checkpoint(path: Path, num_bytes: int) -> Path:
+    """The probe checkpoint at `path`, built now unless a complete one of the same size is there."""
+    if (path / MANIFEST_FILE).is_file() and (path / "size").is_file() and (path / "size").read_text() == str(num_bytes):
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    work = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "hf").mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    num_tensors = max(1, num_bytes // TENSOR_BYTES)
+    tensors = {f"probe.{i}.weight": torch.randint(0, 256, (TENSOR_BYTES,), dtype=torch.uint8, generator=generator)
+               for i in range(num_tensors)}
+    save_file(tensors, work / "hf" / "model.safetensors")
+    convert(work / "hf", work / "v1")
+    (work / "v1" / "size").write_text(str(num_bytes))
+    publish_dir(work / "v1", path)
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _evict_page_cache(path: Path) -> None:
+    """Drop the files' cached pages (no root needed), so the first load reads the disk."""
+    for file in path.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
