@@ -16,6 +16,7 @@ from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
 from sllmd.metrics import Metrics
+from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
 from sllmd.state.machine import Op
@@ -53,7 +54,8 @@ class Node:
         tokenizers = CheckpointTokenizers(checkpoints)
         relay = Relay(node_id, api_key=api_key,
                       read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
-        router = Router(state, worker, tokenizers, metrics, relay)
+        placer = Placer(state)
+        router = Router(state, worker, tokenizers, metrics, relay, placer)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
         state.on_applied = node._adopt
@@ -72,6 +74,7 @@ class Node:
             self.worker.sync_deployment(deployment)
 
     async def close(self) -> None:
+        await self.router.placer.close()
         await self.relay.close()
         await self.worker.close()
         await self.worker.store.close()

@@ -24,6 +24,7 @@ from sllmd.engine.base import Engine, SamplingParams
 from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
+from sllmd.placer import Placer
 from sllmd.relay import Relay, RelayFailed
 from sllmd.scheduler.placement import NodeView, choose_node
 from sllmd.state.models import Deployment, InstanceState
@@ -88,12 +89,13 @@ class TokenizerCache:
 
 class Router:
     def __init__(self, state: ReplicatedStateMachine, worker: Worker, tokenizers: TokenizerCache,
-                 metrics: Metrics, relay: Relay) -> None:
+                 metrics: Metrics, relay: Relay, placer: Placer) -> None:
         self.state = state
         self.worker = worker
         self.tokenizers = tokenizers
         self.metrics = metrics
         self.relay = relay
+        self.placer = placer
         self._suspect_until: dict[str, float] = {}  # node id -> time.monotonic() until which to avoid it
         self._num_relayed: collections.Counter[str] = collections.Counter()  # node id -> relays in flight
 
@@ -127,7 +129,7 @@ class Router:
         async with AsyncExitStack() as stack:
             # A relayed request is always served here: no relay loops.
             for _ in range(MAX_RELAY_ATTEMPTS if prepared.relayed_from is None else 0):
-                target = self.place(prepared.deployment.name)
+                target = await self.place(prepared.deployment)
                 if target is None or target[0] == self.worker.node_id:
                     break
                 try:
@@ -142,27 +144,43 @@ class Router:
             events = await stack.enter_async_context(self._local(prepared))
             yield events
 
-    def place(self, model: str) -> tuple[str, str] | None:
-        """(node id, HTTP address) of the node that should serve `model` now, or None for "here, queued"."""
+    async def place(self, deployment: Deployment) -> tuple[str, str] | None:
+        """(node id, HTTP address) of the node that should serve a request for `deployment` now, or None for
+        "here, queued". Serving instances are found from the cluster's state here (`choose_node`); a new
+        instance — none anywhere, or every one saturated with room for more — is placed by the leader's
+        startup-time plan (`Placer`), and by `choose_node`'s local rules if the leader cannot answer."""
+        model = deployment.name
         runtime = self.worker.runtimes.get(model)
         if runtime is not None and runtime.ready():  # rule 1, without reading the cluster's state
             return self.worker.node_id, ""
         local = self._local_view(model)
         now = time.monotonic()
-        counts = collections.Counter((r.node_id, r.state) for r in self.state.instances() if r.model == model)
-        views, addresses = [local], {self.worker.node_id: ""}
+        live = [r for r in self.state.instances() if r.model == model]
+        counts = collections.Counter((r.node_id, r.state) for r in live)
+        views, addresses = {local.id: local}, {self.worker.node_id: ""}
         for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]:
             node_id = node["id"]
             if node_id == self.worker.node_id or not node["http"]:
                 continue
             addresses[node_id] = node["http"]
-            views.append(NodeView(
+            queue = node["queues"].get(model) or {}
+            reported = sum(v for v in queue.values() if isinstance(v, int)) if isinstance(queue, dict) else 0
+            views[node_id] = NodeView(
                 node_id, is_alive=node["alive"] and self._suspect_until.get(node_id, 0.0) <= now,
                 num_free_slots=node["free_slots"] or 0,
                 ready_instances_of_model=counts[(node_id, InstanceState.READY)],
                 starting_instances_of_model=counts[(node_id, InstanceState.STARTING)],
-                in_flight_hint=self._num_relayed[node_id]))
-        chosen = choose_node(model, local_node_id=self.worker.node_id, nodes=views)
+                in_flight_hint=max(self._num_relayed[node_id], reported))
+        chosen = choose_node(model, local_node_id=self.worker.node_id, nodes=list(views.values()))
+        view = views.get(chosen) if chosen is not None else None
+        policy = deployment.autoscaling
+        is_saturated = view is not None and view.ready_instances_of_model > 0 and (
+            view.in_flight_hint >= view.ready_instances_of_model * policy.target_concurrency
+            and len(live) < policy.max_instances)
+        if view is None or is_saturated or not (view.ready_instances_of_model or view.starting_instances_of_model):
+            placement = await self.placer.place(model)
+            if placement is not None and placement.node_id in addresses and views[placement.node_id].is_alive:
+                return placement.node_id, addresses[placement.node_id]
         return None if chosen is None else (chosen, addresses[chosen])
 
     def _local_view(self, model: str) -> NodeView:

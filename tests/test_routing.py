@@ -5,7 +5,9 @@ Last, in process: the relay maps a peer's error statuses and broken streams to d
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -141,6 +143,26 @@ def test_transformers_model_served_once_and_relayed(cluster):
     for member in cluster:
         assert complete(member, "demo", max_tokens=8)["choices"][0]["text"] == first["choices"][0]["text"]
     assert serving_node(cluster, "demo") is serving
+
+
+def test_simultaneous_cold_starts_on_every_node_start_one_instance_where_the_leader_places_it(cluster, demo_model_dir):
+    body = {"name": "burst", "checkpoint": str(demo_model_dir), "backend": "dummy", "autoscaling": ONE_INSTANCE}
+    assert cluster[0].post("/admin/models", body).status_code == 201
+    wait_until(lambda: all("burst" in m.models() for m in cluster), 5, "burst everywhere", cluster)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            replies = await asyncio.gather(*(
+                http.post(f"{member.url}/v1/completions", json={"model": "burst", "prompt": "Hi", "max_tokens": 4})
+                for member in cluster for _ in range(3)))
+        return [r.status_code for r in replies]
+
+    assert asyncio.run(burst()) == [200] * 9
+    # Without the leader's reservations each entry node would have started its own (max_instances is 1).
+    assert list(instances(cluster, "burst").values()) == [1]
+    leader = next(m for m in cluster if m.get("/admin/cluster")["leader"] == m.node_id)
+    placed = re.findall(r"placed a new instance model=burst node=(\S+)", leader.log())
+    assert placed == [serving_node(cluster, "burst").node_id]
 
 
 def fetches_by_tier(member: Member) -> dict[str, float]:
