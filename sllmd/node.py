@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sllmd.checkpoint.store import open_dram_cache, open_store, peer_url
+from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
@@ -19,7 +19,9 @@ from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
+from sllmd.scheduler.placement import plan_checkpoint_homes
 from sllmd.state.machine import Op
+from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
@@ -39,6 +41,7 @@ class Node:
     metrics: Metrics
     relay: Relay  # this node's HTTP client to the others (one session)
     started_at: float = field(default_factory=time.time)
+    _tasks: set[asyncio.Task] = field(default_factory=set)  # background fetches of checkpoints homed here
 
     @classmethod
     def open(cls, config: Config, engine_factory: EngineFactory = default_engine_factory) -> Node:
@@ -74,6 +77,9 @@ class Node:
             self.worker.sync_deployment(deployment)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.router.placer.close()
         await self.relay.close()
         await self.worker.close()
@@ -91,7 +97,10 @@ class Node:
                     self.worker.sync_deployment(deployment)
             gone = [name for name in self.worker.runtimes if name not in current]
             return asyncio.gather(*(self.worker.remove_deployment(name) for name in gone))
-        if command["op"] in (Op.DEPLOY, Op.UPDATE_DEPLOYMENT):
+        if command["op"] == Op.DEPLOY:
+            self.worker.sync_deployment(result)
+            self._fetch_if_home(result)
+        elif command["op"] == Op.UPDATE_DEPLOYMENT:
             self.worker.sync_deployment(result)
         elif command["op"] == Op.UNDEPLOY:
             return self.worker.remove_deployment(command["name"])
@@ -99,6 +108,29 @@ class Node:
             # The leader took us for dead (a partition outlasted the timeout): say again what we run.
             return self.worker.record_all()
         return None
+
+    def _fetch_if_home(self, deployment: Deployment) -> None:
+        """Fetch a new deployment's checkpoint into this node's SSD store (from a peer or the repository) if
+        this node is one of its `cluster.checkpoint_copies` homes, so cold starts rarely reach the repository."""
+        checkpoints = self.worker.store
+        if not reads_store(deployment.backend, deployment.checkpoint) or checkpoints.contains(
+                checkpoint_id(deployment.checkpoint)):
+            return
+        homes = plan_checkpoint_homes(deployment.name, deployment.checkpoint_bytes, self.router.placer.node_states(),
+                                      self.config.cluster.checkpoint_copies)
+        if self.node_id not in homes:
+            return
+
+        async def fetch() -> None:
+            try:
+                await checkpoints.ensure(deployment.checkpoint)
+            except Exception as exc:  # a cold start fetches it again, and reports the error to its request
+                log.warning("could not fetch a checkpoint this node is a home of",
+                            extra={"model": deployment.name, "error": repr(exc)})
+
+        task = asyncio.get_running_loop().create_task(fetch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _soft_state(self) -> dict[str, Any]:
         """Facts that change too often for the Raft log; sent to every node in NODE_STATUS: slots with

@@ -123,7 +123,7 @@ class Placer:
             rec.model == r.model and rec.node_id == r.node_id for rec in records)]
         nodes = self.state.cluster_view()["nodes"]
         addresses = {n["id"]: n["http"] or "" for n in nodes}
-        states = self._with_reservations(self._node_states(nodes), now)
+        states = self._with_reservations(self.node_states(nodes), now)
         live = collections.Counter(r.node_id for r in records if r.model == model)
         live.update(r.node_id for r in self._reservations if r.model == model)
         if sum(live.values()) >= deployment.autoscaling.max_instances:
@@ -142,7 +142,10 @@ class Placer:
                                                  "migrations": len(plan.migrations), "evictions": len(plan.evictions)})
         return Placement(plan.node_id, addresses.get(plan.node_id, ""), plan.tier, plan.estimated_s)
 
-    def _node_states(self, nodes: list[dict[str, Any]]) -> list[NodeState]:
+    def node_states(self, nodes: list[dict[str, Any]] | None = None) -> list[NodeState]:
+        """Every node of the cluster view (`nodes`, default: the current one) as the scheduler sees it."""
+        if nodes is None:
+            nodes = self.state.cluster_view()["nodes"]
         deployments = self.state.deployments()
         models_of: dict[str, set[str]] = {}
         in_place = set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,8 @@ from aiohttp import web
 from sllmd.errors import Overloaded
 from sllmd.relay import RELAYED_HEADER, Relay, RelayFailed
 from sllmd.router import TextDelta
+from sllmd.scheduler.estimate import Calibration
+from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
 from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
@@ -32,6 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     root = tmp_path_factory.mktemp("routing")
     ports = free_ports(6)
     members = [Member(root, f"n{i + 1}", ports[2 * i], ports[2 * i + 1]) for i in range(3)]
+    os.environ["SLLMD_CLUSTER_CHECKPOINT_COPIES"] = "1"  # one home besides the deploying node (inherited)
     try:
         members[0].start()
         for member in members[1:]:
@@ -46,6 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
         wait_until(lambda: all({"tiny", "demo"} <= m.models() for m in members), 5, "models everywhere", members)
         yield members
     finally:
+        del os.environ["SLLMD_CLUSTER_CHECKPOINT_COPIES"]
         for member in members:
             member.terminate()
         for member in members:
@@ -173,31 +178,40 @@ def fetches_by_tier(member: Member) -> dict[str, float]:
     return counts
 
 
-def test_a_cold_start_fetches_the_checkpoint_from_a_peer_when_the_repository_is_gone(cluster, demo_model_dir,
-                                                                                     tmp_path):
+def holders(cluster: list[Member], prefix: str) -> dict[str, str]:
+    """Node id -> the store id of a checkpoint whose id starts with `prefix`, for the nodes holding one."""
+    found = {}
+    for node in cluster[0].get("/admin/cluster")["nodes"]:
+        cid = next((c for c in node["ssd_cached"] if c.startswith(prefix)), None)
+        if cid is not None:
+            found[node["id"]] = cid
+    return found
+
+
+def test_a_deployed_checkpoint_is_fetched_by_its_home_and_a_cold_start_elsewhere_fetches_it_from_a_peer(
+        cluster, demo_model_dir, tmp_path):
     source = tmp_path / "peered"
     shutil.copytree(demo_model_dir, source)
     body = {"name": "peered", "checkpoint": str(source), "backend": "transformers", "autoscaling": ONE_INSTANCE}
     reply = cluster[1].post("/admin/models", body)  # the deploying node converts it into its SSD store
     assert reply.status_code == 201, reply.text
-    cid = next(e for e in cluster[1].get("/admin/cluster")["nodes"] if e["id"] == cluster[1].node_id)["ssd_cached"]
-    cid = next(c for c in cid if c.startswith("peered-"))
-
-    def peer_has_it() -> bool:
-        nodes = cluster[2].get("/admin/cluster")["nodes"]
-        return any(n["id"] == cluster[1].node_id and cid in n["ssd_cached"] for n in nodes)
-
-    wait_until(peer_has_it, 5, "node 3 seeing node 2's store", cluster)
-    fetched_before = fetches_by_tier(cluster[2])
-    shutil.rmtree(source)  # from now on only node 2 has the bytes
+    # Every node agrees on the one home (checkpoint_copies = 1), which fetches the checkpoint right away.
+    (home,) = plan_checkpoint_homes("peered", 0, [NodeState(m.node_id, True, 0, Calibration.defaults(),
+                                                            free_ssd_bytes=1 << 40) for m in cluster], 1)
+    expected = {cluster[1].node_id, home}
+    wait_until(lambda: set(holders(cluster, "peered-")) == expected, 10, f"checkpoint on {expected}", cluster)
+    cid = holders(cluster, "peered-")[cluster[1].node_id]
+    other = next(m for m in cluster if m.node_id not in expected)  # 3 nodes, at most 2 holders
+    wait_until(lambda: set(holders([other], "peered-")) == expected, 5, "the holders seen by the third node", cluster)
+    fetched_before = fetches_by_tier(other)
+    shutil.rmtree(source)  # from now on only the holders have the bytes
     request = {"model": "peered", "prompt": "hello", "max_tokens": 4, "temperature": 0}
-    served = httpx.post(f"{cluster[2].url}/v1/completions", json=request, timeout=60,
-                        headers={RELAYED_HEADER: "test"})  # "relayed": node 3 serves it itself
+    served = httpx.post(f"{other.url}/v1/completions", json=request, timeout=60,
+                        headers={RELAYED_HEADER: "test"})  # "relayed": that node serves it itself
     assert served.status_code == 200, served.text
-    fetched = fetches_by_tier(cluster[2])
+    fetched = fetches_by_tier(other)
     assert fetched["peer"] == fetched_before["peer"] + 1 and fetched["repository"] == fetched_before["repository"]
-    path = f"/internal/checkpoints/{cid}/manifest.json"
-    assert httpx.get(cluster[1].url + path).status_code == 200
+    assert httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/manifest.json").status_code == 200
     missing = httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/..%2Fstate")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "checkpoint_not_found"
 
