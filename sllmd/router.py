@@ -126,6 +126,8 @@ class Router:
     async def open_stream(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
         """Holds an instance (here or, through a relay, on the serving node) for the request while the
         caller consumes the yielded event stream. Errors raised on entry come before any output."""
+        if self.worker.warmer is not None:
+            self.worker.warmer.note_request(prepared.deployment.name)
         async with AsyncExitStack() as stack:
             # A relayed request is always served here: no relay loops.
             for _ in range(MAX_RELAY_ATTEMPTS if prepared.relayed_from is None else 0):

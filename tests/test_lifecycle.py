@@ -207,3 +207,18 @@ async def test_a_node_whose_instance_records_were_dropped_records_them_again(dem
         # What the leader's dead-node reaper proposes for a node silent past the timeout:
         await running.node.state.propose({"op": "delete_node_instances", "node_id": running.node.node_id})
         await wait_until(lambda: running.node.state.instances() == [record])
+
+
+async def test_a_requested_model_on_ssd_is_warmed_into_dram_and_its_cold_start_hits_dram(demo_model_dir, tmp_path):
+    async with running_node(tmp_path) as running:
+        await running.deploy("demo", demo_model_dir, keep_alive_s=600)  # converted into the SSD store, not loaded
+        worker = running.node.worker
+        assert worker.warmer is not None and not worker.dram_cache.lru_keys()
+        assert worker.warmer.plan() == []  # not requested yet: nothing deserves DRAM
+        worker.warmer.note_request("demo")
+        worker.warmer.consider()
+        await wait_until(lambda: len(worker.dram_cache.lru_keys()) == 1)
+        assert worker.warmer.plan() == []  # cached now
+        assert (await running.complete("demo"))[0] == 200
+        (instance,) = worker.runtimes["demo"].instances
+        assert instance.load_report.source_tier == "dram"

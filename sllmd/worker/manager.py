@@ -32,6 +32,7 @@ from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
+from sllmd.worker.warming import DramWarmer
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -114,6 +115,8 @@ class Worker:
         metrics.show_calibration(self.calibration)
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
+        self.warmer = None if dram_cache is None else DramWarmer(
+            store, dram_cache, lambda: {name: runtime.deployment for name, runtime in self.runtimes.items()})
         self._tasks: set[asyncio.Task] = set()
         metrics.free_slots.set(slots.num_free)
 
@@ -360,6 +363,8 @@ class Worker:
             if (lease := self._leases.pop(instance.id, None)) is not None:
                 self.store.release(lease)
             await self.state.propose({"op": Op.DELETE_INSTANCE, "id": instance.id})
+            if self.warmer is not None:
+                self.warmer.consider()  # the model left the device: keep it (or a more popular one) one copy away
             self._update_gauges(runtime)
             await self._notify(runtime)
             if hand_slot_to is None:
@@ -406,6 +411,8 @@ class Worker:
         self.metrics.fetches.labels(tier).inc()
         self.metrics.fetch_bytes.labels(tier).inc(report.num_bytes)
         self.set_calibration(self.calibration.observe_fetch(Tier(tier), report.num_bytes, report.seconds))
+        if self.warmer is not None:
+            self.warmer.consider()
 
     def _observe_load(self, deployment: Deployment, report: LoadReport) -> None:
         if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
@@ -445,6 +452,8 @@ class Worker:
 
     async def close(self) -> None:
         """Stop every instance and wait for background work."""
+        if self.warmer is not None:
+            await self.warmer.close()
         for name in list(self.runtimes):
             await self.remove_deployment(name)
         if self._tasks:
