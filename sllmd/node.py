@@ -21,6 +21,7 @@ from sllmd.router import Router
 from sllmd.state.machine import Op
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
+from sllmd.worker.migration import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Node:
     deployments: DeploymentService
     metrics: Metrics
     relay: Relay  # this node's HTTP client to the others (one session)
+    migrations: MigrationService  # `await migrations.migrate(instance_id, to_node)`; `on_migrated` hook
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -54,7 +56,8 @@ class Node:
                       read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
         router = Router(state, worker, tokenizers, metrics, relay)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
-        node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
+        migrations = MigrationService(state.cluster, worker, config.serving)
+        node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay, migrations)
         state.on_applied = node._adopt
         state.soft_state = node._soft_state
         return node
@@ -70,6 +73,7 @@ class Node:
 
     async def close(self) -> None:
         await self.relay.close()
+        await self.migrations.destination.close()
         await self.worker.close()
         await self.worker.store.close()
         await self.state.close()

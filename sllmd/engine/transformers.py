@@ -34,6 +34,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,8 +244,12 @@ class TransformersEngine(Engine):
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        model = weakref.ref(self._model) if self._model is not None else None
         self._model = None
-        gc.collect()
+        # A full collection holds the GIL for ~0.2-0.4 s, stalling every stream this process serves;
+        # only a model kept alive by reference cycles needs one.
+        if model is not None and model() is not None:
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
