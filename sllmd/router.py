@@ -117,8 +117,9 @@ class Router:
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
-            # Fixed at admission, so a request moved mid-stream samples the same tokens elsewhere.
-            seed=request.seed if request.seed is not None else secrets.randbits(63),
+            # Fixed at admission, so a sampled request moved mid-stream draws the same tokens elsewhere
+            # (greedy choice needs no seed).
+            seed=request.seed if request.seed is not None or request.temperature == 0 else secrets.randbits(63),
             stop_token_ids=tokenizer.eos_token_ids,
         )
         return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at, relayed_from)

@@ -187,10 +187,12 @@ class MigrationService:
                 request.pause()
                 key = keys.setdefault(request, next(numbering))
                 sequence, params = request.sequence, request.params
-                assert params.seed is not None, "the router gives every request a seed at admission"
+                # The router seeds every sampled request at admission. A greedy one has none and needs
+                # none; 0 stands in (what the dummy engine reads a missing seed as).
+                seed = params.seed if params.seed is not None else 0
                 moved.append(to_wire(MovedRequest(
                     key, sequence[held.get(request, 0):], len(sequence), request.num_remaining, params.temperature,
-                    params.top_p, params.seed, sorted(params.stop_token_ids))))
+                    params.top_p, seed, sorted(params.stop_token_ids))))
                 request.use_remote(self._feed(session, key))
                 moving.append(request)
             self._post(session, MigrationMessage.CUT_OVER, to_wire(CutOver(session.migration_id, moved)))
