@@ -53,6 +53,10 @@ class ServingConfig:
     max_queue_per_model: int = 256
     queue_timeout_s: float = 60.0
     torch_threads: int = 0  # 0: torch's default
+    migration_gap_tokens: int = 20  # catch-up ends once every moved request is at most this far behind
+    migration_max_rounds: int = 8  # catch-up rounds before the cut-over happens anyway
+    migration_step_timeout_s: float = 10.0  # longest wait for the destination's answer to one step
+    max_concurrent_migrations: int = 2  # outgoing migrations at once on this node; more get 409
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,10 @@ def _validate(config: Config) -> None:
         (v.max_queue_per_model >= 1, "serving.max_queue_per_model must be >= 1"),
         (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
         (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
+        (v.migration_gap_tokens >= 0, "serving.migration_gap_tokens must be >= 0"),
+        (v.migration_max_rounds >= 1, "serving.migration_max_rounds must be >= 1"),
+        (v.migration_step_timeout_s > 0, "serving.migration_step_timeout_s must be > 0"),
+        (v.max_concurrent_migrations >= 1, "serving.max_concurrent_migrations must be >= 1"),
         (config.store.ssd_budget_gb > 0, "store.ssd_budget_gb must be > 0"),
         (config.store.dram_budget_gb >= 0, "store.dram_budget_gb must be >= 0"),
         (1 <= config.store.fetch_connections <= 64, "store.fetch_connections must be in 1..64"),

@@ -24,6 +24,7 @@ from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
+from sllmd.worker.migration import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Node:
     deployments: DeploymentService
     metrics: Metrics
     relay: Relay  # this node's HTTP client to the others (one session)
+    migrations: MigrationService  # `await migrations.migrate(instance_id, to_node)`; `on_migrated` hook
     started_at: float = field(default_factory=time.time)
     _tasks: set[asyncio.Task] = field(default_factory=set)  # background fetches of checkpoints homed here
 
@@ -60,7 +62,8 @@ class Node:
         placer = Placer(state)
         router = Router(state, worker, tokenizers, metrics, relay, placer)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
-        node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay)
+        migrations = MigrationService(state.cluster, worker, config.serving)
+        node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay, migrations)
         state.on_applied = node._adopt
         state.soft_state = node._soft_state
         checkpoints.peer_sources = node._peer_sources
@@ -82,6 +85,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.router.placer.close()
         await self.relay.close()
+        await self.migrations.destination.close()
         await self.worker.close()
         await self.worker.store.close()
         await self.state.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sllmd.engine.base import Engine, SamplingParams
+from sllmd.engine.base import SamplingParams
 from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
@@ -30,6 +31,7 @@ from sllmd.scheduler.placement import NodeView, choose_node
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.worker.manager import Worker
+from sllmd.worker.movable import MovableRequest
 
 if TYPE_CHECKING:
     from sllmd.cluster.replicated import ReplicatedStateMachine
@@ -117,7 +119,9 @@ class Router:
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
-            seed=request.seed,
+            # Fixed at admission, so a sampled request moved mid-stream draws the same tokens elsewhere
+            # (greedy choice needs no seed).
+            seed=request.seed if request.seed is not None or request.temperature == 0 else secrets.randbits(63),
             stop_token_ids=tokenizer.eos_token_ids,
         )
         return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at, relayed_from)
@@ -232,20 +236,23 @@ class Router:
 
     @asynccontextmanager
     async def _local(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        async with (
-            self.worker.lease(prepared.deployment.name) as instance,
-            aclosing(self._generate(prepared, instance.engine)) as events,
-        ):
-            yield events
+        async with self.worker.lease(prepared.deployment.name) as instance:
+            request = MovableRequest(instance, prepared.prompt_ids, prepared.params)
+            try:
+                async with aclosing(self._generate(prepared, request)) as events:
+                    yield events
+            finally:
+                request.close()
 
-    async def _generate(self, prepared: PreparedRequest, engine: Engine | None) -> AsyncIterator[StreamEvent]:
-        assert engine is not None, "leased instances are ready"
+    async def _generate(self, prepared: PreparedRequest, request: MovableRequest) -> AsyncIterator[StreamEvent]:
+        """Detokenises the request's tokens, which come from the local engine or, once a migration
+        moved the request, from its destination (see `sllmd.worker.movable`)."""
         model = prepared.deployment.name
         text = TextStream(prepared.tokenizer, prepared.request.stop)
         num_generated = 0
         is_eos = False
         self.metrics.tokens.labels(model, "in").inc(len(prepared.prompt_ids))
-        async with aclosing(engine.generate(prepared.prompt_ids, prepared.params)) as tokens:
+        async with aclosing(request.stream()) as tokens:
             async for token in tokens:
                 if num_generated == 0:
                     self.metrics.ttft.labels(model).observe(time.monotonic() - prepared.arrived_at)

@@ -3,6 +3,14 @@
 Engines know nothing of text, HTTP or scheduling. Tokenising, chat templates, stop strings and
 detokenising happen above them (`sllmd.textgen`), so every backend — and migration, which moves
 only tokens — works on the same representation.
+
+Live migration (`sllmd.worker.migration`) needs two things of every backend, both in this contract:
+* resuming: `generate(prompt + tokens generated so far, params with max_tokens reduced by their
+  number)` continues the request exactly where it was, because the token at sequence index p is
+  chosen from the logits and (params.seed, p) alone — the index counts the original prompt too;
+* catching up: `prefill(ids)` builds the KV cache of a sequence without generating, `extend` grows it
+  as more tokens arrive, and `generate(..., prefilled=handle)` starts from it, computing only the
+  tokens the handle does not cover yet.
 """
 
 from __future__ import annotations
@@ -44,6 +52,30 @@ class LoadReport:
     init_s: float  # everything else the engine did before it could serve
 
 
+class Prefill(abc.ABC):
+    """A sequence's KV cache on one engine, built without generating anything.
+
+    Owned by one caller on one event loop; `extend` calls must not overlap. The handle is consumed by
+    the `generate(..., prefilled=handle)` it is passed to (after which `extend` raises) or dropped by
+    `close()`; both are idempotent with respect to the memory, which is freed once, by either.
+    """
+
+    @property
+    @abc.abstractmethod
+    def num_tokens(self) -> int:
+        """Tokens the cache covers: every id passed to `prefill` and `extend`, in order."""
+
+    @abc.abstractmethod
+    async def extend(self, token_ids: list[int]) -> None:
+        """Append `token_ids` to the sequence and compute their KV entries (nothing is emitted).
+        InvalidRequest for out-of-vocabulary ids; ContextLengthExceeded past the context length;
+        EngineFailed when the engine stopped or the handle was consumed or closed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the cache now (no-op once consumed or closed). Never blocks."""
+
+
 class Engine(abc.ABC):
     """One instance of one model on one device slot.
 
@@ -59,8 +91,19 @@ class Engine(abc.ABC):
     async def start(self) -> LoadReport: ...
 
     @abc.abstractmethod
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Yield up to `params.max_tokens` new token ids; ends early after a stop token (yielded)."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                 prefilled: Prefill | None = None) -> AsyncIterator[int]:
+        """Yield up to `params.max_tokens` new token ids; ends early after a stop token (yielded).
+
+        The k-th yielded token (k from 0) sits at sequence index len(prompt_ids) + k, which keys its
+        sampling. With `prefilled` (a handle of this engine whose ids are a prefix of `prompt_ids`,
+        else InvalidRequest), its KV cache is reused and only the ids after that prefix are computed;
+        the handle is consumed. Validation errors are raised before anything is queued."""
+
+    @abc.abstractmethod
+    async def prefill(self, token_ids: list[int]) -> Prefill:
+        """A new handle covering `token_ids` (at least one), computed on this engine's device. Same
+        errors as `Prefill.extend`. Does not count in `num_active`."""
 
     @abc.abstractmethod
     async def stop(self) -> None: ...

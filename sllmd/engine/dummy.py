@@ -11,10 +11,33 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from sllmd.engine.base import Engine, LoadReport, SamplingParams
-from sllmd.errors import ContextLengthExceeded
+from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams
+from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
 DEFAULT_CONTEXT_LENGTH = 2048
+
+
+class DummyPrefill(Prefill):
+    """Only the ids: the dummy has no KV cache, but checks the contract's errors like a real engine."""
+
+    def __init__(self, engine: DummyEngine) -> None:
+        self._engine = engine
+        self.token_ids: list[int] = []
+        self.is_open = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    async def extend(self, token_ids: list[int]) -> None:
+        if not self.is_open:
+            raise EngineFailed("prefill handle was consumed or closed")
+        self._engine.check_ids(token_ids, len(self.token_ids) + len(token_ids))
+        self.token_ids += token_ids
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.is_open = False
 
 
 class DummyEngine(Engine):
@@ -28,11 +51,31 @@ class DummyEngine(Engine):
     async def start(self) -> LoadReport:
         return LoadReport(source_tier="none", num_bytes=0, load_s=0.0, init_s=0.0)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    def check_ids(self, token_ids: list[int], num_total: int) -> None:
+        if any(not 0 <= i < self.vocab_size for i in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
+        if num_total > self.context_length:
+            raise ContextLengthExceeded(f"{num_total} tokens exceed the context length {self.context_length}")
+
+    async def prefill(self, token_ids: list[int]) -> Prefill:
+        if not token_ids:
+            raise InvalidRequest("prefill needs at least one token", param="prompt")
+        handle = DummyPrefill(self)
+        await handle.extend(token_ids)
+        return handle
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       prefilled: Prefill | None = None) -> AsyncIterator[int]:
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise ContextLengthExceeded(
                 f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds {self.context_length}"
             )
+        if prefilled is not None:
+            if not isinstance(prefilled, DummyPrefill) or not prefilled.is_open:
+                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
+            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
+                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            prefilled.close()
         seed = params.seed or 0
         self._num_active += 1
         try:

@@ -17,17 +17,24 @@ Concurrency model
 
 Token choice is `sampling.choose_token`, keyed by (seed, absolute position) only, so resuming a
 request elsewhere from prompt + tokens-so-far with the same seed continues identically.
+
+Prefill handles (live migration's catch-up) hold a `DynamicCache` and the last position's logits. Their
+`extend` jobs run on the same worker thread, at the start of a round before the decode steps, and are
+answered through a future on the caller's loop. A request started from a handle takes over its cache
+and computes only the ids the handle does not cover (none: it samples from the kept logits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +47,7 @@ from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
-from sllmd.engine.base import Engine, LoadReport, SamplingParams
+from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
@@ -104,9 +111,48 @@ class _Request:
     queue: asyncio.Queue[int | BaseException] = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)
     cache: DynamicCache | None = None
+    num_cached: int = 0  # leading prompt ids already in `cache` (taken over from a prefill handle)
+    cached_logits: torch.Tensor | None = None  # next-token logits after those ids
     # Written by the event loop, read by the worker. A bool store is atomic under the GIL; a stale
     # read costs at most one extra step.
     cancelled: bool = False
+
+
+class TransformersPrefill(Prefill):
+    """A prefill handle of a TransformersEngine. Its cache and logits are written only by the worker
+    thread while an `extend` job runs, and read by it when a request takes the handle over."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self.engine = engine
+        self.token_ids: list[int] = []
+        self.cache: DynamicCache | None = None
+        self.last_logits: torch.Tensor | None = None
+        self.is_open = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    async def extend(self, token_ids: list[int]) -> None:
+        if not self.is_open:
+            raise EngineFailed("prefill handle was consumed or closed")
+        self.engine.check_ids(token_ids, self.num_tokens + len(token_ids))
+        if not token_ids:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.engine.submit_prefill(_PrefillJob(self, list(token_ids), future))
+        await future
+
+    def close(self) -> None:
+        self.is_open = False
+        self.cache = self.last_logits = None
+
+
+@dataclass(eq=False)
+class _PrefillJob:
+    handle: TransformersPrefill
+    token_ids: list[int]
+    future: asyncio.Future[None]
 
 
 class TransformersEngine(Engine):
@@ -129,6 +175,7 @@ class TransformersEngine(Engine):
         self._vocab_size = 0
         self._cond = threading.Condition()
         self._pending: list[_Request] = []  # guarded by _cond
+        self._prefills: list[_PrefillJob] = []  # guarded by _cond
         self._live: set[_Request] = set()  # admitted and not yet released by the worker; under _cond
         self._stopping = False
         self._closed_reason: str | None = None  # set once the worker has exited
@@ -197,12 +244,39 @@ class TransformersEngine(Engine):
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        model = weakref.ref(self._model) if self._model is not None else None
         self._model = None
-        gc.collect()
+        # A full collection holds the GIL for ~0.2-0.4 s, stalling every stream this process serves;
+        # only a model kept alive by reference cycles needs one.
+        if model is not None and model() is not None:
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ---- request side (event loop) ---------------------------------------------------------------
+
+    def check_ids(self, token_ids: list[int], num_total: int) -> None:
+        """Ids in the vocabulary and a sequence of `num_total` tokens within the context length."""
+        if self._model is None:
+            raise EngineFailed(self._closed_reason or "engine is not running")
+        if num_total > self.context_length:
+            raise ContextLengthExceeded(f"{num_total} tokens exceed the context length {self.context_length}")
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self._vocab_size):
+            raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
+
+    def submit_prefill(self, job: _PrefillJob) -> None:
+        with self._cond:
+            if self._thread is None or self._stopping or self._closed_reason is not None:
+                raise EngineFailed(self._closed_reason or "engine is not running")
+            self._prefills.append(job)
+            self._cond.notify()
+
+    async def prefill(self, token_ids: list[int]) -> Prefill:
+        if not token_ids:
+            raise InvalidRequest("prefill needs at least one token", param="prompt")
+        handle = TransformersPrefill(self)
+        await handle.extend(token_ids)
+        return handle
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -222,13 +296,22 @@ class TransformersEngine(Engine):
         if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
             raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       prefilled: Prefill | None = None) -> AsyncIterator[int]:
         """Yield new token ids in order. Validation errors are raised before anything is queued."""
         if self._model is None:
             raise EngineFailed(self._closed_reason or "engine is not running")
         self._validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         req = _Request(list(prompt_ids), params, seed, asyncio.get_running_loop())
+        if prefilled is not None:
+            is_mine = isinstance(prefilled, TransformersPrefill) and prefilled.engine is self
+            if not is_mine or prefilled.cache is None:
+                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
+            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
+                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            req.cache, req.cached_logits, req.num_cached = prefilled.cache, prefilled.last_logits, prefilled.num_tokens
+            prefilled.close()
         with self._cond:
             if self._thread is None or self._stopping or self._closed_reason is not None:
                 raise EngineFailed(self._closed_reason or "engine is not running")
@@ -261,20 +344,46 @@ class TransformersEngine(Engine):
         with self._cond:
             self._live.discard(req)
 
+    def _forward(self, new_ids: list[int], cache: DynamicCache) -> torch.Tensor:
+        """The next-token logits after appending `new_ids` to `cache` (which grows by them)."""
+        assert self._model is not None
+        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+        # The cache supplies the positions (position_ids default to cache length + arange).
+        out = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
     def _step(self, req: _Request) -> int:
         """Prefill (first call) or decode one token for `req`; returns the chosen token."""
         assert self._model is not None
         if req.cache is None:
             req.cache = DynamicCache(config=self._model.config)
-            new_ids = req.prompt
-        else:
-            new_ids = req.tokens[-1:]
-        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
-        # The cache supplies the positions (position_ids default to cache length + arange).
-        out = self._model(input_ids=input_ids, past_key_values=req.cache, use_cache=True, logits_to_keep=1)
-        token = choose_token(out.logits[0, -1], req.params, len(req.prompt) + len(req.tokens), req.seed)
+        new_ids = req.tokens[-1:] if req.tokens else req.prompt[req.num_cached:]
+        if new_ids:
+            logits = self._forward(new_ids, req.cache)
+        else:  # a prefill handle covered the whole prompt: its last logits choose the first token
+            assert req.cached_logits is not None
+            logits = req.cached_logits
+        req.cached_logits = None
+        token = choose_token(logits, req.params, len(req.prompt) + len(req.tokens), req.seed)
         req.tokens.append(token)
         return token
+
+    def _run_prefill(self, job: _PrefillJob) -> None:
+        """Extend a handle's cache (skipped if it was closed meanwhile); answer on the caller's loop."""
+        handle, error = job.handle, None
+        if handle.is_open:
+            try:
+                assert self._model is not None
+                cache = handle.cache if handle.cache is not None else DynamicCache(config=self._model.config)
+                handle.last_logits = self._forward(job.token_ids, cache)
+                handle.cache = cache
+                handle.token_ids += job.token_ids
+            except Exception as e:  # the cache may be half-updated: the handle is unusable now
+                handle.close()
+                error = EngineFailed(f"prefill failed: {e!r}")
+        else:
+            error = EngineFailed("prefill handle was closed")
+        _settle_threadsafe(job.future, error)
 
     def _run(self) -> None:
         active: list[_Request] = []
@@ -285,12 +394,15 @@ class TransformersEngine(Engine):
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not (self._pending or active or self._stopping):
+                        while not (self._pending or self._prefills or active or self._stopping):
                             self._cond.wait()
                         if self._stopping:
                             return
                         active.extend(self._pending)
                         self._pending.clear()
+                        prefills, self._prefills = self._prefills, []
+                    for job in prefills:
+                        self._run_prefill(job)
                     for req in list(active):
                         if self._stopping:
                             break
@@ -315,6 +427,22 @@ class TransformersEngine(Engine):
                 self._closed_reason = reason
                 leftover = active + self._pending
                 self._pending.clear()
+                jobs, self._prefills = self._prefills, []
             for req in leftover:
                 self._release(req)
                 self._post(req, EngineFailed(reason))
+            for job in jobs:
+                _settle_threadsafe(job.future, EngineFailed(reason))
+
+
+def _settle_threadsafe(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve `future` on its own loop from the worker thread (unless the waiter gave up)."""
+    def settle() -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits any more
+        future.get_loop().call_soon_threadsafe(settle)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from sllmd.deployments import DeploySpec
 from sllmd.engine.base import Backend
-from sllmd.errors import InvalidRequest, ModelNotFound
+from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
 from sllmd.node import Node
@@ -34,6 +35,10 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/admin/models/{name}", delete_model)
     router.add_get("/admin/cluster", cluster)
     router.add_delete("/admin/cluster/nodes/{id}", remove_node)
+    router.add_post("/admin/instances/{id}/migrate", migrate_instance)
+
+
+FORWARDED_HEADER = "X-Sllmd-Forwarded"  # a forwarded admin call is answered where it lands (no loops)
 
 
 def parse_policy(raw: Any, base: AutoscalingPolicy) -> AutoscalingPolicy:
@@ -86,6 +91,7 @@ def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
             "device": instance.slot.device,
             "state": instance.state.value,
             "in_flight": instance.in_flight,
+            "num_tokens": instance.num_tokens,
             "started_at": instance.started_at,
             "load": dataclasses.asdict(report) if report else None,
         })
@@ -153,3 +159,39 @@ async def remove_node(request: web.Request) -> web.Response:
     node_id = request.match_info["id"]
     num_instances = await request.app[NODE].state.propose({"op": Op.REMOVE_NODE, "node_id": node_id})
     return web.json_response({"removed": node_id, "instances_deleted": num_instances})
+
+
+async def migrate_instance(request: web.Request) -> web.Response:
+    """Move a running instance's requests to another node: {"to": NODE_ID}. Any node takes the call and
+    forwards it to the node running the instance; 200 with the MigrationResult (outcome "moved" or
+    "aborted"), 404 instance_not_found, 400 for a bad body or unknown node, 409 when it cannot start."""
+    node = request.app[NODE]
+    instance_id = request.match_info["id"]
+    body = parse_json_object(await request.read())
+    unknown = set(body) - {"to"}
+    if unknown:
+        raise InvalidRequest(f"unknown field '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+    to_node = body.get("to")
+    if not isinstance(to_node, str) or not to_node:
+        raise InvalidRequest("to is required: the id of the node to move the instance to", param="to")
+    nodes = node.state.nodes()
+    if to_node not in nodes:
+        raise InvalidRequest(f"no node '{to_node}' in the cluster", param="to", code="unknown_node")
+    owner = next((r.node_id for r in node.state.instances() if r.id == instance_id), None)
+    if owner is None or owner == node.node_id or request.headers.get(FORWARDED_HEADER):
+        result = await node.migrations.migrate(instance_id, to_node)
+        return web.json_response(result.to_json())
+    return await _forward(request, nodes[owner].http, body)
+
+
+async def _forward(request: web.Request, address: str, body: dict[str, Any]) -> web.Response:
+    headers = {FORWARDED_HEADER: request.app[NODE].node_id}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                f"http://{address}{request.path}", json=body, headers=headers) as answer:
+            return web.json_response(await answer.json(content_type=None), status=answer.status)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise EngineFailed(f"the node at {address} running the instance did not answer: {exc!r}",
+                           code="forward_failed") from None

@@ -36,6 +36,7 @@ from sllmd.worker.warming import DramWarmer
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
+    from sllmd.worker.movable import MovableRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ class Instance:
     idle_timer: asyncio.TimerHandle | None = None
     starting: asyncio.Task | None = None
     stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
+    requests: set[MovableRequest] = field(default_factory=set)  # generating on this instance's engine now
+    is_draining: bool = False  # a migration is cutting its requests over: take no new ones
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + generated tokens of every request generating here: what a migration would move
+        (its cost is about a·num_tokens + b)."""
+        return sum(request.num_tokens for request in self.requests)
 
 
 @dataclass(eq=False)
@@ -77,7 +86,7 @@ class ModelRuntime:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def ready(self) -> list[Instance]:
-        return [i for i in self.instances if i.state is InstanceState.READY]
+        return [i for i in self.instances if i.state is InstanceState.READY and not i.is_draining]
 
     def num_starting(self) -> int:
         return sum(1 for i in self.instances if i.state is InstanceState.STARTING)
@@ -163,6 +172,13 @@ class Worker:
         instance = self._pick(runtime)
         if instance is None:
             instance = await self._wait_for_instance(runtime)
+        async with self.hold(runtime, instance):
+            yield instance
+
+    @asynccontextmanager
+    async def hold(self, runtime: ModelRuntime, instance: Instance) -> AsyncIterator[Instance]:
+        """Count one request on `instance` (no keep-alive stop meanwhile) until the block exits. A
+        migration's destination holds the instance its prefilled caches live on this way."""
         instance.in_flight += 1
         if instance.idle_timer is not None:
             instance.idle_timer.cancel()
@@ -175,6 +191,23 @@ class Worker:
             if instance.in_flight == 0 and instance.state is InstanceState.READY:
                 instance.idle_since = time.monotonic()
                 self._arm_idle_timer(runtime, instance)
+
+    def find(self, instance_id: str) -> tuple[ModelRuntime, Instance] | None:
+        """The live (starting or ready) instance `instance_id` of this node and its model's runtime."""
+        for runtime in self.runtimes.values():
+            for instance in runtime.instances:
+                if instance.id == instance_id:
+                    return runtime, instance
+        return None
+
+    async def set_draining(self, runtime: ModelRuntime, instance: Instance, is_draining: bool) -> None:
+        instance.is_draining = is_draining
+        if not is_draining:
+            await self._notify(runtime)  # requests waiting for a ready instance may take it again
+
+    async def stop_instance(self, runtime: ModelRuntime, instance: Instance) -> None:
+        """Stop `instance` and wait until its slot is free again (a migrated-away instance)."""
+        await self._stop_instance(runtime, instance)
 
     def _pick(self, runtime: ModelRuntime) -> Instance | None:
         ready = runtime.ready()
