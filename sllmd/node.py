@@ -19,7 +19,7 @@ from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
-from sllmd.scheduler.placement import plan_checkpoint_homes
+from sllmd.scheduler.placement import Migration, plan_checkpoint_homes
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
@@ -68,6 +68,8 @@ class Node:
         state.soft_state = node._soft_state
         checkpoints.peer_sources = node._peer_sources
         checkpoints.on_fetched = worker.on_fetched
+        placer.migrate = node._migrate_for_plan
+        migrations.on_migrated = lambda result: worker.observe_migration(result.num_tokens, result.duration_s)
         return node
 
     async def start(self) -> None:
@@ -113,6 +115,20 @@ class Node:
             return self.worker.record_all()
         return None
 
+    async def _migrate_for_plan(self, migration: Migration) -> None:
+        """Carry out a migration the leader's placement planned: here, or through the instance's node."""
+        if migration.from_node == self.node_id:
+            result = await self.migrations.migrate(migration.instance_id, migration.to_node)
+            log.info("planned migration done", extra={"instance": migration.instance_id, "outcome": result.outcome})
+            return
+        record = self.state.nodes().get(migration.from_node)
+        if record is None:
+            raise LookupError(f"node {migration.from_node} left the cluster")
+        status, answer = await self.relay.call(record.http, f"/admin/instances/{migration.instance_id}/migrate",
+                                               {"to": migration.to_node})
+        if status != 200:
+            raise RuntimeError(f"node {migration.from_node} refused the migration: HTTP {status} {answer}")
+
     def _fetch_if_home(self, deployment: Deployment) -> None:
         """Fetch a new deployment's checkpoint into this node's SSD store (from a peer or the repository) if
         this node is one of its `cluster.checkpoint_copies` homes, so cold starts rarely reach the repository."""
@@ -154,7 +170,8 @@ class Node:
                        for name, runtime in worker.runtimes.items()},
             "calibration": worker.calibration.to_wire(),
             "pending_load_s": round(worker.pending_load_s(), 4),
-            "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "state": i.state.value}
+            "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "tokens": i.num_tokens,
+                           "state": i.state.value}
                           for name, runtime in worker.runtimes.items() for i in runtime.instances],
             "free_dram_bytes": dram.budget_bytes - dram.used_bytes if dram is not None else 0,
             "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),

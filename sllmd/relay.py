@@ -82,6 +82,21 @@ class Relay:
                 yield events
 
 
+    async def call(self, address: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+                   ) -> tuple[int, Any]:
+        """POST `body` as JSON to another node's `path` (with this cluster's API key); (status, JSON answer).
+        `RelayFailed` if the node cannot be reached or its answer is not JSON."""
+        headers = dict(headers or {})
+        if self.api_key and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            async with self._client().post(f"http://{address}{path}", json=body, headers=headers) as answer:
+                return answer.status, await answer.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise RelayFailed(f"node at {address} did not answer {path}: {exc!r}",
+                              is_connect=isinstance(exc, aiohttp.ClientConnectorError)) from None
+
+
 def relay_body(prepared: PreparedRequest) -> dict[str, Any]:
     """A completions request for exactly what `prepared` asks (prompt as token ids, limits resolved)."""
     params = prepared.params

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from sllmd.deployments import DeploySpec
@@ -14,6 +13,7 @@ from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
 from sllmd.node import Node
+from sllmd.relay import RelayFailed
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
@@ -189,9 +189,8 @@ async def _forward(request: web.Request, address: str, body: dict[str, Any]) -> 
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     try:
-        async with aiohttp.ClientSession() as session, session.post(
-                f"http://{address}{request.path}", json=body, headers=headers) as answer:
-            return web.json_response(await answer.json(content_type=None), status=answer.status)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise EngineFailed(f"the node at {address} running the instance did not answer: {exc!r}",
+        status, answer = await request.app[NODE].relay.call(address, request.path, body, headers)
+    except RelayFailed as exc:
+        raise EngineFailed(f"the node at {address} running the instance did not answer: {exc}",
                            code="forward_failed") from None
+    return web.json_response(answer, status=status)

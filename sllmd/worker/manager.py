@@ -125,7 +125,8 @@ class Worker:
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self.warmer = None if dram_cache is None else DramWarmer(
-            store, dram_cache, lambda: {name: runtime.deployment for name, runtime in self.runtimes.items()})
+            # Models with an instance here are left out: a start caches its checkpoint on the way anyway.
+            store, dram_cache, lambda: {name: r.deployment for name, r in self.runtimes.items() if not r.instances})
         self._tasks: set[asyncio.Task] = set()
         metrics.free_slots.set(slots.num_free)
 
@@ -446,6 +447,10 @@ class Worker:
         self.set_calibration(self.calibration.observe_fetch(Tier(tier), report.num_bytes, report.seconds))
         if self.warmer is not None:
             self.warmer.consider()
+
+    def observe_migration(self, num_tokens: int, seconds: float) -> None:
+        """A migration from this node moved requests holding `num_tokens`: learn its a·tokens + b."""
+        self.set_calibration(self.calibration.observe_migration(num_tokens, seconds))
 
     def _observe_load(self, deployment: Deployment, report: LoadReport) -> None:
         if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing

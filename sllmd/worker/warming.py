@@ -37,6 +37,7 @@ RATE_TAU_S = 300.0  # popularity forgets over ~5 minutes
 class DramWarmer:
     def __init__(self, store: CheckpointStore, dram_cache: DramCache,
                  deployments: Callable[[], dict[str, Deployment]]) -> None:
+        """`deployments()`: the models warming may consider now (by name)."""
         self.store = store
         self.dram_cache = dram_cache
         self.deployments = deployments
