@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,31 +41,36 @@ from sllmd.scheduler.simengine import Outcome, Simulation
 from sllmd.scheduler.simpolicies import all_policies
 from sllmd.scheduler.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 
-NUM_MODEL_COPIES = 4
-NUM_CHECKPOINT_HOMES = 2
+NUM_MODEL_COPIES = 8
+NUM_CHECKPOINT_HOMES = 1
 AUTOSCALING = AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0)
-BUILTIN_DURATION_S = 3600.0
-BUILTIN_RATE = 0.5  # requests/s over all models
+BUILTIN_DURATION_S = 7200.0
+BUILTIN_RATE = 1.5  # requests/s over all models
+BUILTIN_WARMUP_S = 600.0  # requests arriving earlier are played but not measured
 
 
-def builtin_trace(seed: int, *, duration_s: float = BUILTIN_DURATION_S, lengths: TokenLengths = TokenLengths.GSM8K
-                  ) -> list[Request]:
+def builtin_trace(seed: int, *, duration_s: float = BUILTIN_DURATION_S,
+                  lengths: TokenLengths = TokenLengths.SHAREGPT) -> list[Request]:
     models = [m.name for m in catalogue(NUM_MODEL_COPIES)]
     return azure_like_trace(models, duration_s=duration_s, total_rate=BUILTIN_RATE, seed=seed, lengths=lengths)
 
 
-def simulate(trace: list[Request], seed: int) -> dict[str, dict[str, Any]]:
-    """Per policy name, the summary of playing `trace` (see `summarise`)."""
+def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Per policy name, the summary of playing `trace` (see `summarise`); requests arriving before
+    `warmup_s` are played but left out of the latency figures."""
     summaries = {}
     for policy in all_policies(seed):
         sim = Simulation(Hardware(), catalogue(NUM_MODEL_COPIES), AUTOSCALING, policy, num_homes=NUM_CHECKPOINT_HOMES)
-        summaries[policy.name] = summarise(sim.run(trace))
+        summaries[policy.name] = summarise(sim.run(trace), warmup_s)
     return summaries
 
 
-def summarise(outcome: Outcome) -> dict[str, Any]:
-    startup = sorted(r.first_token_s - r.request.time_s for r in outcome.requests)  # type: ignore[operator]
-    e2e = sorted(r.done_s - r.request.time_s for r in outcome.requests)  # type: ignore[operator]
+def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
+    """Latency percentiles over the requests arriving at or after `warmup_s` ("requests" counts them);
+    GPU-seconds, cold starts and migrations over the whole run."""
+    measured = [r for r in outcome.requests if r.request.time_s >= warmup_s]
+    startup = sorted(r.first_token_s - r.request.time_s for r in measured)  # type: ignore[operator]
+    e2e = sorted(r.done_s - r.request.time_s for r in measured)  # type: ignore[operator]
     return {
         "p50_s": percentile(startup, 50), "p99_s": percentile(startup, 99), "mean_s": _mean(startup),
         "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99), "e2e_mean_s": _mean(e2e),
@@ -72,7 +78,7 @@ def summarise(outcome: Outcome) -> dict[str, Any]:
         "cold_starts": {str(t): outcome.cold_starts.get(str(t), 0) for t in Tier if t is not Tier.DEVICE},
         "migrations": outcome.num_migrations,
         "max_gpus_used": outcome.max_slots_used,
-        "requests": len(outcome.requests),
+        "requests": len(measured),
         "startup_s": startup,
     }
 
@@ -121,9 +127,12 @@ def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def load_trace(spec: str, seed: int, lengths: TokenLengths) -> list[Request]:
+def load_trace(spec: str, seed: int, lengths: TokenLengths | None) -> list[Request]:
+    """The built-in trace (ShareGPT-like lengths unless `lengths`) or the CSV file at `spec` (token
+    counts it lacks drawn from `lengths`, GSM8K-like unless given)."""
     if spec == "builtin":
-        return builtin_trace(seed, lengths=lengths)
+        return builtin_trace(seed, lengths=lengths or TokenLengths.SHAREGPT)
+    lengths = lengths or TokenLengths.GSM8K
     try:
         text = Path(spec).read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -136,8 +145,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trace", default="builtin",
                         help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] (default builtin)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and the random policy (default 0)")
-    parser.add_argument("--lengths", choices=[t.value for t in TokenLengths], default=TokenLengths.GSM8K.value,
-                        help="token lengths of generated requests (default gsm8k)")
+    parser.add_argument("--lengths", choices=[t.value for t in TokenLengths],
+                        help="token lengths of generated requests (default: sharegpt for the built-in trace, "
+                             "gsm8k for a CSV's rows without them)")
+    parser.add_argument("--warmup", type=float, metavar="S",
+                        help=f"leave requests arriving in the first S seconds out of the latency figures "
+                             f"(default: {BUILTIN_WARMUP_S:.0f} for the built-in trace, 0 for a CSV)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of the startup-latency CDFs")
     args = parser.parse_args(argv)
@@ -147,18 +160,27 @@ def main(argv: list[str]) -> int:
         except ImportError:
             print("sllmd simulate: --plot needs matplotlib (pip install 'sllmd[sim]')", file=sys.stderr)
             return 2
+    warmup_s = args.warmup if args.warmup is not None else BUILTIN_WARMUP_S if args.trace == "builtin" else 0.0
+    if not (math.isfinite(warmup_s) and warmup_s >= 0):
+        print(f"sllmd simulate: --warmup must be a finite number of seconds >= 0, got {args.warmup}", file=sys.stderr)
+        return 2
     try:
-        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths))
+        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths) if args.lengths else None)
     except TraceError as exc:
         print(f"sllmd simulate: {exc}", file=sys.stderr)
         return 2
-    summaries = simulate(trace, args.seed)
+    if all(r.time_s < warmup_s for r in trace):
+        print(f"sllmd simulate: every request arrives within the {warmup_s:g} s warm-up; lower --warmup",
+              file=sys.stderr)
+        return 2
+    summaries = simulate(trace, args.seed, warmup_s=warmup_s)
     if args.plot is not None:
         plot(summaries, args.plot)
     for summary in summaries.values():
         del summary["startup_s"]
     if not args.json:
-        print(f"{len(trace)} requests, trace {args.trace}, seed {args.seed}")
+        print(f"{len(trace)} requests, trace {args.trace}, seed {args.seed}; latencies of the "
+              f"{summaries['sllmd']['requests']} arriving after {warmup_s:g} s")
         print(table(summaries))
-    print(json.dumps({"policies": summaries, "seed": args.seed, "trace": args.trace}))
+    print(json.dumps({"policies": summaries, "seed": args.seed, "trace": args.trace, "warmup_s": warmup_s}))
     return 0
