@@ -13,11 +13,14 @@ Mechanics, mirroring the daemon's worker:
   true figures of `Hardware`. Every completed load and migration is fed to that server's `Calibration`.
 - Loaded checkpoints stay in the server's DRAM cache (LRU) when the policy has one; fetched ones stay in
   its SSD cache when the policy keeps them.
-- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once by a placement.
-- A migration (instance I of model A from N to D, to free N's GPU for model B): D takes a GPU and loads
-  A; the tokens of I's requests are re-prefilled on D (`migration_base_s` + prefill time) while I keeps
-  decoding; at cut-over I's requests continue on D, I stops and B's load on N starts.
-- Decode time per token is constant per model (memory bound, small batches); prefill is compute bound.
+- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once by a placement, and
+  whenever one goes idle the models whose requests wait for a GPU are offered it (oldest first).
+- A migration (instance I of model A from N to D, to free N's GPU for model B): D takes a GPU (evicting
+  an idle instance there if the policy says so) and loads A; the tokens of I's requests are re-prefilled
+  on D (`migration_base_s` + prefill time) while I keeps decoding; at cut-over I's requests continue on
+  D, I stops and B's load on N starts.
+- Decode time per token is constant per model (batch 1: weights read from HBM plus a fixed per-token
+  cost, see `Hardware`); prefill is compute bound.
 - With `has_checkpoint_homes`, each checkpoint is put on `num_homes` servers' SSDs before the trace
   starts (`plan_checkpoint_homes`, as at deploy). With a DRAM cache, every WARM_INTERVAL_S each server
   copies the models `plan_dram_warming` picks (request rates over the last RATE_WINDOW_S) from its SSD
