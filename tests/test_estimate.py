@@ -15,6 +15,7 @@ from sllmd.scheduler.estimate import (
     Tier,
     load_time_s,
     migration_time_s,
+    transfer_time_s,
 )
 
 GB = int(BYTES_PER_GB)
@@ -99,6 +100,10 @@ def test_load_time_adds_every_tier_the_bytes_cross():
     assert load_time_s(26 * GB, Tier.REPOSITORY, c) == pytest.approx(gb / 0.1 + gb / 2 + init)
     times = [load_time_s(26 * GB, t, c) for t in Tier]
     assert times == sorted(times)
+    # The transfer alone (what keeps the SSD and network busy) is the load without engine init.
+    for tier in Tier:
+        expected = 0 if tier is Tier.DEVICE else load_time_s(26 * GB, tier, c) - init
+        assert transfer_time_s(26 * GB, tier, c) == pytest.approx(expected)
 
 
 def test_wire_round_trip_through_json():

@@ -113,11 +113,15 @@ def test_prefers_dram_over_ssd_over_peer_over_repository():
     assert plan_start("m", 26 * GB, [state("a", free=1), state("b", alive=False, ssd=("m",))]).tier == Tier.REPOSITORY
 
 
-def test_queued_loads_count_against_a_node():
-    nodes = [state("a", free=1, dram=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
+def test_queued_loads_delay_ssd_and_network_loads_but_not_dram_ones():
+    nodes = [state("a", free=1, ssd=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
     assert plan_start("m", 26 * GB, nodes).node_id == "b"
-    nodes = [state("a", free=1, dram=("m",), pending=1.0), state("b", free=1, ssd=("m",))]
-    assert plan_start("m", 26 * GB, nodes).node_id == "a"
+    nodes = [state("a", free=1, ssd=("m",), pending=1.0), state("b", free=1, ssd=("m",), pending=2.0)]
+    plan = plan_start("m", 26 * GB, nodes)
+    assert plan.node_id == "a" and plan.estimated_s == pytest.approx(1.0 + load_time_s(26 * GB, Tier.SSD, CAL))
+    # Each GPU has its own PCIe link: a DRAM copy does not wait for the SSD queue.
+    nodes = [state("a", free=1, dram=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
+    assert plan_start("m", 26 * GB, nodes) == StartPlan("m", "a", Tier.DRAM, load_time_s(26 * GB, Tier.DRAM, CAL))
 
 
 def test_evicts_an_idle_instance_of_another_model_but_not_busy_ones():
@@ -160,6 +164,30 @@ def test_a_migration_never_reuses_the_plans_slot_and_unknown_sizes_stay_put():
     unknown = RunningInstance("i1", "x", num_requests=2, num_tokens=10, num_bytes=0)
     nodes = [state("a", dram=("m",), instances=(unknown,)), state("b", free=1, dram=("x",))]
     assert plan_start("m", 26 * GB, nodes).migrations == ()
+
+
+def test_a_migration_may_evict_an_idle_instance_at_its_destination():
+    # "b" has no free slot, only an idle instance of y; x moves there (y stopped), m loads from a's DRAM.
+    nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)),
+             state("b", dram=("x",), instances=(idle("i3", "y"), idle("i2", "x"), busy("i4", "z")))]
+    plan = plan_start("m", 26 * GB, nodes)
+    (migration,) = plan.migrations
+    assert (plan.node_id, plan.tier, plan.evictions) == ("a", Tier.DRAM, ())
+    assert (migration.to_node, migration.evictions) == ("b", ("i3",))  # never the idle instance of x itself
+    # Without migration m goes to b from a peer, after evicting the idle instance there.
+    no_migration = plan_start("m", 26 * GB, nodes, allow_migration=False)
+    assert (no_migration.node_id, no_migration.tier, no_migration.evictions) == ("b", Tier.PEER, ("i2",))
+    # An idle instance of the cold model itself is never evicted to make room for it.
+    nodes[1] = state("b", dram=("x",), instances=(idle("i5", "m"),))
+    assert plan_start("m", 26 * GB, nodes) is None
+
+
+def test_the_queue_on_the_freed_node_drains_while_the_migration_runs():
+    nodes = [state("a", ssd=("m",), pending=10.0, instances=(busy("i1", "x"),)), state("b", free=1, dram=("x",))]
+    plan = plan_start("m", 26 * GB, nodes)
+    (migration,) = plan.migrations
+    assert migration.estimated_s < 10  # so m's SSD load starts when the queue is done, not 10 s after the move
+    assert plan.estimated_s == pytest.approx(10.0 + load_time_s(26 * GB, Tier.SSD, CAL))
 
 
 def test_migration_picks_the_cheapest_instance_and_destination():

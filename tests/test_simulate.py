@@ -9,7 +9,7 @@ import pytest
 
 from sllmd.cli import main
 from sllmd.scheduler.simcluster import LruCache, catalogue
-from sllmd.scheduler.simulate import NUM_MODEL_COPIES, builtin_trace, percentile, simulate
+from sllmd.scheduler.simulate import BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
 from sllmd.scheduler.trace import TokenLengths, TraceError, azure_like_trace, parse_csv
 
 MODELS = {m.name for m in catalogue(NUM_MODEL_COPIES)}
@@ -17,18 +17,26 @@ MODELS = {m.name for m in catalogue(NUM_MODEL_COPIES)}
 
 @pytest.fixture(scope="module")
 def builtin_summaries() -> dict:
-    return simulate(builtin_trace(seed=0), seed=0)
+    return simulate(builtin_trace(seed=0), seed=0, warmup_s=BUILTIN_WARMUP_S)
 
 
 def test_p99_startup_ratios_on_the_builtin_trace(builtin_summaries):
     p99 = {name: s["p99_s"] for name, s in builtin_summaries.items()}
     assert p99["ray-serve"] >= 10 * p99["sllmd"]
     assert p99["ray-serve-cache"] >= 3 * p99["sllmd"]
-    # Every policy serves every request, and only sllmd migrates.
-    assert {s["requests"] for s in builtin_summaries.values()} == {len(builtin_trace(seed=0))}
+    assert p99["no-migration"] >= 1.2 * p99["sllmd"]
+    # Every policy serves every request after the warm-up, and only sllmd migrates.
+    measured = sum(r.time_s >= BUILTIN_WARMUP_S for r in builtin_trace(seed=0))
+    assert {s["requests"] for s in builtin_summaries.values()} == {measured}
     assert all(s["migrations"] == 0 for name, s in builtin_summaries.items() if name != "sllmd")
+    assert builtin_summaries["sllmd"]["migrations"] > 0
+    # Migration turns peer fetches into local loads.
+    assert builtin_summaries["sllmd"]["cold_starts"]["peer"] < builtin_summaries["no-migration"]["cold_starts"]["peer"]
     assert builtin_summaries["ray-serve"]["cold_starts"]["repository"] > 0
     assert builtin_summaries["ray-serve"]["cold_starts"]["dram"] == 0
+    for summary in builtin_summaries.values():
+        assert {"p50_s", "p99_s", "mean_s", "e2e_p50_s", "e2e_p99_s", "e2e_mean_s", "gpu_s"} <= set(summary)
+        assert summary["p50_s"] <= summary["p99_s"] <= summary["e2e_p99_s"]
 
 
 def test_no_policy_ever_holds_more_gpus_than_a_server_has(builtin_summaries):
@@ -39,18 +47,18 @@ def test_no_policy_ever_holds_more_gpus_than_a_server_has(builtin_summaries):
         assert summary["gpu_s"] > 0
 
 
-def test_same_seed_same_json_and_a_new_seed_changes_it(capsys):
-    outputs = []
-    for seed in ("3", "3", "4"):
-        assert main(["simulate", "--seed", seed, "--json"]) == 0
-        outputs.append(capsys.readouterr().out.strip().splitlines()[-1])
-    assert outputs[0] == outputs[1] != outputs[2]
-    result = json.loads(outputs[0])
-    assert result["seed"] == 3 and result["trace"] == "builtin"
-    assert set(result["policies"]) == {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
-    for summary in result["policies"].values():
-        assert {"p50_s", "p99_s", "mean_s", "e2e_p50_s", "e2e_p99_s", "e2e_mean_s", "gpu_s"} <= set(summary)
-        assert summary["p50_s"] <= summary["p99_s"] <= summary["e2e_p99_s"]
+def test_same_seed_same_result_and_a_new_seed_changes_it():
+    runs = [simulate(builtin_trace(seed, duration_s=1200), seed, warmup_s=600) for seed in (3, 3, 4)]
+    assert runs[0] == runs[1] != runs[2]
+    assert set(runs[0]) == {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
+
+
+def test_warmup_leaves_early_requests_out_of_the_latencies():
+    trace = builtin_trace(seed=1, duration_s=1200)
+    everything = simulate(trace, seed=1)["sllmd"]
+    later = simulate(trace, seed=1, warmup_s=600)["sllmd"]
+    assert everything["requests"] == len(trace) > later["requests"] == sum(r.time_s >= 600 for r in trace) > 0
+    assert everything["gpu_s"] == later["gpu_s"]  # the same run, measured over fewer requests
 
 
 def test_table_then_json_last_line_from_a_csv_trace(tmp_path, capsys):
@@ -61,10 +69,23 @@ def test_table_then_json_last_line_from_a_csv_trace(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1].split()[0] == "policy"
     result = json.loads(lines[-1])
+    assert result["trace"] == str(trace) and result["seed"] == 0 and result["warmup_s"] == 0  # CSV: no warm-up
+    assert set(result["policies"]) == {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
     assert result["policies"]["sllmd"]["requests"] == 3
     # The first request is a cold start from an SSD home or DRAM, never the repository.
     assert result["policies"]["sllmd"]["cold_starts"]["repository"] == 0
     assert result["policies"]["ray-serve"]["p50_s"] > 60  # 26 GB at 0.2 GB/s
+    assert main(["simulate", "--trace", str(trace), "--warmup", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policies"]["sllmd"]["requests"] == 1
+
+
+def test_bad_warmup_is_a_one_line_error_exit_2(tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("0,opt-13b-00\n5,opt-13b-00\n")
+    for warmup, message in (("-1", ">= 0"), ("nan", ">= 0"), ("5.5", "warm-up")):
+        assert main(["simulate", "--trace", str(trace), "--warmup", warmup]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
 
 
 @pytest.mark.parametrize(
@@ -103,7 +124,9 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys):
         assert main(["simulate", "--plot", str(tmp_path / "cdf.png")]) == 2
         assert "matplotlib" in capsys.readouterr().err
     else:
-        assert main(["simulate", "--json", "--plot", str(tmp_path / "cdf.png")]) == 0
+        trace = tmp_path / "trace.csv"
+        trace.write_text("0,opt-13b-00\n5,opt-13b-00\n")
+        assert main(["simulate", "--trace", str(trace), "--json", "--plot", str(tmp_path / "cdf.png")]) == 0
         assert (tmp_path / "cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

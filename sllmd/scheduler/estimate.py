@@ -179,12 +179,17 @@ class Calibration:
 
 
 def load_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
-    """Seconds from starting a load of `num_bytes` whose best copy is at `tier` to a serving engine.
+    """Seconds from starting a load of `num_bytes` whose best copy is at `tier` to a serving engine:
+    `transfer_time_s` plus engine init (none for DEVICE, which is an instance already running)."""
+    if tier is Tier.DEVICE:
+        return 0.0
+    return transfer_time_s(num_bytes, tier, calibration) + max(0.0, calibration.init.predict(num_bytes / BYTES_PER_GB))
 
-    Each tier the bytes cross adds bytes ÷ its bandwidth: a peer or repository copy is fetched into the
-    SSD first, then loaded from the SSD (the two are not assumed to overlap); engine init is added for
-    every tier but DEVICE, which is an instance already running (0).
-    """
+
+def transfer_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
+    """Seconds moving `num_bytes` from `tier` onto the device: bytes ÷ bandwidth for each tier they cross.
+    A peer or repository copy is fetched into the SSD first, then loaded from the SSD (the two are not
+    assumed to overlap). This is how long the load keeps the node's SSD or network busy."""
     if tier is Tier.DEVICE:
         return 0.0
     gb = num_bytes / BYTES_PER_GB
@@ -192,8 +197,7 @@ def load_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
     if tier in FETCH_TIERS:
         seconds += gb / calibration.fetch_gbps[tier]
         tier = Tier.SSD
-    seconds += gb / calibration.load_gbps[tier]
-    return seconds + max(0.0, calibration.init.predict(gb))
+    return seconds + gb / calibration.load_gbps[tier]
 
 
 def migration_time_s(num_tokens: int, calibration: Calibration) -> float:

@@ -93,8 +93,10 @@ class RunningInstance:
 @dataclass(frozen=True, slots=True)
 class NodeState:
     """One node as the leader sees it for a cold start. Byte counts are free cache space; `pending_load_s`
-    is the estimated seconds of loads already queued or in progress there (a new load waits behind them);
-    `instances` are its ready instances (starting ones hold slots but are not listed)."""
+    is the estimated seconds its SSD and network stay busy with loads already queued or in progress there:
+    a new load that reads the SSD or fetches from a peer or the repository waits behind them, one from DRAM
+    does not (each GPU has its own PCIe link). `instances` are its ready instances (starting ones hold
+    slots but are not listed)."""
 
     id: str
     is_alive: bool
@@ -110,11 +112,15 @@ class NodeState:
 
 @dataclass(frozen=True, slots=True)
 class Migration:
+    """Move running instance `instance_id` (of `model`) from `from_node` to `to_node`, after stopping
+    `evictions` (idle instance ids on `to_node`) to free a slot there."""
+
     instance_id: str
     model: str
     from_node: str
     to_node: str
     estimated_s: float  # the instance's load at `to_node` plus moving its tokens
+    evictions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,28 +147,35 @@ def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
     return Tier.REPOSITORY
 
 
+def estimated_start_s(num_bytes: int, tier: Tier, node: NodeState, *, after_s: float = 0.0) -> float:
+    """Seconds until a load of `num_bytes` from `tier` on `node`, begun `after_s` seconds from now, serves.
+    Loads from the SSD or the network wait for `node.pending_load_s` (which drains meanwhile); DRAM ones
+    do not wait."""
+    wait_s = after_s if tier is Tier.DRAM else max(after_s, node.pending_load_s)
+    return wait_s + load_time_s(num_bytes, tier, node.calibration)
+
+
 def plan_start(
     model: str, num_bytes: int, nodes: Sequence[NodeState], *, allow_migration: bool = True
 ) -> StartPlan | None:
     """The plan that has a new instance of `model` (`num_bytes` of checkpoint) serving soonest, or None
     when no alive node can take one.
 
-    The start on node N is estimated as N.pending_load_s + load_time_s from N's best tier. Candidates:
+    The start on node N is estimated by `estimated_start_s` from N's best tier. Candidates:
     - N with a free slot;
     - N with an idle instance of another model, evicted first (the lowest id; eviction costs ~0);
     - with `allow_migration`, N whose slot is freed by migrating ONE running instance of another model to
-      its best other alive node with a free slot; that instance's load there plus migration_time_s of its
-      tokens (at the destination's calibration) come first. The destination is never N, so no slot is
-      counted twice.
+      its best other alive node D that has a free slot or an idle instance of a third model to evict
+      (`_best_migration`). The instance must load at D and move its tokens (migration_time_s at D's
+      calibration) before N's slot is free, so `model`'s load on N starts only then. D is never N, so no
+      slot is counted twice.
     The minimum wins; on equal estimates a plan without migration, then without eviction, then the lower
     node id, then the lower instance id. Dead nodes are never chosen, nor used as migration destinations.
     """
     alive = sorted((n for n in nodes if n.is_alive), key=lambda n: n.id)
     best: tuple[tuple[float, int, int, str, str], StartPlan] | None = None
     for node in alive:
-        tier = best_tier(model, node, alive)
-        start_s = node.pending_load_s + load_time_s(num_bytes, tier, node.calibration)
-        for plan in _plans_on(model, node, tier, start_s, alive, allow_migration):
+        for plan in _plans_on(model, num_bytes, node, alive, allow_migration):
             victim = plan.evictions[0] if plan.evictions else plan.migrations[0].instance_id if plan.migrations else ""
             key = (plan.estimated_s, len(plan.migrations), len(plan.evictions), node.id, victim)
             if best is None or key < best[0]:
@@ -170,40 +183,48 @@ def plan_start(
     return None if best is None else best[1]
 
 
-def _plans_on(
-    model: str, node: NodeState, tier: Tier, start_s: float, alive: Sequence[NodeState], allow_migration: bool
-) -> list[StartPlan]:
+def _plans_on(model: str, num_bytes: int, node: NodeState, alive: Sequence[NodeState], allow_migration: bool
+              ) -> list[StartPlan]:
+    tier = best_tier(model, node, alive)
     if node.num_free_slots > 0:
-        return [StartPlan(model, node.id, tier, start_s)]
+        return [StartPlan(model, node.id, tier, estimated_start_s(num_bytes, tier, node))]
     others = sorted((i for i in node.instances if i.model != model), key=lambda i: i.id)
     idle = [i for i in others if i.is_idle]
     if idle:
-        return [StartPlan(model, node.id, tier, start_s, evictions=(idle[0].id,))]
+        return [StartPlan(model, node.id, tier, estimated_start_s(num_bytes, tier, node), evictions=(idle[0].id,))]
     if not allow_migration:
         return []
     plans = []
     for instance in others:
-        migration = _best_migration(instance, node, alive)
+        migration = _best_migration(instance, model, node, alive)
         if migration is not None:
-            plans.append(StartPlan(model, node.id, tier, migration.estimated_s + start_s, migrations=(migration,)))
+            seconds = estimated_start_s(num_bytes, tier, node, after_s=migration.estimated_s)
+            plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,)))
     return plans
 
 
-def _best_migration(instance: RunningInstance, source: NodeState, alive: Sequence[NodeState]) -> Migration | None:
+def _best_migration(instance: RunningInstance, cold_model: str, source: NodeState, alive: Sequence[NodeState]
+                    ) -> Migration | None:
+    """Where `instance` (running on `source`) is serving again soonest: an alive node other than `source`
+    with a free slot, or else with an idle instance (lowest id) of a model other than the instance's and
+    `cold_model` to evict. None when its size is unknown or no node qualifies. Ties keep the lower node id."""
     if instance.num_bytes <= 0:
         return None
     best: Migration | None = None
     for dest in alive:
-        if dest.id == source.id or dest.num_free_slots <= 0:
+        if dest.id == source.id:
             continue
+        evictions: tuple[str, ...] = ()
+        if dest.num_free_slots <= 0:
+            idle = sorted(i.id for i in dest.instances if i.is_idle and i.model not in (instance.model, cold_model))
+            if not idle:
+                continue
+            evictions = (idle[0],)
         tier = best_tier(instance.model, dest, alive)
-        seconds = (
-            dest.pending_load_s
-            + load_time_s(instance.num_bytes, tier, dest.calibration)
-            + migration_time_s(instance.num_tokens, dest.calibration)
-        )
+        move_s = migration_time_s(instance.num_tokens, dest.calibration)
+        seconds = estimated_start_s(instance.num_bytes, tier, dest) + move_s
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
-            best = Migration(instance.id, instance.model, source.id, dest.id, seconds)
+            best = Migration(instance.id, instance.model, source.id, dest.id, seconds, evictions)
     return best
 
 

@@ -24,15 +24,22 @@ class Hardware:
     ssd_gbps: float = 6.0  # one PCIe 4.0 NVMe drive: 3–7 GB/s sequential read
     network_gbps: float = 1.25  # 10 Gbps Ethernet between servers (the low end of 10–25 Gbps)
     repository_gbps: float = 0.2  # a model hub / object store to one client: ~0.1–1 GB/s
-    dram_cache_bytes: int = 160 * 10**9  # of a 512 GB host, the part left for checkpoints
-    ssd_cache_bytes: int = 1000 * 10**9  # a 1 TB NVMe checkpoint cache
+    dram_cache_bytes: int = 160 * 10**9  # of a 512 GB host, the part left for checkpoints: 2–12 models
+    # The part of the NVMe given to checkpoints. What matters is its ratio to the catalogue: a serverless
+    # fleet hosts far more models than one server stores, so a server holds under half of them (the
+    # simulated catalogue is 1.1 TB) and a checkpoint missing locally comes from a peer.
+    ssd_cache_bytes: int = 500 * 10**9
     # Engine init (CUDA context, allocation, binding tensors): ~1.5 s plus a little per GB.
     init_base_s: float = 1.5
     init_s_per_gb: float = 0.03
-    # Effective GPU throughput: prefill is compute bound (A100: 312 TFLOPS fp16, ~50% used),
-    # decode memory bound (A100 80 GB: 2 TB/s HBM, ~75% used, every weight read once per token).
+    # Effective GPU throughput: prefill is compute bound (A100: 312 TFLOPS fp16, ~50% used); decode
+    # (batch 1, batching is not modelled) reads every weight once per token from HBM (A100 80 GB: 2 TB/s,
+    # ~75% used) and pays a fixed per-token cost of the serving loop (kernel launches, sampling, Python:
+    # ~15 ms in an eager, un-graphed HuggingFace generate loop). Together: 24 ms/token for a 7B model,
+    # 32 ms for 13B, 55 ms for 30B, within the 20–60 ms that batch-1 serving of such models measures.
     prefill_flops: float = 150e12
     hbm_gbps: float = 1500.0
+    decode_overhead_s: float = 0.015
     migration_base_s: float = 0.05  # cut-over: stop, send the last tokens, switch the stream
 
     def load_s(self, num_bytes: int, source: Tier) -> float:
@@ -65,7 +72,7 @@ class ModelSpec:
         return 2 * self.num_params * num_tokens / hardware.prefill_flops
 
     def decode_s_per_token(self, hardware: Hardware) -> float:
-        return self.num_bytes / BYTES_PER_GB / hardware.hbm_gbps
+        return hardware.decode_overhead_s + self.num_bytes / BYTES_PER_GB / hardware.hbm_gbps
 
 
 # Real model sizes. OPT-66B (132 GB) and Llama-2-70B (138 GB) need two 80 GB GPUs; sllmd's slots are

@@ -13,11 +13,14 @@ Mechanics, mirroring the daemon's worker:
   true figures of `Hardware`. Every completed load and migration is fed to that server's `Calibration`.
 - Loaded checkpoints stay in the server's DRAM cache (LRU) when the policy has one; fetched ones stay in
   its SSD cache when the policy keeps them.
-- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once by a placement.
-- A migration (instance I of model A from N to D, to free N's GPU for model B): D takes a GPU and loads
-  A; the tokens of I's requests are re-prefilled on D (`migration_base_s` + prefill time) while I keeps
-  decoding; at cut-over I's requests continue on D, I stops and B's load on N starts.
-- Decode time per token is constant per model (memory bound, small batches); prefill is compute bound.
+- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once by a placement, and
+  whenever one goes idle the models whose requests wait for a GPU are offered it (oldest first).
+- A migration (instance I of model A from N to D, to free N's GPU for model B): D takes a GPU (evicting
+  an idle instance there if the policy says so) and loads A; the tokens of I's requests are re-prefilled
+  on D (`migration_base_s` + prefill time) while I keeps decoding; at cut-over I's requests continue on
+  D, I stops and B's load on N starts.
+- Decode time per token is constant per model (batch 1: weights read from HBM plus a fixed per-token
+  cost, see `Hardware`); prefill is compute bound.
 - With `has_checkpoint_homes`, each checkpoint is put on `num_homes` servers' SSDs before the trace
   starts (`plan_checkpoint_homes`, as at deploy). With a DRAM cache, every WARM_INTERVAL_S each server
   copies the models `plan_dram_warming` picks (request rates over the last RATE_WINDOW_S) from its SSD
@@ -32,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sllmd.scheduler.autoscale import AutoscalingPolicy, num_instances_to_start, pick_instance
-from sllmd.scheduler.estimate import Tier, load_time_s
+from sllmd.scheduler.estimate import Tier, transfer_time_s
 from sllmd.scheduler.placement import NodeState, RunningInstance, plan_checkpoint_homes, plan_dram_warming
 from sllmd.scheduler.simcluster import Hardware, LruCache, ModelSpec
 from sllmd.scheduler.simstate import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
@@ -181,6 +184,8 @@ class Simulation:
         instance.requests.discard(request)
         if not instance.requests and instance.state is InstanceState.READY:
             self._arm_keep_alive(instance)
+            if instance.migrating_to is None:
+                self._retry_waiting()  # it may be evicted for a model whose requests wait for a GPU
 
     def _scale(self, model: str) -> None:
         instances = [i for s in self.servers for i in s.instances if i.spec.name == model]
@@ -198,7 +203,8 @@ class Simulation:
             self._apply(self.models[model], decision)
 
     def _retry_waiting(self) -> None:
-        """A GPU was freed: models with waiting requests, oldest request first, may start now."""
+        """A GPU was freed or an instance went idle: models with waiting requests, oldest request first,
+        may start now."""
         for model in sorted((m for m, q in self.waiting.items() if q), key=lambda m: self.waiting[m][0].request.time_s):
             self._scale(model)
 
@@ -227,6 +233,9 @@ class Simulation:
             self._enqueue_load(self._new_instance(spec, decision.server, InstanceState.LOADING))
             return
         source, dest_server = decision.migrate, decision.migrate_to
+        for victim in decision.migrate_to_evictions:
+            assert self.is_evictable(victim) and victim.server is dest_server
+            self._stop(victim, retry=False)
         assert dest_server is not None and dest_server is not decision.server and dest_server.num_free_slots > 0
         copy = self._new_instance(source.spec, dest_server, InstanceState.MIGRATING_IN)
         source.migrating_to, copy.migrating_from = copy, source
@@ -268,7 +277,7 @@ class Simulation:
         if tier is Tier.DRAM:
             self._load(instance, tier)
             return
-        server.queue.append(LoadJob(instance, load_time_s(instance.spec.num_bytes, tier, server.calibration)))
+        server.queue.append(LoadJob(instance, transfer_time_s(instance.spec.num_bytes, tier, server.calibration)))
         if server.loading is None:
             self._start_next_load(server)
 

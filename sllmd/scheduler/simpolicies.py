@@ -53,7 +53,8 @@ class Sllmd(NodeTiers):
         if not plan.migrations:
             return Decision(server, evictions)
         (migration,) = plan.migrations
-        return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node])
+        return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node],
+                        tuple(instances[i] for i in migration.evictions))
 
 
 class RandomGpu(NodeTiers):

@@ -56,7 +56,7 @@ class SimInstance:
 @dataclass(eq=False)
 class LoadJob:
     instance: SimInstance
-    estimated_s: float
+    estimated_s: float  # how long it will keep the server's SSD and network busy (`transfer_time_s`)
 
 
 @dataclass(eq=False)
@@ -76,7 +76,7 @@ class SimServer:
         return self.num_gpus - sum(i.holds_slot for i in self.instances)
 
     def pending_load_s(self, now: float) -> float:
-        """Estimated seconds before a load queued now would start."""
+        """Estimated seconds before a load queued now would start (the SSD and network are free)."""
         queued = sum(job.estimated_s for job in self.queue)
         if self.loading is None:
             return queued
@@ -86,9 +86,11 @@ class SimServer:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Where a policy starts an instance: on `server`, after stopping `evictions` (idle, on `server`) or
-    after migrating `migrate` (a ready instance on `server`) to `migrate_to`."""
+    after migrating `migrate` (a ready instance on `server`) to `migrate_to`, which first stops
+    `migrate_to_evictions` (idle, on `migrate_to`)."""
 
     server: SimServer
     evictions: tuple[SimInstance, ...] = ()
     migrate: SimInstance | None = None
     migrate_to: SimServer | None = None
+    migrate_to_evictions: tuple[SimInstance, ...] = ()

@@ -1,33 +1,47 @@
 """`sllmd simulate`: the real placement, estimators and autoscaler on a simulated cluster, against the
 placements users get today, on one trace. Prints a table, then (last line) JSON.
 
-Setup (`simcluster`, `trace`): 4 servers × 4 80 GB GPUs; 20 models (4 deployments each of OPT-6.7B,
-Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at fp16, 13–60 GB); each checkpoint on 2 servers' SSDs;
-autoscaling: up to 4 instances per model at a target of 4 concurrent requests, 60 s keep-alive. The
-built-in trace is an hour of Azure-Functions-like arrivals (Gamma, CV 8, Zipf-skewed rates, 0.5 req/s in
-all) with GSM8K-like lengths (`--lengths sharegpt` for ShareGPT-like). Startup latency is arrival →
-first token; end-to-end is arrival → last token; GPU-seconds count every GPU from placement to stop.
+Setup (`simcluster`, `trace`), the regime of the ServerlessLLM paper (OSDI'24 §7): many models, few
+GPUs, GPUs busy with long-running inference, each checkpoint local on one server only. 4 servers × 4
+80 GB GPUs; 40 models (8 deployments each of OPT-6.7B, Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at
+fp16, 13–60 GB, 1.1 TB in all); each checkpoint on ONE server's SSD (`plan_checkpoint_homes`, k=1);
+per server a 160 GB DRAM cache (2–12 checkpoints) and a 500 GB SSD checkpoint cache (under half the
+catalogue); DRAM→GPU 25 GB/s (PCIe 4.0 x16), SSD→GPU 6 GB/s (one NVMe drive), peer→SSD 1.25 GB/s
+(10 Gbps), repository 0.2 GB/s. Autoscaling: up to 4 instances per model at a target of 4 concurrent
+requests, 60 s keep-alive. The built-in trace: 2 h of Azure-Functions-like arrivals (Gamma, CV 8,
+Zipf-skewed rates, 1.5 req/s in all) with ShareGPT-like lengths (median ~200 output tokens, a tail in
+the thousands) decoded at batch 1 (24 ms/token for 7B … 55 ms for 30B), so a request runs for seconds
+to minutes and the GPUs holding a model's local copy are often all busy when it cold-starts. Requests
+arriving in the first BUILTIN_WARMUP_S (600 s, every model's first cold start at once) are played but
+not measured, for every policy alike. Startup latency is arrival → first token; end-to-end is arrival →
+last token; GPU-seconds count every GPU from placement to stop, over the whole run.
 
-What drives each difference (p99 startup latency, built-in trace, seed 0; the tail is the first minutes,
-when every model cold-starts at once and bursts of 10–30 requests wait for their model):
-- `ray-serve` (~35×): every cold start downloads 13–60 GB from the repository at 0.2 GB/s (65–300 s),
-  one download at a time per server NIC, so downloads queue behind each other during bursts; sllmd reads
-  DRAM (25 GB/s), SSD (6 GB/s) or at worst a peer (1.25 GB/s).
-- `ray-serve-cache` (~10×): it reads a local SSD copy when it has one, but picks servers by free GPUs
-  alone, so cold starts that land on a server without the checkpoint download it from the repository;
-  no DRAM tier, no peer fetch, and every load pays the SSD.
-- `no-migration` (1.0× here): migration pays only when a model's DRAM copy sits on a server whose GPUs
-  are all busy (not idle: idle ones are evicted at no cost) while another server has a free GPU and a
-  local copy of a running model. With 60 s keep-alive and short requests that is rare (a handful of
-  migrations per hour), and the tail is cold starts of OPT-30B whose checkpoint is in no server's DRAM,
-  which migration cannot shorten.
-- `random`: ignores locality and queued loads, so more peer fetches and SSD reads than sllmd.
+What drives each difference (p99 startup latency, built-in trace; seeds 0 / 1 / 2):
+- sllmd: 13.5 / 13.4 / 27.0 s. Its tail is OPT-30B loaded from its home SSD (60 GB at 6 GB/s + 3.3 s
+  init = 13.3 s), which no placement avoids when the model is in no server's DRAM.
+- `no-migration` (3.1× / 2.0× / 1.8×: 41 / 27 / 48 s): when the one server holding a model (its SSD home,
+  and mostly its DRAM) has all GPUs busy with running requests, it starts the model on another server,
+  fetched from that peer at 1.25 GB/s first (13B: 28 s, 30B: 61 s), and that fetch holds the other
+  server's NIC and SSD, so the loads queued behind it wait too, and its GPU serves nothing meanwhile. sllmd
+  instead migrates a running instance to a server with a free GPU where that instance's model loads fast
+  (DRAM/SSD there, a few seconds plus ~0.1–0.4 ms per moved token of re-prefill) and loads the cold model
+  from the local DRAM or SSD: ~110 migrations in 2 h cut peer fetches from ~230 to ~110 and raise DRAM
+  starts from ~750 to ~970. The gap needs the catalogue not to fit on every SSD: with a 1 TB SSD cache
+  (fetched copies then sit almost everywhere) both policies read local copies and the ratio is 1.0.
+- `ray-serve` (293× / 315× / 148×) and `ray-serve-cache` (186× / 201× / 116×): every cold start
+  downloads 13–60 GB from the repository at 0.2 GB/s (65–300 s; the cache version only when the chosen
+  server's SSD lacks it, which with placement by free GPUs alone is ~60% of its starts), one download at
+  a time per server. At 1.5 req/s that is more downloading than 2 h holds, so their queues grow all run
+  long and their p99 (~40–70 min) grows with the trace; the ratio is not a steady-state figure.
+- `random` (4.5× / 4.7× / 2.3×): the same tiers as sllmd, but it ignores where checkpoints are and
+  which loads are queued, so ~40% of its cold starts are peer fetches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,31 +54,36 @@ from sllmd.scheduler.simengine import Outcome, Simulation
 from sllmd.scheduler.simpolicies import all_policies
 from sllmd.scheduler.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 
-NUM_MODEL_COPIES = 4
-NUM_CHECKPOINT_HOMES = 2
+NUM_MODEL_COPIES = 8
+NUM_CHECKPOINT_HOMES = 1
 AUTOSCALING = AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0)
-BUILTIN_DURATION_S = 3600.0
-BUILTIN_RATE = 0.5  # requests/s over all models
+BUILTIN_DURATION_S = 7200.0
+BUILTIN_RATE = 1.5  # requests/s over all models
+BUILTIN_WARMUP_S = 600.0  # requests arriving earlier are played but not measured
 
 
-def builtin_trace(seed: int, *, duration_s: float = BUILTIN_DURATION_S, lengths: TokenLengths = TokenLengths.GSM8K
-                  ) -> list[Request]:
+def builtin_trace(seed: int, *, duration_s: float = BUILTIN_DURATION_S,
+                  lengths: TokenLengths = TokenLengths.SHAREGPT) -> list[Request]:
     models = [m.name for m in catalogue(NUM_MODEL_COPIES)]
     return azure_like_trace(models, duration_s=duration_s, total_rate=BUILTIN_RATE, seed=seed, lengths=lengths)
 
 
-def simulate(trace: list[Request], seed: int) -> dict[str, dict[str, Any]]:
-    """Per policy name, the summary of playing `trace` (see `summarise`)."""
+def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Per policy name, the summary of playing `trace` (see `summarise`); requests arriving before
+    `warmup_s` are played but left out of the latency figures."""
     summaries = {}
     for policy in all_policies(seed):
         sim = Simulation(Hardware(), catalogue(NUM_MODEL_COPIES), AUTOSCALING, policy, num_homes=NUM_CHECKPOINT_HOMES)
-        summaries[policy.name] = summarise(sim.run(trace))
+        summaries[policy.name] = summarise(sim.run(trace), warmup_s)
     return summaries
 
 
-def summarise(outcome: Outcome) -> dict[str, Any]:
-    startup = sorted(r.first_token_s - r.request.time_s for r in outcome.requests)  # type: ignore[operator]
-    e2e = sorted(r.done_s - r.request.time_s for r in outcome.requests)  # type: ignore[operator]
+def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
+    """Latency percentiles over the requests arriving at or after `warmup_s` ("requests" counts them);
+    GPU-seconds, cold starts and migrations over the whole run."""
+    measured = [r for r in outcome.requests if r.request.time_s >= warmup_s]
+    startup = sorted(r.first_token_s - r.request.time_s for r in measured)  # type: ignore[operator]
+    e2e = sorted(r.done_s - r.request.time_s for r in measured)  # type: ignore[operator]
     return {
         "p50_s": percentile(startup, 50), "p99_s": percentile(startup, 99), "mean_s": _mean(startup),
         "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99), "e2e_mean_s": _mean(e2e),
@@ -72,7 +91,7 @@ def summarise(outcome: Outcome) -> dict[str, Any]:
         "cold_starts": {str(t): outcome.cold_starts.get(str(t), 0) for t in Tier if t is not Tier.DEVICE},
         "migrations": outcome.num_migrations,
         "max_gpus_used": outcome.max_slots_used,
-        "requests": len(outcome.requests),
+        "requests": len(measured),
         "startup_s": startup,
     }
 
@@ -121,9 +140,12 @@ def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def load_trace(spec: str, seed: int, lengths: TokenLengths) -> list[Request]:
+def load_trace(spec: str, seed: int, lengths: TokenLengths | None) -> list[Request]:
+    """The built-in trace (ShareGPT-like lengths unless `lengths`) or the CSV file at `spec` (token
+    counts it lacks drawn from `lengths`, GSM8K-like unless given)."""
     if spec == "builtin":
-        return builtin_trace(seed, lengths=lengths)
+        return builtin_trace(seed, lengths=lengths or TokenLengths.SHAREGPT)
+    lengths = lengths or TokenLengths.GSM8K
     try:
         text = Path(spec).read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -136,8 +158,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trace", default="builtin",
                         help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] (default builtin)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and the random policy (default 0)")
-    parser.add_argument("--lengths", choices=[t.value for t in TokenLengths], default=TokenLengths.GSM8K.value,
-                        help="token lengths of generated requests (default gsm8k)")
+    parser.add_argument("--lengths", choices=[t.value for t in TokenLengths],
+                        help="token lengths of generated requests (default: sharegpt for the built-in trace, "
+                             "gsm8k for a CSV's rows without them)")
+    parser.add_argument("--warmup", type=float, metavar="S",
+                        help=f"leave requests arriving in the first S seconds out of the latency figures "
+                             f"(default: {BUILTIN_WARMUP_S:.0f} for the built-in trace, 0 for a CSV)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of the startup-latency CDFs")
     args = parser.parse_args(argv)
@@ -147,18 +173,27 @@ def main(argv: list[str]) -> int:
         except ImportError:
             print("sllmd simulate: --plot needs matplotlib (pip install 'sllmd[sim]')", file=sys.stderr)
             return 2
+    warmup_s = args.warmup if args.warmup is not None else BUILTIN_WARMUP_S if args.trace == "builtin" else 0.0
+    if not (math.isfinite(warmup_s) and warmup_s >= 0):
+        print(f"sllmd simulate: --warmup must be a finite number of seconds >= 0, got {args.warmup}", file=sys.stderr)
+        return 2
     try:
-        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths))
+        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths) if args.lengths else None)
     except TraceError as exc:
         print(f"sllmd simulate: {exc}", file=sys.stderr)
         return 2
-    summaries = simulate(trace, args.seed)
+    if all(r.time_s < warmup_s for r in trace):
+        print(f"sllmd simulate: every request arrives within the {warmup_s:g} s warm-up; lower --warmup",
+              file=sys.stderr)
+        return 2
+    summaries = simulate(trace, args.seed, warmup_s=warmup_s)
     if args.plot is not None:
         plot(summaries, args.plot)
     for summary in summaries.values():
         del summary["startup_s"]
     if not args.json:
-        print(f"{len(trace)} requests, trace {args.trace}, seed {args.seed}")
+        print(f"{len(trace)} requests, trace {args.trace}, seed {args.seed}; latencies of the "
+              f"{summaries['sllmd']['requests']} arriving after {warmup_s:g} s")
         print(table(summaries))
-    print(json.dumps({"policies": summaries, "seed": args.seed, "trace": args.trace}))
+    print(json.dumps({"policies": summaries, "seed": args.seed, "trace": args.trace, "warmup_s": warmup_s}))
     return 0
