@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sllmd.checkpoint.store import checkpoint_id, reads_store
-from sllmd.scheduler.estimate import Tier
+from sllmd.scheduler.estimate import Tier, transfer_time_s
 from sllmd.scheduler.placement import Migration, NodeState, plan_start
 from sllmd.scheduler.view import node_states
 from sllmd.state.models import InstanceState
@@ -68,11 +68,12 @@ class Placement:
 class _Reservation:
     model: str
     node_id: str
-    estimated_s: float
+    estimated_s: float  # until it serves
+    transfer_s: float  # of which the node's SSD or network is busy (what other starts there queue behind)
     made_at: float  # time.monotonic()
 
-    def remaining_s(self, now: float) -> float:
-        return max(0.0, self.estimated_s - (now - self.made_at))
+    def remaining_transfer_s(self, now: float) -> float:
+        return max(0.0, self.transfer_s - (now - self.made_at))
 
     def is_expired(self, now: float) -> bool:
         return now - self.made_at > self.estimated_s + RESERVATION_SLACK_S
@@ -146,7 +147,10 @@ class Placer:
             relative, absolute = ENTRY_PREFERENCE
             if entry_plan is not None and entry_plan.estimated_s <= plan.estimated_s * (1 + relative) + absolute:
                 plan = entry_plan
-        self._reservations.append(_Reservation(model, plan.node_id, plan.estimated_s, now))
+        node = next(s for s in states if s.id == plan.node_id)
+        busy_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(deployment.checkpoint_bytes, plan.tier,
+                                                                     node.calibration)
+        self._reservations.append(_Reservation(model, plan.node_id, plan.estimated_s, busy_s, now))
         for migration in plan.migrations:
             assert self.migrate is not None
             self._spawn(self._run_migration(migration))
@@ -175,7 +179,7 @@ class Placer:
         held = collections.Counter(r.node_id for r in self._reservations)
         queued: collections.defaultdict[str, float] = collections.defaultdict(float)
         for r in self._reservations:
-            queued[r.node_id] += r.remaining_s(now)
+            queued[r.node_id] += r.remaining_transfer_s(now)
         return [dataclasses.replace(s, num_free_slots=max(0, s.num_free_slots - held[s.id]),
                                     pending_load_s=s.pending_load_s + queued[s.id]) if s.id in held else s
                 for s in states]

@@ -28,7 +28,7 @@ from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
-from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s
+from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s, transfer_time_s
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
@@ -61,6 +61,7 @@ class Instance:
     idle_since: float = field(default_factory=time.monotonic)
     load_report: LoadReport | None = None
     estimated_start_s: float = 0.0  # what the estimators predicted for this start, when it began
+    estimated_transfer_s: float = 0.0  # ... of which moving bytes over the SSD or the network
     idle_timer: asyncio.TimerHandle | None = None
     starting: asyncio.Task | None = None
     stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
@@ -304,7 +305,10 @@ class Worker:
     async def _start_instance(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
         name = runtime.deployment.name
         began = time.monotonic()
-        instance.estimated_start_s = self.estimate_start_s(runtime.deployment)
+        tier = self.checkpoint_tier(runtime.deployment)
+        num_bytes = runtime.deployment.checkpoint_bytes
+        instance.estimated_start_s = load_time_s(num_bytes, tier, self.calibration)
+        instance.estimated_transfer_s = 0.0 if tier is Tier.DRAM else transfer_time_s(num_bytes, tier, self.calibration)
         try:
             if evicting is not None:
                 await evicting
@@ -426,14 +430,11 @@ class Worker:
             return Tier.SSD
         return Tier.PEER if self.store.peer_sources(cid) else Tier.REPOSITORY
 
-    def estimate_start_s(self, deployment: Deployment) -> float:
-        """Seconds a start of `deployment` here would take from now to ready, queued loads aside."""
-        return load_time_s(deployment.checkpoint_bytes, self.checkpoint_tier(deployment), self.calibration)
-
     def pending_load_s(self) -> float:
-        """Estimated seconds still to go of the starts under way here (what a new start queues behind)."""
+        """Estimated seconds the SSD and network are still busy with starts under way here (what a new
+        start from the SSD or a peer queues behind; DRAM loads do not)."""
         now = time.time()
-        return sum(max(0.0, i.estimated_start_s - (now - i.started_at)) for r in self.runtimes.values()
+        return sum(max(0.0, i.estimated_transfer_s - (now - i.started_at)) for r in self.runtimes.values()
                    for i in r.instances if i.state is InstanceState.STARTING)
 
     def set_calibration(self, calibration: Calibration) -> None:
