@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
 _MODULES = {
     Backend.DUMMY: ("sllmd.engine.dummy", "DummyEngine"),
     Backend.TRANSFORMERS: ("sllmd.engine.transformers", "TransformersEngine"),
+    Backend.VLLM: ("sllmd.engine.vllm", "VllmEngine"),
 }
+# Imported by `preload_backends` where installed: `sllmd.engine.vllm` itself imports vllm only when used.
+_VLLM_CLIENT_MODULE = "vllm.v1.engine.async_llm"
 
 
 def import_backend(backend: Backend) -> type[Engine]:
@@ -26,13 +30,15 @@ def preload_backends() -> None:
     """Import every backend and the tokenizer library now, from one thread.
 
     The daemon calls this once before it reports ready: a cold start then pays no import time
-    (torch + transformers take seconds), and no two threads ever run transformers' lazy imports
-    at once, which is not thread-safe (an `ImportError` for a name that exists).
+    (torch + transformers take seconds; vllm, where installed, more), and no two threads ever run
+    transformers' lazy imports at once, which is not thread-safe (an `ImportError` for a name that exists).
     """
     from transformers import AutoTokenizer  # noqa: F401 - imported for its side effect
 
     for backend in _MODULES:
         import_backend(backend)
+    if importlib.util.find_spec("vllm") is not None:  # optional: the `vllm` extra
+        importlib.import_module(_VLLM_CLIENT_MODULE)
 
 
 def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 class Backend(enum.StrEnum):
     TRANSFORMERS = "transformers"
+    VLLM = "vllm"
     DUMMY = "dummy"
 
 

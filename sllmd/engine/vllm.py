@@ -1,0 +1,222 @@
+"""`VllmEngine`: a vLLM `AsyncLLM` behind the `Engine` contract, its weights read by sllmd's loader.
+
+Process model
+-------------
+vLLM runs the model outside the daemon: `AsyncLLM` starts an engine-core process, which starts a
+worker process that builds the model and loads its weights. The weights come through the `sllmd` load
+format (`sllmd.engine.vllm_loader`, registered in those processes by sllmd's `vllm.general_plugins`
+entry point): an sllmd v1 checkpoint is read by `load_checkpoint` in the worker; a Hugging Face
+directory by vLLM's own loader. The daemon's DRAM cache lives in the daemon's memory, which the worker
+cannot see, so a vLLM load reads the checkpoint files (at page-cache speed when they are cached).
+
+Child processes are started with `spawn` unless `VLLM_WORKER_MULTIPROC_METHOD` says otherwise: forking
+a daemon that runs threads (event loop, loader, ZeroMQ) copies locks other threads may hold. Spawn
+re-imports the main module in the child, so programs that start a vLLM engine guard `__main__`.
+
+Requests
+--------
+Token ids in, token ids out (`skip_tokenizer_init`; text is handled above engines). Every request is
+streamed with `RequestOutputKind.DELTA`, so each vLLM output carries only the new tokens. End of
+generation follows the contract only: `max_tokens` or a stop token (yielded); the model's EOS ends a
+request only when the caller lists it in `stop_token_ids` (`ignore_eos`). Closing the generator early
+closes vLLM's stream, which aborts the request in the engine core. Prefix caching is on, so a
+request resumed elsewhere from prompt + tokens so far (migration) re-prefills only what is not cached.
+
+Sampling: temperature 0 is greedy (token-identical across engines in fp32, hence across migration).
+A seed makes a request reproducible on one engine, but vLLM draws from a per-request generator, not
+from (seed, position) as `sampling.choose_token` does, so a resumed seeded request does not continue
+the same sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sllmd.engine.base import Engine, LoadReport, SamplingParams
+from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from sllmd.checkpoint.dram import DramCache
+
+# Setting CUDA_VISIBLE_DEVICES for the children is process-wide: engines on CUDA start one at a time.
+_cuda_env_lock = threading.Lock()
+
+
+def _checkpoint_dtype(checkpoint_dir: Path) -> str:
+    """The dtype config.json gives the weights, or "auto". vLLM's "auto" would serve a float32 checkpoint in
+    16 bits; serving the weights as stored keeps greedy output equal to the transformers backend's (fp32)."""
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
+def _visible_device(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry the daemon's device `cuda:index` stands for."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index] if visible else str(index)
+
+
+class VllmEngine(Engine):
+    """Serves one checkpoint directory with vLLM on `"cpu"` or `"cuda:N"`.
+
+    `start()` and `stop()` are awaited from one event loop, which is also the loop every `generate()`
+    runs on (vLLM's client binds its sockets to it).
+    """
+
+    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dram_cache: DramCache | None = None,
+                 dtype: str | None = None, kv_cache_bytes: int | None = None) -> None:
+        """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dram_cache` is accepted for the
+        common factory signature and not used (see the module docstring). `dtype`: vLLM's name for the serving
+        dtype; None takes the checkpoint's own (read at `start`). `kv_cache_bytes`: KV cache size; None lets vLLM
+        size it (GPU memory utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = device
+        self.dtype = dtype
+        self.kv_cache_bytes = kv_cache_bytes
+        self.context_length = 0
+        self._vocab_size = 0
+        self._llm: AsyncLLM | None = None
+        self._num_active = 0
+
+    @property
+    def num_active(self) -> int:
+        return self._num_active
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def _engine_args(self, report_path: Path) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from sllmd.engine.vllm_loader import LOAD_FORMAT, REPORT_PATH_KEY
+
+        return AsyncEngineArgs(
+            model=str(self.checkpoint_dir),
+            load_format=LOAD_FORMAT,
+            model_loader_extra_config={REPORT_PATH_KEY: str(report_path)},
+            skip_tokenizer_init=True,
+            dtype=self.dtype or _checkpoint_dtype(self.checkpoint_dir),
+            enable_prefix_caching=True,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            disable_log_stats=True,
+        )
+
+    def _create(self, report_path: Path) -> AsyncLLM:
+        """Blocking: starts vLLM's processes, loads the weights, sizes the KV cache, warms up."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        args = self._engine_args(report_path)
+        if not self.device.startswith("cuda"):
+            return AsyncLLM.from_engine_args(args)
+        index = int(self.device.partition(":")[2] or 0)
+        with _cuda_env_lock:
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = _visible_device(index)
+            try:
+                return AsyncLLM.from_engine_args(args)
+            finally:
+                if saved is None:
+                    del os.environ["CUDA_VISIBLE_DEVICES"]
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+    async def start(self) -> LoadReport:
+        """Start vLLM on the checkpoint; `load_s` is the worker's checkpoint-to-parameters time, `init_s` the
+        rest of the wall time until the engine serves (processes, imports, KV cache, warm-up)."""
+        if self._llm is not None:
+            raise RuntimeError("engine already started")
+        from sllmd.engine.vllm_loader import read_report
+
+        t0 = time.perf_counter()
+        fd, name = tempfile.mkstemp(prefix="sllmd-vllm-load-", suffix=".json")
+        os.close(fd)
+        report_path = Path(name)
+        try:
+            # Off the event loop: construction blocks until vLLM is ready (seconds to minutes).
+            self._llm = await asyncio.to_thread(self._create, report_path)
+            loaded = read_report(report_path)
+        except Exception as e:
+            raise EngineFailed(f"could not start vLLM on {self.checkpoint_dir}: {e!r}") from e
+        finally:
+            report_path.unlink(missing_ok=True)
+        model_config = self._llm.model_config
+        self.context_length = int(model_config.max_model_len)
+        self._vocab_size = int(model_config.get_vocab_size())
+        total_s = time.perf_counter() - t0
+        return LoadReport(loaded.source_tier, loaded.num_bytes, load_s=loaded.load_s, init_s=total_s - loaded.load_s)
+
+    async def stop(self) -> None:
+        """Shut vLLM's processes down and drop the engine. Running requests fail with `EngineFailed`: vLLM's
+        output handler sees the engine core go and fails every open stream."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        if not self._num_active and llm.output_handler is not None:
+            llm.output_handler.cancel()  # nobody to fail: spare the log a "handler failed" traceback
+        await asyncio.to_thread(llm.shutdown)
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt must contain at least one token", param="messages")
+        if params.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if params.temperature < 0:
+            raise InvalidRequest("temperature must be >= 0", param="temperature")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}."
+            )
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
+            raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
+
+    def _vllm_params(self, params: SamplingParams) -> Any:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            # vLLM refuses ids outside the vocabulary; such an id can never be generated, so never stops anything.
+            stop_token_ids=sorted(t for t in params.stop_token_ids if 0 <= t < self._vocab_size),
+            ignore_eos=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """Yield new token ids in order. Validation errors are raised before anything is queued."""
+        llm = self._llm
+        if llm is None:
+            raise EngineFailed("engine is not running")
+        self._validate(prompt_ids, params)
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        (prompt,) = llm.renderer.render_cmpl([{"prompt_token_ids": list(prompt_ids)}])
+        stream = llm.generate(prompt, self._vllm_params(params), request_id=uuid.uuid4().hex)
+        self._num_active += 1
+        try:
+            async for output in stream:
+                for token in output.outputs[0].token_ids:
+                    yield token
+        except (EngineDeadError, EngineGenerateError) as e:
+            raise EngineFailed(f"generation failed: {e!r}") from e
+        finally:
+            self._num_active -= 1
+            await stream.aclose()  # unfinished: vLLM aborts the request in the engine core
