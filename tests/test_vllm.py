@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sllmd.checkpoint.convert import convert
-from sllmd.engine.base import LoadReport, SamplingParams
+from sllmd.engine.base import LoadReport, Prefill, SamplingParams
 from sllmd.engine.vllm import VllmEngine
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
@@ -54,8 +54,9 @@ async def vllm_loaded(demo_model_dir: Path) -> AsyncIterator[VllmEngine]:
     await engine.stop()
 
 
-async def run(engine: VllmEngine, prompt: list[int], params: SamplingParams) -> list[int]:
-    return [token async for token in engine.generate(prompt, params)]
+async def run(engine: VllmEngine, prompt: list[int], params: SamplingParams, prefilled: Prefill | None = None
+              ) -> list[int]:
+    return [token async for token in engine.generate(prompt, params, prefilled=prefilled)]
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], num_tokens: int) -> list[int]:
@@ -97,14 +98,19 @@ async def test_migration_resume_is_token_identical(vllm_loaded, sllmd_loaded) ->
 
     stream = source.generate(prompt, greedy)
     generated = [await anext(stream) for _ in range(10)]
-    # Catch-up round: the destination builds its KV cache (prefix cache) for what exists so far.
-    await run(destination, prompt + generated, SamplingParams(max_tokens=1, temperature=0.0))
+    # Catch-up rounds (the migration protocol's prefill handle): the destination builds its KV cache for what
+    # exists so far, and again for what the source made meanwhile.
+    handle = await destination.prefill(prompt + generated)
     generated += [await anext(stream) for _ in range(5)]
+    await handle.extend(generated[-5:])
+    generated += [await anext(stream) for _ in range(3)]
     await stream.aclose()  # cut-over: the source stops and frees the request
-    assert source.num_active == 0
+    assert source.num_active == 0 and handle.num_tokens == len(prompt) + 15
     rest = await run(destination, prompt + generated,
-                     SamplingParams(max_tokens=num_tokens - len(generated), temperature=0.0))
+                     SamplingParams(max_tokens=num_tokens - len(generated), temperature=0.0), prefilled=handle)
     assert generated + rest == reference
+    with pytest.raises(EngineFailed):  # consumed by that generate
+        await handle.extend([1])
 
 
 async def test_stop_token_is_yielded_and_ends_the_request(sllmd_loaded) -> None:

@@ -20,6 +20,8 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from sllmd.errors import ContextLengthExceeded, InvalidRequest
+
 
 class Backend(enum.StrEnum):
     TRANSFORMERS = "transformers"
@@ -51,6 +53,32 @@ class LoadReport:
     num_bytes: int
     load_s: float  # checkpoint bytes to device memory
     init_s: float  # everything else the engine did before it could serve
+
+
+def check_token_ids(token_ids: list[int], num_total: int, *, vocab_size: int, context_length: int) -> None:
+    """Ids in [0, vocab_size) and a sequence of `num_total` tokens within the context length (every backend
+    checks before queueing: an out-of-range id would trip a device-side assert on CUDA, poisoning the context)."""
+    if num_total > context_length:
+        raise ContextLengthExceeded(f"{num_total} tokens exceed the context length {context_length}")
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        raise InvalidRequest(f"token ids must be in [0, {vocab_size})", param="prompt")
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, context_length: int) -> None:
+    """What every backend's `generate` rejects before queueing anything."""
+    if not prompt_ids:
+        raise InvalidRequest("prompt must contain at least one token", param="messages")
+    if params.max_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+    if params.temperature < 0:
+        raise InvalidRequest("temperature must be >= 0", param="temperature")
+    if not 0 < params.top_p <= 1:
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    if len(prompt_ids) + params.max_tokens > context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens; the prompt has "
+            f"{len(prompt_ids)} and max_tokens is {params.max_tokens}.")
+    check_token_ids(prompt_ids, len(prompt_ids), vocab_size=vocab_size, context_length=context_length)
 
 
 class Prefill(abc.ABC):

@@ -11,7 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams
+from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_token_ids
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -52,10 +52,7 @@ class DummyEngine(Engine):
         return LoadReport(source_tier="none", num_bytes=0, load_s=0.0, init_s=0.0)
 
     def check_ids(self, token_ids: list[int], num_total: int) -> None:
-        if any(not 0 <= i < self.vocab_size for i in token_ids):
-            raise InvalidRequest(f"token ids must be in [0, {self.vocab_size})", param="prompt")
-        if num_total > self.context_length:
-            raise ContextLengthExceeded(f"{num_total} tokens exceed the context length {self.context_length}")
+        check_token_ids(token_ids, num_total, vocab_size=self.vocab_size, context_length=self.context_length)
 
     async def prefill(self, token_ids: list[int]) -> Prefill:
         if not token_ids:

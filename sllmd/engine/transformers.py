@@ -47,9 +47,9 @@ from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
-from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams
+from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
 from sllmd.engine.sampling import choose_token
-from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.errors import EngineFailed, InvalidRequest
 
 
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:
@@ -259,10 +259,7 @@ class TransformersEngine(Engine):
         """Ids in the vocabulary and a sequence of `num_total` tokens within the context length."""
         if self._model is None:
             raise EngineFailed(self._closed_reason or "engine is not running")
-        if num_total > self.context_length:
-            raise ContextLengthExceeded(f"{num_total} tokens exceed the context length {self.context_length}")
-        if token_ids and (min(token_ids) < 0 or max(token_ids) >= self._vocab_size):
-            raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
+        check_token_ids(token_ids, num_total, vocab_size=self._vocab_size, context_length=self.context_length)
 
     def submit_prefill(self, job: _PrefillJob) -> None:
         with self._cond:
@@ -278,30 +275,12 @@ class TransformersEngine(Engine):
         await handle.extend(token_ids)
         return handle
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("prompt must contain at least one token", param="messages")
-        if params.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-        if params.temperature < 0:
-            raise InvalidRequest("temperature must be >= 0", param="temperature")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}."
-            )
-        # An out-of-range id would trip a device-side assert on CUDA, poisoning the whole context.
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
-            raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
-
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
                        prefilled: Prefill | None = None) -> AsyncIterator[int]:
         """Yield new token ids in order. Validation errors are raised before anything is queued."""
         if self._model is None:
             raise EngineFailed(self._closed_reason or "engine is not running")
-        self._validate(prompt_ids, params)
+        check_request(prompt_ids, params, vocab_size=self._vocab_size, context_length=self.context_length)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         req = _Request(list(prompt_ids), params, seed, asyncio.get_running_loop())
         if prefilled is not None:

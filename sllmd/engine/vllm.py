@@ -41,8 +41,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sllmd.engine.base import Engine, LoadReport, SamplingParams
-from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
+from sllmd.errors import EngineFailed, InvalidRequest
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -64,6 +64,29 @@ def _visible_device(index: int) -> str:
     """The CUDA_VISIBLE_DEVICES entry the daemon's device `cuda:index` stands for."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",")[index] if visible else str(index)
+
+
+class VllmPrefill(Prefill):
+    """On vLLM a sequence's KV cache lives in the engine's prefix cache, shared by content: `extend` runs the
+    ids so far as a one-token request (output dropped), so the blocks are cached for what comes next."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+        self.token_ids: list[int] = []
+        self.is_open = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    async def extend(self, token_ids: list[int]) -> None:
+        if not self.is_open:
+            raise EngineFailed("prefill handle was consumed or closed")
+        await self.engine.fill_prefix_cache(self.token_ids + token_ids)
+        self.token_ids += token_ids
+
+    def close(self) -> None:
+        self.is_open = False
 
 
 class VllmEngine(Engine):
@@ -167,22 +190,18 @@ class VllmEngine(Engine):
 
     # ---- requests --------------------------------------------------------------------------------
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("prompt must contain at least one token", param="messages")
-        if params.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-        if params.temperature < 0:
-            raise InvalidRequest("temperature must be >= 0", param="temperature")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}."
-            )
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab_size:
-            raise InvalidRequest(f"token ids must be in [0, {self._vocab_size})", param="prompt")
+    async def prefill(self, token_ids: list[int]) -> Prefill:
+        if not token_ids:
+            raise InvalidRequest("prefill needs at least one token", param="prompt")
+        handle = VllmPrefill(self)
+        await handle.extend(token_ids)
+        return handle
+
+    async def fill_prefix_cache(self, token_ids: list[int]) -> None:
+        """Compute `token_ids`' KV blocks into vLLM's prefix cache: a one-token greedy request, output dropped."""
+        check_token_ids(token_ids, len(token_ids) + 1, vocab_size=self._vocab_size, context_length=self.context_length)
+        async for _ in self.generate(token_ids, SamplingParams(max_tokens=1, temperature=0.0)):
+            pass
 
     def _vllm_params(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VllmSamplingParams
@@ -200,12 +219,20 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Yield new token ids in order. Validation errors are raised before anything is queued."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       prefilled: Prefill | None = None) -> AsyncIterator[int]:
+        """Yield new token ids in order. Validation errors are raised before anything is queued. A `prefilled`
+        handle's blocks are in the prefix cache already; vLLM finds them by content."""
         llm = self._llm
         if llm is None:
             raise EngineFailed("engine is not running")
-        self._validate(prompt_ids, params)
+        check_request(prompt_ids, params, vocab_size=self._vocab_size, context_length=self.context_length)
+        if prefilled is not None:
+            if not isinstance(prefilled, VllmPrefill) or prefilled.engine is not self or not prefilled.is_open:
+                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
+            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
+                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            prefilled.close()
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         (prompt,) = llm.renderer.render_cmpl([{"prompt_token_ids": list(prompt_ids)}])
