@@ -20,7 +20,7 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from sllmd.errors import ContextLengthExceeded, InvalidRequest
+from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
 
 class Backend(enum.StrEnum):
@@ -89,20 +89,38 @@ class Prefill(abc.ABC):
     `close()`; both are idempotent with respect to the memory, which is freed once, by either.
     """
 
-    @property
-    @abc.abstractmethod
-    def num_tokens(self) -> int:
-        """Tokens the cache covers: every id passed to `prefill` and `extend`, in order."""
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.token_ids: list[int] = []  # every id the cache covers, in order
+        self.is_open = True
 
-    @abc.abstractmethod
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
     async def extend(self, token_ids: list[int]) -> None:
         """Append `token_ids` to the sequence and compute their KV entries (nothing is emitted).
         InvalidRequest for out-of-vocabulary ids; ContextLengthExceeded past the context length;
         EngineFailed when the engine stopped or the handle was consumed or closed."""
+        if not self.is_open:
+            raise EngineFailed("prefill handle was consumed or closed")
+        await self._compute(token_ids)
 
     @abc.abstractmethod
+    async def _compute(self, token_ids: list[int]) -> None:
+        """Check `token_ids`, compute their KV entries after the current ones, then append them to `token_ids`."""
+
     def close(self) -> None:
         """Free the cache now (no-op once consumed or closed). Never blocks."""
+        self.is_open = False
+
+    def take(self, engine: Engine, prompt_ids: list[int]) -> None:
+        """Check that `generate(prompt_ids, prefilled=self)` on `engine` may use this handle: open, made by
+        `engine`, its ids a prefix of `prompt_ids` (EngineFailed / InvalidRequest otherwise)."""
+        if self.engine is not engine or not self.is_open:
+            raise EngineFailed("prefill handle was consumed, closed or made by another engine")
+        if prompt_ids[:self.num_tokens] != self.token_ids:
+            raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
 
 
 class Engine(abc.ABC):
@@ -129,10 +147,18 @@ class Engine(abc.ABC):
         else InvalidRequest), its KV cache is reused and only the ids after that prefix are computed;
         the handle is consumed. Validation errors are raised before anything is queued."""
 
-    @abc.abstractmethod
     async def prefill(self, token_ids: list[int]) -> Prefill:
         """A new handle covering `token_ids` (at least one), computed on this engine's device. Same
         errors as `Prefill.extend`. Does not count in `num_active`."""
+        if not token_ids:
+            raise InvalidRequest("prefill needs at least one token", param="prompt")
+        handle = self._new_prefill()
+        await handle.extend(token_ids)
+        return handle
+
+    @abc.abstractmethod
+    def _new_prefill(self) -> Prefill:
+        """An empty handle of this engine."""
 
     @abc.abstractmethod
     async def stop(self) -> None: ...

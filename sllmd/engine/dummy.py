@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_token_ids
-from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.errors import ContextLengthExceeded
 
 DEFAULT_CONTEXT_LENGTH = 2048
 
@@ -20,24 +20,11 @@ DEFAULT_CONTEXT_LENGTH = 2048
 class DummyPrefill(Prefill):
     """Only the ids: the dummy has no KV cache, but checks the contract's errors like a real engine."""
 
-    def __init__(self, engine: DummyEngine) -> None:
-        self._engine = engine
-        self.token_ids: list[int] = []
-        self.is_open = True
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    async def extend(self, token_ids: list[int]) -> None:
-        if not self.is_open:
-            raise EngineFailed("prefill handle was consumed or closed")
-        self._engine.check_ids(token_ids, len(self.token_ids) + len(token_ids))
+    async def _compute(self, token_ids: list[int]) -> None:
+        assert isinstance(self.engine, DummyEngine)
+        self.engine.check_ids(token_ids, self.num_tokens + len(token_ids))
         self.token_ids += token_ids
         await asyncio.sleep(0)
-
-    def close(self) -> None:
-        self.is_open = False
 
 
 class DummyEngine(Engine):
@@ -54,12 +41,8 @@ class DummyEngine(Engine):
     def check_ids(self, token_ids: list[int], num_total: int) -> None:
         check_token_ids(token_ids, num_total, vocab_size=self.vocab_size, context_length=self.context_length)
 
-    async def prefill(self, token_ids: list[int]) -> Prefill:
-        if not token_ids:
-            raise InvalidRequest("prefill needs at least one token", param="prompt")
-        handle = DummyPrefill(self)
-        await handle.extend(token_ids)
-        return handle
+    def _new_prefill(self) -> Prefill:
+        return DummyPrefill(self)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
                        prefilled: Prefill | None = None) -> AsyncIterator[int]:
@@ -68,10 +51,7 @@ class DummyEngine(Engine):
                 f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds {self.context_length}"
             )
         if prefilled is not None:
-            if not isinstance(prefilled, DummyPrefill) or not prefilled.is_open:
-                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
-            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
-                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            prefilled.take(self, prompt_ids)
             prefilled.close()
         seed = params.seed or 0
         self._num_active += 1

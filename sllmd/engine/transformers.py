@@ -49,7 +49,7 @@ from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
 from sllmd.engine.sampling import choose_token
-from sllmd.errors import EngineFailed, InvalidRequest
+from sllmd.errors import EngineFailed
 
 
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:
@@ -122,20 +122,14 @@ class TransformersPrefill(Prefill):
     """A prefill handle of a TransformersEngine. Its cache and logits are written only by the worker
     thread while an `extend` job runs, and read by it when a request takes the handle over."""
 
+    engine: TransformersEngine
+
     def __init__(self, engine: TransformersEngine) -> None:
-        self.engine = engine
-        self.token_ids: list[int] = []
+        super().__init__(engine)
         self.cache: DynamicCache | None = None
         self.last_logits: torch.Tensor | None = None
-        self.is_open = True
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    async def extend(self, token_ids: list[int]) -> None:
-        if not self.is_open:
-            raise EngineFailed("prefill handle was consumed or closed")
+    async def _compute(self, token_ids: list[int]) -> None:
         self.engine.check_ids(token_ids, self.num_tokens + len(token_ids))
         if not token_ids:
             return
@@ -144,7 +138,7 @@ class TransformersPrefill(Prefill):
         await future
 
     def close(self) -> None:
-        self.is_open = False
+        super().close()
         self.cache = self.last_logits = None
 
 
@@ -268,12 +262,8 @@ class TransformersEngine(Engine):
             self._prefills.append(job)
             self._cond.notify()
 
-    async def prefill(self, token_ids: list[int]) -> Prefill:
-        if not token_ids:
-            raise InvalidRequest("prefill needs at least one token", param="prompt")
-        handle = TransformersPrefill(self)
-        await handle.extend(token_ids)
-        return handle
+    def _new_prefill(self) -> Prefill:
+        return TransformersPrefill(self)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
                        prefilled: Prefill | None = None) -> AsyncIterator[int]:
@@ -284,11 +274,8 @@ class TransformersEngine(Engine):
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         req = _Request(list(prompt_ids), params, seed, asyncio.get_running_loop())
         if prefilled is not None:
-            is_mine = isinstance(prefilled, TransformersPrefill) and prefilled.engine is self
-            if not is_mine or prefilled.cache is None:
-                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
-            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
-                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            prefilled.take(self, prompt_ids)
+            assert isinstance(prefilled, TransformersPrefill)
             req.cache, req.cached_logits, req.num_cached = prefilled.cache, prefilled.last_logits, prefilled.num_tokens
             prefilled.close()
         with self._cond:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
-from sllmd.errors import EngineFailed, InvalidRequest
+from sllmd.errors import EngineFailed
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -70,23 +70,11 @@ class VllmPrefill(Prefill):
     """On vLLM a sequence's KV cache lives in the engine's prefix cache, shared by content: `extend` runs the
     ids so far as a one-token request (output dropped), so the blocks are cached for what comes next."""
 
-    def __init__(self, engine: VllmEngine) -> None:
-        self.engine = engine
-        self.token_ids: list[int] = []
-        self.is_open = True
+    engine: VllmEngine
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    async def extend(self, token_ids: list[int]) -> None:
-        if not self.is_open:
-            raise EngineFailed("prefill handle was consumed or closed")
+    async def _compute(self, token_ids: list[int]) -> None:
         await self.engine.fill_prefix_cache(self.token_ids + token_ids)
         self.token_ids += token_ids
-
-    def close(self) -> None:
-        self.is_open = False
 
 
 class VllmEngine(Engine):
@@ -190,12 +178,8 @@ class VllmEngine(Engine):
 
     # ---- requests --------------------------------------------------------------------------------
 
-    async def prefill(self, token_ids: list[int]) -> Prefill:
-        if not token_ids:
-            raise InvalidRequest("prefill needs at least one token", param="prompt")
-        handle = VllmPrefill(self)
-        await handle.extend(token_ids)
-        return handle
+    def _new_prefill(self) -> Prefill:
+        return VllmPrefill(self)
 
     async def fill_prefix_cache(self, token_ids: list[int]) -> None:
         """Compute `token_ids`' KV blocks into vLLM's prefix cache: a one-token greedy request, output dropped."""
@@ -228,10 +212,7 @@ class VllmEngine(Engine):
             raise EngineFailed("engine is not running")
         check_request(prompt_ids, params, vocab_size=self._vocab_size, context_length=self.context_length)
         if prefilled is not None:
-            if not isinstance(prefilled, VllmPrefill) or prefilled.engine is not self or not prefilled.is_open:
-                raise EngineFailed("prefill handle was consumed, closed or made by another engine")
-            if prompt_ids[:prefilled.num_tokens] != prefilled.token_ids:
-                raise InvalidRequest("the prefilled ids are not a prefix of the prompt", param="prompt")
+            prefilled.take(self, prompt_ids)
             prefilled.close()
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
