@@ -30,7 +30,7 @@ from sllmd.relay import Relay, RelayFailed
 from sllmd.scheduler.placement import NodeView, choose_node
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
-from sllmd.worker.manager import Worker
+from sllmd.worker.manager import ModelRuntime, Worker
 from sllmd.worker.movable import MovableRequest
 
 if TYPE_CHECKING:
@@ -157,8 +157,8 @@ class Router:
         startup-time plan (`Placer`), and by `choose_node`'s local rules if the leader cannot answer."""
         model = deployment.name
         runtime = self.worker.runtimes.get(model)
-        if runtime is not None and runtime.ready():  # rule 1, without reading the cluster's state
-            return self.worker.node_id, ""
+        if runtime is not None and runtime.ready() and not self._is_saturated_here(runtime):
+            return self.worker.node_id, ""  # rule 1, without reading the cluster's state
         local = self._local_view(model)
         now = time.monotonic()
         live = [r for r in self.state.instances() if r.model == model]
@@ -188,6 +188,14 @@ class Router:
             if placement is not None and placement.node_id in addresses and views[placement.node_id].is_alive:
                 return placement.node_id, addresses[placement.node_id]
         return None if chosen is None else (chosen, addresses[chosen])
+
+    def _is_saturated_here(self, runtime: ModelRuntime) -> bool:
+        """Every local instance at target concurrency and no local room for another (no free slot, nothing
+        idle to evict): then more instances must come from elsewhere, which is the leader's call."""
+        policy = runtime.deployment.autoscaling
+        return (runtime.demand() >= len(runtime.ready()) * policy.target_concurrency
+                and len(runtime.instances) < policy.max_instances and self.worker.slots.num_free == 0
+                and not self.worker.eviction_candidates(exclude=runtime))
 
     def _local_view(self, model: str) -> NodeView:
         """This node from its worker (exact, no replication lag)."""
