@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +147,7 @@ class Router:
         if self.worker.warmer is not None:
             self.worker.warmer.note_request(prepared.deployment.name)
         async with AsyncExitStack() as source:
-            tokens = await source.enter_async_context(self._source(prepared, []))
+            tokens = await source.enter_async_context(self._source(prepared, ()))
             async with aclosing(self._generate(prepared, self._resuming(prepared, tokens, source))) as events:
                 yield events
 
@@ -157,11 +157,11 @@ class Router:
         (the entry node detokenises them)."""
         if self.worker.warmer is not None:
             self.worker.warmer.note_request(prepared.deployment.name)
-        async with self._local(prepared, []) as tokens:
+        async with self._local(prepared, ()) as tokens:
             yield tokens
 
     @asynccontextmanager
-    async def _source(self, prepared: PreparedRequest, generated: list[int]) -> AsyncIterator[AsyncIterator[int]]:
+    async def _source(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
         """The request's tokens after `generated`, from the node placement picks now. A relay that
         could not connect is placed again; errors raised on entry come before any token."""
         async with AsyncExitStack() as stack:
@@ -182,11 +182,15 @@ class Router:
 
     async def _resuming(self, prepared: PreparedRequest, tokens: AsyncIterator[int], source: AsyncExitStack
                         ) -> AsyncIterator[int]:
-        """`tokens` (held open by `source`), then, each time a relayed source breaks off and resuming is
-        on, those of a new source placed now that continues from the tokens so far."""
+        """`tokens` (held open by `source`), then, each time a relayed source breaks off (or a new one
+        cannot be opened) and resuming is on, those of a source placed now that continues from the
+        tokens so far."""
         generated: list[int] = []
         for num_resumes in range(MAX_RESUMES + 1):
             try:
+                if num_resumes:
+                    await source.aclose()  # the broken relay
+                    tokens = await source.enter_async_context(self._source(prepared, tuple(generated)))
                 async for token in tokens:
                     generated.append(token)
                     yield token
@@ -199,8 +203,6 @@ class Router:
                     return  # every token arrived, only the end event was lost
                 log.warning("relayed stream broke off; resuming it elsewhere", extra={
                     "model": prepared.deployment.name, "num_tokens": len(generated), "error": failure.message})
-            await source.aclose()  # the broken relay
-            tokens = await source.enter_async_context(self._source(prepared, generated))
 
     async def place(self, deployment: Deployment) -> tuple[str, str] | None:
         """(node id, HTTP address) of the node that should serve a request for `deployment` now, or None for
@@ -252,7 +254,7 @@ class Router:
             in_flight_hint=runtime.demand() if runtime else 0, num_evictable=num_evictable)
 
     @asynccontextmanager
-    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest, generated: list[int]
+    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest, generated: Sequence[int]
                        ) -> AsyncIterator[AsyncIterator[int]]:
         log.debug("relaying", extra={"model": prepared.deployment.name, "node": node_id, "http": address})
         self._num_relayed[node_id] += 1
@@ -287,7 +289,7 @@ class Router:
         self._suspect_until[node_id] = now + SUSPECT_S
 
     @asynccontextmanager
-    async def _local(self, prepared: PreparedRequest, generated: list[int]) -> AsyncIterator[AsyncIterator[int]]:
+    async def _local(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
         """The request's tokens after `generated`, from an instance on this node (waiting through a
         cold start)."""
         async with self.worker.lease(prepared.deployment.name) as instance:
