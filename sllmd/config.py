@@ -57,6 +57,7 @@ class ServingConfig:
     migration_max_rounds: int = 8  # catch-up rounds before the cut-over happens anyway
     migration_step_timeout_s: float = 10.0  # longest wait for the destination's answer to one step
     max_concurrent_migrations: int = 2  # outgoing migrations at once on this node; more get 409
+    resume_on_node_failure: bool = False  # a relayed stream whose serving node died continues elsewhere
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,24 @@
-"""Relays a prepared request to the node that serves it and turns its SSE answer back into router events.
+"""Relays a prepared request to the node that serves it and streams the token ids it generates back.
 
 The entry node has already validated and tokenised the request, so it always asks the serving node
-for the same thing: a streamed `/v1/completions` of the prompt token ids with the resolved sampling
-parameters and usage included. The chat template is applied once (on the entry node), both kinds of
-request take one relay path, and the HTTP layer shapes local and relayed answers with the same code.
+for the same thing: a `/v1/completions` of the prompt token ids with the resolved sampling parameters,
+sent with `RELAYED_HEADER`. A request carrying that header is served where it lands (one hop, no
+loops) and answered in this module's internal SSE shape, token ids and no text:
+
+    data: {"token_ids": [5, 17]}                                  generated ids, in order (one or more)
+    data: {"usage": {"prompt_tokens": P, "completion_tokens": N}}  the end: N ids were sent in all
+    data: [DONE]
+
+or, after a failure, `data: {"error": {...}}` then `data: [DONE]`. The entry node detokenises and
+applies stop strings itself (`sllmd.router`), with the same code as for a local request, so the
+serving node does no text work for relayed requests, the chat template is applied once, and the entry
+node always knows exactly which tokens the client has seen: it can resume the request elsewhere from
+them (prompt + tokens so far) when the serving node dies.
 
 Failures keep their meaning: an HTTP error of the serving node becomes the same domain error here
 (400 InvalidRequest, 404 ModelNotFound, 503 Overloaded with its Retry-After, else EngineFailed), an
 SSE error event likewise, and a serving node that cannot be reached or stops mid-stream (connection
-reset, EOF without [DONE], no byte within the read timeout) is `RelayFailed` (502).
+reset, EOF without the end event and [DONE], no byte within the read timeout) is `RelayFailed` (502).
 
 Not thread-safe: one `Relay` per node, used from its event loop.
 """
@@ -16,7 +26,7 @@ Not thread-safe: one `Relay` per node, used from its event loop.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +35,9 @@ import aiohttp
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded, SllmdError
 
 if TYPE_CHECKING:
-    from sllmd.router import PreparedRequest, StreamEvent
+    from sllmd.router import PreparedRequest
 
-RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver always serves locally
+RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver serves locally, answers token ids
 CONNECT_TIMEOUT_S = 2.0
 READ_SLACK_S = 30.0  # beyond the serving node's own queue timeout, before a silent peer counts as dead
 
@@ -63,23 +73,25 @@ class Relay:
             self._session = None
 
     @asynccontextmanager
-    async def open(self, address: str, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        """The serving node's event stream for `prepared`. Entering raises the serving node's error
-        status as a domain error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
+    async def open(self, address: str, prepared: PreparedRequest, generated: Sequence[int] = ()
+                   ) -> AsyncIterator[AsyncIterator[int]]:
+        """The token ids the serving node generates for `prepared` after the already `generated` ones
+        (a resumed request; see `relay_body`). Entering raises the serving node's error status as a
+        domain error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
         headers = {RELAYED_HEADER: self.node_id, "Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = f"http://{address}/v1/completions"
         try:
-            response = await self._client().post(url, json=relay_body(prepared), headers=headers)
+            response = await self._client().post(url, json=relay_body(prepared, generated), headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             is_connect = isinstance(exc, aiohttp.ClientConnectorError)  # refused or unroutable: never sent
             raise RelayFailed(f"node at {address} did not answer: {exc!r}", is_connect=is_connect) from None
         async with response:
             if response.status != 200:
                 raise await _http_error(response, prepared.request.model)
-            async with aclosing(_events(response, address)) as events:
-                yield events
+            async with aclosing(_token_ids(response, address)) as tokens:
+                yield tokens
 
 
     async def call(self, address: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
@@ -97,23 +109,35 @@ class Relay:
                               is_connect=isinstance(exc, aiohttp.ClientConnectorError)) from None
 
 
-def relay_body(prepared: PreparedRequest) -> dict[str, Any]:
-    """A completions request for exactly what `prepared` asks (prompt as token ids, limits resolved)."""
+def relay_body(prepared: PreparedRequest, generated: Sequence[int] = ()) -> dict[str, Any]:
+    """A completions request for what `prepared` still asks once `generated` tokens exist: prompt =
+    prompt ids + `generated`, `max_tokens` less by their number, the same seed. Sampling is keyed by
+    (seed, absolute position), so the continuation is the one an uninterrupted run produces. No stop
+    strings: the entry node applies them to the text."""
     params = prepared.params
     body: dict[str, Any] = {
-        "model": prepared.deployment.name, "prompt": prepared.prompt_ids or "", "max_tokens": params.max_tokens,
-        "temperature": params.temperature, "top_p": params.top_p, "stop": list(prepared.request.stop),
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": prepared.deployment.name, "prompt": [*prepared.prompt_ids, *generated],
+        "max_tokens": params.max_tokens - len(generated), "temperature": params.temperature,
+        "top_p": params.top_p, "stream": True,
     }
     if params.seed is not None:
         body["seed"] = params.seed
     return body
 
 
-async def _events(response: aiohttp.ClientResponse, address: str) -> AsyncIterator[StreamEvent]:
-    from sllmd.router import Finished, TextDelta  # the router imports this module
+def token_ids_event(token_ids: Sequence[int]) -> bytes:
+    """The serving node's SSE event carrying generated ids (see the module docstring)."""
+    return b'data: {"token_ids":[' + ",".join(map(str, token_ids)).encode() + b"]}\n\n"
 
-    finish_reason: str | None = None
+
+def end_event(num_prompt_tokens: int, num_generated: int) -> bytes:
+    """The serving node's last event before [DONE]: every generated id has been sent."""
+    usage = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_generated}
+    return f"data: {json.dumps({'usage': usage}, separators=(',', ':'))}\n\n".encode()
+
+
+async def _token_ids(response: aiohttp.ClientResponse, address: str) -> AsyncIterator[int]:
+    num_received = 0
     is_finished = False
     try:
         async for raw in response.content:
@@ -128,15 +152,16 @@ async def _events(response: aiohttp.ClientResponse, address: str) -> AsyncIterat
             chunk = json.loads(data)
             if "error" in chunk:
                 raise _sse_error(chunk["error"])
-            for choice in chunk.get("choices") or ():
-                if choice.get("text"):
-                    yield TextDelta(choice["text"])
-                finish_reason = choice.get("finish_reason") or finish_reason
-            usage = chunk.get("usage")
-            if usage is not None:
+            if "usage" in chunk:
+                if chunk["usage"]["completion_tokens"] != num_received:
+                    raise ValueError(f"{chunk['usage']['completion_tokens']} tokens counted, {num_received} sent")
                 is_finished = True
-                yield Finished(finish_reason or "length", int(usage["prompt_tokens"]),
-                               int(usage["completion_tokens"]))
+                continue
+            for token in chunk["token_ids"]:
+                if type(token) is not int:
+                    raise TypeError(f"token id {token!r}")
+                num_received += 1
+                yield token
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise RelayFailed(f"node at {address} broke off the stream: {exc!r}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -3,19 +3,32 @@ context, get an instance (waiting through a cold start), generate, detokenise.
 
 Everything that can be rejected is rejected in `prepare` or while opening the stream, before the
 HTTP layer sends a status line, so errors keep their real status codes. `prepare` always runs on the
-entry node (4xx are answered there); `open_stream` then serves locally or relays to the node that
-`scheduler.placement` picks, and yields the same events either way. A relayed request is always
-served where it lands (one hop, no loops). A node that failed a relay is avoided for SUSPECT_S.
+entry node (4xx are answered there); `open_stream` then takes token ids from a local instance or from
+the node that `scheduler.placement` picks (through `sllmd.relay`), and `_generate` turns them into
+text the same way for both sources: stop strings, finish reason and usage are decided on the entry
+node. The serving node of a relayed request only generates ids (`open_tokens`; one hop, no loops). A
+node that failed a relay is avoided for SUSPECT_S.
+
+Resuming (`serving.resume_on_node_failure`, off by default): when a relayed token stream breaks off
+(the serving node died or became unreachable, before or after its first token), the entry node places
+the request again and continues from the tokens it already has: prompt + those tokens, `max_tokens`
+less by their number, the same seed. Sampling is keyed by (seed, absolute position) and every request
+that samples gets a seed at admission, so the client's one SSE stream carries exactly the text of an
+uninterrupted run (given equal logits: the same model and dtype on both nodes). At most MAX_RESUMES
+times per request; otherwise, or when no node can take it, the stream ends with an error event. A
+request served on the entry node itself cannot be resumed: when that node dies, the client's
+connection dies with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SUSPECT_S = 5.0  # a node that failed a relay is left out of placement this long (liveness lags ~2 s)
 MAX_RELAY_ATTEMPTS = 2  # a relay that could not connect is retried once, placed again without that node
+MAX_RESUMES = 2  # times one request continues on another node after its serving node failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +79,6 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrived_at: float
-    relayed_from: str | None = None  # the entry node's id when another node relayed this request here
 
 
 class TokenizerCache:
@@ -101,7 +114,7 @@ class Router:
         self._suspect_until: dict[str, float] = {}  # node id -> time.monotonic() until which to avoid it
         self._num_relayed: collections.Counter[str] = collections.Counter()  # node id -> relays in flight
 
-    async def prepare(self, request: GenerationRequest, *, relayed_from: str | None = None) -> PreparedRequest:
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         arrived_at = time.monotonic()
         deployment = self.state.deployment(request.model)
         if deployment is None:
@@ -124,31 +137,72 @@ class Router:
             seed=request.seed if request.seed is not None or request.temperature == 0 else secrets.randbits(63),
             stop_token_ids=tokenizer.eos_token_ids,
         )
-        return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at, relayed_from)
+        return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at)
 
     @asynccontextmanager
     async def open_stream(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        """Holds an instance (here or, through a relay, on the serving node) for the request while the
-        caller consumes the yielded event stream. Errors raised on entry come before any output."""
+        """Holds a token source for the request (an instance here or, through a relay, on the serving
+        node) while the caller consumes the yielded text events. Errors raised on entry come before any
+        output; a relayed source that breaks off mid-stream is resumed elsewhere when configured."""
         if self.worker.warmer is not None:
             self.worker.warmer.note_request(prepared.deployment.name)
+        async with AsyncExitStack() as source:
+            tokens = await source.enter_async_context(self._source(prepared, ()))
+            async with aclosing(self._generate(prepared, self._resuming(prepared, tokens, source))) as events:
+                yield events
+
+    @asynccontextmanager
+    async def open_tokens(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[int]]:
+        """A request another node relayed here: its generated token ids, from an instance on this node
+        (the entry node detokenises them)."""
+        if self.worker.warmer is not None:
+            self.worker.warmer.note_request(prepared.deployment.name)
+        async with self._local(prepared, ()) as tokens:
+            yield tokens
+
+    @asynccontextmanager
+    async def _source(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
+        """The request's tokens after `generated`, from the node placement picks now. A relay that
+        could not connect is placed again; errors raised on entry come before any token."""
         async with AsyncExitStack() as stack:
-            # A relayed request is always served here: no relay loops.
-            for _ in range(MAX_RELAY_ATTEMPTS if prepared.relayed_from is None else 0):
+            for _ in range(MAX_RELAY_ATTEMPTS):
                 target = await self.place(prepared.deployment)
                 if target is None or target[0] == self.worker.node_id:
                     break
                 try:
-                    events = await stack.enter_async_context(self._relayed(*target, prepared))
+                    tokens = await stack.enter_async_context(self._relayed(*target, prepared, generated))
                 except RelayFailed as exc:
                     if not exc.is_connect:
                         raise
                     log.warning("relay could not connect; placing again", extra={"node": target[0]})
                     continue
-                yield events
+                yield tokens
                 return
-            events = await stack.enter_async_context(self._local(prepared))
-            yield events
+            yield await stack.enter_async_context(self._local(prepared, generated))
+
+    async def _resuming(self, prepared: PreparedRequest, tokens: AsyncIterator[int], source: AsyncExitStack
+                        ) -> AsyncIterator[int]:
+        """`tokens` (held open by `source`), then, each time a relayed source breaks off (or a new one
+        cannot be opened) and resuming is on, those of a source placed now that continues from the
+        tokens so far."""
+        generated: list[int] = []
+        for num_resumes in range(MAX_RESUMES + 1):
+            try:
+                if num_resumes:
+                    await source.aclose()  # the broken relay
+                    tokens = await source.enter_async_context(self._source(prepared, tuple(generated)))
+                async for token in tokens:
+                    generated.append(token)
+                    yield token
+                return
+            except RelayFailed as failure:
+                if not self.worker.serving.resume_on_node_failure or num_resumes == MAX_RESUMES:
+                    raise
+                if len(generated) == prepared.params.max_tokens or (
+                        generated and generated[-1] in prepared.params.stop_token_ids):
+                    return  # every token arrived, only the end event was lost
+                log.warning("relayed stream broke off; resuming it elsewhere", extra={
+                    "model": prepared.deployment.name, "num_tokens": len(generated), "error": failure.message})
 
     async def place(self, deployment: Deployment) -> tuple[str, str] | None:
         """(node id, HTTP address) of the node that should serve a request for `deployment` now, or None for
@@ -208,14 +262,14 @@ class Router:
             in_flight_hint=runtime.demand() if runtime else 0, num_evictable=num_evictable)
 
     @asynccontextmanager
-    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest
-                       ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest, generated: Sequence[int]
+                       ) -> AsyncIterator[AsyncIterator[int]]:
         log.debug("relaying", extra={"model": prepared.deployment.name, "node": node_id, "http": address})
         self._num_relayed[node_id] += 1
         try:
             async with (
-                self.relay.open(address, prepared) as events,
-                aclosing(self._watch(node_id, events)) as watched,
+                self.relay.open(address, prepared, generated) as tokens,
+                aclosing(self._watch(node_id, tokens)) as watched,
             ):
                 yield watched
         except RelayFailed:
@@ -226,12 +280,12 @@ class Router:
             if not self._num_relayed[node_id]:
                 del self._num_relayed[node_id]
 
-    async def _watch(self, node_id: str, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
-        """Passes the relayed events on; a stream that broke off marks its node suspect (the HTTP layer
-        turns the error into an SSE error event, so it never reaches `_relayed`)."""
+    async def _watch(self, node_id: str, tokens: AsyncIterator[int]) -> AsyncIterator[int]:
+        """Passes the relayed tokens on; a stream that broke off marks its node suspect (the error goes
+        to the consumer, `_resuming`, so it never reaches `_relayed`)."""
         try:
-            async for event in events:
-                yield event
+            async for token in tokens:
+                yield token
         except RelayFailed:
             self._suspect(node_id)
             raise
@@ -243,27 +297,44 @@ class Router:
         self._suspect_until[node_id] = now + SUSPECT_S
 
     @asynccontextmanager
-    async def _local(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    async def _local(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
+        """The request's tokens after `generated`, from an instance on this node (waiting through a
+        cold start)."""
         async with self.worker.lease(prepared.deployment.name) as instance:
-            request = MovableRequest(instance, prepared.prompt_ids, prepared.params)
+            params = dataclasses.replace(prepared.params, max_tokens=prepared.params.max_tokens - len(generated))
+            request = MovableRequest(instance, [*prepared.prompt_ids, *generated], params)
             try:
-                async with aclosing(self._generate(prepared, request)) as events:
-                    yield events
+                async with aclosing(self._counted(prepared, request)) as tokens:
+                    yield tokens
             finally:
                 request.close()
 
-    async def _generate(self, prepared: PreparedRequest, request: MovableRequest) -> AsyncIterator[StreamEvent]:
-        """Detokenises the request's tokens, which come from the local engine or, once a migration
-        moved the request, from its destination (see `sllmd.worker.movable`)."""
+    async def _counted(self, prepared: PreparedRequest, request: MovableRequest) -> AsyncIterator[int]:
+        """The request's tokens, which come from the local engine or, once a migration moved the
+        request, from its destination (see `sllmd.worker.movable`), counted in this node's metrics:
+        the node that generates tokens counts them, wherever they are detokenised."""
         model = prepared.deployment.name
+        num_generated = 0
+        self.metrics.tokens.labels(model, "in").inc(len(request.prompt_ids))
+        try:
+            async with aclosing(request.stream()) as tokens:
+                async for token in tokens:
+                    if num_generated == 0:
+                        self.metrics.ttft.labels(model).observe(time.monotonic() - prepared.arrived_at)
+                    num_generated += 1
+                    yield token
+        finally:  # also when the consumer stopped early (a stop string)
+            self.metrics.tokens.labels(model, "out").inc(num_generated)
+            self.metrics.latency.labels(model).observe(time.monotonic() - prepared.arrived_at)
+
+    async def _generate(self, prepared: PreparedRequest, tokens: AsyncIterator[int]) -> AsyncIterator[StreamEvent]:
+        """Detokenises the request's tokens, wherever they were generated, applying stop strings; the
+        last event is `Finished`. Closes `tokens` when done."""
         text = TextStream(prepared.tokenizer, prepared.request.stop)
         num_generated = 0
         is_eos = False
-        self.metrics.tokens.labels(model, "in").inc(len(prepared.prompt_ids))
-        async with aclosing(request.stream()) as tokens:
+        async with aclosing(tokens):
             async for token in tokens:
-                if num_generated == 0:
-                    self.metrics.ttft.labels(model).observe(time.monotonic() - prepared.arrived_at)
                 num_generated += 1
                 is_eos = token in prepared.params.stop_token_ids
                 delta = text.push(token)
@@ -271,11 +342,9 @@ class Router:
                     yield TextDelta(delta)
                 if text.is_done:
                     break
-        self.metrics.tokens.labels(model, "out").inc(num_generated)
         if not text.is_done:
             tail = text.finish()
             if tail:
                 yield TextDelta(tail)
         finish_reason = "stop" if text.finish_reason == "stop" or is_eos else "length"
-        self.metrics.latency.labels(model).observe(time.monotonic() - prepared.arrived_at)
         yield Finished(finish_reason, len(prepared.prompt_ids), num_generated)

@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE)."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE).
+
+A completions request that another node relayed here (`RELAYED_HEADER`) is answered in the relay's
+internal shape instead, token ids and no text (see `sllmd.relay`): the entry node shapes the answer.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from aiohttp import web
 from sllmd.errors import SllmdError
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
-from sllmd.relay import RELAYED_HEADER
+from sllmd.relay import RELAYED_HEADER, end_event, token_ids_event
 from sllmd.router import Finished, PreparedRequest, TextDelta
 
 log = logging.getLogger(__name__)
@@ -91,9 +95,20 @@ def _usage(finished: Finished) -> dict[str, int]:
     }
 
 
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _event_stream() -> web.StreamResponse:
+    return web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+
 async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bool) -> web.StreamResponse:
     router = request.app[NODE].router
-    prepared = await router.prepare(parsed, relayed_from=request.headers.get(RELAYED_HEADER))
+    prepared = await router.prepare(parsed)
+    if RELAYED_HEADER in request.headers:
+        return await _serve_relayed(request, prepared)
     shape = _Shape(parsed, is_chat)
     # Opening the stream waits through a cold start; its errors (503, 500) still get real statuses.
     async with router.open_stream(prepared) as events:
@@ -108,13 +123,31 @@ async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bo
     raise AssertionError("event stream ended without Finished")  # pragma: no cover
 
 
+async def _serve_relayed(request: web.Request, prepared: PreparedRequest) -> web.StreamResponse:
+    """The token ids of a request relayed here, generated here (one hop, no loops)."""
+    async with request.app[NODE].router.open_tokens(prepared) as tokens:
+        response = _event_stream()
+        await response.prepare(request)
+        num_generated = 0
+        try:
+            async for token in tokens:
+                await response.write(token_ids_event((token,)))
+                num_generated += 1
+            await response.write(end_event(len(prepared.prompt_ids), num_generated))
+        except SllmdError as error:
+            log.warning("relayed stream failed", extra={"model": prepared.request.model, "error": error.message})
+            await response.write(_sse(error.to_body()))
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+
 async def _stream(request: web.Request, prepared: PreparedRequest, shape: _Shape, events) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = _event_stream()
     await response.prepare(request)
 
     async def send(payload: dict[str, Any] | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-        await response.write(f"data: {data}\n\n".encode())
+        await response.write(_sse(payload))
 
     is_first = True
     try:
