@@ -99,7 +99,6 @@ def test_env_without_sllmd_prefix_is_ignored() -> None:
     [("1", True), ("true", True), ("Yes", True), (" TRUE ", True), ("0", False), ("false", False), ("no", False)],
 )
 def test_bool_from_text(text: str, expected: bool) -> None:
-    # No setting is a bool yet; the coercion every future one will use is tested here.
     assert _coerce(text, bool, "section.flag") is expected
 
 

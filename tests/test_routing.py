@@ -213,6 +213,7 @@ def test_a_deployed_checkpoint_is_fetched_by_its_home_and_a_cold_start_elsewhere
     assert httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/manifest.json").status_code == 200
     missing = httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/..%2Fstate")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "checkpoint_not_found"
+    assert not any("Unhandled exception" in m.log() for m in cluster)  # the ranged file responses ended cleanly
 
 
 def test_kill_of_the_serving_node_mid_stream_ends_the_relayed_stream_with_an_error(cluster):

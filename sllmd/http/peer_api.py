@@ -10,10 +10,21 @@ the API keys like every other route (peers send the cluster's key).
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from sllmd.checkpoint.store import PEER_PATH
 from sllmd.errors import NotFound
 from sllmd.http.keys import NODE
+
+
+class _SentFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself (so the entry stays pinned while it streams): aiohttp prepares
+    a returned response again, which FileResponse does not tolerate once its headers are out."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -30,6 +41,6 @@ async def checkpoint_file(request: web.Request) -> web.StreamResponse:
         file = path / name
         if not file.is_file() or file.is_symlink():
             raise NotFound(f"no checkpoint file {cid}/{name} on this node", code="checkpoint_not_found")
-        response = web.FileResponse(file, chunk_size=1 << 20)
+        response = _SentFileResponse(file, chunk_size=1 << 20)
         await response.prepare(request)  # streams the whole (ranged) body while the entry stays pinned
         return response
