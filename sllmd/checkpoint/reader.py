@@ -3,8 +3,9 @@
 `PartitionFiles` is how the fast loader (`sllmd.checkpoint.loader`) reads data files: O_DIRECT where the
 filesystem allows, the page cache where it already holds the bytes. `read_tensors` is the plain,
 obviously-correct reader that tests compare the loader against: one buffer, one sequential pass, no threads.
-`verify` re-hashes every chunk (`sllmd verify DIR`). Nothing here imports transformers; only
-`read_tensors` imports torch.
+`verify` re-hashes every chunk (`sllmd verify DIR`). `resident_fraction` says how much of a checkpoint the
+page cache holds (what makes a load in another process, e.g. vLLM's worker, a DRAM-tier load). Nothing here
+imports transformers; only `read_tensors` imports torch.
 """
 
 from __future__ import annotations
@@ -175,6 +176,27 @@ def _resident_pages(fd: int, nbytes: int) -> bytes | None:
         return bytes(vec) if libc.mincore(addr, nbytes, vec) == 0 else None
     finally:
         libc.munmap(addr, nbytes)
+
+
+def resident_fraction(path: Path) -> float:
+    """The fraction, in [0, 1], of checkpoint directory `path`'s data-file pages that the kernel's page cache
+    holds now (1.0 for a checkpoint of no bytes; 0.0 where mincore cannot be asked). Reads no data; costs
+    one mmap + mincore per partition file, ~1 ms per GiB. A snapshot: the kernel may evict pages at any
+    moment after. `CheckpointNotFound` / `CorruptCheckpoint` / `OSError` as `open_partition`."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    num_pages = num_resident = 0
+    for part in manifest.partitions:
+        fd = open_partition(path, part)
+        try:
+            resident = _resident_pages(fd, part.nbytes)
+        finally:
+            os.close(fd)
+        if resident is None:
+            return 0.0
+        num_pages += len(resident)
+        num_resident += len(resident) - resident.count(0)
+    return num_resident / num_pages if num_pages else 1.0
 
 
 class PartitionFiles:
