@@ -53,8 +53,27 @@ def test_resident_fraction_follows_the_page_cache(checkpoint_dir: Path) -> None:
     assert 0.0 < resident_fraction(checkpoint_dir) < 0.5
     assert read_into_page_cache(checkpoint_dir) == read_manifest(checkpoint_dir).total_bytes
     assert resident_fraction(checkpoint_dir) == 1.0
+    assert resident_fraction(checkpoint_dir, num_samples=64) == 1.0
     evict_page_cache(checkpoint_dir)
     assert resident_fraction(checkpoint_dir) == 0.0
+    assert resident_fraction(checkpoint_dir, num_samples=64) == 0.0
+
+
+def test_sampled_residency_estimates_the_exact_fraction(checkpoint_dir: Path) -> None:
+    evict_page_cache(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
+    for part in manifest.partitions:  # the first half of every file, without readahead past it
+        fd = os.open(checkpoint_dir / part.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.pread(fd, part.nbytes // 2, 0)
+        finally:
+            os.close(fd)
+    exact = resident_fraction(checkpoint_dir)
+    assert 0.4 < exact < 0.6
+    assert abs(resident_fraction(checkpoint_dir, num_samples=100) - exact) < 0.05
+    with pytest.raises(ValueError):
+        resident_fraction(checkpoint_dir, num_samples=0)
 
 
 def test_resident_fraction_of_a_missing_checkpoint_is_an_error(tmp_path: Path) -> None:
@@ -83,7 +102,8 @@ async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_mod
 
         worker.warmer.note_request("demo-vllm")
         worker.warmer.consider()
-        await wait_until(lambda: resident_fraction(stored) == 1.0)
+        await wait_until(lambda: worker.warmer.free_bytes() < budget)  # read, and counted against the budget
+        assert resident_fraction(stored) == 1.0
         assert worker.checkpoint_tier(deployment) is Tier.DRAM
         assert worker.dram_cache.lru_keys() == []  # the daemon's own cache is of no use to vLLM's worker
         assert worker.warmer.plan() == []  # resident now
@@ -110,7 +130,8 @@ async def test_page_cache_warming_stays_within_the_dram_budget(demo_model_dir: P
         worker.warmer.note_request("second")
         assert worker.warmer.plan() == ["first"]  # the most requested; both do not fit
         worker.warmer.consider()
-        await wait_until(lambda: worker.checkpoint_tier(worker.runtimes["first"].deployment) is Tier.DRAM)
+        await wait_until(lambda: worker.warmer.free_bytes() < worker.dram_cache.budget_bytes)
+        assert worker.checkpoint_tier(worker.runtimes["first"].deployment) is Tier.DRAM
         assert worker.warmer.free_bytes() < worker.runtimes["second"].deployment.checkpoint_bytes
         assert worker.warmer.plan() == []
         assert worker.checkpoint_tier(worker.runtimes["second"].deployment) is Tier.SSD

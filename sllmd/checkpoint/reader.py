@@ -178,18 +178,50 @@ def _resident_pages(fd: int, nbytes: int) -> bytes | None:
         libc.munmap(addr, nbytes)
 
 
-def resident_fraction(path: Path) -> float:
+def _resident_sample(fd: int, nbytes: int, offsets: list[int]) -> bytes | None:
+    """Like `_resident_pages`, for only the pages at byte `offsets` of the file (one mincore each)."""
+    libc = _libc()
+    if libc is None or not offsets:
+        return None if libc is None else b""
+    addr = libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        vec = (ctypes.c_ubyte * 1)()
+        found = bytearray()
+        for offset in offsets:
+            if libc.mincore(addr + offset - offset % mmap.PAGESIZE, 1, vec) != 0:
+                return None
+            found.append(vec[0])
+        return bytes(found)
+    finally:
+        libc.munmap(addr, nbytes)
+
+
+def resident_fraction(path: Path, *, num_samples: int | None = None) -> float:
     """The fraction, in [0, 1], of checkpoint directory `path`'s data-file pages that the kernel's page cache
-    holds now (1.0 for a checkpoint of no bytes; 0.0 where mincore cannot be asked). Reads no data; costs
-    one mmap + mincore per partition file, ~1 ms per GiB. A snapshot: the kernel may evict pages at any
-    moment after. `CheckpointNotFound` / `CorruptCheckpoint` / `OSError` as `open_partition`."""
+    holds now (1.0 for a checkpoint of no bytes; 0.0 where mincore cannot be asked). Reads no data. A
+    snapshot: the kernel may evict pages at any moment after.
+
+    `num_samples` None asks every page: exact, ~14 ms per GiB of kernel time. Otherwise only that many
+    pages, evenly spaced over the data, are asked (~2 us each, whatever the size): an estimate, for callers
+    that ask often. `CheckpointNotFound` / `CorruptCheckpoint` / `OSError` as `open_partition`."""
+    if num_samples is not None and num_samples < 1:
+        raise ValueError("num_samples must be at least 1")
     path = Path(path)
     manifest = read_manifest(path)
+    if num_samples is not None:
+        num_samples = min(num_samples, -(-manifest.total_bytes // mmap.PAGESIZE))
+        positions = [i * manifest.total_bytes // num_samples for i in range(num_samples)] if num_samples else []
     num_pages = num_resident = 0
-    for part in manifest.partitions:
+    for part, base in zip(manifest.partitions, manifest.partition_offsets(), strict=True):
         fd = open_partition(path, part)
         try:
-            resident = _resident_pages(fd, part.nbytes)
+            if num_samples is None:
+                resident = _resident_pages(fd, part.nbytes)
+            else:
+                resident = _resident_sample(fd, part.nbytes,
+                                            [p - base for p in positions if base <= p < base + part.nbytes])
         finally:
             os.close(fd)
         if resident is None:
