@@ -26,6 +26,7 @@ from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.migration import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
+from sllmd.worker.warming import page_cached_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +155,20 @@ class Node:
 
     def _soft_state(self) -> dict[str, Any]:
         """Facts that change too often for the Raft log; sent to every node in NODE_STATUS: slots with
-        their free memory, checkpoints in the DRAM cache (store ids), per-model queue and in-flight
-        counts, the estimator constants, the estimated seconds of starts under way, every instance with its
-        requests in flight, and free DRAM-cache and SSD-store bytes: the scheduler's view of this node."""
+        their free memory, checkpoints in DRAM (store ids: the DRAM cache's, and vLLM deployments' wholly in
+        the page cache), per-model queue and in-flight counts, the estimator constants, the estimated seconds
+        of starts under way, every instance with its requests in flight, and the DRAM budget's bytes free for
+        warming and free SSD-store bytes: the scheduler's view of this node."""
         worker, slots = self.worker, self.worker.slots
         dram = worker.dram_cache
+        in_dram_cache = [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else []
+        in_page_cache = page_cached_checkpoints(worker.store, (r.deployment for r in worker.runtimes.values()))
         return {
             "slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
                        "free_memory_bytes": free_device_memory(s) if slots.holder(s) is None else 0,
                        "instance": slots.holder(s)} for s in slots.slots],
             "free_slots": slots.num_free,
-            "dram_cached": [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else [],
+            "dram_cached": in_dram_cache + sorted(in_page_cache - set(in_dram_cache)),
             "ssd_cached": [entry.id for entry in worker.store.entries()],
             "queues": {name: {"waiting": runtime.num_waiting, "in_flight": runtime.num_in_flight()}
                        for name, runtime in worker.runtimes.items()},
@@ -173,7 +177,7 @@ class Node:
             "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "tokens": i.num_tokens,
                            "state": i.state.value}
                           for name, runtime in worker.runtimes.items() for i in runtime.instances],
-            "free_dram_bytes": dram.budget_bytes - dram.used_bytes if dram is not None else 0,
+            "free_dram_bytes": worker.warmer.free_bytes() if worker.warmer is not None else 0,
             "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
         }
 

