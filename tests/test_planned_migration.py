@@ -95,7 +95,8 @@ def test_a_busy_slot_holding_the_fast_copy_is_freed_by_migrating_its_instance(cl
         assert reply.status_code == 201, reply.text
     wait_until(lambda: {small, big} <= n2.models(), 5, "both models on n2", cluster)
 
-    body = {"model": small, "prompt": "Once upon", "max_tokens": 300, "temperature": 0, "stream": True}
+    # Long enough (~8 s here) that the placement below happens while it streams.
+    body = {"model": small, "prompt": "Once upon", "max_tokens": 800, "temperature": 0, "stream": True}
     reference = n1.post("/v1/completions", {**body, "stream": False}, timeout_s=120).json()["choices"][0]["text"]
     assert instance_nodes(cluster, small) == ["n1"]  # n1's one slot
     wait_until(lambda: any(n["id"] == "n1" and n["instances"] for n in n2.get("/admin/cluster")["nodes"]), 5,
@@ -119,7 +120,7 @@ def test_a_busy_slot_holding_the_fast_copy_is_freed_by_migrating_its_instance(cl
     reader.start()
     assert progressed.wait(60)
     wait_until(lambda: any(i["requests"] for n in n2.get("/admin/cluster")["nodes"] if n["id"] == "n1"
-                           for i in n["instances"]), 5, "the busy instance in n2's view", cluster)
+                           for i in n["instances"]), 10, "the busy instance in n2's view", cluster)
     reply = n2.post("/v1/completions", {"model": big, "prompt": "Hi", "max_tokens": 2}, timeout_s=120)
     assert reply.status_code == 200, reply.text
     reader.join(120)
