@@ -110,11 +110,11 @@ async def _probe(node: Node) -> None:
     worker, store = node.worker, node.config.store
     try:
         calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.slots.slots[0].device,
-                                              store.probe_mb << 20, worker.calibration)
+                                              store.probe_mb << 20, worker.estimates.calibration)
     except (OSError, SllmdError) as exc:
         log.warning("load bandwidth probe failed; estimates start from defaults", extra={"error": repr(exc)})
         return
-    worker.set_calibration(calibration)
+    worker.estimates.set_calibration(calibration)
 
 
 async def _run_http(node: Node) -> None:

@@ -70,7 +70,7 @@ class Node:
         checkpoints.peer_sources = node._peer_sources
         checkpoints.on_fetched = worker.on_fetched
         placer.migrate = node._migrate_for_plan
-        migrations.on_migrated = lambda result: worker.observe_migration(result.num_tokens, result.duration_s)
+        migrations.on_migrated = lambda result: worker.estimates.observe_migration(result.num_tokens, result.duration_s)
         return node
 
     async def start(self) -> None:
@@ -172,7 +172,7 @@ class Node:
             "ssd_cached": [entry.id for entry in worker.store.entries()],
             "queues": {name: {"waiting": runtime.num_waiting, "in_flight": runtime.num_in_flight()}
                        for name, runtime in worker.runtimes.items()},
-            "calibration": worker.calibration.to_wire(),
+            "calibration": worker.estimates.calibration.to_wire(),
             "pending_load_s": round(worker.pending_load_s(), 4),
             "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "tokens": i.num_tokens,
                            "state": i.state.value}

@@ -3,12 +3,14 @@ node, survive `kill -9` of the leader, and take the old leader back from its dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,11 @@ def free_ports(count: int) -> list[int]:
 class Member:
     """One sllmd process with a fixed id, ports and data dir (so it can be killed and restarted)."""
 
-    def __init__(self, root: Path, node_id: str, port: int, peer_port: int) -> None:
+    def __init__(self, root: Path, node_id: str, port: int, peer_port: int, env: dict[str, str] | None = None
+                 ) -> None:
+        """`env`: SLLMD_* settings (or any variables) for this node's process, over the test's environment."""
         self.node_id = node_id
+        self.env = env or {}
         self.data_dir = root / node_id
         self.log_path = root / f"{node_id}.log"
         self.port, self.peer_port = port, peer_port
@@ -48,7 +53,7 @@ class Member:
         if join is not None:
             command += ["--join", join.peer]
         with open(self.log_path, "a") as log:  # a file, not a pipe: a chatty node must never block on stderr
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=os.environ.copy())
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=os.environ | self.env)
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -121,6 +126,27 @@ def agreed_leader(members: list[Member], num_nodes: int) -> str | None:
         if len(nodes) != num_nodes or not all(n["voter"] and n["alive"] and n["http"] for n in nodes):
             return None
     return leaders.pop()
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, node_ids: list[str], *, env: dict[str, str] | None = None) -> Iterator[list[Member]]:
+    """Real daemons named `node_ids` (the first bootstraps, the others join it), ready and agreeing on a
+    leader; stopped on exit. `env` applies to every one of them."""
+    ports = free_ports(2 * len(node_ids))
+    members = [Member(root, node_id, ports[2 * i], ports[2 * i + 1], env) for i, node_id in enumerate(node_ids)]
+    try:
+        members[0].start()
+        for member in members[1:]:
+            member.start(join=members[0])
+        for member in members:
+            member.wait_ready()
+        wait_until(lambda: agreed_leader(members, len(members)), 20, "the members agreeing on a leader", members)
+        yield members
+    finally:
+        for member in members:
+            member.terminate()
+        for member in members:
+            member.wait_stopped()
 
 
 def test_three_processes_deploy_through_a_follower_fail_over_and_rejoin(demo_model_dir, tmp_path):

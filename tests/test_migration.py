@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
+from tests.test_cluster import Member, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
 
@@ -24,24 +24,12 @@ ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
 @pytest.fixture
 def pair(tmp_path: Path, demo_model_dir: Path) -> Iterator[tuple[Member, Member]]:
     """Source `s` (serving the demo model) and destination `d`, agreeing on a leader."""
-    ports = free_ports(4)
-    source, destination = Member(tmp_path, "s", ports[0], ports[1]), Member(tmp_path, "d", ports[2], ports[3])
-    try:
-        source.start()
-        destination.start(join=source)
-        source.wait_ready()
-        destination.wait_ready()
-        wait_until(lambda: agreed_leader([source, destination], 2), 20, "a leader", [source, destination])
+    with running_cluster(tmp_path, ["s", "d"]) as (source, destination):
         body = {"name": "demo", "checkpoint": str(demo_model_dir), "autoscaling": ONE_INSTANCE}
         assert source.post("/admin/models", body).status_code == 201
         wait_until(lambda: "demo" in destination.models(), 5, "the model on d", [source, destination])
         assert source.post("/v1/completions", {"model": "demo", "prompt": "Hi", "max_tokens": 2}).status_code == 200
         yield source, destination
-    finally:
-        for member in (source, destination):
-            member.terminate()
-        for member in (source, destination):
-            member.wait_stopped()
 
 
 def bodies(max_tokens: int) -> list[dict[str, Any]]:
@@ -54,8 +42,8 @@ def bodies(max_tokens: int) -> list[dict[str, Any]]:
 def stream(member: Member, body: dict[str, Any], progressed: threading.Event, after: int) -> list[Any]:
     """Every SSE payload of one response ("[DONE]" as is); sets `progressed` after `after` text chunks."""
     events: list[Any] = []
-    with httpx.stream("POST", f"{member.url}/v1/completions", json=body, timeout=60) as reply:
-        assert reply.status_code == 200
+    with httpx.stream("POST", f"{member.url}/v1/completions", json=body, timeout=120) as reply:
+        assert reply.status_code == 200, reply.read()
         for line in reply.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))

@@ -97,20 +97,20 @@ async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_mod
         stored = worker.store.path_of(cid)
         budget = worker.dram_cache.budget_bytes
         evict_page_cache(stored)  # the deploy's conversion wrote the files: the page cache holds them
-        assert worker.checkpoint_tier(deployment) is Tier.SSD
+        assert worker.estimates.checkpoint_tier(deployment) is Tier.SSD
         assert await _dram_cached(running) == ([], budget)
 
         worker.warmer.note_request("demo-vllm")
         worker.warmer.consider()
         await wait_until(lambda: worker.warmer.free_bytes() < budget)  # read, and counted against the budget
         assert resident_fraction(stored) == 1.0
-        assert worker.checkpoint_tier(deployment) is Tier.DRAM
+        assert worker.estimates.checkpoint_tier(deployment) is Tier.DRAM
         assert worker.dram_cache.lru_keys() == []  # the daemon's own cache is of no use to vLLM's worker
         assert worker.warmer.plan() == []  # resident now
         assert await _dram_cached(running) == ([cid], budget - deployment.checkpoint_bytes)
 
         evict_page_cache(stored)  # what the kernel may do at any time: the node sees the model on SSD again
-        assert worker.checkpoint_tier(deployment) is Tier.SSD
+        assert worker.estimates.checkpoint_tier(deployment) is Tier.SSD
         assert await _dram_cached(running) == ([], budget)
         assert worker.warmer.plan() == ["demo-vllm"]
 
@@ -131,7 +131,7 @@ async def test_page_cache_warming_stays_within_the_dram_budget(demo_model_dir: P
         assert worker.warmer.plan() == ["first"]  # the most requested; both do not fit
         worker.warmer.consider()
         await wait_until(lambda: worker.warmer.free_bytes() < worker.dram_cache.budget_bytes)
-        assert worker.checkpoint_tier(worker.runtimes["first"].deployment) is Tier.DRAM
+        assert worker.estimates.checkpoint_tier(worker.runtimes["first"].deployment) is Tier.DRAM
         assert worker.warmer.free_bytes() < worker.runtimes["second"].deployment.checkpoint_bytes
         assert worker.warmer.plan() == []
-        assert worker.checkpoint_tier(worker.runtimes["second"].deployment) is Tier.SSD
+        assert worker.estimates.checkpoint_tier(worker.runtimes["second"].deployment) is Tier.SSD

@@ -23,7 +23,7 @@ import torch
 
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
-from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
+from tests.test_cluster import Member, running_cluster, wait_until
 
 KEEP = {"max_instances": 1, "keep_alive_s": 300}
 
@@ -59,27 +59,9 @@ def home_on(node_id: str, nodes: list[str], prefix: str) -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[Member]]:
-    ports = free_ports(4)
-    members = [Member(tmp_path, f"n{i + 1}", ports[2 * i], ports[2 * i + 1]) for i in range(2)]
-    saved = {k: os.environ.get(k) for k in ("SLLMD_DEVICES_CPU_SLOTS", "SLLMD_CLUSTER_CHECKPOINT_COPIES")}
-    os.environ |= {"SLLMD_DEVICES_CPU_SLOTS": "1", "SLLMD_CLUSTER_CHECKPOINT_COPIES": "1"}  # inherited
-    try:
-        members[0].start()
-        members[1].start(join=members[0])
-        for member in members:
-            member.wait_ready()
-        wait_until(lambda: agreed_leader(members, 2), 20, "a leader", members)
+    env = {"SLLMD_DEVICES_CPU_SLOTS": "1", "SLLMD_CLUSTER_CHECKPOINT_COPIES": "1"}
+    with running_cluster(tmp_path, ["n1", "n2"], env=env) as members:
         yield members
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        for member in members:
-            member.terminate()
-        for member in members:
-            member.wait_stopped()
 
 
 def instance_nodes(members: list[Member], model: str) -> list[str]:

@@ -8,7 +8,6 @@ error event instead. Last, in process: the resumed relay body and the setting it
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,8 @@ import pytest
 
 from sllmd.config import ConfigError, load_config
 from sllmd.relay import RELAYED_HEADER, relay_body
-from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
+from tests.test_cluster import Member, running_cluster, wait_until
+from tests.test_migration import stream
 from tests.test_routing import serving_node, wait_known_everywhere
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
@@ -31,50 +31,19 @@ SETTINGS = {"SLLMD_SERVING_RESUME_ON_NODE_FAILURE": "true", "SLLMD_SERVING_TORCH
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[list[Member]]:
-    root = tmp_path_factory.mktemp("resume")
-    ports = free_ports(6)
-    members = [Member(root, f"r{i + 1}", ports[2 * i], ports[2 * i + 1]) for i in range(3)]
-    os.environ.update(SETTINGS)  # inherited by the daemons
-    try:
-        members[0].start()
-        for member in members[1:]:
-            member.start(join=members[0])
-        for member in members:
-            member.wait_ready()
-        wait_until(lambda: agreed_leader(members, 3), 20, "three members agreeing on a leader", members)
+    with running_cluster(tmp_path_factory.mktemp("resume"), ["r1", "r2", "r3"], env=SETTINGS) as members:
         body = {"name": "demo", "checkpoint": str(demo_model_dir), "backend": "transformers",
                 "autoscaling": ONE_INSTANCE}
         reply = members[0].post("/admin/models", body)
         assert reply.status_code == 201, reply.text
         wait_until(lambda: all("demo" in m.models() for m in members), 5, "the model everywhere", members)
         yield members
-    finally:
-        for name in SETTINGS:
-            del os.environ[name]
-        for member in members:
-            member.terminate()
-        for member in members:
-            member.wait_stopped()
 
 
 def bodies() -> list[dict[str, Any]]:
     common = {"model": "demo", "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
     return [{**common, "prompt": "Once upon", "temperature": 0},
             {**common, "prompt": "The sea", "temperature": 0.9, "seed": 11}]
-
-
-def stream(member: Member, body: dict[str, Any], progressed: threading.Event, after: int) -> list[Any]:
-    """Every SSE payload of one response ("[DONE]" as is); sets `progressed` after `after` payloads."""
-    events: list[Any] = []
-    with httpx.stream("POST", f"{member.url}/v1/completions", json=body, timeout=120) as reply:
-        assert reply.status_code == 200, reply.read()
-        for line in reply.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-                if len(events) == after:
-                    progressed.set()
-    progressed.set()
-    return events
 
 
 def run_all(entry: Member, during=None, after: int = 8) -> list[list[Any]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -24,36 +23,22 @@ from sllmd.errors import Overloaded
 from sllmd.relay import RELAYED_HEADER, Relay, RelayFailed
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
-from tests.test_cluster import Member, agreed_leader, free_ports, wait_until
+from tests.test_cluster import Member, free_ports, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[list[Member]]:
-    root = tmp_path_factory.mktemp("routing")
-    ports = free_ports(6)
-    members = [Member(root, f"n{i + 1}", ports[2 * i], ports[2 * i + 1]) for i in range(3)]
-    os.environ["SLLMD_CLUSTER_CHECKPOINT_COPIES"] = "1"  # one home besides the deploying node (inherited)
-    try:
-        members[0].start()
-        for member in members[1:]:
-            member.start(join=members[0])
-        for member in members:
-            member.wait_ready()
-        wait_until(lambda: agreed_leader(members, 3), 20, "three members agreeing on a leader", members)
+    # One checkpoint home besides the deploying node.
+    with running_cluster(tmp_path_factory.mktemp("routing"), ["n1", "n2", "n3"],
+                         env={"SLLMD_CLUSTER_CHECKPOINT_COPIES": "1"}) as members:
         for name, backend in (("tiny", "dummy"), ("demo", "transformers")):
             body = {"name": name, "checkpoint": str(demo_model_dir), "backend": backend, "autoscaling": ONE_INSTANCE}
             reply = members[1].post("/admin/models", body)
             assert reply.status_code == 201, reply.text
         wait_until(lambda: all({"tiny", "demo"} <= m.models() for m in members), 5, "models everywhere", members)
         yield members
-    finally:
-        del os.environ["SLLMD_CLUSTER_CHECKPOINT_COPIES"]
-        for member in members:
-            member.terminate()
-        for member in members:
-            member.wait_stopped()
 
 
 def instances(members: list[Member], model: str) -> dict[str, int]:

@@ -21,18 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sllmd.checkpoint.fetch import FetchReport
-from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, checkpoint_id, reads_store
+from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, reads_store
 from sllmd.config import ServingConfig
 from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
-from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s, transfer_time_s
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
+from sllmd.worker.estimates import NodeEstimates
 from sllmd.worker.slots import Slot, SlotPool
-from sllmd.worker.warming import DramWarmer, is_page_cache_tier, is_page_cached
+from sllmd.worker.warming import DramWarmer
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -120,9 +120,7 @@ class Worker:
         self.engine_factory = engine_factory
         self.store = store
         self.dram_cache = dram_cache
-        # This node's estimator constants: probed at start (`set_calibration`), corrected by every load and fetch.
-        self.calibration = Calibration.defaults()
-        metrics.show_calibration(self.calibration)
+        self.estimates = NodeEstimates(store, dram_cache, metrics)
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self.warmer = None if dram_cache is None else DramWarmer(
@@ -305,10 +303,7 @@ class Worker:
     async def _start_instance(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
         name = runtime.deployment.name
         began = time.monotonic()
-        tier = self.checkpoint_tier(runtime.deployment)
-        num_bytes = runtime.deployment.checkpoint_bytes
-        instance.estimated_start_s = load_time_s(num_bytes, tier, self.calibration)
-        instance.estimated_transfer_s = 0.0 if tier is Tier.DRAM else transfer_time_s(num_bytes, tier, self.calibration)
+        instance.estimated_start_s, instance.estimated_transfer_s = self.estimates.estimate(runtime.deployment)
         try:
             if evicting is not None:
                 await evicting
@@ -325,7 +320,7 @@ class Worker:
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
-            self._observe_load(runtime.deployment, instance.load_report)
+            self.estimates.observe_load(runtime.deployment, instance.load_report)
             if fetched_from is not None:  # the bytes came from the repository on this start
                 instance.load_report = dataclasses.replace(instance.load_report, source_tier=fetched_from)
         except Exception as exc:  # any engine failure must reach the waiters
@@ -419,20 +414,6 @@ class Worker:
 
     # -- estimates -----------------------------------------------------------------------------
 
-    def checkpoint_tier(self, deployment: Deployment) -> Tier:
-        """Where the next start of `deployment` on this node would find its checkpoint."""
-        if not reads_store(deployment.backend, deployment.checkpoint):
-            return Tier.SSD  # a local directory read in place
-        cid = checkpoint_id(deployment.checkpoint)
-        if is_page_cache_tier(deployment):  # its engine loads in another process, from the page cache if resident
-            if is_page_cached(self.store, cid):
-                return Tier.DRAM
-        elif self.dram_cache is not None and any(Path(path).name == cid for path, _ in self.dram_cache.lru_keys()):
-            return Tier.DRAM
-        if self.store.contains(cid):
-            return Tier.SSD
-        return Tier.PEER if self.store.peer_sources(cid) else Tier.REPOSITORY
-
     def pending_load_s(self) -> float:
         """Estimated seconds the SSD and network are still busy with starts under way here (what a new
         start from the SSD or a peer queues behind; DRAM loads do not)."""
@@ -440,27 +421,11 @@ class Worker:
         return sum(max(0.0, i.estimated_transfer_s - (now - i.started_at)) for r in self.runtimes.values()
                    for i in r.instances if i.state is InstanceState.STARTING)
 
-    def set_calibration(self, calibration: Calibration) -> None:
-        self.calibration = calibration
-        self.metrics.show_calibration(calibration)
-
     def on_fetched(self, tier: str, report: FetchReport) -> None:
-        """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""
-        self.metrics.fetches.labels(tier).inc()
-        self.metrics.fetch_bytes.labels(tier).inc(report.num_bytes)
-        self.set_calibration(self.calibration.observe_fetch(Tier(tier), report.num_bytes, report.seconds))
+        """The store copied a checkpoint in: learn from it, and see whether it deserves DRAM."""
+        self.estimates.observe_fetch(tier, report)
         if self.warmer is not None:
             self.warmer.consider()
-
-    def observe_migration(self, num_tokens: int, seconds: float) -> None:
-        """A migration from this node moved requests holding `num_tokens`: learn its a·tokens + b."""
-        self.set_calibration(self.calibration.observe_migration(num_tokens, seconds))
-
-    def _observe_load(self, deployment: Deployment, report: LoadReport) -> None:
-        if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
-            self.set_calibration(self.calibration.observe_load(
-                Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
-                report.init_s))
 
     # -- plumbing ------------------------------------------------------------------------------
 
