@@ -27,11 +27,12 @@ from sllmd.checkpoint.fetch import (
 )
 from sllmd.checkpoint.format import CheckpointError, ConversionError
 from sllmd.checkpoint.reader import read_manifest
-from sllmd.checkpoint.store import TIER_SSD, CheckpointInUse, CheckpointStore, checkpoint_id, reads_store
+from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, checkpoint_id, reads_store
 from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, InvalidRequest, ModelNotFound
 from sllmd.router import TokenizerCache
 from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.scheduler.estimate import Tier
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
 from sllmd.textgen import Tokenizer
@@ -190,7 +191,7 @@ class DeploymentService:
             return num_bytes
         except (CheckpointError, OSError) as exc:
             raise _bad_checkpoint(source, exc) from None
-        if tier != TIER_SSD:  # a new copy: a tokenizer loaded from an older one is stale
+        if tier != Tier.SSD:  # a new copy: a tokenizer loaded from an older one is stale
             self.tokenizers.forget(source)
         manifest = read_manifest(path)
         log.info("checkpoint in store", extra={"source": source, "path": str(path), "tier": tier,

@@ -8,7 +8,6 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
@@ -26,7 +25,7 @@ from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.migration import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
-from sllmd.worker.warming import page_cached_checkpoints
+from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +159,7 @@ class Node:
         of starts under way, every instance with its requests in flight, and the DRAM budget's bytes free for
         warming and free SSD-store bytes: the scheduler's view of this node."""
         worker, slots = self.worker, self.worker.slots
-        dram = worker.dram_cache
-        in_dram_cache = [Path(path).name for path, _ in dram.lru_keys()] if dram is not None else []
+        in_dram_cache = dram_cache_ids(worker.dram_cache)
         in_page_cache = page_cached_checkpoints(worker.store, (r.deployment for r in worker.runtimes.values()))
         return {
             "slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,

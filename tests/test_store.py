@@ -13,13 +13,12 @@ import pytest
 import sllmd.checkpoint.store as store_module
 from sllmd.checkpoint.format import CorruptCheckpoint, Manifest, PartitionEntry, PartitionHasher, plan_layout
 from sllmd.checkpoint.store import (
-    TIER_REPOSITORY,
-    TIER_SSD,
     CheckpointInUse,
     CheckpointStore,
     StoreFull,
     checkpoint_id,
 )
+from sllmd.scheduler.estimate import Tier
 
 KIB = 1024
 SIZE = 64 * KIB  # data bytes of each test checkpoint
@@ -56,10 +55,10 @@ def budget_for(n: int, sources: list[str]) -> int:
 async def test_ensure_fetches_once_then_reads_ssd(sources, tmp_path):
     store = CheckpointStore(tmp_path / "store", budget_for(5, sources))
     path, tier = await store.ensure(sources[0])
-    assert tier == TIER_REPOSITORY and path == store.path_of(checkpoint_id(sources[0]))
+    assert tier == Tier.REPOSITORY and path == store.path_of(checkpoint_id(sources[0]))
     assert (path / "manifest.json").read_bytes() == (Path(sources[0]) / "manifest.json").read_bytes()
-    assert await store.ensure(sources[0]) == (path, TIER_SSD)
-    assert await store.ensure(sources[0] + "/") == (path, TIER_SSD)  # the same source, spelt differently
+    assert await store.ensure(sources[0]) == (path, Tier.SSD)
+    assert await store.ensure(sources[0] + "/") == (path, Tier.SSD)  # the same source, spelt differently
     assert store.used_bytes == entry_bytes(sources[0])
 
 
@@ -78,7 +77,7 @@ async def test_lru_eviction_stays_under_budget(sources, tmp_path):
 async def test_pinned_entries_are_not_evicted(sources, tmp_path):
     store = CheckpointStore(tmp_path / "store", budget_for(2, sources))
     lease = await store.acquire(sources[0])
-    assert lease.tier == TIER_REPOSITORY and store.is_pinned(lease.id)
+    assert lease.tier == Tier.REPOSITORY and store.is_pinned(lease.id)
     await store.ensure(sources[1])
     await store.ensure(sources[2])  # a is least recently used but pinned: b goes
     assert {e.source for e in store.entries()} == {sources[0], sources[2]}
@@ -133,7 +132,7 @@ async def test_an_index_lost_in_a_crash_is_rebuilt_from_the_directories(sources,
     (root / "index.json").unlink()
     reopened = CheckpointStore(root, budget_for(3, sources))
     assert {e.id for e in reopened.entries()} == {checkpoint_id(s) for s in sources[:2]}
-    assert await reopened.ensure(sources[0]) == (reopened.path_of(checkpoint_id(sources[0])), TIER_SSD)
+    assert await reopened.ensure(sources[0]) == (reopened.path_of(checkpoint_id(sources[0])), Tier.SSD)
 
 
 async def test_concurrent_ensures_of_one_checkpoint_fetch_once(sources, tmp_path, monkeypatch):
@@ -149,7 +148,7 @@ async def test_concurrent_ensures_of_one_checkpoint_fetch_once(sources, tmp_path
     store = CheckpointStore(tmp_path / "store", budget_for(5, sources))
     results = await asyncio.gather(*(store.ensure(sources[0]) for _ in range(8)), store.ensure(sources[1]))
     assert sorted(calls) == sorted(sources[:2])
-    assert {tier for _, tier in results} == {TIER_REPOSITORY}
+    assert {tier for _, tier in results} == {Tier.REPOSITORY}
     assert len({path for path, _ in results[:8]}) == 1
 
 
@@ -161,13 +160,13 @@ async def test_a_failed_fetch_leaves_nothing_and_can_be_retried(sources, tmp_pat
     assert store.entries() == [] and store.used_bytes == 0
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["index.json"]
     os.rename(tmp_path / "aside.bin", Path(sources[0]) / "data-00000.bin")
-    assert (await store.ensure(sources[0]))[1] == TIER_REPOSITORY
+    assert (await store.ensure(sources[0]))[1] == Tier.REPOSITORY
 
 
 async def test_refresh_fetches_a_changed_source_again_unless_in_use(sources, tmp_path):
     store = CheckpointStore(tmp_path / "store", budget_for(5, sources))
     path, _ = await store.ensure(sources[0])
-    assert await store.ensure(sources[0], refresh=True) == (path, TIER_SSD)  # unchanged: kept
+    assert await store.ensure(sources[0], refresh=True) == (path, Tier.SSD)  # unchanged: kept
     replacement = write_v1(tmp_path / "new", seed=42)
     for name in ("data-00000.bin", "manifest.json", "config.json"):
         os.replace(replacement / name, Path(sources[0]) / name)
@@ -175,5 +174,5 @@ async def test_refresh_fetches_a_changed_source_again_unless_in_use(sources, tmp
     with pytest.raises(CheckpointInUse, match="changed since it was stored"):
         await store.ensure(sources[0], refresh=True)
     store.release(lease)
-    assert await store.ensure(sources[0], refresh=True) == (path, TIER_REPOSITORY)
+    assert await store.ensure(sources[0], refresh=True) == (path, Tier.REPOSITORY)
     assert json.loads((path / "config.json").read_text()) == {"seed": 42}

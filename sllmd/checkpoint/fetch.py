@@ -44,11 +44,10 @@ from sllmd.checkpoint.format import (
     CheckpointError,
     CheckpointNotFound,
     ChecksumMismatch,
-    CorruptCheckpoint,
     Manifest,
     PartitionHasher,
 )
-from sllmd.checkpoint.reader import read_manifest_bytes
+from sllmd.checkpoint.reader import check_partition, read_manifest_bytes, read_partition
 from sllmd.fsutil import publish_dir
 
 log = logging.getLogger(__name__)
@@ -271,39 +270,14 @@ def _copy_v1(src: Path, dst: Path, work_dir: Path) -> tuple[int, str]:
 
 
 def _copy_partition(src: Path, work_dir: Path, manifest: Manifest, index: int, buffer: memoryview) -> int:
-    part = manifest.partitions[index]
-    try:
-        fin = os.open(src / part.file, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptCheckpoint(f"{src}: {part.file} is missing") from None
-    try:
-        if os.fstat(fin).st_size != part.nbytes:
-            raise CorruptCheckpoint(f"{src}: {part.file} is {os.fstat(fin).st_size} bytes, the manifest says "
-                                    f"{part.nbytes}")
-        os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        hasher = PartitionHasher(manifest.chunk_bytes)
-        with open(work_dir / part.file, "wb", buffering=0) as fout:
-            for offset in range(0, part.nbytes, len(buffer)):
-                view = buffer[: min(len(buffer), part.nbytes - offset)]
-                got = 0
-                while got < len(view):
-                    n = os.preadv(fin, [view[got:]], offset + got)
-                    if n == 0:
-                        raise CorruptCheckpoint(f"{src}: {part.file} ended early at byte {offset + got}")
-                    got += n
-                hasher.update(view)
-                while view:
-                    view = view[fout.write(view) :]
-    finally:
-        os.close(fin)
-    digest, chunk_digests = hasher.finish()
-    for (lo, hi), want, got_digest in zip(manifest.chunk_ranges(index), part.chunk_digests, chunk_digests,
-                                          strict=True):
-        if want != got_digest:
-            raise ChecksumMismatch(part.file, lo, hi)
-    if digest != part.digest:
-        raise ChecksumMismatch(part.file, 0, part.nbytes)
-    return part.nbytes
+    hasher = PartitionHasher(manifest.chunk_bytes)
+    with open(work_dir / manifest.partitions[index].file, "wb", buffering=0) as fout:
+        for view in read_partition(src, manifest, index, buffer):
+            hasher.update(view)
+            while view:
+                view = view[fout.write(view) :]
+    check_partition(manifest, index, hasher)
+    return manifest.partitions[index].nbytes
 
 
 # ---- HTTP --------------------------------------------------------------------------------------

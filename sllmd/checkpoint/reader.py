@@ -18,6 +18,7 @@ import mmap
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -103,28 +104,44 @@ class VerifyReport:
     seconds: float
 
 
+def read_partition(root: Path, manifest: Manifest, index: int, buffer: memoryview) -> Iterator[memoryview]:
+    """Partition `index` of the checkpoint at `root`, read sequentially (buffered) as consecutive views of
+    `buffer`, each valid until the next is yielded. `CorruptCheckpoint` if the file is missing, of the wrong
+    size or ends early."""
+    part = manifest.partitions[index]
+    fd = open_partition(root, part)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for offset in range(0, part.nbytes, len(buffer)):
+            view = buffer[: min(len(buffer), part.nbytes - offset)]
+            read_exactly(fd, view, offset, part.file)
+            yield view
+    finally:
+        os.close(fd)
+
+
+def check_partition(manifest: Manifest, index: int, hasher: PartitionHasher) -> None:
+    """`ChecksumMismatch` naming the first range of partition `index` whose hash in `hasher` (fed the whole
+    partition) differs from the manifest's."""
+    part = manifest.partitions[index]
+    digest, chunk_digests = hasher.finish()
+    for (lo, hi), want, got in zip(manifest.chunk_ranges(index), part.chunk_digests, chunk_digests, strict=True):
+        if want != got:
+            raise ChecksumMismatch(part.file, lo, hi)
+    if digest != part.digest:
+        raise ChecksumMismatch(part.file, 0, part.nbytes)
+
+
 def verify(path: Path) -> VerifyReport:
     """Re-hash every chunk of every partition; `ChecksumMismatch` names the first bad partition and range."""
     path, start = Path(path), time.monotonic()
     manifest = read_manifest(path)
     buffer = memoryview(bytearray(_VERIFY_BLOCK_BYTES))
-    for index, part in enumerate(manifest.partitions):
-        fd = open_partition(path, part)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            hasher = PartitionHasher(manifest.chunk_bytes)
-            for offset in range(0, part.nbytes, len(buffer)):
-                view = buffer[: min(len(buffer), part.nbytes - offset)]
-                read_exactly(fd, view, offset, part.file)
-                hasher.update(view)
-        finally:
-            os.close(fd)
-        digest, chunk_digests = hasher.finish()
-        for (lo, hi), want, got in zip(manifest.chunk_ranges(index), part.chunk_digests, chunk_digests, strict=True):
-            if want != got:
-                raise ChecksumMismatch(part.file, lo, hi)
-        if digest != part.digest:
-            raise ChecksumMismatch(part.file, 0, part.nbytes)
+    for index in range(len(manifest.partitions)):
+        hasher = PartitionHasher(manifest.chunk_bytes)
+        for view in read_partition(path, manifest, index, buffer):
+            hasher.update(view)
+        check_partition(manifest, index, hasher)
     return VerifyReport(path, len(manifest.tensors), len(manifest.partitions),
                         sum(len(p.chunk_digests) for p in manifest.partitions), manifest.total_bytes,
                         time.monotonic() - start)

@@ -37,6 +37,7 @@ from sllmd.checkpoint.fetch import FetchReport, FetchSettings, describe, fetch, 
 from sllmd.checkpoint.format import MANIFEST_FILE, CheckpointError
 from sllmd.config import StoreConfig
 from sllmd.engine.base import Backend
+from sllmd.scheduler.estimate import Tier
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-TIER_SSD = "ssd"
-TIER_PEER = "peer"
-TIER_REPOSITORY = "repository"
 PEER_PATH = "/internal/checkpoints"  # + "/{id}": where a node serves its store's entries to its peers
 
 
@@ -86,7 +84,7 @@ class CheckpointLease:
 
     id: str
     path: Path
-    tier: str  # "ssd" if it was there already, else where this lease fetched it from: "peer" | "repository"
+    tier: Tier  # SSD if it was there already, else where this lease fetched it from: PEER or REPOSITORY
     fetch: FetchReport | None = None
 
 
@@ -104,10 +102,10 @@ class CheckpointStore:
         # checkpoint id -> base URLs (`peer_url`) of other nodes holding it, best first; set by the node.
         self.peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: ()
         # Called with (tier, report) after every completed fetch: the node's metrics and estimators learn from it.
-        self.on_fetched: Callable[[str, FetchReport], None] = lambda tier, report: None
+        self.on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None
         self._pins: Counter[str] = Counter()
         self._reserved: dict[str, int] = {}  # id -> bytes being fetched
-        self._jobs: dict[str, asyncio.Task[tuple[str, FetchReport]]] = {}
+        self._jobs: dict[str, asyncio.Task[tuple[Tier, FetchReport]]] = {}
         self.root.mkdir(parents=True, exist_ok=True)
         self._entries = self._open()
         while self.used_bytes > self.budget_bytes and self._entries:
@@ -166,9 +164,9 @@ class CheckpointStore:
 
     # -- getting checkpoints -------------------------------------------------------------------
 
-    async def ensure(self, source: str, *, refresh: bool = False) -> tuple[Path, str]:
-        """The local path of `source`'s checkpoint and the tier it came from: "ssd" if the store had
-        it, "repository" if it had to be fetched (or converted) now.
+    async def ensure(self, source: str, *, refresh: bool = False) -> tuple[Path, Tier]:
+        """The local path of `source`'s checkpoint and the tier it came from: SSD if the store had it,
+        else PEER or REPOSITORY, where it was fetched (or converted) from now.
 
         With `refresh`, an entry whose source changed since it was fetched (see `fetch.describe`) is
         fetched again; `CheckpointInUse` if an instance has it pinned. Fetch errors propagate
@@ -203,7 +201,7 @@ class CheckpointStore:
     async def _ensure(self, source: str, *, refresh: bool, pin: bool) -> CheckpointLease:
         source = normalize_source(source)
         cid = checkpoint_id(source)
-        tier, report = TIER_SSD, None
+        tier, report = Tier.SSD, None
         if refresh and cid in self._entries and cid not in self._jobs:
             await self._drop_if_stale(cid, source)
         while True:
@@ -221,7 +219,7 @@ class CheckpointStore:
             tier, report = await asyncio.shield(job)
             # Loop: the entry is normally there now, but could have been evicted before we resumed.
 
-    def _job_done(self, job: asyncio.Task[tuple[str, FetchReport]]) -> None:
+    def _job_done(self, job: asyncio.Task[tuple[Tier, FetchReport]]) -> None:
         for cid, current in list(self._jobs.items()):
             if current is job:
                 del self._jobs[cid]
@@ -239,7 +237,7 @@ class CheckpointStore:
         log.info("source changed since it was stored, fetching it again", extra={"checkpoint": cid, "source": source})
         await self._delete(cid)
 
-    async def _fetch(self, cid: str, source: str) -> tuple[str, FetchReport]:
+    async def _fetch(self, cid: str, source: str) -> tuple[Tier, FetchReport]:
         """(tier it came from, report). Peers holding `cid` go first; one that fails is skipped (logged). The
         repository is last, so a checkpoint still reaches this node while its repository is down."""
         for peer in self.peer_sources(cid):
@@ -250,11 +248,11 @@ class CheckpointStore:
                             extra={"checkpoint": cid, "peer": peer, "error": repr(exc)})
                 shutil.rmtree(self.root / f".{cid}.partial", ignore_errors=True)  # a peer's chunks: not resumable
                 continue
-            self.on_fetched(TIER_PEER, report)
-            return TIER_PEER, report
+            self.on_fetched(Tier.PEER, report)
+            return Tier.PEER, report
         report = await self._fetch_from(cid, source, source, self.settings)
-        self.on_fetched(TIER_REPOSITORY, report)
-        return TIER_REPOSITORY, report
+        self.on_fetched(Tier.REPOSITORY, report)
+        return Tier.REPOSITORY, report
 
     async def _fetch_from(self, cid: str, source: str, origin: str, settings: FetchSettings) -> FetchReport:
         """Entry `cid` (of `source`) fetched from `origin`: `source` itself or a peer's copy of it. A peer's

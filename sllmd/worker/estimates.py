@@ -9,7 +9,6 @@ its edge on the node. Not thread-safe: use from the event loop.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sllmd.checkpoint.fetch import FetchReport
@@ -18,7 +17,7 @@ from sllmd.engine.base import LoadReport
 from sllmd.metrics import Metrics
 from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s, transfer_time_s
 from sllmd.state.models import Deployment
-from sllmd.worker.warming import is_page_cache_tier, is_page_cached
+from sllmd.worker.warming import is_in_dram
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -40,12 +39,9 @@ class NodeEstimates:
         """Where the next start of `deployment` on this node would find its checkpoint."""
         if not reads_store(deployment.backend, deployment.checkpoint):
             return Tier.SSD  # a local directory read in place
-        cid = checkpoint_id(deployment.checkpoint)
-        if is_page_cache_tier(deployment):  # its engine loads in another process, from the page cache if resident
-            if is_page_cached(self.store, cid):
-                return Tier.DRAM
-        elif self.dram_cache is not None and any(Path(path).name == cid for path, _ in self.dram_cache.lru_keys()):
+        if is_in_dram(deployment, self.store, self.dram_cache):
             return Tier.DRAM
+        cid = checkpoint_id(deployment.checkpoint)
         if self.store.contains(cid):
             return Tier.SSD
         return Tier.PEER if self.store.peer_sources(cid) else Tier.REPOSITORY
@@ -63,11 +59,11 @@ class NodeEstimates:
                 Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
                 report.init_s))
 
-    def observe_fetch(self, tier: str, report: FetchReport) -> None:
+    def observe_fetch(self, tier: Tier, report: FetchReport) -> None:
         """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""
         self.metrics.fetches.labels(tier).inc()
         self.metrics.fetch_bytes.labels(tier).inc(report.num_bytes)
-        self.set_calibration(self.calibration.observe_fetch(Tier(tier), report.num_bytes, report.seconds))
+        self.set_calibration(self.calibration.observe_fetch(tier, report.num_bytes, report.seconds))
 
     def observe_migration(self, num_tokens: int, seconds: float) -> None:
         """A migration from this node moved requests holding `num_tokens`: learn its a·tokens + b."""

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sllmd.checkpoint.fetch import FetchReport
-from sllmd.checkpoint.store import TIER_SSD, CheckpointLease, CheckpointStore, reads_store
+from sllmd.checkpoint.store import CheckpointLease, CheckpointStore, reads_store
 from sllmd.config import ServingConfig
 from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
+from sllmd.scheduler.estimate import Tier
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.estimates import NodeEstimates
@@ -314,14 +315,14 @@ class Worker:
                 # Pinned until the instance stops; fetched again if it was evicted since deploy.
                 lease = self._leases[instance.id] = await self.store.acquire(deployment.checkpoint)
                 checkpoint_dir = lease.path
-                fetched_from = None if lease.tier == TIER_SSD else lease.tier
+                fetched_from = None if lease.tier == Tier.SSD else lease.tier
             instance.engine = await asyncio.to_thread(
                 self.engine_factory, deployment, checkpoint_dir, instance.slot.device, self.dram_cache)
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
             self.estimates.observe_load(runtime.deployment, instance.load_report)
-            if fetched_from is not None:  # the bytes came from the repository on this start
+            if fetched_from is not None:  # the bytes came from a peer or the repository on this start
                 instance.load_report = dataclasses.replace(instance.load_report, source_tier=fetched_from)
         except Exception as exc:  # any engine failure must reach the waiters
             log.error("instance failed to start", extra={"instance": instance.id, "error": repr(exc)})
@@ -421,7 +422,7 @@ class Worker:
         return sum(max(0.0, i.estimated_transfer_s - (now - i.started_at)) for r in self.runtimes.values()
                    for i in r.instances if i.state is InstanceState.STARTING)
 
-    def on_fetched(self, tier: str, report: FetchReport) -> None:
+    def on_fetched(self, tier: Tier, report: FetchReport) -> None:
         """The store copied a checkpoint in: learn from it, and see whether it deserves DRAM."""
         self.estimates.observe_fetch(tier, report)
         if self.warmer is not None:

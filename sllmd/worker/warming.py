@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.format import CheckpointError
 from sllmd.checkpoint.loader import load_checkpoint
-from sllmd.checkpoint.reader import open_partition, read_exactly, read_manifest, resident_fraction
+from sllmd.checkpoint.reader import read_manifest, read_partition, resident_fraction
 from sllmd.checkpoint.store import CheckpointStore, checkpoint_id, reads_store
 from sllmd.engine.base import Backend
 from sllmd.errors import SllmdError
@@ -76,6 +75,20 @@ def is_page_cached(store: CheckpointStore, cid: str) -> bool:
         return False
 
 
+def dram_cache_ids(dram_cache: DramCache | None) -> list[str]:
+    """Store ids of the checkpoints in the daemon's DRAM cache (its keys are store paths), least recent first."""
+    return [Path(path).name for path, _ in dram_cache.lru_keys()] if dram_cache is not None else []
+
+
+def is_in_dram(deployment: Deployment, store: CheckpointStore, dram_cache: DramCache | None) -> bool:
+    """Whether a start of `deployment` here would load from DRAM: its store files in the page cache for a
+    page-cache backend, its entry in the daemon's DRAM cache for the others."""
+    cid = checkpoint_id(deployment.checkpoint)
+    if is_page_cache_tier(deployment):
+        return is_page_cached(store, cid)
+    return cid in dram_cache_ids(dram_cache)
+
+
 def page_cached_checkpoints(store: CheckpointStore, deployments: Iterable[Deployment]) -> set[str]:
     """Store ids of the page-cache-tier `deployments`' checkpoints that are wholly resident now."""
     ids = {checkpoint_id(d.checkpoint) for d in deployments if is_page_cache_tier(d)}
@@ -87,14 +100,9 @@ def read_into_page_cache(path: Path) -> int:
     cache holds it (until the kernel evicts it); returns the bytes read. Blocking: run it in a thread."""
     manifest = read_manifest(path)
     buffer = memoryview(bytearray(_READ_BYTES))
-    for part in manifest.partitions:
-        fd = open_partition(path, part)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # large readahead
-            for offset in range(0, part.nbytes, len(buffer)):
-                read_exactly(fd, buffer[: min(len(buffer), part.nbytes - offset)], offset, part.file)
-        finally:
-            os.close(fd)
+    for index in range(len(manifest.partitions)):
+        for _ in read_partition(path, manifest, index, buffer):
+            pass
     return manifest.total_bytes
 
 
@@ -136,10 +144,7 @@ class DramWarmer:
         deployments = self.deployments()
         stored = {name: d for name, d in deployments.items()
                   if reads_store(d.backend, d.checkpoint) and self.store.contains(checkpoint_id(d.checkpoint))}
-        in_dram_cache = {Path(path).name for path, _ in self.dram_cache.lru_keys()}
-        in_page_cache = page_cached_checkpoints(self.store, stored.values())
-        cached = frozenset(name for name, d in stored.items() if checkpoint_id(d.checkpoint) in
-                           (in_page_cache if is_page_cache_tier(d) else in_dram_cache))
+        cached = frozenset(name for name, d in stored.items() if is_in_dram(d, self.store, self.dram_cache))
         node = NodeState("self", True, 0, Calibration.defaults(), dram_models=cached,
                          ssd_models=frozenset(stored), free_dram_bytes=self.free_bytes())
         return plan_dram_warming(self.rates(), {n: d.checkpoint_bytes for n, d in stored.items()}, node)
