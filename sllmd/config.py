@@ -76,6 +76,7 @@ class ClusterConfig:
     public_keys: tuple[str, ...] = ()  # client keys admitted; empty: just public_key
     dead_node_timeout_s: float = 30.0  # the leader drops instance records of nodes silent this long; 0: never
     checkpoint_copies: int = 2  # nodes whose SSD store fetches a deployment's checkpoint when it is deployed
+    peer_link_gbps: float = 1.0  # expected GB/s of a checkpoint copy from a peer until one is measured
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ def _validate(config: Config) -> None:
         (1 <= config.store.staging_buffers <= 1024, "store.staging_buffers must be in 1..1024"),
         (0 <= config.store.probe_mb <= 65536, "store.probe_mb must be in 0..65536"),
         (1 <= config.cluster.checkpoint_copies <= 64, "cluster.checkpoint_copies must be in 1..64"),
+        (0.001 <= config.cluster.peer_link_gbps <= 1000, "cluster.peer_link_gbps must be in 0.001..1000"),
         (0.001 <= c.tick_s <= c.heartbeat_interval_s, "cluster.tick_s must be in 0.001..heartbeat_interval_s"),
         (c.heartbeat_interval_s < c.election_timeout_min_s,
          "cluster.heartbeat_interval_s must be < cluster.election_timeout_min_s"),

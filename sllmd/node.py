@@ -18,6 +18,7 @@ from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
+from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import Migration, plan_checkpoint_homes
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
@@ -55,7 +56,8 @@ class Node:
         api_key = next(iter(config.server.api_keys), None)
         checkpoints = open_store(config.data_dir, config.store, api_key=api_key)
         worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, checkpoints,
-                        engine_factory, dram_cache=open_dram_cache(config.store))
+                        engine_factory, dram_cache=open_dram_cache(config.store),
+                        calibration=Calibration.defaults(peer_gbps=config.cluster.peer_link_gbps))
         tokenizers = CheckpointTokenizers(checkpoints)
         relay = Relay(node_id, api_key=api_key,
                       read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)

@@ -117,20 +117,21 @@ class Calibration:
                     raise ValueError(f"{name}[{tier}] must be a finite number > 0, got {gbps!r}")
 
     @classmethod
-    def defaults(cls) -> Calibration:
+    def defaults(cls, *, peer_gbps: float = 1.0) -> Calibration:
         """Conservative constants used before any probe: each well under what a current server reaches,
         so an uncalibrated node is not preferred on optimism alone.
 
         - DRAM→GPU 10 GB/s: PCIe 4.0 x16 moves ~25 GB/s pinned; pageable copies and small chunks lose half.
         - SSD→GPU 2 GB/s: one NVMe drive reads 3–7 GB/s sequentially.
-        - peer→SSD 1 GB/s: a 10 Gbps link carries 1.25 GB/s.
+        - peer→SSD `peer_gbps`, 1 GB/s unless the operator says (`cluster.peer_link_gbps`): a 10 Gbps
+          link carries 1.25 GB/s.
         - repository→SSD 0.1 GB/s: a model hub or object store serves one client ~0.1–1 GB/s.
         - engine init 2 s + 0.05 s/GB: process, CUDA context and allocation, then per-tensor binding.
         - migration 0.2 s + 0.1 ms/token: the destination re-prefills the tokens at ~10k tokens/s.
         """
         return cls(
             load_gbps={Tier.DRAM: 10.0, Tier.SSD: 2.0},
-            fetch_gbps={Tier.PEER: 1.0, Tier.REPOSITORY: 0.1},
+            fetch_gbps={Tier.PEER: peer_gbps, Tier.REPOSITORY: 0.1},
             init=LinearFit(slope=0.05, intercept=2.0),
             migration=LinearFit(slope=1e-4, intercept=0.2),
         )

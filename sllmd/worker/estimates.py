@@ -24,12 +24,13 @@ if TYPE_CHECKING:
 
 
 class NodeEstimates:
-    def __init__(self, store: CheckpointStore, dram_cache: DramCache | None, metrics: Metrics) -> None:
+    def __init__(self, store: CheckpointStore, dram_cache: DramCache | None, metrics: Metrics,
+                 calibration: Calibration) -> None:
         self.store = store
         self.dram_cache = dram_cache
         self.metrics = metrics
-        self.calibration = Calibration.defaults()
-        metrics.show_calibration(self.calibration)
+        self.calibration = calibration
+        metrics.show_calibration(calibration)
 
     def set_calibration(self, calibration: Calibration) -> None:
         self.calibration = calibration

@@ -28,7 +28,7 @@ from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
-from sllmd.scheduler.estimate import Tier
+from sllmd.scheduler.estimate import Calibration, Tier
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.worker.estimates import NodeEstimates
@@ -112,7 +112,10 @@ class Worker:
         engine_factory: EngineFactory = default_engine_factory,
         *,
         dram_cache: DramCache | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
+        """`calibration`: the estimates' starting point before the probe and real loads correct it
+        (default: `Calibration.defaults()`)."""
         self.node_id = node_id
         self.slots = slots
         self.state = state
@@ -121,7 +124,7 @@ class Worker:
         self.engine_factory = engine_factory
         self.store = store
         self.dram_cache = dram_cache
-        self.estimates = NodeEstimates(store, dram_cache, metrics)
+        self.estimates = NodeEstimates(store, dram_cache, metrics, calibration or Calibration.defaults())
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
         self.warmer = None if dram_cache is None else DramWarmer(
