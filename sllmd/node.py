@@ -6,11 +6,12 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
+from sllmd.cluster.membership import ALIVE_WINDOW_S
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
@@ -19,9 +20,9 @@ from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
 from sllmd.scheduler.estimate import Calibration
-from sllmd.scheduler.placement import Migration, plan_checkpoint_homes
+from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
 from sllmd.state.machine import Op
-from sllmd.state.models import Deployment
+from sllmd.state.models import Deployment, InstanceState
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.migration import MigrationService
@@ -29,6 +30,8 @@ from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
 
 log = logging.getLogger(__name__)
+
+MIN_INSTANCES_CHECK_S = 2.0
 
 
 @dataclass
@@ -44,7 +47,8 @@ class Node:
     relay: Relay  # this node's HTTP client to the others (one session)
     migrations: MigrationService  # `await migrations.migrate(instance_id, to_node)`; `on_migrated` hook
     started_at: float = field(default_factory=time.time)
-    _tasks: set[asyncio.Task] = field(default_factory=set)  # background fetches of checkpoints homed here
+    _tasks: set[asyncio.Task] = field(default_factory=set)  # background work (fetches, min_instances upkeep)
+    _dead_node_ids: frozenset[str] = frozenset()  # members min_instances are not dealt to (_keep_min_instances)
 
     @classmethod
     def open(cls, config: Config, engine_factory: EngineFactory = default_engine_factory) -> Node:
@@ -71,6 +75,8 @@ class Node:
         checkpoints.peer_sources = node._peer_sources
         checkpoints.on_fetched = worker.on_fetched
         placer.migrate = node._migrate_for_plan
+        worker.instances_elsewhere = node._instances_elsewhere
+        worker.min_instances_here = node._min_instances_here
         migrations.on_migrated = lambda result: worker.estimates.observe_migration(result.num_tokens, result.duration_s)
         return node
 
@@ -82,6 +88,7 @@ class Node:
             log.info("cleared instances of a previous run", extra={"count": num_stale})
         for deployment in self.state.deployments().values():
             self.worker.sync_deployment(deployment)
+        self._spawn(self._keep_min_instances())
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -117,6 +124,34 @@ class Node:
             return self.worker.record_all()
         return None
 
+    def _min_instances_here(self, deployment: Deployment) -> int:
+        """This node's share of `deployment`'s min_instances: they are dealt over the cluster's members but
+        those found dead (until liveness is known, e.g. just after a restart, every member counts)."""
+        min_instances = deployment.autoscaling.min_instances
+        if not min_instances:
+            return 0
+        members = (set(self.state.nodes()) | {self.node_id}) - self._dead_node_ids
+        return min_instances_share(deployment.name, self.node_id, sorted(members), min_instances)
+
+    async def _keep_min_instances(self) -> None:
+        """Every MIN_INSTANCES_CHECK_S: which members are dead now, and each min_instances share kept."""
+        await asyncio.sleep(ALIVE_WINDOW_S)  # let every live member be heard from once
+        while True:
+            view = self.state.cluster_view(include_own_soft_state=False)["nodes"]
+            self._dead_node_ids = frozenset(n["id"] for n in view if not n["alive"] and n["id"] != self.node_id)
+            try:
+                self.worker.keep_min_instances()
+            except Exception:  # a bug here must not end the upkeep for good
+                log.exception("keeping min_instances failed")
+            await asyncio.sleep(MIN_INSTANCES_CHECK_S)
+
+    def _instances_elsewhere(self, model: str) -> int:
+        """Starting or ready instances of `model` on other nodes that are alive (a dead node's records stay
+        until the leader drops them, and must not hold a replacement back)."""
+        alive = {n["id"] for n in self.state.cluster_view(include_own_soft_state=False)["nodes"] if n["alive"]}
+        return sum(1 for r in self.state.instances() if r.model == model and r.node_id != self.node_id
+                   and r.node_id in alive and r.state in (InstanceState.STARTING, InstanceState.READY))
+
     async def _migrate_for_plan(self, migration: Migration) -> None:
         """Carry out a migration the leader's placement planned: here, or through the instance's node."""
         if migration.from_node == self.node_id:
@@ -150,7 +185,10 @@ class Node:
                 log.warning("could not fetch a checkpoint this node is a home of",
                             extra={"model": deployment.name, "error": repr(exc)})
 
-        task = asyncio.get_running_loop().create_task(fetch())
+        self._spawn(fetch())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

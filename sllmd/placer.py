@@ -12,7 +12,8 @@ Between answering and the new instance's record reaching the leader's state, sof
 the start yet; the leader's own reservations cover that gap: a reserved slot is not offered again, its
 load counts as queued on that node, and a model with `max_instances` live or reserved instances
 cluster-wide gets the least-loaded node already running or starting it instead of a new start. A
-reservation ends when the instance's record appears, or after its estimate plus RESERVATION_SLACK_S.
+reservation ends when a new record of the model appears on its node, or after its estimate plus
+RESERVATION_SLACK_S.
 
 Asking costs one peer round trip (~0.2 ms on loopback) and only happens on the cold path; a leader that
 does not answer within PLACE_TIMEOUT_S makes the caller fall back to its own local rules.
@@ -71,6 +72,7 @@ class _Reservation:
     estimated_s: float  # until it serves
     transfer_s: float  # of which the node's SSD or network is busy (what other starts there queue behind)
     made_at: float  # time.monotonic()
+    num_records_before: int  # the model's instance records on the node when it was made
 
     def remaining_transfer_s(self, now: float) -> float:
         return max(0.0, self.transfer_s - (now - self.made_at))
@@ -124,8 +126,9 @@ class Placer:
             return None
         now = time.monotonic()
         records = [r for r in self.state.instances() if r.state in (InstanceState.STARTING, InstanceState.READY)]
-        self._reservations = [r for r in self._reservations if not r.is_expired(now) and not any(
-            rec.model == r.model and rec.node_id == r.node_id for rec in records)]
+        num_records = collections.Counter((r.model, r.node_id) for r in records)
+        self._reservations = [r for r in self._reservations if not r.is_expired(now)
+                              and num_records[(r.model, r.node_id)] <= r.num_records_before]
         nodes = self.state.cluster_view()["nodes"]
         addresses = {n["id"]: n["http"] or "" for n in nodes}
         states = self._with_reservations(self.node_states(nodes), now)
@@ -150,7 +153,8 @@ class Placer:
         node = next(s for s in states if s.id == plan.node_id)
         busy_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(deployment.checkpoint_bytes, plan.tier,
                                                                      node.calibration)
-        self._reservations.append(_Reservation(model, plan.node_id, plan.estimated_s, busy_s, now))
+        self._reservations.append(_Reservation(model, plan.node_id, plan.estimated_s, busy_s, now,
+                                               num_records[(model, plan.node_id)]))
         for migration in plan.migrations:
             assert self.migrate is not None
             self._spawn(self._run_migration(migration))

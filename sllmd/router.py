@@ -211,7 +211,7 @@ class Router:
         startup-time plan (`Placer`), and by `choose_node`'s local rules if the leader cannot answer."""
         model = deployment.name
         runtime = self.worker.runtimes.get(model)
-        if runtime is not None and runtime.ready() and not self._is_saturated_here(runtime):
+        if runtime is not None and runtime.ready() and not self._wants_another_instance(runtime):
             return self.worker.node_id, ""  # rule 1, without reading the cluster's state
         local = self._local_view(model)
         now = time.monotonic()
@@ -243,13 +243,17 @@ class Router:
                 return placement.node_id, addresses[placement.node_id]
         return None if chosen is None else (chosen, addresses[chosen])
 
-    def _is_saturated_here(self, runtime: ModelRuntime) -> bool:
-        """Every local instance at target concurrency and no local room for another (no free slot, nothing
-        idle to evict): then more instances must come from elsewhere, which is the leader's call."""
+    def _wants_another_instance(self, runtime: ModelRuntime) -> bool:
+        """Every local instance (ready or starting) at target concurrency and the cluster below the model's
+        max_instances: where the next instance starts is the leader's call (often here, by its entry-node
+        preference, but another node may have the checkpoint in DRAM or the only free slot)."""
         policy = runtime.deployment.autoscaling
-        return (runtime.demand() >= len(runtime.ready()) * policy.target_concurrency
-                and len(runtime.instances) < policy.max_instances and self.worker.slots.num_free == 0
-                and not self.worker.eviction_candidates(exclude=runtime))
+        if runtime.demand() < len(runtime.instances) * policy.target_concurrency:
+            return False
+        model = runtime.deployment.name
+        num_live = sum(1 for r in self.state.instances()
+                       if r.model == model and r.state in (InstanceState.STARTING, InstanceState.READY))
+        return num_live < policy.max_instances
 
     def _local_view(self, model: str) -> NodeView:
         """This node from its worker (exact, no replication lag)."""

@@ -28,3 +28,10 @@ def test_policy_problems_name_the_field():
     assert AutoscalingPolicy().problems() == []
     fields = {field for field, _ in AutoscalingPolicy(2, 1, 0, -1).problems()}
     assert fields == {"min_instances", "target_concurrency", "keep_alive_s"}
+
+
+def test_instances_on_other_nodes_count_against_max_instances():
+    policy = AutoscalingPolicy(max_instances=3, target_concurrency=1)
+    assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=1) == 1
+    assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=2) == 0
+    assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=5) == 0  # never < 0

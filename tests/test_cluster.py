@@ -129,11 +129,14 @@ def agreed_leader(members: list[Member], num_nodes: int) -> str | None:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, node_ids: list[str], *, env: dict[str, str] | None = None) -> Iterator[list[Member]]:
+def running_cluster(root: Path, node_ids: list[str], *, env: dict[str, str] | None = None,
+                    node_env: dict[str, dict[str, str]] | None = None) -> Iterator[list[Member]]:
     """Real daemons named `node_ids` (the first bootstraps, the others join it), ready and agreeing on a
-    leader; stopped on exit. `env` applies to every one of them."""
+    leader; stopped on exit. `env` applies to every one of them, `node_env[id]` (over it) to one."""
     ports = free_ports(2 * len(node_ids))
-    members = [Member(root, node_id, ports[2 * i], ports[2 * i + 1], env) for i, node_id in enumerate(node_ids)]
+    node_env = node_env or {}
+    members = [Member(root, node_id, ports[2 * i], ports[2 * i + 1], (env or {}) | node_env.get(node_id, {}))
+               for i, node_id in enumerate(node_ids)]
     try:
         members[0].start()
         for member in members[1:]:

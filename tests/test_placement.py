@@ -11,6 +11,7 @@ from sllmd.scheduler.placement import (
     RunningInstance,
     StartPlan,
     choose_node,
+    min_instances_share,
     plan_checkpoint_homes,
     plan_dram_warming,
     plan_start,
@@ -238,3 +239,15 @@ def test_dram_warming_most_popular_first_within_free_dram():
     sizes = {"big": 60 * GB, "hot": 26 * GB, "warm": 13 * GB, "cold": 1 * GB, "cached": 1 * GB, "elsewhere": GB}
     assert plan_dram_warming(rates, sizes, node) == ["hot", "warm"]  # big does not fit; never over 40 GB
     assert plan_dram_warming(rates, sizes, state("a", ssd=("hot",))) == []
+
+
+def test_min_instances_are_dealt_over_the_live_nodes_and_add_up():
+    nodes = ["n1", "n2", "n3"]
+    for min_instances in range(7):
+        shares = [min_instances_share("m", n, nodes, min_instances) for n in nodes]
+        assert sum(shares) == min_instances and max(shares) - min(shares) <= 1
+    holder = next(n for n in nodes if min_instances_share("m", n, nodes, 1))
+    others = [n for n in nodes if n != holder]
+    # The holder gone, exactly one of the others takes it; a node counts itself even when not listed.
+    assert sum(min_instances_share("m", n, others, 1) for n in others) == 1
+    assert min_instances_share("m", "n9", [], 2) == 2

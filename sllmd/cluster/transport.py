@@ -281,10 +281,12 @@ class PeerTransport:
         for pid in list(self._peers):
             self.remove_peer(pid)
         if self._monitor_task is not None:
+            # Stop the monitor while its PAIR socket is still open: libzmq's stop event (and any event)
+            # sent to a closed PAIR blocks the caller forever (zeromq/libzmq#3575, pyzmq#1020).
+            self._router.disable_monitor()  # type: ignore[union-attr]
             self._monitor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor_task
-            self._router.disable_monitor()  # type: ignore[union-attr]
         if self._auth is not None:
             self._auth.stop()
         if self._context is not None:

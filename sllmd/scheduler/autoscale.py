@@ -42,14 +42,16 @@ def num_instances_wanted(policy: AutoscalingPolicy, demand: int) -> int:
 
 
 def num_instances_to_start(
-    policy: AutoscalingPolicy, *, demand: int, num_live: int, num_startable: int
+    policy: AutoscalingPolicy, *, demand: int, num_live: int, num_startable: int, num_elsewhere: int = 0
 ) -> int:
-    """How many new instances to start now.
+    """How many new instances to start now on one node.
 
-    `num_live` counts instances starting or ready; `num_startable` is how many more slots this model
-    could get (free slots plus ones that evicting idle instances of other models would free).
+    `demand` and `num_live` (instances starting or ready) are the node's own; `num_startable` is how many
+    more slots the model could get there (free slots plus ones that evicting idle instances of other
+    models would free); `num_elsewhere` counts its instances on other nodes, which `max_instances`
+    bounds together with this node's.
     """
-    missing = num_instances_wanted(policy, demand) - num_live
+    missing = min(num_instances_wanted(policy, demand), policy.max_instances - num_elsewhere) - num_live
     return max(0, min(missing, num_startable))
 
 

@@ -241,6 +241,16 @@ def plan_checkpoint_homes(model: str, num_bytes: int, nodes: Sequence[NodeState]
     return sorted(eligible, key=lambda node_id: (_rendezvous_score(model, node_id), node_id), reverse=True)[:k]
 
 
+def min_instances_share(model: str, node_id: str, node_ids: Sequence[str], min_instances: int) -> int:
+    """How many of `model`'s `min_instances` node `node_id` keeps running, the instances being dealt over
+    `node_ids` (the live nodes; `node_id` counts as one of them) one by one in rendezvous order of (model,
+    node), the order checkpoint homes are ranked in, so kept instances tend to sit where the checkpoint
+    is. Every node computes its own share from the same list, and the shares add up to `min_instances`."""
+    ranked = sorted(set(node_ids) | {node_id}, key=lambda n: (_rendezvous_score(model, n), n), reverse=True)
+    per_node, remainder = divmod(min_instances, len(ranked))
+    return per_node + (1 if ranked.index(node_id) < remainder else 0)
+
+
 def _rendezvous_score(model: str, node_id: str) -> bytes:
     # A keyed digest rather than hash(): Python salts str hashes per process.
     return hashlib.blake2b(f"{len(model)}:{model}:{node_id}".encode(), digest_size=8).digest()

@@ -127,6 +127,10 @@ class Worker:
         self.estimates = NodeEstimates(store, dram_cache, metrics, calibration or Calibration.defaults())
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
+        # Set by the cluster node: live instances of a model on other nodes, and this node's share of a
+        # deployment's min_instances (alone: none, and all of them).
+        self.instances_elsewhere: Callable[[str], int] = lambda model: 0
+        self.min_instances_here: Callable[[Deployment], int] = lambda deployment: deployment.autoscaling.min_instances
         self.warmer = None if dram_cache is None else DramWarmer(
             # Models with an instance here are left out: a start caches its checkpoint on the way anyway.
             store, dram_cache, lambda: {name: r.deployment for name, r in self.runtimes.items() if not r.instances})
@@ -264,16 +268,23 @@ class Worker:
 
     def _scale(self, runtime: ModelRuntime) -> None:
         """Start as many instances as the policy wants and capacity allows, evicting idle
-        instances of other models when no slot is free."""
+        instances of other models when no slot is free.
+
+        `max_instances` bounds the model's instances cluster-wide, so a scale-out here counts those on
+        other nodes. A node's first instance does not: it is a migration's destination (which replaces
+        one elsewhere) or a start the leader placed here, or else the leader could not be asked."""
         if runtime.is_removed or runtime.start_error is not None:
             return  # after a failed start, only a new request retries (no restart loop)
         policy, num_live = runtime.deployment.autoscaling, len(runtime.instances)
+        if policy.min_instances:
+            policy = dataclasses.replace(policy, min_instances=self.min_instances_here(runtime.deployment))
         num_missing = num_instances_wanted(policy, runtime.demand()) - num_live
         if num_missing <= 0:
             return  # the common case, on every request: nothing to start, so no eviction scan
         victims = self.eviction_candidates(exclude=runtime) if self.slots.num_free < num_missing else []
         num_new = num_instances_to_start(
-            policy, demand=runtime.demand(), num_live=num_live, num_startable=self.slots.num_free + len(victims)
+            policy, demand=runtime.demand(), num_live=num_live, num_startable=self.slots.num_free + len(victims),
+            num_elsewhere=self.instances_elsewhere(runtime.deployment.name) if num_live else 0,
         )
         for _ in range(num_new):
             instance_id = f"{runtime.deployment.name}-{uuid.uuid4().hex[:8]}"
@@ -291,13 +302,24 @@ class Worker:
             instance.starting = self._spawn(self._start_instance(runtime, instance, evicting))
         self._update_gauges(runtime)
 
+    def keep_min_instances(self) -> None:
+        """Bring every model with min_instances to this node's current share of them: start missing ones,
+        and let ones no longer needed here run out their keep-alive (the share moves as nodes come and go)."""
+        for runtime in self.runtimes.values():
+            if not runtime.deployment.autoscaling.min_instances:
+                continue
+            self._scale(runtime)
+            for instance in runtime.ready():
+                if instance.in_flight == 0 and instance.idle_timer is None:
+                    self._arm_idle_timer(runtime, instance)
+
     def eviction_candidates(self, exclude: ModelRuntime | None) -> list[tuple[ModelRuntime, Instance]]:
         """Idle ready instances of other models above their min_instances, longest idle first."""
         found = []
         for runtime in self.runtimes.values():
             if runtime is exclude:
                 continue
-            spare = len(runtime.instances) - runtime.deployment.autoscaling.min_instances
+            spare = len(runtime.instances) - self.min_instances_here(runtime.deployment)
             idle = [i for i in runtime.ready() if i.in_flight == 0]
             idle.sort(key=lambda i: i.idle_since)
             found += [(runtime, i) for i in idle[: max(0, spare)]]
@@ -364,7 +386,7 @@ class Worker:
 
     def _on_idle_timeout(self, runtime: ModelRuntime, instance: Instance) -> None:
         instance.idle_timer = None
-        is_spare = len(runtime.instances) > runtime.deployment.autoscaling.min_instances
+        is_spare = len(runtime.instances) > self.min_instances_here(runtime.deployment)
         if instance.in_flight == 0 and instance.state is InstanceState.READY and is_spare:
             log.info("instance idle past keep-alive, stopping", extra={"instance": instance.id})
             self._stop_instance(runtime, instance)
