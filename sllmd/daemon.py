@@ -97,6 +97,8 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
                 except Conflict:  # another member deployed it first; this node had not applied that yet
                     continue
                 log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})
+        if config.store.probe_mb:
+            node.start_peer_link_probe()
         await _run_http(node)
     finally:
         await node.close()

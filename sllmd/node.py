@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from sllmd.checkpoint.format import CheckpointError
 from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
 from sllmd.cluster.membership import ALIVE_WINDOW_S
 from sllmd.cluster.replicated import ReplicatedStateMachine
@@ -19,7 +20,7 @@ from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
-from sllmd.scheduler.estimate import Calibration
+from sllmd.scheduler.estimate import Calibration, Tier
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment, InstanceState
@@ -32,6 +33,7 @@ from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
 log = logging.getLogger(__name__)
 
 MIN_INSTANCES_CHECK_S = 2.0
+PEER_PROBE_POLL_S = 1.0  # how often a node without a live peer looks again for one to probe its link with
 
 
 @dataclass
@@ -123,6 +125,29 @@ class Node:
             # The leader took us for dead (a partition outlasted the timeout): say again what we run.
             return self.worker.record_all()
         return None
+
+    def start_peer_link_probe(self) -> None:
+        """In the background: once a peer is up, time a copy of its probe checkpoint (`worker.probe`) and
+        make that this node's peer fetch bandwidth. Until then `cluster.peer_link_gbps` stands."""
+        self._spawn(self._probe_peer_link())
+
+    async def _probe_peer_link(self) -> None:
+        from sllmd.worker.probe import probe_peer_fetch, with_probed_fetch
+
+        while not (peers := sorted((n["id"], n["http"]) for n in self.state.cluster_view()["nodes"]
+                                   if n["alive"] and n["http"] and n["id"] != self.node_id)):
+            await asyncio.sleep(PEER_PROBE_POLL_S)
+        peer_id, peer_http = peers[0]
+        try:
+            report = await probe_peer_fetch(self.config.data_dir, peer_http, self.worker.store.peer_settings)
+        except (CheckpointError, OSError) as exc:
+            log.warning("peer link probe failed; cluster.peer_link_gbps stands",
+                        extra={"peer": peer_id, "error": repr(exc)})
+            return
+        estimates = self.worker.estimates
+        estimates.set_calibration(with_probed_fetch(estimates.calibration, Tier.PEER, report))
+        log.info("probed peer fetch bandwidth", extra={"peer": peer_id, "bytes": report.num_bytes,
+                                                       "peer_gbps": round(report.gb_per_s, 3)})
 
     def _min_instances_here(self, deployment: Deployment) -> int:
         """This node's share of `deployment`'s min_instances: they are dealt over the cluster's members but

@@ -61,8 +61,9 @@ def home_on(node_id: str, nodes: list[str], prefix: str) -> str:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[Member]]:
+    # No probes: the slow link must not be measured away.
     env = {"SLLMD_DEVICES_CPU_SLOTS": "1", "SLLMD_CLUSTER_CHECKPOINT_COPIES": "1",
-           "SLLMD_CLUSTER_PEER_LINK_GBPS": "0.1"}
+           "SLLMD_CLUSTER_PEER_LINK_GBPS": "0.1", "SLLMD_STORE_PROBE_MB": "0"}
     with running_cluster(tmp_path, ["n1", "n2"], env=env) as members:
         yield members
 

@@ -118,6 +118,16 @@ def test_every_node_sees_the_serving_nodes_soft_state(cluster):
     wait_until(seen_by_all, 5.0, "the serving node's queues in every node's cluster view", cluster)
 
 
+def test_every_node_times_a_copy_of_a_peers_probe_checkpoint_at_start(cluster):
+    pattern = r"probed peer fetch bandwidth peer=(n\d) bytes=(\d+) peer_gbps=([\d.]+)"
+    probes = wait_until(lambda: all(re.search(pattern, m.log()) for m in cluster)
+                        and [re.search(pattern, m.log()) for m in cluster], 20, "every node's link probe", cluster)
+    for member, probe in zip(cluster, probes, strict=True):
+        assert probe.group(1) != member.node_id and int(probe.group(2)) >= 16 << 20  # conftest: 16 MiB probes
+        me = next(n for n in member.get("/admin/cluster")["nodes"] if n["id"] == member.node_id)
+        assert me["calibration"]["fetch_gbps"]["peer"] != 1.0  # no longer cluster.peer_link_gbps
+
+
 def test_errors_are_answered_by_the_entry_node(cluster):
     reply = cluster[2].post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 5000})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text

@@ -1,4 +1,5 @@
-"""Peer routes: a node serves the checkpoints in its SSD store to the other nodes of its cluster.
+"""Peer routes: a node serves the checkpoints in its SSD store (and its probe checkpoint) to the other
+nodes of its cluster.
 
 `GET /internal/checkpoints/{id}/{file}` answers one file of store entry `id` (the manifest, a data
 partition or a side file), with HTTP Range support, so a peer fetches it exactly as it fetches a v1
@@ -15,6 +16,7 @@ from aiohttp.abc import AbstractStreamWriter
 from sllmd.checkpoint.store import PEER_PATH
 from sllmd.errors import NotFound
 from sllmd.http.keys import NODE
+from sllmd.worker.probe import PROBE_DIR, PROBE_PATH
 
 
 class _SentFileResponse(web.FileResponse):
@@ -29,6 +31,17 @@ class _SentFileResponse(web.FileResponse):
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get(PEER_PATH + "/{id}/{file}", checkpoint_file)
+    router.add_get(PROBE_PATH + "/{file}", probe_file)
+
+
+async def probe_file(request: web.Request) -> web.StreamResponse:
+    """One file of this node's probe checkpoint (built before the node serves, never changed while it
+    does), for a peer timing its copy from here (`worker.probe.probe_peer_fetch`)."""
+    node, name = request.app[NODE], request.match_info["file"]
+    file = node.config.data_dir / PROBE_DIR / name
+    if name.startswith(".") or "/" in name or not file.is_file() or file.is_symlink():
+        raise NotFound(f"no probe file {name} on this node", code="probe_not_found")
+    return web.FileResponse(file, chunk_size=1 << 20)
 
 
 async def checkpoint_file(request: web.Request) -> web.StreamResponse:

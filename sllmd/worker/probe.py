@@ -6,13 +6,18 @@ device copy), the probe loads a synthetic sllmd v1 checkpoint of `num_bytes` fro
 onto the node's first device twice: cold from the SSD (its pages evicted first), then again from a
 DRAM cache. The checkpoint is built once (atomically) and kept, so later starts only read it.
 
-Engine init and the fetch and migration figures cannot be probed without a model or a peer; they keep
-their defaults until real loads, fetches and migrations correct them (`Worker` observes every one).
 Blocking and slow-ish (a fraction of a second per 100 MB): run it off the event loop, before READY.
+
+Every node also serves its probe checkpoint to its peers (`PROBE_PATH`), so once a peer is up a node
+times a real peer→SSD copy of it with the store's own fetch path (`probe_peer_fetch`): the peer fetch
+bandwidth. Engine init and the migration and repository figures cannot be probed without a model or a
+repository; they keep their defaults until real loads, fetches and migrations correct them (`Worker`
+observes every one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -23,6 +28,7 @@ import torch
 
 from sllmd.checkpoint.convert import convert
 from sllmd.checkpoint.dram import DramCache
+from sllmd.checkpoint.fetch import FetchReport, FetchSettings, fetch
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.fsutil import publish_dir
@@ -31,6 +37,7 @@ from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, Tier
 log = logging.getLogger(__name__)
 
 PROBE_DIR = "probe"
+PROBE_PATH = "/internal/probe"  # + "/{file}": where a node serves its probe checkpoint to its peers
 TENSOR_BYTES = 16 << 20  # several tensors, like a model, so the loader's per-tensor work is in the figure
 MAX_PROBE_GBPS = 1000.0  # a CPU DRAM hit hands over a buffer without copying: cap the "bandwidth" it implies
 
@@ -56,9 +63,29 @@ def probe_calibration(data_dir: Path, device: str, num_bytes: int, base: Calibra
     return dataclasses.replace(base, load_gbps={**base.load_gbps, **rates})
 
 
+async def probe_peer_fetch(data_dir: Path, peer_http: str, settings: FetchSettings) -> FetchReport:
+    """Copy the probe checkpoint of the peer at `peer_http` into `data_dir` the way the store fetches a
+    checkpoint from a peer (parallel Range requests, every chunk verified, written to this disk), then
+    delete the copy. The report's bandwidth is this node's peer→SSD figure."""
+    dst, work = Path(data_dir) / ".probe-peer", Path(data_dir) / ".probe-peer.partial"
+    for path in (dst, work):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        return await fetch(f"http://{peer_http}{PROBE_PATH}", dst, work_dir=work, settings=settings)
+    finally:
+        for path in (dst, work):
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+
+
+def with_probed_fetch(calibration: Calibration, tier: Tier, report: FetchReport) -> Calibration:
+    """`calibration` with `tier`'s fetch bandwidth replaced by the one `report` measured."""
+    return dataclasses.replace(calibration, fetch_gbps={**calibration.fetch_gbps, tier: report.gb_per_s})
+
+
 def _probe_checkpoint(path: Path, num_bytes: int) -> Path:
     """The probe checkpoint at `path`, built now unless a complete one of the same size is there."""
-    if (path / MANIFEST_FILE).is_file() and (path / "size").is_file() and (path / "size").read_text() == str(num_bytes):
+    if all((path / name).is_file() for name in (MANIFEST_FILE, "config.json", "size")) and (
+            path / "size").read_text() == str(num_bytes):
         return path
     shutil.rmtree(path, ignore_errors=True)
     work = path.with_name(f".{path.name}.tmp")
@@ -72,6 +99,7 @@ def _probe_checkpoint(path: Path, num_bytes: int) -> Path:
                for i in range(num_tensors)}
     save_file(tensors, work / "hf" / "model.safetensors")
     convert(work / "hf", work / "v1")
+    (work / "v1" / "config.json").write_text('{"model_type": "sllmd-probe"}')  # what a fetch requires
     (work / "v1" / "size").write_text(str(num_bytes))
     publish_dir(work / "v1", path)
     shutil.rmtree(work, ignore_errors=True)
