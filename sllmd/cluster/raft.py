@@ -36,7 +36,8 @@ Beyond the paper's Figure 2 this core implements:
   Ongaro posted to raft-dev in 2015). A leader that removes itself keeps replicating without counting
   itself in majorities, and steps down once the removal commits (thesis §4.2.2).
 
-The peer messages and their wire codec live in `raft_messages` (re-exported here).
+The peer messages and their wire codec live in `raft_messages` (re-exported here); the log itself (the
+entries after the snapshot and their index arithmetic) is a `RaftLog` from `raft_log`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from sllmd.cluster.raft_log import RaftLog
 from sllmd.cluster.raft_messages import (
     FROM_LEADER,
     AppendEntries,
@@ -176,8 +178,7 @@ class Raft:
         self._voted_for: NodeId | None = None
         self._commit = 0
         self._applied = 0
-        self._snapshot = Snapshot(0, 0, ())
-        self._log: list[Entry] = []  # self._log[k].index == self._snapshot.index + 1 + k
+        self._log = RaftLog()  # the snapshot and the entries after it
         self._voters: tuple[NodeId, ...] = ()
         self._config_index = 0  # index of the entry (or snapshot) that set self._voters
         self._role = Role.FOLLOWER
@@ -207,7 +208,8 @@ class Raft:
         if not members:
             raise ValueError("bootstrap needs at least one voter")
         node = cls(node_id, rng, config)
-        node._snapshot = node._unsaved_snapshot = Snapshot(0, 0, members)
+        node._unsaved_snapshot = Snapshot(0, 0, members)
+        node._log.install_snapshot(node._unsaved_snapshot)
         node._reload_config()
         return node
 
@@ -218,26 +220,18 @@ class Raft:
         index (default: the snapshot's). If it is behind the snapshot, the first Ready asks the shell to
         restore the state machine from the snapshot; committed entries after it are re-delivered."""
         node = cls(node_id, rng, config)
-        if snapshot is not None:
-            node._snapshot = snapshot
-        expected = node._snapshot.index + 1
-        for entry in entries:
-            if entry.index < expected:
-                continue  # already folded into the snapshot; storage may lag one compaction behind
-            if entry.index != expected:
-                raise ValueError(f"persisted log has a gap: expected index {expected}, found {entry.index}")
-            node._log.append(entry)
-            expected += 1
+        node._log = RaftLog(snapshot, entries)  # skips entries the snapshot holds; ValueError on a gap
+        snapshot_index = node._log.snapshot.index
         node._term, node._voted_for = hard_state.term, hard_state.voted_for
-        node._commit = max(hard_state.commit, node._snapshot.index)
+        node._commit = max(hard_state.commit, snapshot_index)
         if node._commit > node.last_index:
             raise ValueError(f"persisted commit {node._commit} is beyond the last entry {node.last_index}")
-        state_applied = node._snapshot.index if applied is None else applied
+        state_applied = snapshot_index if applied is None else applied
         if state_applied > node._commit:
             raise ValueError(f"state machine applied {state_applied} is beyond the commit index {node._commit}")
-        if state_applied < node._snapshot.index:
-            node._unsaved_snapshot, node._is_restore_pending = node._snapshot, True
-            state_applied = node._snapshot.index
+        if state_applied < snapshot_index:
+            node._unsaved_snapshot, node._is_restore_pending = node._log.snapshot, True
+            state_applied = snapshot_index
         node._applied = state_applied
         node._saved_hard_state = HardState(node._term, node._voted_for, node._commit)
         node._reload_config()
@@ -280,32 +274,27 @@ class Raft:
 
     @property
     def snapshot(self) -> Snapshot:
-        return self._snapshot
+        return self._log.snapshot
 
     @property
     def first_index(self) -> int:
-        return self._snapshot.index + 1
+        return self._log.first_index
 
     @property
     def last_index(self) -> int:
-        return self._snapshot.index + len(self._log)
+        return self._log.last_index
 
     def term_at(self, index: int) -> int | None:
         """The term of the entry at `index`, or None if compacted away or beyond the log."""
-        if index == self._snapshot.index:
-            return self._snapshot.term
-        if self._snapshot.index < index <= self.last_index:
-            return self._log[index - self._snapshot.index - 1].term
-        return None
+        return self._log.term_at(index)
 
     def entries(self, lo: int, hi: int) -> tuple[Entry, ...]:
         """Entries with lo <= index <= hi, clipped to what the log holds."""
-        first = self._snapshot.index + 1
-        return tuple(self._log[max(lo, first) - first:max(hi + 1, first) - first])
+        return self._log.entries(lo, hi)
 
     def status(self) -> Status:
         return Status(self.id, self._role, self._term, self._leader_id, self._commit, self._applied,
-                      self._snapshot.index, self.last_index, self._voters)
+                      self._log.snapshot.index, self.last_index, self._voters)
 
     # ---------------------------------------------------------------------------------------- inputs
 
@@ -378,15 +367,11 @@ class Raft:
         """Log compaction (§7): `data` is the state machine's snapshot as of applied index `index`.
         Entries up to `index` are dropped; the next Ready carries the snapshot to persist."""
         self._check_no_outstanding_ready()
-        if index <= self._snapshot.index:
+        if index <= self._log.snapshot.index:
             return
         if index > self._applied:
             raise ValueError(f"cannot compact to {index}: only {self._applied} is applied")
-        voters, _ = self._config_at(index)
-        term = self.term_at(index)
-        assert term is not None
-        del self._log[:index - self._snapshot.index]
-        self._snapshot = self._unsaved_snapshot = Snapshot(index, term, voters, bytes(data))
+        self._unsaved_snapshot = self._log.compact(index, data)
 
     # ---------------------------------------------------------------------------------------- output
 
@@ -472,7 +457,7 @@ class Raft:
         self._leader_id = None
         self._votes = {self.id: True}
         self._reset_election_timer()
-        last_index, last_term = self.last_index, self._last_term()
+        last_index, last_term = self.last_index, self._log.last_term
         for peer in self._voters:
             if peer != self.id:
                 self._send(VoteRequest(type=mtype, sender=self.id, to=peer, term=term,
@@ -482,7 +467,7 @@ class Raft:
     def _on_vote_request(self, msg: VoteRequest) -> None:
         is_pre_vote = msg.type is MessageType.PRE_VOTE
         # §5.4.1 election restriction: the candidate's log must be at least as up-to-date as ours.
-        is_up_to_date = (msg.last_term, msg.last_index) >= (self._last_term(), self.last_index)
+        is_up_to_date = (msg.last_term, msg.last_index) >= (self._log.last_term, self.last_index)
         # A PreVote only needs a later term (the lease was checked in step()); a vote is one per term (§5.2).
         can_vote = msg.term > self._term if is_pre_vote else self._voted_for in (None, msg.sender)
         is_granted = can_vote and is_up_to_date
@@ -579,7 +564,7 @@ class Raft:
         if prev_term is None:  # the entries this follower needs were compacted away (§7)
             if progress.snapshot_wait == 0:
                 progress.snapshot_wait = self.config.election_ticks_max
-                self._send(InstallSnapshot(sender=self.id, to=peer, term=self._term, snapshot=self._snapshot))
+                self._send(InstallSnapshot(sender=self.id, to=peer, term=self._term, snapshot=self._log.snapshot))
             return
         last = min(self.last_index, prev_index + self.config.max_entries_per_append)
         self._send(AppendEntries(sender=self.id, to=peer, term=self._term, prev_index=prev_index,
@@ -651,7 +636,7 @@ class Raft:
         if msg.conflict_term == 0:
             return msg.conflict_index
         index = min(msg.reject_index, self.last_index)
-        while index > self._snapshot.index:
+        while index > self._log.snapshot.index:
             term = self.term_at(index)
             assert term is not None
             if term == msg.conflict_term:
@@ -685,8 +670,8 @@ class Raft:
             self._commit = match_index = snapshot.index
         else:
             # §7: discard the entire log and the state machine; both restart from the snapshot.
-            self._snapshot = self._unsaved_snapshot = snapshot
-            self._log = []
+            self._log.install_snapshot(snapshot)
+            self._unsaved_snapshot = snapshot
             self._commit = self._applied = match_index = snapshot.index
             self._unstable_from = snapshot.index + 1  # storage drops every entry past it
             self._is_restore_pending = True
@@ -730,7 +715,7 @@ class Raft:
         if not entries:
             return
         assert entries[0].index == self.last_index + 1
-        self._log.extend(entries)
+        self._log.append(entries)
         self._mark_unstable(entries[0].index)
         for entry in entries:
             if entry.kind is EntryKind.CONFIG:
@@ -738,7 +723,7 @@ class Raft:
 
     def _truncate(self, index: int) -> None:
         assert index > self._commit, "never truncate a committed entry"
-        del self._log[index - self.first_index:]
+        self._log.truncate(index)
         self._mark_unstable(index)
         if self._config_index >= index:
             self._reload_config()  # we dropped an uncommitted config entry: the one before it rules again
@@ -746,15 +731,8 @@ class Raft:
     def _mark_unstable(self, index: int) -> None:
         self._unstable_from = index if self._unstable_from is None else min(self._unstable_from, index)
 
-    def _config_at(self, index: int) -> tuple[tuple[NodeId, ...], int]:
-        for i in range(min(index, self.last_index), self._snapshot.index, -1):
-            entry = self._log[i - self._snapshot.index - 1]
-            if entry.kind is EntryKind.CONFIG:
-                return entry.voters, i
-        return self._snapshot.voters, self._snapshot.index
-
     def _reload_config(self) -> None:
-        self._set_voters(*self._config_at(self.last_index))
+        self._set_voters(*self._log.config_at(self.last_index))
 
     def _set_voters(self, voters: tuple[NodeId, ...], index: int) -> None:
         self._voters, self._config_index = voters, index
@@ -768,9 +746,6 @@ class Raft:
         # it normally receives the entry that removes it; _broadcast_append() then drops it.
 
     # --------------------------------------------------------------------------------------- helpers
-
-    def _last_term(self) -> int:
-        return self._log[-1].term if self._log else self._snapshot.term
 
     def _hard_state(self) -> HardState:
         return HardState(self._term, self._voted_for, self._commit)
