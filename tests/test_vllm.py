@@ -13,6 +13,7 @@ import torch
 
 from sllmd.checkpoint.convert import convert
 from sllmd.engine.base import LoadReport, Prefill, SamplingParams
+from sllmd.engine.sampling import choose_token
 from sllmd.engine.vllm import VllmEngine
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 from sllmd.worker.warming import read_into_page_cache
@@ -71,6 +72,19 @@ def hf_greedy(model_dir: Path, prompt: list[int], num_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=num_tokens)
     return out[0, len(prompt):].tolist()
+
+
+def hf_sampled(model_dir: Path, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The transformers backend's sampling rule (`choose_token` at (seed, absolute position)) on HF's model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(params.max_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(choose_token(logits, params, len(ids), params.seed))
+    return ids[len(prompt):]
 
 
 def test_load_report_names_sllmd_tier_and_bytes(sllmd_started, checkpoint_dir: Path) -> None:
@@ -133,6 +147,24 @@ async def test_migration_resume_is_token_identical(vllm_loaded, sllmd_loaded) ->
     assert generated + rest == reference
     with pytest.raises(EngineFailed):  # consumed by that generate
         await handle.extend([1])
+
+
+async def test_a_seeded_sampled_request_resumed_on_another_engine_continues_the_same_sample(
+        vllm_loaded, sllmd_loaded, demo_model_dir) -> None:
+    prompt, num_tokens = PROMPTS[1], 32
+
+    def sampled(max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.95, seed=11)
+
+    reference = await run(vllm_loaded, prompt, sampled(num_tokens))
+    assert reference != await run(vllm_loaded, prompt, SamplingParams(max_tokens=num_tokens, temperature=0.0))
+    stream = vllm_loaded.generate(prompt, sampled(num_tokens))
+    generated = [await anext(stream) for _ in range(12)]
+    await stream.aclose()
+    rest = await run(sllmd_loaded, prompt + generated, sampled(num_tokens - len(generated)))
+    assert generated + rest == reference
+    # The same rule as the transformers backend, inside vLLM's sampler.
+    assert reference == hf_sampled(demo_model_dir, prompt, sampled(num_tokens))
 
 
 async def test_stop_token_is_yielded_and_ends_the_request(sllmd_loaded) -> None:

@@ -26,9 +26,10 @@ closes vLLM's stream, which aborts the request in the engine core. Prefix cachin
 request resumed elsewhere from prompt + tokens so far (migration) re-prefills only what is not cached.
 
 Sampling: temperature 0 is greedy (token-identical across engines in fp32, hence across migration).
-A seed makes a request reproducible on one engine, but vLLM draws from a per-request generator, not
-from (seed, position) as `sampling.choose_token` does, so a resumed seeded request does not continue
-the same sample.
+A seeded sampled request draws each token by `sampling.choose_token` at (seed, absolute position), the
+transformers backend's rule, applied inside vLLM's sampler by `vllm_sampling.PositionKeyedSampling`; so a
+request resumed elsewhere from prompt + tokens so far continues the same sample. (The router gives every
+sampled request a seed; a request without one uses vLLM's own sampler.)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
 from sllmd.errors import EngineFailed
+
+PROCESSOR_NAME = "sllmd.engine.vllm_sampling:PositionKeyedSampling"  # imported by vLLM's engine-core process
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -121,6 +124,7 @@ class VllmEngine(Engine):
             skip_tokenizer_init=True,
             dtype=self.dtype or _checkpoint_dtype(self.checkpoint_dir),
             enable_prefix_caching=True,
+            logits_processors=[PROCESSOR_NAME],
             kv_cache_memory_bytes=self.kv_cache_bytes,
             disable_log_stats=True,
         )
@@ -195,11 +199,17 @@ class VllmEngine(Engine):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from sllmd.engine.vllm_sampling import extra_args
+
+        # A seeded sampled request is drawn by sllmd's position-keyed rule (vllm_sampling): vLLM sees it as
+        # greedy over logits where only the chosen token is left. Unseeded ones use vLLM's own sampler.
+        is_keyed = params.temperature > 0 and params.seed is not None
         return VllmSamplingParams(
             max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
+            temperature=0.0 if is_keyed else params.temperature,
+            top_p=1.0 if is_keyed else params.top_p,
+            seed=None if is_keyed else params.seed,
+            extra_args=extra_args(params) if is_keyed else None,
             # vLLM refuses ids outside the vocabulary; such an id can never be generated, so never stops anything.
             stop_token_ids=sorted(t for t in params.stop_token_ids if 0 <= t < self._vocab_size),
             ignore_eos=True,
