@@ -23,7 +23,7 @@ from sllmd.router import Router
 from sllmd.scheduler.estimate import Calibration, Tier
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
 from sllmd.state.machine import Op
-from sllmd.state.models import Deployment, InstanceState
+from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
 from sllmd.worker.migration import MigrationService
@@ -134,7 +134,8 @@ class Node:
     async def _probe_peer_link(self) -> None:
         from sllmd.worker.probe import probe_peer_fetch, with_probed_fetch
 
-        while not (peers := sorted((n["id"], n["http"]) for n in self.state.cluster_view()["nodes"]
+        while not (peers := sorted((n["id"], n["http"]) for n in
+                                   self.state.cluster_view(include_own_soft_state=False)["nodes"]
                                    if n["alive"] and n["http"] and n["id"] != self.node_id)):
             await asyncio.sleep(PEER_PROBE_POLL_S)
         peer_id, peer_http = peers[0]
@@ -175,7 +176,7 @@ class Node:
         until the leader drops them, and must not hold a replacement back)."""
         alive = {n["id"] for n in self.state.cluster_view(include_own_soft_state=False)["nodes"] if n["alive"]}
         return sum(1 for r in self.state.instances() if r.model == model and r.node_id != self.node_id
-                   and r.node_id in alive and r.state in (InstanceState.STARTING, InstanceState.READY))
+                   and r.node_id in alive and r.is_live)
 
     async def _migrate_for_plan(self, migration: Migration) -> None:
         """Carry out a migration the leader's placement planned: here, or through the instance's node."""

@@ -37,7 +37,6 @@ from sllmd.checkpoint.store import checkpoint_id, reads_store
 from sllmd.scheduler.estimate import Tier, transfer_time_s
 from sllmd.scheduler.placement import Migration, NodeState, plan_start
 from sllmd.scheduler.view import node_states
-from sllmd.state.models import InstanceState
 
 if TYPE_CHECKING:
     from sllmd.cluster.replicated import ReplicatedStateMachine
@@ -125,7 +124,7 @@ class Placer:
         if deployment is None:
             return None
         now = time.monotonic()
-        records = [r for r in self.state.instances() if r.state in (InstanceState.STARTING, InstanceState.READY)]
+        records = [r for r in self.state.instances() if r.is_live]
         num_records = collections.Counter((r.model, r.node_id) for r in records)
         self._reservations = [r for r in self._reservations if not r.is_expired(now)
                               and num_records[(r.model, r.node_id)] <= r.num_records_before]

@@ -251,8 +251,7 @@ class Router:
         if runtime.demand() < len(runtime.instances) * policy.target_concurrency:
             return False
         model = runtime.deployment.name
-        num_live = sum(1 for r in self.state.instances()
-                       if r.model == model and r.state in (InstanceState.STARTING, InstanceState.READY))
+        num_live = sum(1 for r in self.state.instances() if r.model == model and r.is_live)
         return num_live < policy.max_instances
 
     def _local_view(self, model: str) -> NodeView:

@@ -54,6 +54,11 @@ class InstanceRecord:
     state: InstanceState
     started_at: float
 
+    @property
+    def is_live(self) -> bool:
+        """Starting or ready: it holds (or is about to hold) a slot and counts against max_instances."""
+        return self.state in (InstanceState.STARTING, InstanceState.READY)
+
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}
 
