@@ -231,9 +231,15 @@ async def test_a_restarted_node_catches_up_from_its_own_lmdb_state_without_reapp
     await survivor.propose(deploy("while-down"))
 
     restarted = await cluster.start("n3")  # no seed: its peers come from the node table on disk
-    await wait_until(lambda: restarted.deployment("while-down") is not None, what="the restarted node catching up")
-    deploys = [c["deployment"]["name"] for c in cluster.applied["n3"] if c and c["op"] == Op.DEPLOY]
-    assert deploys == ["while-down"]  # "before" was applied before the restart and is not applied again
+
+    def deploys() -> list[str]:
+        return [c["deployment"]["name"] for c in cluster.applied["n3"] if c and c["op"] == Op.DEPLOY]
+
+    # Its on_applied callbacks, not just the state: entries are applied in a thread and the callbacks
+    # follow on the event loop, so the state can show the deployment a moment before they run.
+    await wait_until(lambda: restarted.deployment("while-down") is not None and deploys(),
+                     what="the restarted node catching up")
+    assert deploys() == ["while-down"]  # "before" was applied before the restart and is not applied again
     await cluster.wait_stable(voters=("n1", "n2", "n3"))
     await restarted.propose(deploy("after-restart"))
     await wait_until(lambda: all(n.deployment("after-restart") for n in cluster.nodes.values()))
