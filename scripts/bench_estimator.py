@@ -42,7 +42,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from _daemon import ChildError, start_daemon, temp_dir, terminate_as_exception
+from _daemon import ChildError, evict_page_cache, start_daemon, temp_dir, terminate_as_exception
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -146,18 +146,6 @@ def ensure_models(cache_dir: Path, sizes_gb: list[float]) -> dict[str, Path]:
         log(f"built {name}: {num_layers} layers, {(root / 'model.safetensors').stat().st_size / 1e9:.2f} GB "
             f"in {time.perf_counter() - began:.1f}s")
     return models
-
-
-def evict_page_cache(root: Path) -> None:
-    """Drop the cached pages of every file under `root` (posix_fadvise; root-free, and leaves other users'
-    page cache alone, unlike drop_caches)."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 # ---- one daemon ---------------------------------------------------------------------------------------------

@@ -39,21 +39,29 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="[server.log_level]")
     parser.add_argument("--log-format", choices=["json", "text"], help="[server.log_format]")
     parser.add_argument(
-        "--deploy", action="append", default=[], metavar="NAME=DIR|URL",
-        help="deploy the checkpoint (Hugging Face or sllmd directory, or sllmd URL) as NAME at start unless NAME "
-             "is already deployed (repeatable)",
+        "--deploy", action="append", default=[], metavar="NAME=SOURCE",
+        help="deploy SOURCE as NAME at start unless NAME is already deployed (repeatable). SOURCE: a Hugging Face "
+             "Hub id (org/model[@revision], org/model/file.gguf), a Hugging Face or sllmd directory, a .gguf file, "
+             "or an sllmd checkpoint URL",
     )
     return parser
 
 
 def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
-    """NAME=SOURCE pairs; a relative directory becomes absolute (URLs pass through)."""
+    """NAME=SOURCE pairs; a relative path that exists becomes absolute. URLs pass through, and so does text
+    shaped like a Hub id (org/model) that names no local path."""
+    from sllmd.checkpoint.hub import parse_hub_ref
+
     pairs = []
     for value in values:
         name, sep, source = value.partition("=")
         if not sep or not name or not source:
-            parser.error(f"--deploy expects NAME=DIR or NAME=URL, got {value!r}")
-        if "://" not in source:
+            parser.error(f"--deploy expects NAME=SOURCE, got {value!r}")
+        try:
+            is_hub_id = parse_hub_ref(source) is not None
+        except ValueError as exc:
+            parser.error(f"--deploy {name}: {exc}")
+        if "://" not in source and not (is_hub_id and not Path(source).exists()):
             source = str(Path(source).resolve())
         pairs.append((name, source))
     return pairs

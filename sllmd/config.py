@@ -87,6 +87,7 @@ class StoreConfig:
     fetch_request_mb: int = 64  # bytes per Range request (rounded to whole hash chunks)
     fetch_timeout_s: float = 30.0  # to connect, and between two reads
     fetch_retries: int = 5  # per request, after a connection error or a 5xx
+    hub_endpoint: str = ""  # Hugging Face Hub for Hub ids; empty: huggingface_hub's own (HF_ENDPOINT, else the Hub)
     loader_readers: int = 4  # reader threads per checkpoint load
     loader_chunk_mb: int = 16  # bytes per read, and per pinned staging buffer on CUDA nodes
     staging_buffers: int = 16  # pinned staging buffers (CUDA nodes; allocated once at start)
@@ -234,6 +235,8 @@ def _validate(config: Config) -> None:
         (1 <= config.store.fetch_request_mb <= 4096, "store.fetch_request_mb must be in 1..4096"),
         (config.store.fetch_timeout_s > 0, "store.fetch_timeout_s must be > 0"),
         (0 <= config.store.fetch_retries <= 100, "store.fetch_retries must be in 0..100"),
+        (not config.store.hub_endpoint or config.store.hub_endpoint.startswith(("http://", "https://")),
+         "store.hub_endpoint must be empty or an http(s):// URL"),
         (1 <= config.store.loader_readers <= 256, "store.loader_readers must be in 1..256"),
         (1 <= config.store.loader_chunk_mb <= 1024, "store.loader_chunk_mb must be in 1..1024"),
         (1 <= config.store.staging_buffers <= 1024, "store.staging_buffers must be in 1..1024"),

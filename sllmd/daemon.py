@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,7 +94,7 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
             if node.state.deployment(name) is None:
                 spec = DeploySpec(name, checkpoint, Backend.TRANSFORMERS, config.autoscaling)
                 try:
-                    await node.deployments.deploy(spec)
+                    await node.deployments.deploy(spec, show_progress=sys.stderr.isatty())
                 except Conflict:  # another member deployed it first; this node had not applied that yet
                     continue
                 log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})

@@ -9,15 +9,18 @@ from the source alone, so a node that evicted or never had the copy fetches it t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sllmd.checkpoint.fetch import (
     WEIGHT_SUFFIXES,
     RepositoryNotFound,
+    RepositoryUnreachable,
     SourceInfo,
     SourceKind,
     describe,
@@ -25,11 +28,12 @@ from sllmd.checkpoint.fetch import (
     normalize_source,
     source_kind,
 )
-from sllmd.checkpoint.format import CheckpointError, ConversionError
+from sllmd.checkpoint.format import FLOATING_DTYPES, CheckpointError, Manifest, torch_name
 from sllmd.checkpoint.reader import read_manifest
 from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, checkpoint_id, reads_store
-from sllmd.engine.base import Backend
-from sllmd.errors import Conflict, InvalidRequest, ModelNotFound
+from sllmd.engine import check_model
+from sllmd.engine.base import AUTO_DTYPE, Backend, serving_dtype
+from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, SllmdError
 from sllmd.router import TokenizerCache
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.scheduler.estimate import Tier
@@ -42,19 +46,23 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 128
 
+
 @dataclass(frozen=True, slots=True)
 class DeploySpec:
-    """`checkpoint`: an absolute path (Hugging Face or sllmd v1 directory) or an http(s):// base URL."""
+    """`checkpoint`: a source as `normalize_source` takes it. `dtype`: a serving dtype or "auto" (the weights'
+    own); `max_model_len`: None for the model's own context length, else at most that."""
 
     name: str
     checkpoint: str
     backend: Backend
     autoscaling: AutoscalingPolicy
+    dtype: str = AUTO_DTYPE
+    max_model_len: int | None = None
 
 
-def inspect_checkpoint(path: Path) -> tuple[int, int]:
-    """(context length, weight bytes) of a Hugging Face model directory (an absolute path, as
-    `normalize_source` makes it); InvalidRequest if it is not one."""
+def inspect_checkpoint(path: Path) -> tuple[dict[str, Any], int]:
+    """(config.json, weight bytes) of a Hugging Face model directory (an absolute path, as `normalize_source`
+    makes it); InvalidRequest if it is not one."""
     if not path.is_dir():
         raise InvalidRequest(f"checkpoint directory {path} does not exist", param="checkpoint")
     try:
@@ -66,21 +74,49 @@ def inspect_checkpoint(path: Path) -> tuple[int, int]:
         raise InvalidRequest(f"{path}/config.json is not valid JSON: {exc}", param="checkpoint") from None
     if not isinstance(config, dict):
         raise InvalidRequest(f"{path}/config.json must hold a JSON object", param="checkpoint")
-    context_length = _context_length(config, f"{path}/config.json")
     num_bytes = sum(f.stat().st_size for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES) and f.is_file())
-    return context_length, num_bytes
+    return config, num_bytes
 
 
 def _context_length(config: dict, where: str) -> int:
-    context_length = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    context_length = (text_config.get("max_position_embeddings") or text_config.get("n_positions")
+                      or text_config.get("max_sequence_length") or 2048)
     if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 2:
         raise InvalidRequest(f"{where} has an invalid context length", param="checkpoint")
     return context_length
 
 
-def _bad_checkpoint(source: str, exc: BaseException) -> InvalidRequest:
-    if isinstance(exc, RepositoryNotFound) and is_url(source):
+def serving_context_length(model_length: int, max_model_len: int | None) -> int:
+    """The deployment's context length: the model's, or the shorter `max_model_len` asked for."""
+    if max_model_len is None:
+        return model_length
+    if max_model_len > model_length:
+        raise InvalidRequest(f"max_model_len {max_model_len} exceeds the model's context length {model_length}",
+                             param="max_model_len")
+    return max_model_len
+
+
+def resolve_dtype(requested: str, config: dict[str, Any], weight_dtypes: list[str]) -> str:
+    """The serving dtype: `requested`, or for "auto" the dtype the model is stored in, as transformers'
+    `dtype="auto"` finds it: config.json's `dtype` (`torch_dtype` before transformers 5), else the first floating
+    weight's, else float32. A stored dtype that is not a serving dtype (float64, fp8) serves as float32."""
+    if requested != AUTO_DTYPE:
+        return requested
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    declared = text_config.get("dtype") or text_config.get("torch_dtype") or config.get("dtype")
+    candidates = [declared] if isinstance(declared, str) else []
+    candidates += [torch_name(d) for d in weight_dtypes if d in FLOATING_DTYPES]
+    return next((serving_dtype(c) for c in candidates if serving_dtype(c) not in (None, AUTO_DTYPE)), "float32")
+
+
+def _bad_checkpoint(source: str, exc: BaseException) -> SllmdError:
+    """The client's error for a checkpoint that could not be had: a 400 naming what is wrong with it, or a 503
+    when its repository (a URL, the Hub) cannot be reached now, which a later attempt may get past."""
+    if isinstance(exc, RepositoryNotFound):
         return InvalidRequest(f"checkpoint {source}: {exc}", param="checkpoint", code="checkpoint_not_found")
+    if isinstance(exc, RepositoryUnreachable):
+        return Overloaded(f"checkpoint {source}: {exc}", retry_after_s=10, code="repository_unreachable")
     return InvalidRequest(f"checkpoint {source}: {exc}", param="checkpoint")
 
 
@@ -117,6 +153,29 @@ class CheckpointTokenizers(TokenizerCache):
         super().forget(self._dirs.pop(checkpoint, checkpoint))
 
 
+@dataclass
+class DeployProgress:
+    """A deployment this node is preparing (fetching, converting), as `GET /admin/models/{name}` shows it
+    until it is committed. Written from fetch threads: plain attribute stores, read on the event loop."""
+
+    name: str
+    checkpoint: str
+    started_at: float
+    phase: str = "inspect"  # inspect, then download and/or convert (see `fetch.Progress`), then register
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    def advance(self, phase: str, bytes_done: int, bytes_total: int) -> None:
+        self.phase, self.bytes_done, self.bytes_total = phase, bytes_done, bytes_total
+
+    def to_wire(self) -> dict[str, Any]:
+        fraction = self.bytes_done / self.bytes_total if self.bytes_total else 0.0
+        return {"name": self.name, "checkpoint": self.checkpoint, "status": "deploying",
+                "progress": {"phase": self.phase, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
+                             "fraction": round(min(fraction, 1.0), 4),
+                             "elapsed_s": round(time.time() - self.started_at, 3)}}
+
+
 class DeploymentService:
     def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: TokenizerCache,
                  store: CheckpointStore) -> None:
@@ -124,16 +183,31 @@ class DeploymentService:
         self.worker = worker
         self.tokenizers = tokenizers
         self.store = store
+        self.preparing: dict[str, DeployProgress] = {}  # name -> a deploy of this node not yet committed
 
-    async def deploy(self, spec: DeploySpec) -> Deployment:
-        """Validate, fetch the checkpoint into the store (so the first cold start reads local SSD),
-        load its tokenizer, then commit. Every problem with the checkpoint is an InvalidRequest."""
+    async def deploy(self, spec: DeploySpec, *, show_progress: bool = False) -> Deployment:
+        """Validate, fetch and convert the checkpoint into the store (so the first cold start reads local SSD),
+        load its tokenizer, then commit. Every problem with the checkpoint is an InvalidRequest, raised before
+        anything is registered. While it runs, `preparing[spec.name]` tells how far it got; `show_progress`
+        also draws download and conversion bars on stderr (the CLI's `--deploy`)."""
         if not spec.name or len(spec.name) > MAX_NAME_LENGTH or spec.name != spec.name.strip() or "/" in spec.name:
             raise InvalidRequest(f"name must be 1-{MAX_NAME_LENGTH} characters, no slash or surrounding spaces",
                                  param="name")
         if self.state.deployment(spec.name) is not None:  # before any fetch; the commit checks again
             raise Conflict(f"model '{spec.name}' is already deployed", param="name", code="model_exists")
-        source, context_length, num_bytes = await self._inspect(spec)
+        if spec.name in self.preparing:
+            raise Conflict(f"model '{spec.name}' is being deployed", param="name", code="model_exists")
+        progress = self.preparing[spec.name] = DeployProgress(spec.name, spec.checkpoint, time.time())
+        try:
+            return await self._deploy(spec, progress, show_progress)
+        finally:
+            del self.preparing[spec.name]
+
+    async def _deploy(self, spec: DeploySpec, progress: DeployProgress, show_progress: bool) -> Deployment:
+        source, config, num_bytes = await self._inspect(spec)
+        progress.checkpoint = source
+        if config is not None:  # refuse before fetching anything; a GGUF's config is known once converted
+            await self._check_model(spec, config, source)
         if spec.backend is not Backend.DUMMY and num_bytes == 0:
             raise InvalidRequest(f"{source} holds no weight files", param="checkpoint")
         largest = self.worker.slots.largest_slot_bytes
@@ -141,8 +215,15 @@ class DeploymentService:
             raise InvalidRequest(
                 f"checkpoint needs {num_bytes / 2**30:.2f} GiB, more than any device slot here "
                 f"({largest / 2**30:.2f} GiB)", param="checkpoint")
+        weight_dtypes: list[str] = []
         if reads_store(spec.backend, source):
-            num_bytes = await self._fetch(source, num_bytes)
+            path, manifest = await self._fetch(source, progress, show_progress)
+            num_bytes, weight_dtypes = manifest.total_bytes, [t.dtype for t in manifest.tensors]
+            if config is None:
+                config, _ = inspect_checkpoint(path)
+                await self._check_model(spec, config, source)
+        assert config is not None
+        progress.advance("register", progress.bytes_done, progress.bytes_total)
         try:
             await self.tokenizers.get(source)
         except Exception as exc:  # any tokenizer load failure means a bad checkpoint
@@ -152,43 +233,47 @@ class DeploymentService:
             checkpoint=source,
             backend=spec.backend,
             autoscaling=spec.autoscaling,
-            context_length=context_length,
+            context_length=serving_context_length(_context_length(config, f"{source}/config.json"),
+                                                  spec.max_model_len),
             checkpoint_bytes=0 if spec.backend is Backend.DUMMY else num_bytes,
             created_at=time.time(),
+            dtype=resolve_dtype(spec.dtype, config, weight_dtypes),
+            origin_node=self.worker.node_id if reads_store(spec.backend, source) else "",
         )
         # Committing adopts it into every node's worker, this one's before propose returns (Node._adopt).
         await self.state.propose({"op": Op.DEPLOY, "deployment": deployment.to_wire()})
         return deployment
 
-    async def _inspect(self, spec: DeploySpec) -> tuple[str, int, int]:
-        """(normalised source, context length, checkpoint bytes), reading only small files."""
+    @staticmethod
+    async def _check_model(spec: DeploySpec, config: dict[str, Any], source: str) -> None:
+        """The context length and max_model_len, then whether the backend serves this architecture."""
+        serving_context_length(_context_length(config, f"{source}/config.json"), spec.max_model_len)
+        await asyncio.to_thread(check_model, spec.backend, config)
+
+    async def _inspect(self, spec: DeploySpec) -> tuple[str, dict[str, Any] | None, int]:
+        """(normalised source, config.json or None for a GGUF, checkpoint bytes), reading only small files. A Hub
+        id comes back pinned to the commit its revision names now."""
         try:
             source = normalize_source(str(spec.checkpoint))
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="checkpoint") from None
         kind = source_kind(source)
         if kind is SourceKind.HF_DIR:  # the Hugging Face checks and messages, as before
-            context_length, num_bytes = inspect_checkpoint(Path(source))
-            return source, context_length, num_bytes
+            config, num_bytes = inspect_checkpoint(Path(source))
+            return source, config, num_bytes
         try:
             info: SourceInfo = await describe(source, self.store.settings)
         except CheckpointError as exc:
             raise _bad_checkpoint(source, exc) from None
-        where = f"{source}/config.json"
-        return source, _context_length(info.config, where), info.num_bytes
+        return info.source, info.config, info.num_bytes
 
-    async def _fetch(self, source: str, num_bytes: int) -> int:
-        """Fetch (or refresh) the store's copy; returns its checkpoint bytes. A Hugging Face directory
-        whose weights cannot be converted is still deployed (its instances will fail to start with the
-        reason), as before conversion happened at deploy."""
+    async def _fetch(self, source: str, progress: DeployProgress, show_progress: bool) -> tuple[Path, Manifest]:
+        """Fetch (or refresh) the store's copy; returns its path and manifest."""
         try:
-            path, tier = await self.store.ensure(source, refresh=True)
+            path, tier = await self.store.ensure(source, refresh=True, progress=progress.advance,
+                                                 show_bars=show_progress)
         except CheckpointInUse as exc:
             raise Conflict(str(exc), param="checkpoint", code="checkpoint_in_use") from None
-        except ConversionError as exc:
-            log.warning("checkpoint cannot be converted; deploying anyway", extra={"source": source,
-                                                                                    "error": str(exc)})
-            return num_bytes
         except (CheckpointError, OSError) as exc:
             raise _bad_checkpoint(source, exc) from None
         if tier != Tier.SSD:  # a new copy: a tokenizer loaded from an older one is stale
@@ -196,7 +281,7 @@ class DeploymentService:
         manifest = read_manifest(path)
         log.info("checkpoint in store", extra={"source": source, "path": str(path), "tier": tier,
                                                "bytes": manifest.total_bytes})
-        return manifest.total_bytes
+        return path, manifest
 
     async def update_autoscaling(self, name: str, policy: AutoscalingPolicy) -> Deployment:
         current = self.state.deployment(name)

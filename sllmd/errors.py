@@ -37,6 +37,14 @@ class ContextLengthExceeded(InvalidRequest):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
+class UnsupportedArchitecture(InvalidRequest):
+    """A model a backend cannot serve correctly: refused at deploy time, never served wrong."""
+
+    def __init__(self, message: str, *, backend: str) -> None:
+        super().__init__(f"backend {backend} cannot serve this model: {message}", param="checkpoint",
+                         code="unsupported_architecture")
+
+
 class Unauthorized(SllmdError):
     status = 401
     error_type = "authentication_error"

@@ -43,7 +43,7 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "httpx"):
+    for noisy in ("aiohttp.access", "httpx", "httpx2"):  # httpx2: huggingface_hub's client, a line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # transformers logs through a handler of its own, in plain text, and resets its level when first
     # imported; its environment switch is the one setting that sticks. Its warnings (e.g. a prompt

@@ -245,12 +245,16 @@ class Node:
             "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
         }
 
-    def _peer_sources(self, checkpoint_id: str) -> list[str]:
-        """Base URLs of the alive peers whose SSD store holds `checkpoint_id`, in node-id order."""
-        return [peer_url(node["http"], checkpoint_id)
-                for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]  # sorted by id
-                if node["id"] != self.node_id and node["alive"] and node["http"]
-                and checkpoint_id in node.get("ssd_cached", ())]
+    def _peer_sources(self, cid: str) -> list[str]:
+        """Base URLs of the alive peers whose SSD store holds checkpoint `cid`, in node-id order, then those that
+        deployed a model of it (they had it when they did; their status may not say so yet: a home fetches
+        the moment the deployment commits)."""
+        nodes = [node for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]  # sorted by id
+                 if node["id"] != self.node_id and node["alive"] and node["http"]]
+        origins = {d.origin_node for d in self.state.deployments().values() if checkpoint_id(d.checkpoint) == cid}
+        holders = [n for n in nodes if cid in n.get("ssd_cached", ())]
+        holders += [n for n in nodes if n["id"] in origins and n not in holders]
+        return [peer_url(node["http"], cid) for node in holders]
 
 
 def _node_id(store: StateStore, configured: str) -> str:

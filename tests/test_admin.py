@@ -28,7 +28,11 @@ async def post(served: RunningNode, path: str, body, method: str = "POST") -> tu
 @pytest.mark.parametrize(("body", "param"), [
     ({"checkpoint": "/x"}, "name"),
     ({"name": "m"}, "checkpoint"),
-    ({"name": "m", "checkpoint": "relative/dir"}, "checkpoint"),
+    ({"name": "m", "checkpoint": "./relative/dir"}, "checkpoint"),
+    ({"name": "m", "checkpoint": "org/bad name"}, "checkpoint"),  # Hub-shaped, but no valid repo id
+    ({"name": "m", "checkpoint": "/tmp", "dtype": "float8"}, "dtype"),
+    ({"name": "m", "checkpoint": "/tmp", "max_model_len": 1}, "max_model_len"),
+    ({"name": "m", "checkpoint": "/tmp", "max_model_len": "4k"}, "max_model_len"),
     ({"name": "m", "checkpoint": "/does/not/exist"}, "checkpoint"),
     ({"name": "m", "checkpoint": "/tmp", "backend": "tensorrt"}, "backend"),
     ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"max_instances": 0}}, "autoscaling.max_instances"),

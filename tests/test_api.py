@@ -41,6 +41,16 @@ async def read_sse(response: aiohttp.ClientResponse) -> list[dict | str]:
 async def test_sdk_lists_models(client):
     models = await client.models.list()
     assert {m.id for m in models.data} == {"demo", "fast"}
+    demo = next(m for m in models.data if m.id == "demo")
+    assert demo.max_model_len == 1024 and demo.dtype == "float32"  # the demo model's context, stored dtype
+
+
+async def test_sdk_retrieves_a_model_and_404s_an_unknown_one(client):
+    model = await client.models.retrieve("demo")
+    assert (model.id, model.object, model.owned_by) == ("demo", "model", "sllmd")
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.models.retrieve("nope")
+    assert caught.value.body["code"] == "model_not_found"
 
 
 async def test_sdk_streamed_and_whole_completions_are_identical_at_temperature_zero(client):

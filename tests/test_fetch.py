@@ -275,7 +275,7 @@ async def test_deploy_from_hf_dir_v1_dir_and_url_then_serve(fresh, demo_model_di
     ("/missing", "not found in repository"),
     ("/demo-v1/data-00000.bin", "not found in repository"),
 ])
-async def test_deploying_a_bad_url_is_a_400_with_the_reason(fresh, tmp_path, suffix, fragment):
+async def test_a_bad_url_is_a_400_and_an_unreachable_one_a_503_with_the_reason(fresh, tmp_path, suffix, fragment):
     async with running_node(tmp_path / "node", store__fetch_retries=0) as node:
         body = {"name": "m", "checkpoint": fresh.url + suffix}
         async with node.http.post(f"{node.url}/admin/models", json=body) as response:
@@ -285,7 +285,9 @@ async def test_deploying_a_bad_url_is_a_400_with_the_reason(fresh, tmp_path, suf
         body = {"name": "m", "checkpoint": f"http://127.0.0.1:{free_port()}/m"}
         async with node.http.post(f"{node.url}/admin/models", json=body) as response:
             reply = await response.json()
-        assert response.status == 400 and "gave up" in reply["error"]["message"]
+        # Unreachable is no fault of the request: a 503 (Retry-After) that a later attempt may get past.
+        assert response.status == 503 and "gave up" in reply["error"]["message"]
+        assert reply["error"]["code"] == "repository_unreachable" and response.headers["Retry-After"] == "10"
 
 
 async def test_deploying_a_corrupt_v1_dir_is_a_400(v1_dir, tmp_path):

@@ -4,6 +4,7 @@ bounded waiting, start failures, restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 from sllmd.scheduler.estimate import Calibration
@@ -123,7 +124,9 @@ async def test_waiting_for_a_busy_node_times_out_with_503_and_retry_after(demo_m
 async def test_a_model_that_fails_to_start_gets_500_and_frees_its_slot(demo_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(demo_model_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
+    config = json.loads((broken / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # converts fine; the engine finds a layer without weights
+    (broken / "config.json").write_text(json.dumps(config))
     async with running_node(tmp_path / "data", devices__cpu_slots=1) as running:
         await running.deploy("broken", broken)
         await running.deploy("demo", demo_model_dir)

@@ -33,6 +33,15 @@ def evict_page_cache(checkpoint_dir: Path) -> None:
 
 
 @pytest.fixture
+def vllm_deployable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploying with backend vllm checks vLLM's model registry; these tests deploy one without vLLM installed
+    (they start no engine), so the check passes."""
+    from sllmd.engine.vllm import VllmEngine
+
+    monkeypatch.setattr(VllmEngine, "check_model", classmethod(lambda cls, config: None))
+
+
+@pytest.fixture
 def checkpoint_dir(demo_model_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "demo-sllmd"
     convert(demo_model_dir, out)
@@ -88,6 +97,7 @@ async def _dram_cached(running: RunningNode) -> tuple[list[str], int]:
     return node["dram_cached"], node["free_dram_bytes"]
 
 
+@pytest.mark.usefixtures("vllm_deployable")
 async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_model_dir: Path, tmp_path: Path) -> None:
     async with running_node(tmp_path / "node") as running:
         await running.deploy("demo-vllm", demo_model_dir, backend="vllm", keep_alive_s=600)
@@ -115,6 +125,7 @@ async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_mod
         assert worker.warmer.plan() == ["demo-vllm"]
 
 
+@pytest.mark.usefixtures("vllm_deployable")
 async def test_page_cache_warming_stays_within_the_dram_budget(demo_model_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(demo_model_dir, copy)  # the same model from another source: a second store entry

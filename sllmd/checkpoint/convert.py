@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -268,20 +268,28 @@ def _find_aliases(sources: list[_Source], tie_groups: list[list[str]], buffer: m
 
 
 class _Progress:
-    """One line on `stream`: a bar, bytes done / total and the rate; redrawn at most 10 times a second."""
+    """One line on `stream`: a bar, bytes done / total and the rate; redrawn at most 10 times a second.
+    `callback(done, total)` hears the same, as often."""
 
-    def __init__(self, total: int, stream: TextIO | None, label: str = "converting") -> None:
-        self._total, self._stream, self._label = max(total, 1), stream, label
+    def __init__(self, total: int, stream: TextIO | None, label: str = "converting",
+                 callback: Callable[[int, int], None] | None = None) -> None:
+        self._total, self._stream, self._label, self._callback = max(total, 1), stream, label, callback
         self._done, self._start, self._drawn = 0, time.monotonic(), 0.0
 
     def advance(self, nbytes: int) -> None:
         self._done += nbytes
-        if self._stream is not None and time.monotonic() - self._drawn >= 0.1:
+        if time.monotonic() - self._drawn >= 0.1:
             self._draw()
 
     def _draw(self) -> None:
-        assert self._stream is not None
         self._drawn = time.monotonic()
+        if self._callback is not None:
+            self._callback(self._done, self._total)
+        if self._stream is not None:
+            self._draw_bar()
+
+    def _draw_bar(self) -> None:
+        assert self._stream is not None
         fraction = min(self._done / self._total, 1.0)
         bar = "#" * int(fraction * 30)
         rate = self._done / max(self._drawn - self._start, 1e-9)
@@ -290,8 +298,8 @@ class _Progress:
         self._stream.flush()
 
     def close(self) -> None:
+        self._draw()
         if self._stream is not None:
-            self._draw()
             self._stream.write("\n")
             self._stream.flush()
 
@@ -373,6 +381,7 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
 
 
 def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: TextIO | None = None,
+            on_progress: Callable[[int, int], None] | None = None,
             partition_max_bytes: int = PARTITION_MAX_BYTES, chunk_bytes: int = CHUNK_BYTES) -> Manifest:
     """Convert the Hugging Face model directory `src` into a new checkpoint directory `dst`.
 
@@ -413,7 +422,7 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
                               f"{_human(shutil.disk_usage(dst.parent).free)} free")
     stream = progress_stream if progress_stream is not None else (
         sys.stderr if progress and sys.stderr.isatty() else None)
-    bar = _Progress(sum(e.nbytes for e in entries), stream)
+    bar = _Progress(sum(e.nbytes for e in entries), stream, callback=on_progress)
     tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
     os.mkdir(tmp)
     writer = _PartitionWriter(tmp, sizes, chunk_bytes, bar)
@@ -432,22 +441,30 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if stream is not None:
-            bar.close()
+        bar.close()
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`sllmd convert SRC DST [--no-progress]`: exit 0, or 1 with one `sllmd: ...` line on stderr."""
-    parser = argparse.ArgumentParser(prog="sllmd convert",
-                                     description="Convert a Hugging Face model directory to the sllmd v1 format.")
-    parser.add_argument("src", type=Path, help="Hugging Face model directory (safetensors or pytorch_model.bin)")
+    """`sllmd convert SRC DST [--no-progress] [--dtype D]`: exit 0, or 1 with one `sllmd: ...` line on stderr.
+    A SRC file ending in .gguf is dequantised to D (`sllmd.checkpoint.gguf.convert_gguf`)."""
+    parser = argparse.ArgumentParser(prog="sllmd convert", description="Convert a Hugging Face model directory "
+                                     "or a GGUF file to the sllmd v1 format.")
+    parser.add_argument("src", type=Path, help="Hugging Face model directory (safetensors or pytorch_model.bin), "
+                                               "or a .gguf file")
     parser.add_argument("dst", type=Path, help="checkpoint directory to create (must not exist)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="GGUF only: the dtype weights are dequantised to (default float32)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        manifest = convert(args.src, args.dst, progress=not args.no_progress)
+        if args.src.suffix.lower() == ".gguf" and not args.src.is_dir():
+            from sllmd.checkpoint.gguf import convert_gguf
+
+            manifest = convert_gguf(args.src, args.dst, dtype=args.dtype, progress=not args.no_progress)
+        else:
+            manifest = convert(args.src, args.dst, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("sllmd: convert interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,11 @@
 A source is one of (`SourceKind`):
 * a local Hugging Face model directory: converted (`convert.convert`) into the v1 format;
 * a local sllmd v1 checkpoint directory: copied, every chunk verified against the manifest as it is copied;
+* a local GGUF file: dequantised and converted (`gguf.convert_gguf`);
+* a Hugging Face Hub model, `hf://ORG/NAME@COMMIT` (a snapshot, converted like a local directory) or
+  `hf://ORG/NAME/FILE.gguf@COMMIT` (one GGUF file), downloaded by huggingface_hub into its cache
+  (`sllmd.checkpoint.hub`); deploy pins a Hub id to the commit its revision names, so every node, now and
+  later, fetches the same bytes;
 * an `http(s)://` base URL of a v1 checkpoint (a model repository or a peer node): fetched by
   `sllmd.checkpoint.url_fetch`, whose docstring says what such a source must serve, how it is read
   (parallel Range requests, every chunk verified) and what a later attempt resumes from.
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +37,15 @@ from urllib.parse import urlsplit
 
 import xxhash
 
+from sllmd.checkpoint import hub
 from sllmd.checkpoint.format import (
     MANIFEST_FILE,
     CheckpointNotFound,
+    ConversionError,
     Manifest,
     PartitionHasher,
 )
+from sllmd.checkpoint.gguf import is_gguf_file
 from sllmd.checkpoint.reader import check_partition, read_manifest_bytes, read_partition
 from sllmd.checkpoint.url_fetch import (
     REQUIRED_SIDE_FILES,
@@ -57,6 +66,7 @@ __all__ = [
     "FetchError",
     "FetchReport",
     "FetchSettings",
+    "Progress",
     "RepositoryNotFound",
     "RepositoryUnreachable",
     "SourceInfo",
@@ -76,21 +86,28 @@ _COPY_BLOCK_BYTES = 16 << 20  # local copies read and hash this much at a time
 _DATA_FILE = re.compile(r"data-\d{5}\.bin")
 _DEFAULT_SETTINGS = FetchSettings()
 
+# Called with (phase, bytes done, bytes total) as a fetch progresses: phase "download" (a Hub or GGUF source
+# arriving), then "convert" (writing the v1 checkpoint). Calls come from worker threads.
+Progress = Callable[[str, int, int], None]
+
 
 class SourceKind(enum.StrEnum):
     URL = "url"
     HF_DIR = "hf"
     V1_DIR = "v1"
+    GGUF = "gguf"
+    HUB = "hub"
 
 
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
     """What a source holds, learnt without fetching its weights: for validation at deploy time."""
 
-    source: str
+    source: str  # normalised; a Hub source pinned to its commit
     kind: SourceKind
-    num_bytes: int  # v1: the manifest's total_bytes; HF: the weight files' size (the converted size is close)
-    config: dict[str, Any]  # config.json
+    num_bytes: int  # v1: the manifest's total_bytes; HF and Hub: the weight files' size (the converted size is
+    # close); GGUF: the file's size (dequantised it grows: the store makes room again once it is converted)
+    config: dict[str, Any] | None  # config.json; None for a GGUF, whose config is known once it is converted
     fingerprint: str  # changes when the source's content does (see `describe`)
 
 
@@ -114,8 +131,8 @@ def is_url(source: str) -> bool:
 
 
 def normalize_source(source: str) -> str:
-    """The canonical spelling of a source: a URL without trailing slashes, or a normalised absolute
-    path. `ValueError` with a readable reason for anything else."""
+    """The canonical spelling of a source: a URL without trailing slashes, a Hub id as `hf://REPO[/FILE][@REV]`,
+    or a normalised absolute path. `ValueError` with a readable reason for anything else."""
     source = source.strip()
     if is_url(source):
         parts = urlsplit(source)
@@ -124,17 +141,31 @@ def normalize_source(source: str) -> str:
         if parts.query or parts.fragment:
             raise ValueError(f"{source!r}: a checkpoint URL is a base URL, without query or fragment")
         return source.rstrip("/")
+    ref = hub.parse_hub_ref(source)
+    if ref is not None:
+        return ref.source
     if "://" in source:
-        raise ValueError(f"{source!r}: only http:// and https:// URLs are supported")
+        raise ValueError(f"{source!r}: only hf://, http:// and https:// sources are supported")
     if not os.path.isabs(source):
-        raise ValueError("checkpoint must be an absolute path or an http(s):// URL")
+        raise ValueError("checkpoint must be a Hugging Face Hub id (org/model[@revision]), an absolute path or an "
+                         "http(s):// URL")
     return os.path.normpath(source)
 
 
 def source_kind(source: str) -> SourceKind:
+    """The kind of the normalised `source` (a local path is looked at: v1 if it has a manifest)."""
     if is_url(source):
         return SourceKind.URL
+    if source.startswith(hub.HF_SCHEME):
+        return SourceKind.HUB
+    if source.endswith(".gguf") and not Path(source).is_dir():
+        return SourceKind.GGUF
     return SourceKind.V1_DIR if (Path(source) / MANIFEST_FILE).is_file() else SourceKind.HF_DIR
+
+
+def is_local_dir(source: str) -> bool:
+    """Whether `source` is a model directory on this machine that engines can read as it is."""
+    return source_kind(source) in (SourceKind.HF_DIR, SourceKind.V1_DIR)
 
 
 # ---- describe ----------------------------------------------------------------------------------
@@ -143,9 +174,10 @@ def source_kind(source: str) -> SourceKind:
 async def describe(source: str, settings: FetchSettings = _DEFAULT_SETTINGS) -> SourceInfo:
     """Size, config and fingerprint of `source`, reading only small files (the manifest, config.json).
 
-    The fingerprint is the xxh3 of the manifest for v1 sources (URL or directory); of the names, sizes
-    and modification times of the top-level files for Hugging Face directories. Raises
-    `RepositoryNotFound`, `RepositoryUnreachable`, `FetchError`, `ManifestError` or `CheckpointNotFound`.
+    The fingerprint is the xxh3 of the manifest for v1 sources (URL or directory); the commit for Hub sources
+    (which `describe` pins: its `source` names the commit); of the names, sizes and modification times of the
+    top-level files for Hugging Face directories and GGUF files. Raises `RepositoryNotFound`,
+    `RepositoryUnreachable`, `FetchError`, `ManifestError`, `CheckpointNotFound` or `ConversionError`.
     """
     source = normalize_source(source)
     kind = source_kind(source)
@@ -153,7 +185,35 @@ async def describe(source: str, settings: FetchSettings = _DEFAULT_SETTINGS) -> 
         manifest_bytes, manifest, config_bytes = await describe_url(source, settings)
         config = _parse_config(config_bytes, f"{source}/config.json")
         return SourceInfo(source, kind, manifest.total_bytes, config, xxhash.xxh3_128_hexdigest(manifest_bytes))
+    if kind is SourceKind.HUB:
+        return await asyncio.to_thread(_describe_hub, source, settings.hub_endpoint)
+    if kind is SourceKind.GGUF:
+        return await asyncio.to_thread(_describe_gguf, source)
     return await asyncio.to_thread(_describe_dir, source, kind)
+
+
+def _describe_hub(source: str, endpoint: str | None) -> SourceInfo:
+    ref = hub.parse_hub_ref(source)
+    assert ref is not None
+    pinned = hub.resolve(ref, endpoint=endpoint)
+    assert pinned.revision is not None
+    files = hub.list_files(pinned, endpoint=endpoint)
+    if pinned.filename is not None:
+        return SourceInfo(pinned.source, SourceKind.HUB, files[pinned.filename], None, pinned.revision)
+    config = _parse_config(hub.read_file(pinned, "config.json", endpoint=endpoint), f"{pinned.source}/config.json")
+    num_bytes = sum(files[path] for path in hub.select_model_files(files) if path.endswith(WEIGHT_SUFFIXES))
+    return SourceInfo(pinned.source, SourceKind.HUB, num_bytes, config, pinned.revision)
+
+
+def _describe_gguf(source: str) -> SourceInfo:
+    path = Path(source)
+    if not path.is_file():
+        raise RepositoryNotFound(f"GGUF file {path} does not exist")
+    if not is_gguf_file(path):
+        raise ConversionError(f"{path} is not a GGUF file")
+    st = path.stat()
+    stamp = f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}"
+    return SourceInfo(source, SourceKind.GGUF, st.st_size, None, xxhash.xxh3_128_hexdigest(stamp.encode()))
 
 
 def _describe_dir(source: str, kind: SourceKind) -> SourceInfo:
@@ -187,23 +247,23 @@ def _parse_config(data: bytes, where: str) -> dict[str, Any]:
 # ---- fetch -------------------------------------------------------------------------------------
 
 
-async def fetch(source: str, dst: Path, *, work_dir: Path, settings: FetchSettings = _DEFAULT_SETTINGS) -> FetchReport:
+async def fetch(source: str, dst: Path, *, work_dir: Path, settings: FetchSettings = _DEFAULT_SETTINGS,
+                progress: Progress | None = None, show_bars: bool = False) -> FetchReport:
     """Make `dst` (which must not exist) a verified v1 checkpoint of `source`, atomically.
 
     `work_dir` is where a URL fetch keeps its partial files between attempts: pass the same one to
     resume. It must be on `dst`'s filesystem; it is gone after success and after any error that a retry
-    cannot fix (checksums, a changed or invalid manifest, 404), and kept after transient ones.
+    cannot fix (checksums, a changed or invalid manifest, 404), and kept after transient ones. A Hub download
+    lives in huggingface_hub's cache instead, which keeps every file it completed. `progress` hears how a
+    download and a conversion advance; `show_bars` draws progress bars on stderr (the CLI's).
     """
     source, dst, start = normalize_source(source), Path(dst), time.monotonic()
     kind = source_kind(source)
     if os.path.lexists(dst):
         raise FetchError(f"{dst} already exists")
-    if kind is SourceKind.HF_DIR:
-        info = await asyncio.to_thread(_describe_dir, source, kind)
-        from sllmd.checkpoint.convert import convert  # imports torch; only conversions need it
-
-        await asyncio.to_thread(convert, Path(source), dst)
-        report = FetchReport(source, kind, _dir_bytes(dst), time.monotonic() - start, info.fingerprint)
+    if kind in (SourceKind.HF_DIR, SourceKind.GGUF, SourceKind.HUB):
+        fingerprint = await asyncio.to_thread(_convert, source, kind, dst, settings.hub_endpoint, progress, show_bars)
+        report = FetchReport(source, kind, _dir_bytes(dst), time.monotonic() - start, fingerprint)
     elif kind is SourceKind.V1_DIR:
         num_bytes, fingerprint = await asyncio.to_thread(_copy_v1, Path(source), dst, work_dir)
         report = FetchReport(source, kind, num_bytes, time.monotonic() - start, fingerprint)
@@ -215,6 +275,35 @@ async def fetch(source: str, dst: Path, *, work_dir: Path, settings: FetchSettin
                                           "seconds": round(report.seconds, 3), "gb_per_s": round(report.gb_per_s, 3),
                                           "retries": report.num_retries})
     return report
+
+
+def _convert(source: str, kind: SourceKind, dst: Path, hub_endpoint: str | None, progress: Progress | None,
+             show_bars: bool) -> str:
+    """Convert a Hugging Face directory, a GGUF file or a Hub model into `dst`; returns the source's fingerprint.
+    Blocking. Torch and transformers are imported here: only conversions need them."""
+    from sllmd.checkpoint.convert import convert
+    from sllmd.checkpoint.gguf import convert_gguf
+
+    def converting(done: int, total: int) -> None:
+        if progress is not None:
+            progress("convert", done, total)
+
+    if kind is SourceKind.HUB:
+        ref = hub.parse_hub_ref(source)
+        assert ref is not None and ref.revision is not None  # deploy pinned it
+        local = hub.download(ref, endpoint=hub_endpoint, show_bar=show_bars,
+                             progress=None if progress is None else lambda done, total: progress("download", done,
+                                                                                                 total))
+        fingerprint = ref.revision
+    else:
+        local = Path(source)
+        info = _describe_gguf(source) if kind is SourceKind.GGUF else _describe_dir(source, kind)
+        fingerprint = info.fingerprint
+    if local.is_file():
+        convert_gguf(local, dst, progress=show_bars, on_progress=converting)
+    else:
+        convert(local, dst, progress=show_bars, on_progress=converting)
+    return fingerprint
 
 
 def _dir_bytes(path: Path) -> int:

@@ -60,6 +60,8 @@ _TORCH_DTYPE_NAMES = {
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
 
+FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
+
 _PARTITION_FILE = re.compile(r"data-(\d{5})\.bin")
 _DIGEST = re.compile(r"[0-9a-f]{32}")
 
@@ -99,6 +101,11 @@ def round_up(value: int, multiple: int) -> int:
 def partition_file(index: int) -> str:
     """The only valid file name of partition `index`: names never come from untrusted input."""
     return f"data-{index:05d}.bin"
+
+
+def torch_name(dtype: str) -> str:
+    """torch's name of the format's dtype `dtype` ("BF16" -> "bfloat16")."""
+    return _TORCH_DTYPE_NAMES[dtype]
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

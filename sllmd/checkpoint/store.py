@@ -33,7 +33,17 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from sllmd.checkpoint.fetch import FetchReport, FetchSettings, describe, fetch, is_url, normalize_source
+from sllmd.checkpoint.fetch import (
+    FetchReport,
+    FetchSettings,
+    Progress,
+    SourceKind,
+    describe,
+    fetch,
+    is_local_dir,
+    normalize_source,
+    source_kind,
+)
 from sllmd.checkpoint.format import MANIFEST_FILE, CheckpointError
 from sllmd.config import StoreConfig
 from sllmd.engine.base import Backend
@@ -50,8 +60,8 @@ PEER_PATH = "/internal/checkpoints"  # + "/{id}": where a node serves its store'
 
 def reads_store(backend: Backend, source: str) -> bool:
     """Whether instances of a deployment read the store's copy of `source`: all but the dummy backend,
-    which reads only config.json and so serves a local source as is."""
-    return backend is not Backend.DUMMY or is_url(source)
+    which reads only config.json and so serves a local model directory as is."""
+    return backend is not Backend.DUMMY or not is_local_dir(source)
 
 
 class StoreFull(CheckpointError):
@@ -164,15 +174,17 @@ class CheckpointStore:
 
     # -- getting checkpoints -------------------------------------------------------------------
 
-    async def ensure(self, source: str, *, refresh: bool = False) -> tuple[Path, Tier]:
+    async def ensure(self, source: str, *, refresh: bool = False, progress: Progress | None = None,
+                     show_bars: bool = False) -> tuple[Path, Tier]:
         """The local path of `source`'s checkpoint and the tier it came from: SSD if the store had it,
         else PEER or REPOSITORY, where it was fetched (or converted) from now.
 
         With `refresh`, an entry whose source changed since it was fetched (see `fetch.describe`) is
         fetched again; `CheckpointInUse` if an instance has it pinned. Fetch errors propagate
         (`fetch.FetchError`, `ManifestError`, `ConversionError`, `ChecksumMismatch`, `StoreFull`, ...).
+        `progress` and `show_bars` go to the repository fetch this call starts (see `fetch.fetch`), if any.
         """
-        lease = await self._ensure(source, refresh=refresh, pin=False)
+        lease = await self._ensure(source, refresh=refresh, pin=False, progress=progress, show_bars=show_bars)
         return lease.path, lease.tier
 
     async def acquire(self, source: str) -> CheckpointLease:
@@ -198,11 +210,13 @@ class CheckpointStore:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
 
-    async def _ensure(self, source: str, *, refresh: bool, pin: bool) -> CheckpointLease:
+    async def _ensure(self, source: str, *, refresh: bool, pin: bool, progress: Progress | None = None,
+                      show_bars: bool = False) -> CheckpointLease:
         source = normalize_source(source)
         cid = checkpoint_id(source)
         tier, report = Tier.SSD, None
-        if refresh and cid in self._entries and cid not in self._jobs:
+        # A Hub source names a commit (deploy pins it), whose files never change.
+        if refresh and cid in self._entries and cid not in self._jobs and source_kind(source) is not SourceKind.HUB:
             await self._drop_if_stale(cid, source)
         while True:
             entry = self._entries.get(cid)
@@ -214,7 +228,8 @@ class CheckpointStore:
                 return CheckpointLease(cid, self.path_of(cid), tier, report)
             job = self._jobs.get(cid)
             if job is None or job.done():
-                job = self._jobs[cid] = asyncio.get_running_loop().create_task(self._fetch(cid, source))
+                job = self._jobs[cid] = asyncio.get_running_loop().create_task(
+                    self._fetch(cid, source, progress, show_bars))
                 job.add_done_callback(self._job_done)
             tier, report = await asyncio.shield(job)
             # Loop: the entry is normally there now, but could have been evicted before we resumed.
@@ -237,7 +252,8 @@ class CheckpointStore:
         log.info("source changed since it was stored, fetching it again", extra={"checkpoint": cid, "source": source})
         await self._delete(cid)
 
-    async def _fetch(self, cid: str, source: str) -> tuple[Tier, FetchReport]:
+    async def _fetch(self, cid: str, source: str, progress: Progress | None = None,
+                     show_bars: bool = False) -> tuple[Tier, FetchReport]:
         """(tier it came from, report). Peers holding `cid` go first; one that fails is skipped (logged). The
         repository is last, so a checkpoint still reaches this node while its repository is down."""
         for peer in self.peer_sources(cid):
@@ -250,11 +266,12 @@ class CheckpointStore:
                 continue
             self.on_fetched(Tier.PEER, report)
             return Tier.PEER, report
-        report = await self._fetch_from(cid, source, source, self.settings)
+        report = await self._fetch_from(cid, source, source, self.settings, progress, show_bars)
         self.on_fetched(Tier.REPOSITORY, report)
         return Tier.REPOSITORY, report
 
-    async def _fetch_from(self, cid: str, source: str, origin: str, settings: FetchSettings) -> FetchReport:
+    async def _fetch_from(self, cid: str, source: str, origin: str, settings: FetchSettings,
+                          progress: Progress | None = None, show_bars: bool = False) -> FetchReport:
         """Entry `cid` (of `source`) fetched from `origin`: `source` itself or a peer's copy of it. A peer's
         fingerprint is its v1 manifest's, so a later refresh of an HF-directory source fetches it again."""
         info = await describe(origin, settings)
@@ -262,7 +279,8 @@ class CheckpointStore:
         await self._make_room(need, for_id=cid)
         self._reserved[cid] = need
         try:
-            report = await fetch(origin, self.path_of(cid), work_dir=self.root / f".{cid}.partial", settings=settings)
+            report = await fetch(origin, self.path_of(cid), work_dir=self.root / f".{cid}.partial", settings=settings,
+                                 progress=progress, show_bars=show_bars)
         finally:
             del self._reserved[cid]
         self._entries[cid] = StoreEntry(cid, source, report.num_bytes, time.time(), info.fingerprint)
@@ -360,7 +378,8 @@ def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = Non
     """The node's store at `<data_dir>/store`, with the configured budget and fetch settings; `api_key`
     authenticates its fetches from peers."""
     settings = FetchSettings(connections=config.fetch_connections, request_bytes=config.fetch_request_mb << 20,
-                             timeout_s=config.fetch_timeout_s, retries=config.fetch_retries)
+                             timeout_s=config.fetch_timeout_s, retries=config.fetch_retries,
+                             hub_endpoint=config.hub_endpoint or None)
     return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings,
                            # One retry: a peer that fails is skipped for the repository, not waited for.
                            dataclasses.replace(settings, bearer_token=api_key, retries=1))

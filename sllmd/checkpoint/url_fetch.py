@@ -93,6 +93,7 @@ class FetchSettings:
     backoff_s: float = 0.25  # first retry delay; doubles up to 2 s, with jitter
     max_side_file_bytes: int = 256 << 20
     bearer_token: str | None = None  # sent as Authorization on every request: for peers, never a repository
+    hub_endpoint: str | None = None  # the Hugging Face Hub for hf:// sources; None: HF_ENDPOINT, else huggingface.co
 
 
 @dataclass(frozen=True, slots=True)

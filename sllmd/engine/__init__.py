@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Backend, Engine
 
@@ -41,12 +41,19 @@ def preload_backends() -> None:
         importlib.import_module(_VLLM_CLIENT_MODULE)
 
 
-def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *,
-                  dram_cache: DramCache | None = None) -> Engine:
+def check_model(backend: Backend, config: dict[str, Any]) -> None:
+    """`UnsupportedArchitecture` unless `backend` serves the model of `config` (a config.json) correctly.
+    Blocking (the vLLM check may inspect its model registry in a subprocess the first time)."""
+    import_backend(backend).check_model(config)
+
+
+def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *, dtype: str = "float32",
+                  max_model_len: int | None = None, dram_cache: DramCache | None = None) -> Engine:
     """A new, not yet started engine for the local checkpoint directory `checkpoint_dir` (an sllmd v1
-    checkpoint from the store, or a Hugging Face directory). `dram_cache` is the node's cache of
-    checkpoint chunks; backends that read checkpoints themselves use it."""
+    checkpoint from the store, or a Hugging Face directory), computing in `dtype` (a serving dtype) with at
+    most `max_model_len` tokens of prompt + completion (None: the model's own). `dram_cache` is the node's
+    cache of checkpoint chunks; backends that read checkpoints themselves use it."""
     engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
-        return engine_class(checkpoint_dir)
-    return engine_class(checkpoint_dir, device, dram_cache=dram_cache)
+        return engine_class(checkpoint_dir, max_model_len=max_model_len)
+    return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, dram_cache=dram_cache)

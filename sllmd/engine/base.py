@@ -19,6 +19,7 @@ import abc
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 
@@ -27,6 +28,18 @@ class Backend(enum.StrEnum):
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
     DUMMY = "dummy"
+
+
+# The floating dtypes a deployment may be served in (torch's names), and the other spellings clients use.
+SERVING_DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+AUTO_DTYPE = "auto"  # the dtype the checkpoint's weights are stored in
+
+
+def serving_dtype(name: str) -> str | None:
+    """The canonical serving dtype `name` spells ("auto" stays "auto"), or None if it is none of them."""
+    name = DTYPE_ALIASES.get(name, name)
+    return name if name in SERVING_DTYPES or name == AUTO_DTYPE else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,12 @@ class Engine(abc.ABC):
 
     #: Longest prompt + completion in tokens.
     context_length: int
+
+    @classmethod
+    @abc.abstractmethod
+    def check_model(cls, config: dict[str, Any]) -> None:
+        """Deploy time, before any weights are fetched: `UnsupportedArchitecture` (a 400 naming the architecture)
+        if this backend cannot serve the model `config` (its config.json) describes correctly."""
 
     @abc.abstractmethod
     async def start(self) -> LoadReport: ...

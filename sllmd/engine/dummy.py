@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_token_ids
 from sllmd.errors import ContextLengthExceeded
@@ -28,12 +29,17 @@ class DummyPrefill(Prefill):
 
 
 class DummyEngine(Engine):
-    def __init__(self, checkpoint_dir: Path) -> None:
+    def __init__(self, checkpoint_dir: Path, *, max_model_len: int | None = None) -> None:
         config_path = checkpoint_dir / "config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         self.vocab_size = int(config.get("vocab_size", 256))
-        self.context_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+        model_length = int(config.get("max_position_embeddings", DEFAULT_CONTEXT_LENGTH))
+        self.context_length = model_length if max_model_len is None else min(model_length, max_model_len)
         self._num_active = 0
+
+    @classmethod
+    def check_model(cls, config: dict[str, Any]) -> None:
+        """The dummy reads only vocab_size and the context length: any config will do."""
 
     async def start(self) -> LoadReport:
         return LoadReport(source_tier="none", num_bytes=0, load_s=0.0, init_s=0.0)

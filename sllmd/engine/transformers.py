@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import re
 import secrets
 import threading
 import time
@@ -38,6 +37,7 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
@@ -48,6 +48,7 @@ from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
+from sllmd.engine.hf_model import attention_kwargs, build_model, check_architecture
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import EngineFailed
 
@@ -55,51 +56,6 @@ from sllmd.errors import EngineFailed
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:
     """The one stopping rule, shared by the worker and the generator so they agree."""
     return produced >= params.max_tokens or token in params.stop_token_ids
-
-
-def _bind(checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: torch.device,
-          dtype: torch.dtype) -> PreTrainedModel:
-    """The model of `checkpoint_dir/config.json` built on the meta device (no memory, no random init), its
-    parameters and persistent buffers bound to `tensors` without a copy (`assign=True`; a tensor is converted
-    only where its dtype differs from the model's), and the non-persistent buffers left on meta (RoPE
-    frequencies...) computed on `device` by the model's own `_init_weights`, exactly as `from_pretrained` does."""
-    config = AutoConfig.from_pretrained(checkpoint_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    wanted = model.state_dict()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied: dict[int, list[str]] = {}  # a tied parameter is one object under several names
-    for name, param in params.items():
-        tied.setdefault(id(param), []).append(name)
-    state: dict[str, torch.Tensor] = {}
-    for name, meta in wanted.items():
-        source = tensors.get(name)
-        if source is None and name in params:  # tied: stored under another of its names
-            source = next((tensors[n] for n in tied[id(params[name])] if n in tensors), None)
-        if source is None:
-            continue  # load_state_dict(strict=True) below names it
-        state[name] = source if source.dtype == meta.dtype or not meta.is_floating_point() else source.to(meta.dtype)
-    ignore = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or ())]
-    state.update({k: v for k, v in tensors.items() if k not in wanted and not any(p.search(k) for p in ignore)})
-    model.load_state_dict(state, strict=True, assign=True)
-    for param in model.parameters():
-        param.requires_grad_(False)
-        param._is_hf_initialized = True  # transformers' init functions skip these: they hold loaded weights
-    owner = {}  # module -> the innermost PreTrainedModel containing it (whose _init_weights applies)
-    for sub in model.modules():
-        if isinstance(sub, PreTrainedModel):
-            owner.update({id(m): sub for m in sub.modules()})
-    with torch.no_grad():
-        for module in model.modules():
-            names = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
-            for n in names:
-                module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
-            if names:
-                owner[id(module)]._init_weights(module)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"{checkpoint_dir}: no value for {', '.join(left[:5])} (left on the meta device)")
-    return model
 
 
 @dataclass(eq=False)
@@ -156,13 +112,16 @@ class TransformersEngine(Engine):
     concurrently from any loop once `start()` has returned.
     """
 
-    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: torch.dtype = torch.float32,
-                 dram_cache: DramCache | None = None):
+    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
+                 max_model_len: int | None = None, dram_cache: DramCache | None = None):
         """`checkpoint_dir` is an sllmd v1 checkpoint (it has a manifest.json: loaded by the sllmd loader,
-        through `dram_cache` if given) or a plain Hugging Face model directory (`from_pretrained`)."""
+        through `dram_cache` if given) or a plain Hugging Face model directory (`from_pretrained`). The model
+        computes in `dtype` (a serving dtype: weights stored otherwise are converted at load) and serves at
+        most `max_model_len` tokens of prompt + completion (None: its own context length)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype: torch.dtype = getattr(torch, dtype)
+        self.max_model_len = max_model_len
         self.dram_cache = dram_cache
         self.context_length = 0
         self._model: PreTrainedModel | None = None
@@ -174,6 +133,10 @@ class TransformersEngine(Engine):
         self._stopping = False
         self._closed_reason: str | None = None  # set once the worker has exited
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def check_model(cls, config: dict[str, Any]) -> None:
+        check_architecture(config)
 
     @property
     def num_active(self) -> int:
@@ -190,7 +153,7 @@ class TransformersEngine(Engine):
             loaded = load_checkpoint(self.checkpoint_dir, self.device, dram_cache=self.dram_cache)
             t0 = time.perf_counter()
             try:
-                model = _bind(self.checkpoint_dir, loaded.tensors, self.device, self.dtype)
+                model = build_model(self.checkpoint_dir, loaded.tensors, self.device, self.dtype)
             except BaseException:
                 loaded.release()
                 raise
@@ -200,7 +163,9 @@ class TransformersEngine(Engine):
         # device_map= would load straight to the device but needs `accelerate`; .to() is a no-op on CPU.
         t0 = time.perf_counter()
         transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
-        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=self.dtype).to(self.device)
+        config = AutoConfig.from_pretrained(self.checkpoint_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, config=config, dtype=self.dtype,
+                                                     **attention_kwargs(config)).to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # count asynchronous copies as loading, not init
         num_bytes = sum(p.stat().st_size for p in self.checkpoint_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
@@ -212,6 +177,8 @@ class TransformersEngine(Engine):
         model.eval()
         text_config = model.config.get_text_config()
         self.context_length = int(text_config.max_position_embeddings)
+        if self.max_model_len is not None:
+            self.context_length = min(self.context_length, self.max_model_len)
         self._vocab_size = model.get_input_embeddings().num_embeddings
         with torch.inference_mode():  # warm-up: first-call kernel/allocator setup counts as init
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))

@@ -35,7 +35,6 @@ sampled request a seed; a request without one uses vLLM's own sampler.)
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
-from sllmd.errors import EngineFailed
+from sllmd.errors import EngineFailed, InvalidRequest, UnsupportedArchitecture
 
 PROCESSOR_NAME = "sllmd.engine.vllm_sampling:PositionKeyedSampling"  # imported by vLLM's engine-core process
 
@@ -59,17 +58,16 @@ if TYPE_CHECKING:
 _cuda_env_lock = threading.Lock()
 
 
-def _checkpoint_dtype(checkpoint_dir: Path) -> str:
-    """The dtype config.json gives the weights, or "auto". vLLM's "auto" would serve a float32 checkpoint in
-    16 bits; serving the weights as stored keeps greedy output equal to the transformers backend's (fp32)."""
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
-
-
 def _visible_device(index: int) -> str:
     """The CUDA_VISIBLE_DEVICES entry the daemon's device `cuda:index` stands for."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",")[index] if visible else str(index)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 class VllmPrefill(Prefill):
@@ -90,21 +88,42 @@ class VllmEngine(Engine):
     runs on (vLLM's client binds its sockets to it).
     """
 
-    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dram_cache: DramCache | None = None,
-                 dtype: str | None = None, kv_cache_bytes: int | None = None) -> None:
-        """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dram_cache` is accepted for the
-        common factory signature and not used: vLLM's worker process cannot see it (see the module docstring).
-        `dtype`: vLLM's name for the serving dtype; None takes the checkpoint's own (read at `start`).
-        `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory utilisation; on CPU
-        `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
+    def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
+                 max_model_len: int | None = None, dram_cache: DramCache | None = None,
+                 kv_cache_bytes: int | None = None) -> None:
+        """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dtype`: the serving dtype (a
+        deployment's, resolved from the weights when it asked for "auto": vLLM's own "auto" would serve a float32
+        checkpoint in 16 bits, unlike the transformers backend). `max_model_len`: None for the model's own.
+        `dram_cache` is accepted for the common factory signature and not used: vLLM's worker process cannot see
+        it (see the module docstring). `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory
+        utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype
+        self.max_model_len = max_model_len
         self.kv_cache_bytes = kv_cache_bytes
         self.context_length = 0
         self._vocab_size = 0
         self._llm: AsyncLLM | None = None
         self._num_active = 0
+
+    @classmethod
+    def check_model(cls, config: dict[str, Any]) -> None:
+        """vLLM's model registry must list the architecture as a text-generation model: not pooling-only, and not
+        unlisted (vLLM would then try its generic transformers fallback on it, which sllmd has not checked for
+        that architecture; those it lists for that fallback, such as GPT-NeoX, are checked by the matrix tests)."""
+        try:
+            from vllm.model_executor.models import ModelRegistry
+        except ImportError:
+            raise InvalidRequest("backend vllm is not installed on this node (the sllmd[vllm] extra)",
+                                 param="backend") from None
+        archs = config.get("architectures") or []
+        name = archs[0] if archs else str(config.get("model_type"))
+        registered = ModelRegistry.models.get(name)
+        if registered is None:
+            raise UnsupportedArchitecture(f"{name} is not in vLLM {_vllm_version()}'s model registry", backend="vllm")
+        if not registered.inspect_model_cls().is_text_generation_model:
+            raise UnsupportedArchitecture(f"{name} is not a text-generation model in vLLM", backend="vllm")
 
     @property
     def num_active(self) -> int:
@@ -122,7 +141,8 @@ class VllmEngine(Engine):
             load_format=LOAD_FORMAT,
             model_loader_extra_config={REPORT_PATH_KEY: str(report_path)},
             skip_tokenizer_init=True,
-            dtype=self.dtype or _checkpoint_dtype(self.checkpoint_dir),
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
             enable_prefix_caching=True,
             logits_processors=[PROCESSOR_NAME],
             kv_cache_memory_bytes=self.kv_cache_bytes,

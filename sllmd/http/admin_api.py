@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from sllmd.deployments import DeploySpec
-from sllmd.engine.base import Backend
+from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, Backend, serving_dtype
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
@@ -18,7 +18,7 @@ from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 
-DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling"})
+DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len"})
 POLICY_TYPES: dict[str, tuple[type, ...]] = {
     "min_instances": (int,),
     "max_instances": (int,),
@@ -69,18 +69,29 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
         raise InvalidRequest("name is required and must be a non-empty string", param="name")
     checkpoint = body.get("checkpoint")
     if not isinstance(checkpoint, str) or not checkpoint:
-        raise InvalidRequest("checkpoint is required: an absolute path of a Hugging Face or sllmd checkpoint "
-                             "directory, or an http(s):// URL of an sllmd checkpoint", param="checkpoint")
+        raise InvalidRequest("checkpoint is required: a Hugging Face Hub id (org/model[@revision]), an absolute "
+                             "path of a Hugging Face or sllmd checkpoint directory or of a .gguf file, or an "
+                             "http(s):// URL of an sllmd checkpoint", param="checkpoint")
     backend_name = body.get("backend", Backend.TRANSFORMERS.value)
     if backend_name not in {b.value for b in Backend}:
         choices = ", ".join(b.value for b in Backend)
         raise InvalidRequest(f"backend must be one of: {choices}", param="backend")
     policy = parse_policy(body.get("autoscaling", {}), defaults)
-    return DeploySpec(name, checkpoint, Backend(backend_name), policy)
+    dtype = body.get("dtype", AUTO_DTYPE)
+    if not isinstance(dtype, str) or serving_dtype(dtype) is None:
+        choices = ", ".join([AUTO_DTYPE, *SERVING_DTYPES, *DTYPE_ALIASES])
+        raise InvalidRequest(f"dtype must be one of: {choices}", param="dtype", code="unsupported_dtype")
+    max_model_len = body.get("max_model_len")
+    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                      or max_model_len < 2):
+        raise InvalidRequest("max_model_len must be an integer >= 2 (tokens of prompt + completion)",
+                             param="max_model_len")
+    return DeploySpec(name, checkpoint, Backend(backend_name), policy, serving_dtype(dtype) or AUTO_DTYPE,
+                      max_model_len)
 
 
 def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
-    view = deployment.to_wire()
+    view = deployment.to_wire() | {"status": "deployed", "max_model_len": deployment.context_length}
     runtime = node.worker.runtimes.get(deployment.name)
     instances = []
     for instance in runtime.instances if runtime else []:
@@ -115,14 +126,23 @@ async def deploy(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Every deployment, then those this node is still preparing (status "deploying", with progress)."""
     node = request.app[NODE]
-    views = [deployment_view(node, d) for d in node.state.deployments().values()]
+    deployed = node.state.deployments()
+    views = [deployment_view(node, d) for d in deployed.values()]
+    views += [p.to_wire() for name, p in node.deployments.preparing.items() if name not in deployed]
     return web.json_response({"models": views})
 
 
 async def get_model(request: web.Request) -> web.Response:
+    """A deployment; or, while this node prepares it, its progress (status "deploying"): phase "download" and
+    "convert" count bytes (`fraction` of `bytes_total`)."""
     node = request.app[NODE]
-    return web.json_response(deployment_view(node, _deployment(node, request.match_info["name"])))
+    name = request.match_info["name"]
+    preparing = node.deployments.preparing.get(name)
+    if preparing is not None and node.state.deployment(name) is None:
+        return web.json_response(preparing.to_wire())
+    return web.json_response(deployment_view(node, _deployment(node, name)))
 
 
 async def patch_model(request: web.Request) -> web.Response:

@@ -14,28 +14,41 @@ from typing import Any
 
 from aiohttp import web
 
-from sllmd.errors import SllmdError
+from sllmd.errors import ModelNotFound, SllmdError
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
 from sllmd.relay import RELAYED_HEADER, end_event, token_ids_event
 from sllmd.router import Finished, PreparedRequest, TextDelta
+from sllmd.state.models import Deployment
 
 log = logging.getLogger(__name__)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/models", list_models)
+    router.add_get("/v1/models/{model:.+}", retrieve_model)  # ids may contain "/"
     router.add_post("/v1/completions", completions)
     router.add_post("/v1/chat/completions", chat_completions)
 
 
+def _model_object(deployment: Deployment) -> dict[str, Any]:
+    """OpenAI's Model object, plus what a client sizes requests by (as vLLM's /v1/models does)."""
+    return {"id": deployment.name, "object": "model", "created": int(deployment.created_at), "owned_by": "sllmd",
+            "max_model_len": deployment.context_length, "dtype": deployment.dtype,
+            "backend": deployment.backend.value}
+
+
 async def list_models(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    data = [
-        {"id": d.name, "object": "model", "created": int(d.created_at), "owned_by": "sllmd"}
-        for d in node.state.deployments().values()
-    ]
+    data = [_model_object(d) for d in request.app[NODE].state.deployments().values()]
     return web.json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    deployment = request.app[NODE].state.deployment(name)
+    if deployment is None:
+        raise ModelNotFound(name)
+    return web.json_response(_model_object(deployment))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

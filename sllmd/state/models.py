@@ -12,8 +12,9 @@ from sllmd.scheduler.autoscale import AutoscalingPolicy
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
-    """A model the cluster serves. `checkpoint` is its source in the model repository: an absolute path
-    (Hugging Face or sllmd v1 directory) or an http(s):// URL of an sllmd v1 checkpoint."""
+    """A model the cluster serves. `checkpoint` is its source in the model repository (see
+    `sllmd.checkpoint.fetch.normalize_source`). `context_length` is the longest prompt + completion it serves
+    (its max_model_len: the model's own or less); `dtype` the floating dtype its instances compute in."""
 
     name: str
     checkpoint: str
@@ -23,6 +24,8 @@ class Deployment:
     checkpoint_bytes: int
     created_at: float
     revision: int = 1  # bumped by every update
+    dtype: str = "float32"  # records written before dtypes were a setting were served in float32
+    origin_node: str = ""  # the node that deployed it, which held its checkpoint in its store when it did
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)

@@ -47,7 +47,8 @@ EngineFactory = Callable[[Deployment, Path, str, "DramCache | None"], Engine]
 
 def default_engine_factory(deployment: Deployment, checkpoint_dir: Path, device: str,
                            dram_cache: DramCache | None = None) -> Engine:
-    return create_engine(deployment.backend, checkpoint_dir, device, dram_cache=dram_cache)
+    return create_engine(deployment.backend, checkpoint_dir, device, dtype=deployment.dtype,
+                         max_model_len=deployment.context_length, dram_cache=dram_cache)
 
 
 @dataclass(eq=False)
