@@ -50,7 +50,7 @@ def daemon_parser() -> argparse.ArgumentParser:
 def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     """NAME=SOURCE pairs; a relative path that exists becomes absolute. URLs pass through, and so does text
     shaped like a Hub id (org/model) that names no local path."""
-    from sllmd.checkpoint.hub import parse_hub_ref
+    from sllmd.checkpoint.hub_ref import parse_hub_ref
 
     pairs = []
     for value in values:

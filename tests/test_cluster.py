@@ -128,6 +128,15 @@ def agreed_leader(members: list[Member], num_nodes: int) -> str | None:
     return leaders.pop()
 
 
+def fetches_by_tier(member: Member) -> dict[str, float]:
+    """The node's checkpoint fetches so far by where they came from (its /metrics)."""
+    counts = {"peer": 0.0, "repository": 0.0}
+    for line in httpx.get(f"{member.url}/metrics").text.splitlines():
+        if line.startswith("sllmd_checkpoint_fetches_total{"):
+            counts[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 @contextlib.contextmanager
 def running_cluster(root: Path, node_ids: list[str], *, env: dict[str, str] | None = None,
                     node_env: dict[str, dict[str, str]] | None = None) -> Iterator[list[Member]]:

@@ -18,15 +18,8 @@ import pytest_asyncio
 from huggingface_hub import HfApi, RepoFile, RepoFolder, constants
 from safetensors.numpy import save as save_safetensors
 
-from sllmd.checkpoint.hub import (
-    HubRef,
-    download,
-    list_files,
-    parse_hub_ref,
-    read_file,
-    resolve,
-    select_model_files,
-)
+from sllmd.checkpoint.hub import download, list_files, read_file, resolve, select_model_files
+from sllmd.checkpoint.hub_ref import HubRef, parse_hub_ref
 from sllmd.checkpoint.url_fetch import FetchError, RepositoryNotFound, RepositoryUnreachable
 from tests.hub_server import HubServer, private_hf_home
 from tests.nodes import free_port

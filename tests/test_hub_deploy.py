@@ -21,7 +21,7 @@ from sllmd.relay import RELAYED_HEADER
 from tests.gguf_builder import write_llama_gguf
 from tests.hub_server import HubServer, private_hf_home
 from tests.nodes import RunningNode, running_node
-from tests.test_cluster import Member, running_cluster, wait_until
+from tests.test_cluster import fetches_by_tier, running_cluster, wait_until
 
 REPO = "sllmd-test/demo"
 WEIGHTS = "model.safetensors"
@@ -165,14 +165,6 @@ def hub_in_a_thread(demo_model_dir: Path) -> Iterator[HubServer]:
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-
-
-def fetches_by_tier(member: Member) -> dict[str, float]:
-    counts = {"peer": 0.0, "repository": 0.0}
-    for line in httpx.get(f"{member.url}/metrics").text.splitlines():
-        if line.startswith("sllmd_checkpoint_fetches_total{"):
-            counts[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 def test_a_second_node_copies_a_hub_checkpoint_from_the_first_not_from_the_hub(

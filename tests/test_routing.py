@@ -23,7 +23,7 @@ from sllmd.errors import Overloaded
 from sllmd.relay import RELAYED_HEADER, Relay, RelayFailed
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
-from tests.test_cluster import Member, free_ports, running_cluster, wait_until
+from tests.test_cluster import Member, fetches_by_tier, free_ports, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
 
@@ -162,14 +162,6 @@ def test_simultaneous_cold_starts_on_every_node_start_one_instance_where_the_lea
     leader = next(m for m in cluster if m.get("/admin/cluster")["leader"] == m.node_id)
     placed = re.findall(r"placed a new instance model=burst node=(\S+)", leader.log())
     assert placed == [serving_node(cluster, "burst").node_id]
-
-
-def fetches_by_tier(member: Member) -> dict[str, float]:
-    counts = {"peer": 0.0, "repository": 0.0}
-    for line in httpx.get(f"{member.url}/metrics").text.splitlines():
-        if line.startswith("sllmd_checkpoint_fetches_total{"):
-            counts[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 def holders(cluster: list[Member], prefix: str) -> dict[str, str]:

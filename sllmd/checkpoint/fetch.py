@@ -46,6 +46,7 @@ from sllmd.checkpoint.format import (
     PartitionHasher,
 )
 from sllmd.checkpoint.gguf import is_gguf_file
+from sllmd.checkpoint.hub_ref import HF_SCHEME, parse_hub_ref
 from sllmd.checkpoint.reader import check_partition, read_manifest_bytes, read_partition
 from sllmd.checkpoint.url_fetch import (
     REQUIRED_SIDE_FILES,
@@ -141,7 +142,7 @@ def normalize_source(source: str) -> str:
         if parts.query or parts.fragment:
             raise ValueError(f"{source!r}: a checkpoint URL is a base URL, without query or fragment")
         return source.rstrip("/")
-    ref = hub.parse_hub_ref(source)
+    ref = parse_hub_ref(source)
     if ref is not None:
         return ref.source
     if "://" in source:
@@ -156,7 +157,7 @@ def source_kind(source: str) -> SourceKind:
     """The kind of the normalised `source` (a local path is looked at: v1 if it has a manifest)."""
     if is_url(source):
         return SourceKind.URL
-    if source.startswith(hub.HF_SCHEME):
+    if source.startswith(HF_SCHEME):
         return SourceKind.HUB
     if source.endswith(".gguf") and not Path(source).is_dir():
         return SourceKind.GGUF
@@ -193,7 +194,7 @@ async def describe(source: str, settings: FetchSettings = _DEFAULT_SETTINGS) -> 
 
 
 def _describe_hub(source: str, endpoint: str | None) -> SourceInfo:
-    ref = hub.parse_hub_ref(source)
+    ref = parse_hub_ref(source)
     assert ref is not None
     pinned = hub.resolve(ref, endpoint=endpoint)
     assert pinned.revision is not None
@@ -289,7 +290,7 @@ def _convert(source: str, kind: SourceKind, dst: Path, hub_endpoint: str | None,
             progress("convert", done, total)
 
     if kind is SourceKind.HUB:
-        ref = hub.parse_hub_ref(source)
+        ref = parse_hub_ref(source)
         assert ref is not None and ref.revision is not None  # deploy pinned it
         local = hub.download(ref, endpoint=hub_endpoint, show_bar=show_bars,
                              progress=None if progress is None else lambda done, total: progress("download", done,

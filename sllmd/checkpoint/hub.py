@@ -1,9 +1,7 @@
-"""The Hugging Face Hub client: models named by Hub id (`Qwen/Qwen2.5-0.5B-Instruct`, `hf://org/name@rev`,
-`hf://org/name/model-q4.gguf`), resolved to a commit and downloaded with huggingface_hub's own code.
+"""The Hugging Face Hub client: models named by Hub id (`sllmd.checkpoint.hub_ref`), resolved to a commit and
+downloaded with huggingface_hub's own code.
 
 Contract:
-* `parse_hub_ref` tells Hub-shaped text from paths and URLs; `HubRef.source` is its canonical spelling
-  (`parse_hub_ref(ref.source) == ref` for every valid `HubRef`).
 * `resolve` pins a ref to the commit sha its revision (default "main") points to; every other function
   works at one commit, so a download never mixes files of two commits.
 * `download` puts the files a causal LM needs (or the one named file) into huggingface_hub's cache
@@ -39,7 +37,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -59,7 +57,6 @@ from huggingface_hub.errors import (
     FileMetadataError,
     GatedRepoError,
     HfHubHTTPError,
-    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
@@ -67,13 +64,12 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
-from huggingface_hub.utils import validate_repo_id
 
+from sllmd.checkpoint.hub_ref import HubRef, check_filename
 from sllmd.checkpoint.url_fetch import FetchError, RepositoryNotFound, RepositoryUnreachable
 
 log = logging.getLogger(__name__)
 
-HF_SCHEME = "hf://"
 DEFAULT_REVISION = "main"
 
 # What a causal LM needs from a model repo, matched against files at the top of the repo only: config and
@@ -93,71 +89,6 @@ _WEIGHT_INDEX = {".safetensors": "model.safetensors.index.json", ".bin": "pytorc
 _BYTE_BARS = frozenset({"huggingface_hub.snapshot_download", "huggingface_hub.http_get", "huggingface_hub.xet_get"})
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class HubRef:
-    """A model on the Hub: a repo at a revision (branch, tag or commit sha; None = "main"), either the
-    model snapshot (`filename` None) or one file of it (e.g. a `.gguf`). Invalid values raise `ValueError`."""
-
-    repo_id: str
-    revision: str | None = None
-    filename: str | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            validate_repo_id(self.repo_id)
-        except HFValidationError as exc:
-            raise ValueError(f"invalid Hub repo id {self.repo_id!r}: {_first_line(exc)}") from None
-        if self.revision is not None and (not self.revision or any(c.isspace() for c in self.revision)):
-            raise ValueError(f"invalid revision {self.revision!r}: it must be non-empty, without spaces")
-        if self.filename is not None:
-            _check_filename(self.filename)
-            # hf://gpt2/x.gguf would read back as the repo "gpt2/x.gguf"
-            if "/" not in self.repo_id:
-                raise ValueError(f"a file needs the ORG/NAME repo form, not {self.repo_id!r}")
-
-    @property
-    def source(self) -> str:
-        """The canonical spelling: `hf://REPO[/FILE][@REV]`."""
-        text = HF_SCHEME + self.repo_id
-        if self.filename is not None:
-            text += "/" + self.filename
-        if self.revision is not None:
-            text += "@" + self.revision
-        return text
-
-    def __str__(self) -> str:
-        return self.source
-
-
-def parse_hub_ref(text: str) -> HubRef | None:
-    """The Hub ref `text` spells, or None when it is not Hub-shaped (an absolute or `./` path, a URL, a
-    single word). Hub-shaped text that is invalid raises `ValueError` with a one-line reason.
-
-    Recognised: `hf://REPO[@REV]` (REPO is ORG/NAME, or a legacy single name like `gpt2`),
-    `hf://ORG/NAME/PATH/TO/FILE[@REV]`, and the bare `ORG/NAME[@REV]` and `ORG/NAME/FILE.gguf[@REV]`.
-    The revision follows the first `@`, so file paths cannot contain one."""
-    text = text.strip()
-    if text.startswith(HF_SCHEME):
-        body, revision = _split_revision(text[len(HF_SCHEME) :], text)
-        segments = body.split("/")
-        if not body or "" in segments:
-            raise ValueError(f"invalid Hub reference {text!r}: expected hf://ORG/NAME[/FILE][@REVISION]")
-        if len(segments) <= 2:
-            return HubRef(body, revision)
-        return HubRef("/".join(segments[:2]), revision, "/".join(segments[2:]))
-    if "://" in text or text.startswith(("/", ".", "~", "\\")) or "/" not in text:
-        return None
-    body, revision = _split_revision(text, text)
-    segments = body.split("/")
-    if "" in segments:
-        return None  # `org/`, `a//b`: a path, not an id
-    if len(segments) == 2:
-        return HubRef(body, revision)
-    if len(segments) == 3 and segments[2].lower().endswith(".gguf"):
-        return HubRef("/".join(segments[:2]), revision, segments[2])
-    return None
 
 
 def resolve(ref: HubRef, *, endpoint: str | None = None, token: str | None = None) -> HubRef:
@@ -180,7 +111,7 @@ def read_file(ref: HubRef, filename: str, *, endpoint: str | None = None, token:
               cache_dir: str | Path | None = None, max_bytes: int = MAX_READ_FILE_BYTES) -> bytes:
     """The bytes of the small file `filename` (e.g. `config.json`) of the ref's repo at its commit, through
     huggingface_hub's cache. `FetchError` if it is over `max_bytes`."""
-    _check_filename(filename)
+    check_filename(filename)
     sha = _commit_of(ref, endpoint=endpoint, token=token)
     at = replace(ref, revision=sha, filename=filename)
     with _hub_errors(at, endpoint):
@@ -240,22 +171,6 @@ def download(ref: HubRef, *, endpoint: str | None = None, token: str | None = No
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _check_filename(filename: str) -> None:
-    segments = filename.split("/")
-    if not filename or any(seg in ("", ".", "..") for seg in segments) or "@" in filename or "\\" in filename:
-        raise ValueError(f"invalid file path in repo {filename!r}: expected a relative path like dir/model.gguf, "
-                         "without '@', '\\', '.' or '..' parts")
-
-
-def _split_revision(body: str, text: str) -> tuple[str, str | None]:
-    if "@" not in body:
-        return body, None
-    body, revision = body.split("@", 1)
-    if not revision:
-        raise ValueError(f"invalid Hub reference {text!r}: empty revision after '@'")
-    return body, revision
 
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:

@@ -30,13 +30,17 @@ def preload_backends() -> None:
     """Import every backend and the tokenizer library now, from one thread.
 
     The daemon calls this once before it reports ready: a cold start then pays no import time
-    (torch + transformers take seconds; vllm, where installed, more), and no two threads ever run
+    (torch + transformers take seconds; vllm, where installed, more; see `hf_model.preload` for what a first
+    model build would add), and no two threads ever run
     transformers' lazy imports at once, which is not thread-safe (an `ImportError` for a name that exists).
     """
     from transformers import AutoTokenizer  # noqa: F401 - imported for its side effect
 
     for backend in _MODULES:
         import_backend(backend)
+    from sllmd.engine.hf_model import preload
+
+    preload()
     if importlib.util.find_spec("vllm") is not None:  # optional: the `vllm` extra
         importlib.import_module(_VLLM_CLIENT_MODULE)
 
