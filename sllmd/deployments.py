@@ -50,7 +50,8 @@ MAX_NAME_LENGTH = 128
 @dataclass(frozen=True, slots=True)
 class DeploySpec:
     """`checkpoint`: a source as `normalize_source` takes it. `dtype`: a serving dtype or "auto" (the weights'
-    own); `max_model_len`: None for the model's own context length, else at most that."""
+    own); `max_model_len`: None for the model's own context length, else at most that; `start_mode`: one of
+    `engine.base.START_MODES`."""
 
     name: str
     checkpoint: str
@@ -58,6 +59,7 @@ class DeploySpec:
     autoscaling: AutoscalingPolicy
     dtype: str = AUTO_DTYPE
     max_model_len: int | None = None
+    start_mode: str = "compiled"
 
 
 def inspect_checkpoint(path: Path) -> tuple[dict[str, Any], int]:
@@ -239,6 +241,7 @@ class DeploymentService:
             created_at=time.time(),
             dtype=resolve_dtype(spec.dtype, config, weight_dtypes),
             origin_node=self.worker.node_id if reads_store(spec.backend, source) else "",
+            start_mode=spec.start_mode,
         )
         # Committing adopts it into every node's worker, this one's before propose returns (Node._adopt).
         await self.state.propose({"op": Op.DEPLOY, "deployment": deployment.to_wire()})

@@ -34,6 +34,9 @@ class Backend(enum.StrEnum):
 SERVING_DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 AUTO_DTYPE = "auto"  # the dtype the checkpoint's weights are stored in
+# How a vLLM engine starts: "compiled" (torch.compile and, on GPUs, CUDA graphs: slower to start, faster to
+# decode) or "eager" (neither). The transformers backend always runs eagerly.
+START_MODES = ("compiled", "eager")
 
 
 def serving_dtype(name: str) -> str | None:

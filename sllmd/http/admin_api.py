@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from sllmd.deployments import DeploySpec
-from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, Backend, serving_dtype
+from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, START_MODES, Backend, serving_dtype
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
@@ -18,7 +18,7 @@ from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 
-DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len"})
+DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len", "start_mode"})
 POLICY_TYPES: dict[str, tuple[type, ...]] = {
     "min_instances": (int,),
     "max_instances": (int,),
@@ -86,8 +86,14 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
                                       or max_model_len < 2):
         raise InvalidRequest("max_model_len must be an integer >= 2 (tokens of prompt + completion)",
                              param="max_model_len")
+    start_mode = body.get("start_mode", START_MODES[0])
+    if start_mode not in START_MODES:
+        raise InvalidRequest(f"start_mode must be one of: {', '.join(START_MODES)}", param="start_mode")
+    if start_mode != START_MODES[0] and backend_name != Backend.VLLM.value:
+        raise InvalidRequest("start_mode applies to backend vllm only (the others always start eagerly)",
+                             param="start_mode")
     return DeploySpec(name, checkpoint, Backend(backend_name), policy, serving_dtype(dtype) or AUTO_DTYPE,
-                      max_model_len)
+                      max_model_len, start_mode)
 
 
 def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:

@@ -26,6 +26,12 @@ class Deployment:
     revision: int = 1  # bumped by every update
     dtype: str = "float32"  # records written before dtypes were a setting were served in float32
     origin_node: str = ""  # the node that deployed it, which held its checkpoint in its store when it did
+    start_mode: str = "compiled"  # vLLM: "compiled" (torch.compile, faster decoding) or "eager" (faster start)
+
+    @property
+    def engine_kind(self) -> str:
+        """What its instances' starts are timed as: the backend, and the start mode where the backend has two."""
+        return f"{self.backend.value}-eager" if self.start_mode == "eager" else self.backend.value
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
