@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sllmd.demo_model import build_demo_model  # noqa: E402
-from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, LinearFit, Tier, load_time_s  # noqa: E402
+from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, EngineKind, LinearFit, Tier, load_time_s  # noqa: E402
 
 KEEP_ALIVE_S = 0.5
 REQUEST_TIMEOUT_S = 300.0
@@ -150,26 +150,28 @@ def ensure_models(cache_dir: Path, sizes_gb: list[float]) -> dict[str, Path]:
 
 # ---- one daemon ---------------------------------------------------------------------------------------------
 
-_METRIC = re.compile(r'^(sllmd_estimator|sllmd_free_slots)(?:\{quantity="([^"]*)",tier="([^"]*)"\})? (\S+)$')
+_METRIC = re.compile(
+    r'^(sllmd_estimator|sllmd_free_slots)(?:\{engine_kind="([^"]*)",quantity="([^"]*)",tier="([^"]*)"\})? (\S+)$')
+KIND = EngineKind.TRANSFORMERS  # the engine every model here runs on
 
 
 async def read_metrics(session: aiohttp.ClientSession, url: str) -> tuple[Calibration, int]:
     """(the node's calibration as its sllmd_estimator gauges show it, sllmd_free_slots)."""
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
-    gauges: dict[tuple[str, str], float] = {}
+    gauges: dict[tuple[str, str, str], float] = {}
     free_slots = -1
     for line in text.splitlines():
         if m := _METRIC.match(line):
             if m[1] == "sllmd_free_slots":
-                free_slots = int(float(m[4]))
+                free_slots = int(float(m[5]))
             else:
-                gauges[(m[2], m[3])] = float(m[4])
+                gauges[(m[3], m[4], m[2])] = float(m[5])
     calibration = Calibration(
-        load_gbps={t: gauges[("load_gbps", str(t))] for t in (Tier.DRAM, Tier.SSD)},
-        fetch_gbps={t: gauges[("fetch_gbps", str(t))] for t in (Tier.PEER, Tier.REPOSITORY)},
-        init=LinearFit(gauges[("init_slope_s", "")], gauges[("init_intercept_s", "")]),
-        migration=LinearFit(gauges[("migration_slope_s", "")], gauges[("migration_intercept_s", "")]))
+        load_gbps={t: gauges[("load_gbps", str(t), "")] for t in (Tier.DRAM, Tier.SSD)},
+        fetch_gbps={t: gauges[("fetch_gbps", str(t), "")] for t in (Tier.PEER, Tier.REPOSITORY)},
+        init={k: LinearFit(gauges[("init_slope_s", "", k)], gauges[("init_intercept_s", "", k)]) for k in EngineKind},
+        migration=LinearFit(gauges[("migration_slope_s", "", "")], gauges[("migration_intercept_s", "", "")]))
     return calibration, free_slots
 
 
@@ -210,9 +212,9 @@ def estimate_parts(num_bytes: int, estimated_s: float, calibration: Calibration)
     """(tier the daemon estimated for, its load seconds, its init seconds), recovered by finding the load tier
     whose formula under `calibration` comes closest to `estimated_s` ("?" if none is within ESTIMATE_MATCH_S)."""
     gb = num_bytes / BYTES_PER_GB
-    init_s = max(0.0, calibration.init.predict(gb))
-    tier = min((Tier.DRAM, Tier.SSD), key=lambda t: abs(load_time_s(num_bytes, t, calibration) - estimated_s))
-    if abs(load_time_s(num_bytes, tier, calibration) - estimated_s) > ESTIMATE_MATCH_S:
+    init_s = max(0.0, calibration.init[KIND].predict(gb))
+    tier = min((Tier.DRAM, Tier.SSD), key=lambda t: abs(load_time_s(KIND, num_bytes, t, calibration) - estimated_s))
+    if abs(load_time_s(KIND, num_bytes, tier, calibration) - estimated_s) > ESTIMATE_MATCH_S:
         return "?", estimated_s - init_s, init_s
     return str(tier), gb / calibration.load_gbps[tier], init_s
 
@@ -263,7 +265,8 @@ async def run_daemon(daemon_tier: str, models: dict[str, Path], rounds: int,
     probe = log_records(log_path, "probed load bandwidth")
     info = {"probe_gbps": {t: probe[0].get(f"{t}_gbps") for t in ("ssd", "dram")} if probe else None,
             "final": {"load_gbps": {str(t): round(g, 3) for t, g in final.load_gbps.items()},
-                      "init_intercept_s": round(final.init.intercept, 4), "init_slope_s": round(final.init.slope, 4)}}
+                      "init_intercept_s": round(final.init[KIND].intercept, 4),
+                      "init_slope_s": round(final.init[KIND].slope, 4)}}
     if len(records) != len(requests):
         raise RuntimeError(f"[{daemon_tier}] {len(requests)} requests but {len(records)} instance starts logged")
     rows, seen = [], set()

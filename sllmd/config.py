@@ -52,6 +52,7 @@ class DevicesConfig:
 class ServingConfig:
     max_queue_per_model: int = 256
     queue_timeout_s: float = 60.0
+    max_start_wait_s: float = 600.0  # the longest a request waits through a start that is within its estimate
     torch_threads: int = 0  # 0: torch's default
     migration_gap_tokens: int = 20  # catch-up ends once every moved request is at most this far behind
     migration_max_rounds: int = 8  # catch-up rounds before the cut-over happens anyway
@@ -224,6 +225,7 @@ def _validate(config: Config) -> None:
         (d.cpu_slot_memory_gb > 0, "devices.cpu_slot_memory_gb must be > 0"),
         (v.max_queue_per_model >= 1, "serving.max_queue_per_model must be >= 1"),
         (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
+        (v.max_start_wait_s >= v.queue_timeout_s, "serving.max_start_wait_s must be >= serving.queue_timeout_s"),
         (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
         (v.migration_gap_tokens >= 0, "serving.migration_gap_tokens must be >= 0"),
         (v.migration_max_rounds >= 1, "serving.migration_max_rounds must be >= 1"),

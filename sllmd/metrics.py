@@ -45,7 +45,7 @@ class Metrics:
             "sllmd_start_estimate_error_seconds", "|actual - estimated| seconds of instance starts, by source tier",
             ["tier"], buckets=LATENCY_BUCKETS, registry=r)
         self.estimator = Gauge("sllmd_estimator", "This node's estimator constants (GB/s, or s and s per unit)",
-                               ["quantity", "tier"], registry=r)
+                               ["quantity", "tier", "engine_kind"], registry=r)
         self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
         self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
         self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)
@@ -59,12 +59,13 @@ class Metrics:
 
     def show_calibration(self, calibration: Calibration) -> None:
         for tier, gbps in calibration.load_gbps.items():
-            self.estimator.labels("load_gbps", tier).set(gbps)
+            self.estimator.labels("load_gbps", tier, "").set(gbps)
         for tier, gbps in calibration.fetch_gbps.items():
-            self.estimator.labels("fetch_gbps", tier).set(gbps)
-        for name, fit in (("init", calibration.init), ("migration", calibration.migration)):
-            self.estimator.labels(f"{name}_intercept_s", "").set(fit.intercept)
-            self.estimator.labels(f"{name}_slope_s", "").set(fit.slope)
+            self.estimator.labels("fetch_gbps", tier, "").set(gbps)
+        fits = [("init", kind, fit) for kind, fit in calibration.init.items()]
+        for name, kind, fit in [*fits, ("migration", "", calibration.migration)]:
+            self.estimator.labels(f"{name}_intercept_s", "", kind).set(fit.intercept)
+            self.estimator.labels(f"{name}_slope_s", "", kind).set(fit.slope)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

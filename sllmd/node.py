@@ -20,7 +20,7 @@ from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
 from sllmd.router import Router
-from sllmd.scheduler.estimate import Calibration, Tier
+from sllmd.scheduler.estimate import Calibration, DeviceKind, Tier
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
@@ -61,12 +61,13 @@ class Node:
         metrics = Metrics()
         api_key = next(iter(config.server.api_keys), None)
         checkpoints = open_store(config.data_dir, config.store, api_key=api_key)
-        worker = Worker(node_id, SlotPool(detect_slots(config.devices)), state, config.serving, metrics, checkpoints,
-                        engine_factory, dram_cache=open_dram_cache(config.store),
-                        calibration=Calibration.defaults(peer_gbps=config.cluster.peer_link_gbps))
+        slots = detect_slots(config.devices)  # all CUDA devices or all CPU slots
+        device = DeviceKind.CUDA if any(slot.device.startswith("cuda") for slot in slots) else DeviceKind.CPU
+        worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,
+                        dram_cache=open_dram_cache(config.store),
+                        calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps))
         tokenizers = CheckpointTokenizers(checkpoints)
-        relay = Relay(node_id, api_key=api_key,
-                      read_timeout_s=config.serving.queue_timeout_s + READ_SLACK_S)
+        relay = Relay(node_id, api_key=api_key, read_timeout_s=config.serving.max_start_wait_s + READ_SLACK_S)
         placer = Placer(state)
         router = Router(state, worker, tokenizers, metrics, relay, placer)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)

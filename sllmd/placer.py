@@ -138,14 +138,15 @@ class Placer:
             node_id = min(live, key=lambda n: (live[n], n))
             return Placement(node_id, addresses.get(node_id, ""), Tier.DEVICE, 0.0)
         allow_migration = self.migrate is not None
-        plan = plan_start(model, deployment.checkpoint_bytes, states, allow_migration=allow_migration)
+        kind, num_bytes = deployment.engine_kind, deployment.checkpoint_bytes
+        plan = plan_start(model, kind, num_bytes, states, allow_migration=allow_migration)
         if plan is None:
             return None
         if plan.node_id != asked_by:
             # The same planning with only the entry node able to take the start (the others still hold copies).
             only_entry = [s if s.id == asked_by else dataclasses.replace(s, num_free_slots=0, instances=())
                           for s in states]
-            entry_plan = plan_start(model, deployment.checkpoint_bytes, only_entry, allow_migration=allow_migration)
+            entry_plan = plan_start(model, kind, num_bytes, only_entry, allow_migration=allow_migration)
             relative, absolute = ENTRY_PREFERENCE
             if entry_plan is not None and entry_plan.estimated_s <= plan.estimated_s * (1 + relative) + absolute:
                 plan = entry_plan

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver serves locally, answers token ids
 CONNECT_TIMEOUT_S = 2.0
-READ_SLACK_S = 30.0  # beyond the serving node's own queue timeout, before a silent peer counts as dead
+READ_SLACK_S = 30.0  # beyond the longest a serving node waits for a cold start, before a silent peer counts as dead
 
 
 class RelayFailed(SllmdError):

@@ -15,6 +15,7 @@ from aiohttp import web
 from sllmd.config import load_config
 from sllmd.http.app import build_app
 from sllmd.node import Node
+from sllmd.worker.manager import EngineFactory, default_engine_factory
 
 
 def free_port() -> int:
@@ -47,13 +48,14 @@ class RunningNode:
 
 
 @asynccontextmanager
-async def running_node(data_dir: Path, **settings: Any) -> AsyncIterator[RunningNode]:
+async def running_node(data_dir: Path, engine_factory: EngineFactory = default_engine_factory, **settings: Any
+                       ) -> AsyncIterator[RunningNode]:
     """`settings` are "section.key" overrides with dots written as double underscores,
     e.g. `devices__cpu_slots=1`."""
     port = free_port()
     overrides = {"server.data_dir": str(data_dir), "server.port": port, "server.peer_port": free_port()}
     overrides |= {key.replace("__", "."): value for key, value in settings.items()}
-    node = Node.open(load_config(None, env={}, overrides=overrides))
+    node = Node.open(load_config(None, env={}, overrides=overrides), engine_factory)
     await node.start()
     runner = web.AppRunner(build_app(node), handler_cancellation=True, shutdown_timeout=1)
     await runner.setup()

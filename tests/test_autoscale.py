@@ -1,4 +1,12 @@
-from sllmd.scheduler.autoscale import AutoscalingPolicy, num_instances_to_start, num_instances_wanted, pick_instance
+import pytest
+
+from sllmd.scheduler.autoscale import (
+    AutoscalingPolicy,
+    cold_start_wait_s,
+    num_instances_to_start,
+    num_instances_wanted,
+    pick_instance,
+)
 
 
 def test_scale_from_zero_wants_one_instance_for_the_first_request():
@@ -35,3 +43,22 @@ def test_instances_on_other_nodes_count_against_max_instances():
     assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=1) == 1
     assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=2) == 0
     assert num_instances_to_start(policy, demand=4, num_live=1, num_startable=4, num_elsewhere=5) == 0  # never < 0
+
+
+# (waited_s, starts as (estimated_s, running_s), the wait bound in seconds since the request began waiting),
+# with queue_timeout_s 60 and max_start_wait_s 600; a start counts as stuck at 2 × its estimate + 30 s.
+@pytest.mark.parametrize(("waited_s", "starts", "bound_s"), [
+    (0.0, [], 60.0),  # nothing starting (no free slot): the queue timeout
+    (70.0, [], 60.0),  # ... also once it has passed
+    (0.0, [(0.5, 0.0)], 60.0),  # a sub-second transformers start: never less than the queue timeout
+    (0.0, [(40.0, 0.0)], 110.0),  # a vLLM start on CPU, begun for this request
+    (50.0, [(40.0, 50.0)], 110.0),  # ... asked again later: the same bound
+    (0.0, [(40.0, 30.0)], 80.0),  # joined a start 30 s in: until it counts as stuck
+    (0.0, [(40.0, 100.0)], 60.0),  # joined a start already past its bound: the queue timeout still
+    (20.0, [(40.0, 0.0)], 130.0),  # waited 20 s for a slot, then the start began
+    (0.0, [(40.0, 100.0), (40.0, 10.0)], 100.0),  # the start that counts as stuck last decides
+    (0.0, [(400.0, 0.0)], 600.0),  # never more than max_start_wait_s
+    (550.0, [(400.0, 0.0)], 600.0),  # ... counted from when the request began waiting
+])
+def test_a_request_waits_through_a_start_as_long_as_it_is_within_its_estimate(waited_s, starts, bound_s):
+    assert cold_start_wait_s(60.0, 600.0, waited_s=waited_s, starts=starts) == pytest.approx(bound_s)

@@ -228,6 +228,7 @@ OUT_OF_RANGE = [
     ("devices.cpu_slot_memory_gb", 0.0, "devices.cpu_slot_memory_gb must be > 0"),
     ("serving.max_queue_per_model", 0, "serving.max_queue_per_model must be >= 1"),
     ("serving.queue_timeout_s", 0.0, "serving.queue_timeout_s must be > 0"),
+    ("serving.max_start_wait_s", 30.0, "serving.max_start_wait_s must be >= serving.queue_timeout_s"),
     ("serving.torch_threads", -1, "serving.torch_threads must be >= 0"),
     ("store.ssd_budget_gb", 0.0, "store.ssd_budget_gb must be > 0"),
     ("store.dram_budget_gb", -1.0, "store.dram_budget_gb must be >= 0"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sllmd.scheduler.estimate import Calibration, Tier
+from sllmd.scheduler.estimate import Calibration, EngineKind, Tier
 from tests.nodes import free_port
 
 
@@ -98,7 +98,9 @@ def test_notify_ready_then_graceful_stop_then_restart_serves_the_same_deployment
         reported = Calibration.from_wire(httpx.get(f"{restarted.url}/admin/cluster").json()["nodes"][0]["calibration"])
         assert reported.load_gbps[Tier.SSD] != Calibration.defaults().load_gbps[Tier.SSD]
         metrics = httpx.get(f"{restarted.url}/metrics").text
-        assert f'sllmd_estimator{{quantity="load_gbps",tier="ssd"}} {reported.load_gbps[Tier.SSD]}' in metrics
+        ssd_gbps, vllm_init_s = reported.load_gbps[Tier.SSD], reported.init[EngineKind.VLLM].intercept
+        assert f'sllmd_estimator{{engine_kind="",quantity="load_gbps",tier="ssd"}} {ssd_gbps}' in metrics
+        assert f'sllmd_estimator{{engine_kind="vllm",quantity="init_intercept_s",tier=""}} {vllm_init_s}' in metrics
         assert 'sllmd_start_estimate_error_seconds_count{tier="ssd"} 1.0' in metrics
         assert restarted.stop() == 0
     finally:

@@ -4,11 +4,17 @@ bounded waiting, start failures, restart."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from sllmd.scheduler.estimate import Calibration
+from sllmd.scheduler.estimate import Calibration, DeviceKind, EngineKind, LinearFit
 from sllmd.state.models import InstanceState
+from sllmd.worker.manager import EngineFactory, default_engine_factory
 from tests.nodes import RunningNode, running_node
 
 
@@ -121,6 +127,80 @@ async def test_waiting_for_a_busy_node_times_out_with_503_and_retry_after(demo_m
         assert (await running.complete("a"))[0] == 200  # still serving
 
 
+def slow_engine_factory(delays_s: dict[str, float | None], released: threading.Event) -> EngineFactory:
+    """The real engine factory, but an engine of model m is created only `delays_s[m]` seconds later (a slow
+    start: the worker creates engines in a thread as part of every start), or never before `released` is set
+    when that delay is None (a start that hangs)."""
+    def create(deployment, checkpoint_dir, device, dram_cache=None):
+        released.wait(delays_s.get(deployment.name, 0.0))
+        return default_engine_factory(deployment, checkpoint_dir, device, dram_cache)
+    return create
+
+
+@asynccontextmanager
+async def node_with_slow_starts(tmp_path, delays_s: dict[str, float | None], *, init_s: float,
+                                **settings) -> AsyncIterator[RunningNode]:
+    """A node whose starts of the models in `delays_s` are slow, and whose estimator has learned that transformers
+    engines take `init_s` to build, so the worker expects them to be that slow."""
+    released = threading.Event()
+    async with running_node(tmp_path, slow_engine_factory(delays_s, released), **settings) as running:
+        estimates = running.node.worker.estimates
+        learned = {**estimates.calibration.init, EngineKind.TRANSFORMERS: LinearFit(slope=0.0, intercept=init_s)}
+        estimates.set_calibration(dataclasses.replace(estimates.calibration, init=learned))
+        try:
+            yield running
+        finally:
+            released.set()  # a hung start's thread ends, so the node can close
+
+
+async def timed_complete(running: RunningNode, model: str) -> tuple[int, dict, float]:
+    began = time.monotonic()
+    status, body = await running.complete(model)
+    return status, body, time.monotonic() - began
+
+
+async def test_a_start_slower_than_the_queue_timeout_but_within_its_estimate_is_waited_for(demo_model_dir,
+                                                                                          tmp_path):
+    async with node_with_slow_starts(tmp_path, {"demo": 1.5}, init_s=3.0, serving__queue_timeout_s=0.3) as running:
+        await running.deploy("demo", demo_model_dir)
+        status, body, took_s = await timed_complete(running, "demo")
+        assert status == 200 and body["choices"][0]["text"], body
+        assert took_s > 1.5  # five queue timeouts
+        (instance,) = running.node.worker.runtimes["demo"].instances
+        assert instance.estimated_start_s >= 3.0
+
+
+async def test_a_start_that_begins_while_a_request_waits_for_a_slot_extends_its_wait(demo_model_dir, tmp_path):
+    async with node_with_slow_starts(tmp_path, {"b": 1.5}, init_s=3.0, devices__cpu_slots=1,
+                                     serving__queue_timeout_s=0.5) as running:
+        await running.deploy("a", demo_model_dir, keep_alive_s=0.2)
+        await running.deploy("b", demo_model_dir)
+        started, release = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(long_stream(running, "a", started, release))
+        await asyncio.wait_for(started.wait(), 10)
+        waiting = asyncio.create_task(timed_complete(running, "b"))  # no slot: waits with nothing starting
+        await wait_until(lambda: running.node.worker.runtimes["b"].num_waiting == 1)
+        release.set()  # a idles out 0.2 s later, and b's slow start takes its slot
+        await holder
+        status, body, took_s = await waiting
+        assert status == 200 and took_s > 1.5, body
+
+
+async def test_a_start_that_never_ends_fails_its_waiters_after_the_bound_naming_the_estimate(demo_model_dir,
+                                                                                            tmp_path):
+    async with node_with_slow_starts(tmp_path, {"hung": None}, init_s=3.0, serving__queue_timeout_s=0.3,
+                                     serving__max_start_wait_s=1.0) as running:
+        await running.deploy("hung", demo_model_dir)
+        status, body, took_s = await timed_complete(running, "hung")
+        assert status == 503 and body["error"]["code"] == "cold_start_timeout"
+        assert 1.0 <= took_s < 5.0
+        message = body["error"]["message"]
+        assert "did not become ready within 1.0s" in message and "estimated at 3." in message, message
+        assert "has run 1." in message, message
+        # The start carries on (a slow one would still serve); it holds its slot meanwhile.
+        assert [i.state for i in running.node.worker.runtimes["hung"].instances] == [InstanceState.STARTING]
+
+
 async def test_a_model_that_fails_to_start_gets_500_and_frees_its_slot(demo_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(demo_model_dir, broken)
@@ -192,8 +272,10 @@ async def test_cluster_view_reports_soft_state_after_loads(demo_model_dir, tmp_p
         async with running.http.get(f"{running.url}/admin/cluster") as response:
             (node,) = (await response.json())["nodes"]
         assert node["queues"] == {"demo": {"waiting": 0, "in_flight": 0}}
-        # The load (too small to say anything of bandwidth) taught the estimator this engine's init time.
-        assert Calibration.from_wire(node["calibration"]).init != Calibration.defaults().init
+        # The load (too small to say anything of bandwidth) taught the estimator this engine kind's init time.
+        reported, fresh = Calibration.from_wire(node["calibration"]), Calibration.defaults(DeviceKind.CPU)
+        assert reported.init[EngineKind.TRANSFORMERS] != fresh.init[EngineKind.TRANSFORMERS]
+        assert reported.init[EngineKind.VLLM] == fresh.init[EngineKind.VLLM]
         assert node["pending_load_s"] == 0 and len(node["ssd_cached"]) == 1
         assert [(i["model"], i["requests"], i["state"]) for i in node["instances"]] == [("demo", 0, "ready")]
         assert len(node["dram_cached"]) == 1  # ... and its buffer stays in the DRAM cache

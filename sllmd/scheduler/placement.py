@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sllmd.scheduler.estimate import Calibration, Tier, load_time_s, migration_time_s
+from sllmd.scheduler.estimate import Calibration, EngineKind, Tier, load_time_s, migration_time_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +75,14 @@ def choose_node(model: str, *, local_node_id: str, nodes: Sequence[NodeView]) ->
 
 @dataclass(frozen=True, slots=True)
 class RunningInstance:
-    """A ready instance. `num_tokens`: prompt + generated tokens of its in-flight requests (what a
-    migration moves). `num_bytes`: its model's checkpoint size; 0 means unknown, and such an instance is
-    never migrated (its reload cost at the destination could not be estimated)."""
+    """A ready instance. `engine_kind`: its model's (how its reload at a migration's destination inits).
+    `num_tokens`: prompt + generated tokens of its in-flight requests (what a migration moves). `num_bytes`:
+    its model's checkpoint size; 0 means unknown, and such an instance is never migrated (its reload cost at
+    the destination could not be estimated)."""
 
     id: str
     model: str
+    engine_kind: EngineKind
     num_requests: int
     num_tokens: int
     num_bytes: int = 0
@@ -147,19 +149,20 @@ def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
     return Tier.REPOSITORY
 
 
-def estimated_start_s(num_bytes: int, tier: Tier, node: NodeState, *, after_s: float = 0.0) -> float:
-    """Seconds until a load of `num_bytes` from `tier` on `node`, begun `after_s` seconds from now, serves.
-    Loads from the SSD or the network wait for `node.pending_load_s` (which drains meanwhile); DRAM ones
-    do not wait."""
+def estimated_start_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, node: NodeState, *,
+                      after_s: float = 0.0) -> float:
+    """Seconds until an `engine_kind` engine loading `num_bytes` from `tier` on `node`, begun `after_s` seconds
+    from now, serves. Loads from the SSD or the network wait for `node.pending_load_s` (which drains
+    meanwhile); DRAM ones do not wait."""
     wait_s = after_s if tier is Tier.DRAM else max(after_s, node.pending_load_s)
-    return wait_s + load_time_s(num_bytes, tier, node.calibration)
+    return wait_s + load_time_s(engine_kind, num_bytes, tier, node.calibration)
 
 
 def plan_start(
-    model: str, num_bytes: int, nodes: Sequence[NodeState], *, allow_migration: bool = True
+    model: str, engine_kind: EngineKind, num_bytes: int, nodes: Sequence[NodeState], *, allow_migration: bool = True
 ) -> StartPlan | None:
-    """The plan that has a new instance of `model` (`num_bytes` of checkpoint) serving soonest, or None
-    when no alive node can take one.
+    """The plan that has a new instance of `model` (an `engine_kind` engine on `num_bytes` of checkpoint)
+    serving soonest, or None when no alive node can take one.
 
     The start on node N is estimated by `estimated_start_s` from N's best tier. Candidates:
     - N with a free slot;
@@ -175,7 +178,7 @@ def plan_start(
     alive = sorted((n for n in nodes if n.is_alive), key=lambda n: n.id)
     best: tuple[tuple[float, int, int, str, str], StartPlan] | None = None
     for node in alive:
-        for plan in _plans_on(model, num_bytes, node, alive, allow_migration):
+        for plan in _plans_on(model, engine_kind, num_bytes, node, alive, allow_migration):
             victim = plan.evictions[0] if plan.evictions else plan.migrations[0].instance_id if plan.migrations else ""
             key = (plan.estimated_s, len(plan.migrations), len(plan.evictions), node.id, victim)
             if best is None or key < best[0]:
@@ -183,22 +186,23 @@ def plan_start(
     return None if best is None else best[1]
 
 
-def _plans_on(model: str, num_bytes: int, node: NodeState, alive: Sequence[NodeState], allow_migration: bool
-              ) -> list[StartPlan]:
+def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, node: NodeState, alive: Sequence[NodeState],
+              allow_migration: bool) -> list[StartPlan]:
     tier = best_tier(model, node, alive)
+    start_s = estimated_start_s(engine_kind, num_bytes, tier, node)
     if node.num_free_slots > 0:
-        return [StartPlan(model, node.id, tier, estimated_start_s(num_bytes, tier, node))]
+        return [StartPlan(model, node.id, tier, start_s)]
     others = sorted((i for i in node.instances if i.model != model), key=lambda i: i.id)
     idle = [i for i in others if i.is_idle]
     if idle:
-        return [StartPlan(model, node.id, tier, estimated_start_s(num_bytes, tier, node), evictions=(idle[0].id,))]
+        return [StartPlan(model, node.id, tier, start_s, evictions=(idle[0].id,))]
     if not allow_migration:
         return []
     plans = []
     for instance in others:
         migration = _best_migration(instance, model, node, alive)
         if migration is not None:
-            seconds = estimated_start_s(num_bytes, tier, node, after_s=migration.estimated_s)
+            seconds = estimated_start_s(engine_kind, num_bytes, tier, node, after_s=migration.estimated_s)
             plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,)))
     return plans
 
@@ -222,7 +226,7 @@ def _best_migration(instance: RunningInstance, cold_model: str, source: NodeStat
             evictions = (idle[0],)
         tier = best_tier(instance.model, dest, alive)
         move_s = migration_time_s(instance.num_tokens, dest.calibration)
-        seconds = estimated_start_s(instance.num_bytes, tier, dest) + move_s
+        seconds = estimated_start_s(instance.engine_kind, instance.num_bytes, tier, dest) + move_s
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
             best = Migration(instance.id, instance.model, source.id, dest.id, seconds, evictions)
     return best

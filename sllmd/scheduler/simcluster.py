@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sllmd.scheduler.estimate import BYTES_PER_GB, Tier
+from sllmd.scheduler.estimate import BYTES_PER_GB, EngineKind, Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,9 @@ class Hardware:
     # fleet hosts far more models than one server stores, so a server holds under half of them (the
     # simulated catalogue is 1.1 TB) and a checkpoint missing locally comes from a peer.
     ssd_cache_bytes: int = 500 * 10**9
-    # Engine init (CUDA context, allocation, binding tensors): ~1.5 s plus a little per GB.
+    # Every model runs on this kind of engine (GPU transformers; see the per-token costs below), whose init
+    # (CUDA context, allocation, binding tensors) takes ~1.5 s plus a little per GB.
+    engine_kind: EngineKind = EngineKind.TRANSFORMERS
     init_base_s: float = 1.5
     init_s_per_gb: float = 0.03
     # Effective GPU throughput: prefill is compute bound (A100: 312 TFLOPS fp16, ~50% used); decode

@@ -113,8 +113,8 @@ class Simulation:
     def _running(self, instance: SimInstance) -> RunningInstance:
         decode_s = instance.spec.decode_s_per_token(self.hardware)
         num_tokens = sum(r.num_tokens(self.now, decode_s) for r in instance.requests)
-        return RunningInstance(instance.id, instance.spec.name, len(instance.requests), num_tokens,
-                               instance.spec.num_bytes)
+        return RunningInstance(instance.id, instance.spec.name, self.hardware.engine_kind, len(instance.requests),
+                               num_tokens, instance.spec.num_bytes)
 
     # -- the clock -------------------------------------------------------------------------------
 
@@ -309,7 +309,8 @@ class Simulation:
             server.calibration = server.calibration.observe_fetch(tier, spec.num_bytes, fetch_s)
             if self.policy.keeps_fetched:
                 server.ssd.add(spec.name, spec.num_bytes)
-        server.calibration = server.calibration.observe_load(source, spec.num_bytes, load_s, init_s)
+        server.calibration = server.calibration.observe_load(self.hardware.engine_kind, source, spec.num_bytes, load_s,
+                                                             init_s)
         server.ssd.touch(spec.name)
         if server.dram is not None:
             server.dram.add(spec.name, spec.num_bytes)

@@ -43,7 +43,8 @@ class Sllmd(NodeTiers):
         self.allow_migration = allow_migration
 
     def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
-        plan = plan_start(model.name, model.num_bytes, sim.node_states(), allow_migration=self.allow_migration)
+        plan = plan_start(model.name, sim.hardware.engine_kind, model.num_bytes, sim.node_states(),
+                          allow_migration=self.allow_migration)
         if plan is None:
             return None
         servers = {s.id: s for s in sim.servers}

@@ -35,8 +35,8 @@ def node_states(nodes: Sequence[Mapping[str, Any]], deployments: Mapping[str, De
         except ValueError:
             calibration = Calibration.defaults()
         instances = tuple(
-            RunningInstance(i["id"], i["model"], int(i.get("requests", 0)), int(i.get("tokens", 0)),
-                            deployments[i["model"]].checkpoint_bytes)
+            RunningInstance(i["id"], i["model"], deployments[i["model"]].engine_kind, int(i.get("requests", 0)),
+                            int(i.get("tokens", 0)), deployments[i["model"]].checkpoint_bytes)
             for i in node.get("instances", ()) if _is_ready_instance(i, deployments))
         states.append(NodeState(
             id=node["id"], is_alive=bool(node["alive"]) or node["id"] == local_node_id,

@@ -8,6 +8,7 @@ from typing import Any
 
 from sllmd.engine.base import Backend
 from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.scheduler.estimate import EngineKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +30,9 @@ class Deployment:
     start_mode: str = "compiled"  # vLLM: "compiled" (torch.compile, faster decoding) or "eager" (faster start)
 
     @property
-    def engine_kind(self) -> str:
+    def engine_kind(self) -> EngineKind:
         """What its instances' starts are timed as: the backend, and the start mode where the backend has two."""
-        return f"{self.backend.value}-eager" if self.start_mode == "eager" else self.backend.value
+        return EngineKind(f"{self.backend.value}-eager" if self.start_mode == "eager" else self.backend.value)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)

@@ -52,13 +52,14 @@ class NodeEstimates:
         network busy), queued loads aside."""
         tier, num_bytes = self.checkpoint_tier(deployment), deployment.checkpoint_bytes
         busy_s = 0.0 if tier is Tier.DRAM else transfer_time_s(num_bytes, tier, self.calibration)
-        return load_time_s(num_bytes, tier, self.calibration), busy_s
+        return load_time_s(deployment.engine_kind, num_bytes, tier, self.calibration), busy_s
 
     def observe_load(self, deployment: Deployment, report: LoadReport) -> None:
+        """A start of `deployment` here completed: learn its load bandwidth and its engine kind's init."""
         if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
             self.set_calibration(self.calibration.observe_load(
-                Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
-                report.init_s))
+                deployment.engine_kind, Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes,
+                report.load_s, report.init_s))
 
     def observe_fetch(self, tier: Tier, report: FetchReport) -> None:
         """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""

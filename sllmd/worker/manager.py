@@ -1,8 +1,8 @@
 """The serverless lifecycle of this node's instances: scale from zero, scale out, keep-alive, eviction.
 
 Event-driven throughout: a request that finds no ready instance triggers a start at once and waits
-(bounded queue, timeout); an instance that goes idle arms a keep-alive timer; a freed slot re-runs
-scaling for every model with waiting requests. Nothing polls.
+(bounded queue; bounded time, longer while a start is within its estimate); an instance that goes idle
+arms a keep-alive timer; a freed slot re-runs scaling for every model with waiting requests. Nothing polls.
 
 Not thread-safe: every method runs on the event loop.
 """
@@ -10,6 +10,7 @@ Not thread-safe: every method runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -27,7 +28,7 @@ from sllmd.engine import Engine, create_engine
 from sllmd.engine.base import LoadReport
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
-from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted, pick_instance
+from sllmd.scheduler.autoscale import cold_start_wait_s, num_instances_to_start, num_instances_wanted, pick_instance
 from sllmd.scheduler.estimate import Calibration, Tier
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
@@ -101,6 +102,14 @@ class ModelRuntime:
         return self.num_waiting + self.num_in_flight()
 
 
+def _describe_starts(starts: list[tuple[float, float]]) -> str:
+    """Why a request gave up waiting, for its 503: each start it waited for, its estimate and how long it ran."""
+    if not starts:
+        return "no instance of it is starting here"
+    return "; ".join(f"its start, estimated at {estimated_s:.1f}s, has run {running_s:.1f}s"
+                     for estimated_s, running_s in starts)
+
+
 class Worker:
     def __init__(
         self,
@@ -169,8 +178,9 @@ class Worker:
     async def lease(self, model: str) -> AsyncIterator[Instance]:
         """A ready instance of `model` for one request, held until the block exits.
 
-        Starts one if needed and waits for it (at most `serving.queue_timeout_s`, with at most
-        `serving.max_queue_per_model` requests waiting per model).
+        Starts one if needed and waits for it (`serving.queue_timeout_s`, or while a start of the model is
+        within its estimate up to `serving.max_start_wait_s`: `cold_start_wait_s`), with at most
+        `serving.max_queue_per_model` requests waiting per model.
         """
         runtime = self.runtimes.get(model)
         if runtime is None:
@@ -235,6 +245,8 @@ class Worker:
 
     async def _wait_for_instance(self, runtime: ModelRuntime) -> Instance:
         name = runtime.deployment.name
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         runtime.num_waiting += 1
         self.metrics.queued.labels(name).set(runtime.num_waiting)
         try:
@@ -250,20 +262,37 @@ class Worker:
                     return EngineFailed(f"model '{name}' failed to start: {runtime.start_error}")
                 return None
 
-            async with asyncio.timeout(self.serving.queue_timeout_s), runtime.changed:
-                result = await runtime.changed.wait_for(outcome)
-        except TimeoutError:
-            raise Overloaded(
-                f"model '{name}' did not become ready within {self.serving.queue_timeout_s:g}s",
-                retry_after_s=max(1, round(self.serving.queue_timeout_s / 4)),
-                code="cold_start_timeout",
-            ) from None
+            async with runtime.changed:
+                # The bound is asked again on every change and once it passes: a start that began meanwhile
+                # moves it later, one that went away earlier.
+                while (result := outcome()) is None:
+                    waited_s, starts = loop.time() - began, self._starts(runtime)
+                    bound_s = cold_start_wait_s(self.serving.queue_timeout_s, self.serving.max_start_wait_s,
+                                                waited_s=waited_s, starts=starts)
+                    if waited_s >= bound_s:
+                        # The start itself carries on: a slow one that ends serves the next requests and
+                        # corrects its engine kind's estimate; stopping it would not (the next start would be
+                        # as slow and stopped again), nor could it end a start hung inside its engine (a stop
+                        # waits for the start).
+                        raise Overloaded(f"model '{name}' did not become ready within {bound_s:.1f}s: "
+                                         + _describe_starts(starts),
+                                         retry_after_s=max(1, round(self.serving.queue_timeout_s / 4)),
+                                         code="cold_start_timeout")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(bound_s - waited_s):
+                            await runtime.changed.wait()
         finally:
             runtime.num_waiting -= 1
             self.metrics.queued.labels(name).set(runtime.num_waiting)
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _starts(self, runtime: ModelRuntime) -> list[tuple[float, float]]:
+        """(estimated seconds, seconds since it began) of each instance of the model starting here."""
+        now = time.time()
+        return [(i.estimated_start_s, now - i.started_at) for i in runtime.instances
+                if i.state is InstanceState.STARTING]
 
     # -- scaling -------------------------------------------------------------------------------
 
