@@ -59,6 +59,8 @@ class ServingConfig:
     migration_step_timeout_s: float = 10.0  # longest wait for the destination's answer to one step
     max_concurrent_migrations: int = 2  # outgoing migrations at once on this node; more get 409
     resume_on_node_failure: bool = False  # a relayed stream whose serving node died continues elsewhere
+    vllm_parked_engines: int = 1  # stopped vLLM engines kept running for the next start of their shape; 0: none
+    vllm_prestart: bool = True  # start (and park) a vLLM engine when a deployment's checkpoint reaches this node
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ def _validate(config: Config) -> None:
         (v.migration_max_rounds >= 1, "serving.migration_max_rounds must be >= 1"),
         (v.migration_step_timeout_s > 0, "serving.migration_step_timeout_s must be > 0"),
         (v.max_concurrent_migrations >= 1, "serving.max_concurrent_migrations must be >= 1"),
+        (0 <= v.vllm_parked_engines <= 64, "serving.vllm_parked_engines must be in 0..64"),
         (config.store.ssd_budget_gb > 0, "store.ssd_budget_gb must be > 0"),
         (config.store.dram_budget_gb >= 0, "store.dram_budget_gb must be >= 0"),
         (1 <= config.store.fetch_connections <= 64, "store.fetch_connections must be in 1..64"),

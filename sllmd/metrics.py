@@ -32,6 +32,10 @@ class Metrics:
             "sllmd_cold_start_seconds", "Instance start to ready", ["model", "tier"], buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.start_phase_seconds = Histogram(
+            "sllmd_start_phase_seconds", "Instance start seconds by phase (the engine's split: see the README)",
+            ["engine_kind", "phase"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.load_bytes = Counter("sllmd_load_bytes", "Checkpoint bytes loaded", ["model", "tier"], registry=r)
         self.load_gbps = Histogram(
             "sllmd_load_gbps", "Checkpoint load speed (bytes / load_s, GB/s) by source tier", ["model", "tier"],

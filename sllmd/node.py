@@ -16,6 +16,8 @@ from sllmd.cluster.membership import ALIVE_WINDOW_S
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
 from sllmd.deployments import CheckpointTokenizers, DeploymentService
+from sllmd.engine import EngineResources
+from sllmd.engine.vllm_pool import EnginePool
 from sllmd.metrics import Metrics
 from sllmd.placer import Placer
 from sllmd.relay import READ_SLACK_S, Relay
@@ -63,8 +65,11 @@ class Node:
         checkpoints = open_store(config.data_dir, config.store, api_key=api_key)
         slots = detect_slots(config.devices)  # all CUDA devices or all CPU slots
         device = DeviceKind.CUDA if any(slot.device.startswith("cuda") for slot in slots) else DeviceKind.CPU
+        resources = EngineResources(dram_cache=open_dram_cache(config.store),
+                                    vllm_pool=EnginePool(config.serving.vllm_parked_engines),
+                                    vllm_dir=config.data_dir / "vllm")
         worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,
-                        dram_cache=open_dram_cache(config.store),
+                        resources=resources,
                         calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps))
         tokenizers = CheckpointTokenizers(checkpoints)
         relay = Relay(node_id, api_key=api_key, read_timeout_s=config.serving.max_start_wait_s + READ_SLACK_S)
@@ -195,10 +200,13 @@ class Node:
 
     def _fetch_if_home(self, deployment: Deployment) -> None:
         """Fetch a new deployment's checkpoint into this node's SSD store (from a peer or the repository) if
-        this node is one of its `cluster.checkpoint_copies` homes, so cold starts rarely reach the repository."""
+        this node is one of its `cluster.checkpoint_copies` homes, so cold starts rarely reach the repository;
+        then, or at once where the store has it already, have the worker prestart its engine (see `prestart`)."""
         checkpoints = self.worker.store
-        if not reads_store(deployment.backend, deployment.checkpoint) or checkpoints.contains(
-                checkpoint_id(deployment.checkpoint)):
+        if not reads_store(deployment.backend, deployment.checkpoint):
+            return
+        if checkpoints.contains(checkpoint_id(deployment.checkpoint)):
+            self.worker.prestart(deployment)
             return
         homes = plan_checkpoint_homes(deployment.name, deployment.checkpoint_bytes, self.router.placer.node_states(),
                                       self.config.cluster.checkpoint_copies)
@@ -211,6 +219,8 @@ class Node:
             except Exception as exc:  # a cold start fetches it again, and reports the error to its request
                 log.warning("could not fetch a checkpoint this node is a home of",
                             extra={"model": deployment.name, "error": repr(exc)})
+                return
+            self.worker.prestart(deployment)
 
         self._spawn(fetch())
 
@@ -244,6 +254,7 @@ class Node:
                           for name, runtime in worker.runtimes.items() for i in runtime.instances],
             "free_dram_bytes": worker.warmer.free_bytes() if worker.warmer is not None else 0,
             "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
+            "parked_models": worker.parked_models(),
         }
 
     def _peer_sources(self, cid: str) -> list[str]:

@@ -160,8 +160,10 @@ DEMO_BYTES = 673 * 10**6  # the 673 MB Llama the vLLM start figures were taken w
     (DeviceKind.CPU, EngineKind.TRANSFORMERS, 0.0, 1.0),
     (DeviceKind.CPU, EngineKind.VLLM, 30.0, 60.0),
     (DeviceKind.CPU, EngineKind.VLLM_EAGER, 10.0, 30.0),
+    (DeviceKind.CPU, EngineKind.VLLM_PARKED, 0.0, 0.2),  # the load (DRAM) and a prefix-cache reset
     (DeviceKind.CPU, EngineKind.DUMMY, 0.0, 0.1),
     (DeviceKind.CUDA, EngineKind.TRANSFORMERS, 0.5, 2.0),
+    (DeviceKind.CUDA, EngineKind.VLLM_PARKED, 0.2, 1.0),  # and its wake-up
     (DeviceKind.CUDA, EngineKind.VLLM, 20.0, 60.0),
     (DeviceKind.CUDA, EngineKind.VLLM_EAGER, 5.0, 20.0),
     (DeviceKind.CUDA, EngineKind.DUMMY, 0.0, 0.1),

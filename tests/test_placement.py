@@ -116,6 +116,20 @@ def test_prefers_dram_over_ssd_over_peer_over_repository():
     assert plan_start("m", HF, 26 * GB, dead_copy).tier == Tier.REPOSITORY
 
 
+def test_a_node_with_a_parked_engine_of_the_models_shape_starts_it_in_seconds_not_a_minute():
+    vllm = EngineKind.VLLM
+    cold = state("a", free=1, dram=("m",))
+    parked = NodeState("b", is_alive=True, num_free_slots=1, calibration=CAL, ssd_models=frozenset({"m"}),
+                       parked_models=frozenset({"m"}))
+    plan = plan_start("m", vllm, GB, [cold, parked])
+    # Even from SSD against the other's DRAM: a new vLLM engine costs tens of seconds, a parked one the load.
+    assert (plan.node_id, plan.tier) == ("b", Tier.SSD)
+    assert plan.estimated_s == pytest.approx(load_time_s(EngineKind.VLLM_PARKED, GB, Tier.SSD, CAL))
+    assert plan.estimated_s < load_time_s(vllm, GB, Tier.DRAM, CAL) / 10
+    # Another model's parked engine is no help.
+    assert plan_start("other", vllm, GB, [state("a", free=1, dram=("other",)), parked]).node_id == "a"
+
+
 def test_queued_loads_delay_ssd_and_network_loads_but_not_dram_ones():
     nodes = [state("a", free=1, ssd=("m",), pending=30.0), state("b", free=1, ssd=("m",))]
     assert plan_start("m", HF, 26 * GB, nodes).node_id == "b"

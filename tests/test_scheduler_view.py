@@ -36,6 +36,11 @@ def test_store_and_cache_ids_become_models_and_in_place_models_are_on_every_ssd(
     assert state.ssd_models == {"a", "local"}
 
 
+def test_parked_engines_are_listed_for_known_models_only():
+    (state,) = states(view("n1", parked_models=["b", "gone", 7, {"b": 1}]))
+    assert state.parked_models == {"b"}
+
+
 def test_only_ready_instances_of_known_models_are_listed_with_their_engine_kind_and_checkpoint_size():
     (state,) = states(view("n1", instances=[
         {"id": "b-x", "model": "b", "requests": 2, "tokens": 300, "state": "ready"},

@@ -58,6 +58,7 @@ STATUS_FIELDS: dict[str, tuple[type | tuple[type, ...], Callable[[], Any]]] = {
     "instances": (list, list),
     "free_dram_bytes": (int, lambda: 0),
     "free_ssd_bytes": (int, lambda: 0),
+    "parked_models": (list, list),  # vLLM deployments with an engine of their shape parked on the node
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from sllmd.engine.base import Backend, Engine
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
+    from sllmd.engine.vllm_pool import EnginePool
 
 _MODULES = {
     Backend.DUMMY: ("sllmd.engine.dummy", "DummyEngine"),
@@ -51,13 +53,32 @@ def check_model(backend: Backend, config: dict[str, Any]) -> None:
     import_backend(backend).check_model(config)
 
 
+@dataclass(frozen=True)
+class EngineResources:
+    """What a node lends the engines it creates: its DRAM cache of checkpoints (the transformers backend reads
+    through it), and for vLLM engines the pool of parked engines and the directory of shape directories and
+    compile cache (see `sllmd.engine.vllm`)."""
+
+    dram_cache: DramCache | None = None
+    vllm_pool: EnginePool | None = None
+    vllm_dir: Path | None = None
+
+
+NO_RESOURCES = EngineResources()  # engines on their own: no DRAM cache, no parked engines, vLLM's default cache
+
+
 def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *, dtype: str = "float32",
-                  max_model_len: int | None = None, dram_cache: DramCache | None = None) -> Engine:
+                  max_model_len: int | None = None, start_mode: str = "compiled",
+                  resources: EngineResources = NO_RESOURCES) -> Engine:
     """A new, not yet started engine for the local checkpoint directory `checkpoint_dir` (an sllmd v1
     checkpoint from the store, or a Hugging Face directory), computing in `dtype` (a serving dtype) with at
-    most `max_model_len` tokens of prompt + completion (None: the model's own). `dram_cache` is the node's
-    cache of checkpoint chunks; backends that read checkpoints themselves use it."""
+    most `max_model_len` tokens of prompt + completion (None: the model's own), started in `start_mode`
+    (vLLM's; the others always start eagerly)."""
     engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
         return engine_class(checkpoint_dir, max_model_len=max_model_len)
-    return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, dram_cache=dram_cache)
+    if backend is Backend.VLLM:
+        return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, start_mode=start_mode,
+                            pool=resources.vllm_pool, vllm_dir=resources.vllm_dir)
+    return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len,
+                        dram_cache=resources.dram_cache)

@@ -70,6 +70,7 @@ class LoadReport:
     load_s: float  # checkpoint bytes to device memory
     init_s: float  # everything else the engine did before it could serve
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase of the start, where the engine tells
+    reused_engine: bool = False  # the start took a running (parked) engine: only its weights were loaded
 
 
 def check_token_ids(token_ids: list[int], num_total: int, *, vocab_size: int, context_length: int) -> None:

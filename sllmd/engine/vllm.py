@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
-from sllmd.engine.vllm_pool import EnginePool, ParkedEngine, engine_key, shut_down
+from sllmd.engine.vllm_pool import EnginePool, ParkedEngine, engine_key_of, shut_down
 from sllmd.errors import EngineFailed, InvalidRequest, UnsupportedArchitecture
 from sllmd.fsutil import publish_dir
 
@@ -73,8 +73,6 @@ EXTENSION_NAME = "sllmd.engine.vllm_loader.SllmdWorkerExtension"  # mixed into v
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from sllmd.checkpoint.dram import DramCache
 
 # The children inherit the environment (CUDA_VISIBLE_DEVICES, VLLM_CACHE_ROOT) as it is when they spawn, and
 # the environment is process-wide: engines start one at a time.
@@ -126,18 +124,17 @@ class VllmEngine(Engine):
     """
 
     def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
-                 max_model_len: int | None = None, start_mode: str = "compiled", dram_cache: DramCache | None = None,
-                 pool: EnginePool | None = None, vllm_dir: Path | None = None, kv_cache_bytes: int | None = None
-                 ) -> None:
+                 max_model_len: int | None = None, start_mode: str = "compiled", pool: EnginePool | None = None,
+                 vllm_dir: Path | None = None, kv_cache_bytes: int | None = None) -> None:
         """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dtype`: the serving dtype (a
         deployment's, resolved from the weights when it asked for "auto": vLLM's own "auto" would serve a float32
         checkpoint in 16 bits, unlike the transformers backend). `max_model_len`: None for the model's own.
         `start_mode`: "compiled" or "eager" (`enforce_eager`). `pool`: parked engines to take one from and park
         this one in (None: start fresh, shut down at stop). `vllm_dir`: where shape directories and the compile
-        cache live (None: vLLM reads `checkpoint_dir` itself and keeps its default cache). `dram_cache` is
-        accepted for the common factory signature and not used: vLLM's worker process cannot see it (see the
-        module docstring). `kv_cache_bytes`: KV cache size; None lets vLLM size it (GPU memory utilisation; on
-        CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this)."""
+        cache live (None: vLLM reads `checkpoint_dir` itself and keeps its default cache). `kv_cache_bytes`: KV
+        cache size; None lets vLLM size it (GPU memory utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which
+        also overrides this). The node's DRAM cache is no use here: vLLM's worker process cannot see it (see the
+        module docstring)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype
@@ -229,12 +226,11 @@ class VllmEngine(Engine):
         until the engine serves; `phases` splits both (see the module docstring)."""
         if self._llm is not None:
             raise RuntimeError("engine already started")
-        config = json.loads((self.checkpoint_dir / "config.json").read_text())
-        self._key = engine_key(config, dtype=self.dtype, max_model_len=self.max_model_len, device=self.device,
-                               start_mode=self.start_mode, kv_cache_bytes=self.kv_cache_bytes)
+        self._key = engine_key_of(self.checkpoint_dir, dtype=self.dtype, max_model_len=self.max_model_len,
+                                  device=self.device, start_mode=self.start_mode, kv_cache_bytes=self.kv_cache_bytes)
         parked = self.pool.take(self._key, str(self.checkpoint_dir)) if self.pool is not None else None
         try:
-            report = await (self._start_parked(parked) if parked is not None else self._start_fresh(config))
+            report = await (self._start_parked(parked) if parked is not None else self._start_fresh())
         except Exception as e:
             raise EngineFailed(f"could not start vLLM on {self.checkpoint_dir}: {e!r}") from e
         assert self._llm is not None
@@ -243,11 +239,13 @@ class VllmEngine(Engine):
         self._vocab_size = int(model_config.get_vocab_size())
         return report
 
-    async def _start_fresh(self, config: dict[str, Any]) -> LoadReport:
+    async def _start_fresh(self) -> LoadReport:
         from sllmd.engine.vllm_loader import read_report
 
         began = time.time()
-        model_dir = self.checkpoint_dir if self.vllm_dir is None else shape_dir(self.vllm_dir, self._key, config)
+        model_dir = self.checkpoint_dir
+        if self.vllm_dir is not None:
+            model_dir = shape_dir(self.vllm_dir, self._key, json.loads((model_dir / "config.json").read_text()))
         fd, name = tempfile.mkstemp(prefix="sllmd-vllm-load-", suffix=".json")
         os.close(fd)
         report_path = Path(name)
@@ -289,7 +287,7 @@ class VllmEngine(Engine):
         total_s = time.perf_counter() - began
         phases["swap"] = swap.load_s
         return LoadReport(swap.source_tier, swap.num_bytes, load_s=swap.load_s, init_s=total_s - swap.load_s,
-                          phases={phase: round(seconds, 4) for phase, seconds in phases.items()})
+                          phases={phase: round(seconds, 4) for phase, seconds in phases.items()}, reused_engine=True)
 
     async def stop(self) -> None:
         """Park the engine in the pool (no request running on it, and it is healthy), else shut its processes down.

@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -37,6 +38,14 @@ def engine_key(config: Mapping[str, Any], **settings: Any) -> str:
     shape = {k: v for k, v in config.items() if k not in _NOT_SHAPE}
     text = json.dumps({"config": shape, "settings": settings}, sort_keys=True, default=str)
     return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def engine_key_of(checkpoint_dir: Path, *, dtype: str, max_model_len: int | None, device: str, start_mode: str,
+                  kv_cache_bytes: int | None = None) -> str:
+    """`engine_key` of an engine serving the checkpoint directory `checkpoint_dir` (its config.json) so."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return engine_key(config, dtype=dtype, max_model_len=max_model_len, device=device, start_mode=start_mode,
+                      kv_cache_bytes=kv_cache_bytes)
 
 
 @dataclass(eq=False)
@@ -59,8 +68,8 @@ class EnginePool:
     def __len__(self) -> int:
         return len(self._parked)
 
-    def keys(self) -> list[str]:
-        return [engine.key for engine in self._parked]
+    def has(self, key: str) -> bool:
+        return any(engine.key == key for engine in self._parked)
 
     def take(self, key: str, checkpoint: str) -> ParkedEngine | None:
         """A parked engine of `key`, out of the pool: the one holding `checkpoint` if any, else the most recently

@@ -54,6 +54,7 @@ class EngineKind(enum.StrEnum):
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
     VLLM_EAGER = "vllm-eager"
+    VLLM_PARKED = "vllm-parked"  # a vLLM start that takes a parked engine of its shape (`sllmd.engine.vllm_pool`)
     DUMMY = "dummy"
 
 
@@ -76,12 +77,17 @@ class DeviceKind(enum.StrEnum):
 #   its issue reports: Llama-3-8B engine init 14 s, 39 s with more compilation (vllm-project/vllm#11005); a
 #   3B model's init 34 s, of it 17 s CUDA-graph capture, its first answer 59 s after launch (#20264): 30 s
 #   + 1 s/GB for process start, profiling, torch.compile and capture; eager skips compile and capture: 10 s.
+# - a parked vLLM engine (its weights swapped in count as the load): on CPU a prefix-cache reset, ~0.01 s
+#   measured (scripts/bench_vllm_start.py); on a GPU also its wake-up, vLLM's blog: 0.26 s (0.6B) to 3-6 s
+#   (large models), taken as 0.3 s + 0.1 s/GB.
 # - dummy: nothing to build.
 _DEFAULT_INIT: Mapping[DeviceKind, Mapping[EngineKind, tuple[float, float]]] = {
     DeviceKind.CPU: {EngineKind.TRANSFORMERS: (0.3, 0.05), EngineKind.VLLM: (1.0, 40.0),
-                     EngineKind.VLLM_EAGER: (1.0, 15.0), EngineKind.DUMMY: (0.0, 0.0)},
+                     EngineKind.VLLM_EAGER: (1.0, 15.0), EngineKind.VLLM_PARKED: (0.0, 0.05),
+                     EngineKind.DUMMY: (0.0, 0.0)},
     DeviceKind.CUDA: {EngineKind.TRANSFORMERS: (0.05, 1.0), EngineKind.VLLM: (1.0, 30.0),
-                      EngineKind.VLLM_EAGER: (1.0, 10.0), EngineKind.DUMMY: (0.0, 0.0)},
+                      EngineKind.VLLM_EAGER: (1.0, 10.0), EngineKind.VLLM_PARKED: (0.1, 0.3),
+                      EngineKind.DUMMY: (0.0, 0.0)},
 }
 
 

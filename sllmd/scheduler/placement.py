@@ -110,6 +110,11 @@ class NodeState:
     free_ssd_bytes: int = 0
     pending_load_s: float = 0.0
     instances: tuple[RunningInstance, ...] = ()
+    parked_models: frozenset[str] = frozenset()  # vLLM models with an engine of their shape parked there
+
+    def start_kind(self, model: str, engine_kind: EngineKind) -> EngineKind:
+        """How a start of `model` here would init: on a parked engine where one of its shape waits."""
+        return EngineKind.VLLM_PARKED if model in self.parked_models else engine_kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,7 @@ def plan_start(
 def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, node: NodeState, alive: Sequence[NodeState],
               allow_migration: bool) -> list[StartPlan]:
     tier = best_tier(model, node, alive)
+    engine_kind = node.start_kind(model, engine_kind)
     start_s = estimated_start_s(engine_kind, num_bytes, tier, node)
     if node.num_free_slots > 0:
         return [StartPlan(model, node.id, tier, start_s)]
@@ -226,7 +232,8 @@ def _best_migration(instance: RunningInstance, cold_model: str, source: NodeStat
             evictions = (idle[0],)
         tier = best_tier(instance.model, dest, alive)
         move_s = migration_time_s(instance.num_tokens, dest.calibration)
-        seconds = estimated_start_s(instance.engine_kind, instance.num_bytes, tier, dest) + move_s
+        seconds = estimated_start_s(dest.start_kind(instance.model, instance.engine_kind), instance.num_bytes, tier,
+                                    dest) + move_s
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
             best = Migration(instance.id, instance.model, source.id, dest.id, seconds, evictions)
     return best

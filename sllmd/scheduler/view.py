@@ -43,7 +43,9 @@ def node_states(nodes: Sequence[Mapping[str, Any]], deployments: Mapping[str, De
             num_free_slots=node.get("free_slots") or 0, calibration=calibration,
             dram_models=models(node.get("dram_cached", ())), ssd_models=models(node.get("ssd_cached", ())) | in_place,
             free_dram_bytes=node.get("free_dram_bytes", 0), free_ssd_bytes=node.get("free_ssd_bytes", 0),
-            pending_load_s=float(node.get("pending_load_s", 0.0)), instances=instances))
+            pending_load_s=float(node.get("pending_load_s", 0.0)), instances=instances,
+            parked_models=frozenset(m for m in node.get("parked_models", ())
+                                    if isinstance(m, str) and m in deployments)))
     return states
 
 

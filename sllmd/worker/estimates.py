@@ -15,7 +15,7 @@ from sllmd.checkpoint.fetch import FetchReport
 from sllmd.checkpoint.store import CheckpointStore, checkpoint_id, reads_store
 from sllmd.engine.base import LoadReport
 from sllmd.metrics import Metrics
-from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, Tier, load_time_s, transfer_time_s
+from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, EngineKind, Tier, load_time_s, transfer_time_s
 from sllmd.state.models import Deployment
 from sllmd.worker.warming import is_in_dram
 
@@ -47,19 +47,22 @@ class NodeEstimates:
             return Tier.SSD
         return Tier.PEER if self.store.peer_sources(cid) else Tier.REPOSITORY
 
-    def estimate(self, deployment: Deployment) -> tuple[float, float]:
+    def estimate(self, deployment: Deployment, *, parked: bool = False) -> tuple[float, float]:
         """(seconds from now until a start of `deployment` here serves, seconds of it that keep the SSD or
-        network busy), queued loads aside."""
+        network busy), queued loads aside. `parked`: the start will take a parked engine of its shape."""
         tier, num_bytes = self.checkpoint_tier(deployment), deployment.checkpoint_bytes
         busy_s = 0.0 if tier is Tier.DRAM else transfer_time_s(num_bytes, tier, self.calibration)
-        return load_time_s(deployment.engine_kind, num_bytes, tier, self.calibration), busy_s
+        kind = EngineKind.VLLM_PARKED if parked else deployment.engine_kind
+        return load_time_s(kind, num_bytes, tier, self.calibration), busy_s
 
     def observe_load(self, deployment: Deployment, report: LoadReport) -> None:
-        """A start of `deployment` here completed: learn its load bandwidth and its engine kind's init."""
+        """A start of `deployment` here completed: learn its load bandwidth and its engine kind's init (a start on a
+        parked engine teaches the parked kind, not what a new engine costs)."""
         if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
+            kind = EngineKind.VLLM_PARKED if report.reused_engine else deployment.engine_kind
             self.set_calibration(self.calibration.observe_load(
-                deployment.engine_kind, Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes,
-                report.load_s, report.init_s))
+                kind, Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
+                report.init_s))
 
     def observe_fetch(self, tier: Tier, report: FetchReport) -> None:
         """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sllmd.checkpoint.fetch import FetchReport
-from sllmd.checkpoint.store import CheckpointLease, CheckpointStore, reads_store
+from sllmd.checkpoint.store import CheckpointLease, CheckpointStore, checkpoint_id, reads_store
 from sllmd.config import ServingConfig
-from sllmd.engine import Engine, create_engine
-from sllmd.engine.base import LoadReport
+from sllmd.engine import NO_RESOURCES, Engine, EngineResources, create_engine
+from sllmd.engine.base import Backend, LoadReport
+from sllmd.engine.vllm_pool import engine_key_of
 from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import cold_start_wait_s, num_instances_to_start, num_instances_wanted, pick_instance
@@ -37,19 +38,19 @@ from sllmd.worker.slots import Slot, SlotPool
 from sllmd.worker.warming import DramWarmer
 
 if TYPE_CHECKING:
-    from sllmd.checkpoint.dram import DramCache
     from sllmd.worker.movable import MovableRequest
 
 log = logging.getLogger(__name__)
 
-# (deployment, local checkpoint directory, device, the node's DRAM cache or None) -> a new engine.
-EngineFactory = Callable[[Deployment, Path, str, "DramCache | None"], Engine]
+# (deployment, local checkpoint directory, device, what the node lends its engines) -> a new engine.
+EngineFactory = Callable[[Deployment, Path, str, EngineResources], Engine]
 
 
 def default_engine_factory(deployment: Deployment, checkpoint_dir: Path, device: str,
-                           dram_cache: DramCache | None = None) -> Engine:
+                           resources: EngineResources = NO_RESOURCES) -> Engine:
     return create_engine(deployment.backend, checkpoint_dir, device, dtype=deployment.dtype,
-                         max_model_len=deployment.context_length, dram_cache=dram_cache)
+                         max_model_len=deployment.context_length, start_mode=deployment.start_mode,
+                         resources=resources)
 
 
 @dataclass(eq=False)
@@ -121,7 +122,7 @@ class Worker:
         store: CheckpointStore,
         engine_factory: EngineFactory = default_engine_factory,
         *,
-        dram_cache: DramCache | None = None,
+        resources: EngineResources = NO_RESOURCES,
         calibration: Calibration | None = None,
     ) -> None:
         """`calibration`: the estimates' starting point before the probe and real loads correct it
@@ -133,7 +134,9 @@ class Worker:
         self.metrics = metrics
         self.engine_factory = engine_factory
         self.store = store
-        self.dram_cache = dram_cache
+        self.resources = resources
+        self._engine_keys: dict[Deployment, str] = {}  # vLLM deployments' engine keys (`vllm_pool.engine_key`)
+        self.dram_cache = dram_cache = resources.dram_cache
         self.estimates = NodeEstimates(store, dram_cache, metrics, calibration or Calibration.defaults())
         self._leases: dict[str, CheckpointLease] = {}  # instance id -> its pinned store entry
         self.runtimes: dict[str, ModelRuntime] = {}
@@ -171,6 +174,59 @@ class Worker:
         await self._notify(runtime)
         stopping = [self._stop_instance(runtime, instance) for instance in list(runtime.instances)]
         await asyncio.gather(*stopping, return_exceptions=True)
+
+    def prestart(self, deployment: Deployment) -> None:
+        """Start an engine for `deployment` in the background and park it, so that its first request (or a model
+        of its shape) finds one ready: for vLLM deployments, with `serving.vllm_prestart` on and room among the
+        parked engines. It holds a free slot while it starts (none free: no prestart) and its store copy pinned."""
+        pool = self.resources.vllm_pool
+        if (deployment.backend is Backend.VLLM and self.serving.vllm_prestart and pool is not None
+                and pool.capacity > 0):
+            self._spawn(self._prestart(deployment))
+
+    def parked_models(self) -> list[str]:
+        """This node's vLLM deployments with an engine of their shape parked here, which a start of one takes."""
+        return [name for name, runtime in self.runtimes.items() if self._has_parked_engine(runtime.deployment)]
+
+    def _has_parked_engine(self, deployment: Deployment) -> bool:
+        pool = self.resources.vllm_pool
+        if pool is None or not len(pool) or deployment.backend is not Backend.VLLM:
+            return False
+        key = self._engine_keys.get(deployment)
+        if key is None:
+            cid = checkpoint_id(deployment.checkpoint)
+            if not self.store.contains(cid):
+                return False
+            # An engine's key depends on the model's config.json: read it once per deployment (revision).
+            key = self._engine_keys[deployment] = engine_key_of(
+                self.store.path_of(cid), dtype=deployment.dtype, max_model_len=deployment.context_length,
+                device=self.slots.slots[0].device, start_mode=deployment.start_mode)
+        return pool.has(key)
+
+    async def _prestart(self, deployment: Deployment) -> None:
+        runtime = self.runtimes.get(deployment.name)
+        prestart_id = f"{deployment.name}-prestart-{uuid.uuid4().hex[:8]}"
+        if runtime is None or runtime.instances:
+            return  # gone, or an instance starts it anyway
+        slot = self.slots.acquire(prestart_id, deployment.checkpoint_bytes)
+        if slot is None:
+            return
+        try:
+            lease = await self.store.acquire(deployment.checkpoint)
+            try:
+                engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, slot.device,
+                                                 self.resources)
+                report = await engine.start()
+                await engine.stop()  # parks it
+            finally:
+                self.store.release(lease)
+            log.info("prestarted an engine", extra={"model": deployment.name, "start_s": round(report.init_s, 3)})
+        except Exception as exc:  # its first request starts one the usual way, and reports a failure itself
+            log.warning("could not prestart an engine", extra={"model": deployment.name, "error": repr(exc)})
+        finally:
+            self.slots.release(slot)
+            self.metrics.free_slots.set(self.slots.num_free)
+            self._on_capacity_freed()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -359,7 +415,8 @@ class Worker:
     async def _start_instance(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
         name = runtime.deployment.name
         began = time.monotonic()
-        instance.estimated_start_s, instance.estimated_transfer_s = self.estimates.estimate(runtime.deployment)
+        instance.estimated_start_s, instance.estimated_transfer_s = self.estimates.estimate(
+            runtime.deployment, parked=self._has_parked_engine(runtime.deployment))
         try:
             if evicting is not None:
                 await evicting
@@ -372,7 +429,7 @@ class Worker:
                 checkpoint_dir = lease.path
                 fetched_from = None if lease.tier == Tier.SSD else lease.tier
             instance.engine = await asyncio.to_thread(
-                self.engine_factory, deployment, checkpoint_dir, instance.slot.device, self.dram_cache)
+                self.engine_factory, deployment, checkpoint_dir, instance.slot.device, self.resources)
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.load_report = await instance.engine.start()
@@ -391,6 +448,8 @@ class Worker:
         self.metrics.cold_starts.labels(name, report.source_tier).inc()
         self.metrics.cold_start_seconds.labels(name, report.source_tier).observe(time.monotonic() - began)
         self.metrics.load_bytes.labels(name, report.source_tier).inc(report.num_bytes)
+        for phase, seconds in report.phases.items():
+            self.metrics.start_phase_seconds.labels(runtime.deployment.engine_kind, phase).observe(seconds)
         if report.load_s > 0 and report.num_bytes:
             self.metrics.load_gbps.labels(name, report.source_tier).observe(report.num_bytes / report.load_s / 1e9)
         start_s = time.monotonic() - began
@@ -521,3 +580,5 @@ class Worker:
             await self.remove_deployment(name)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.resources.vllm_pool is not None:
+            await self.resources.vllm_pool.close()
