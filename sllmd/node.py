@@ -255,6 +255,7 @@ class Node:
             "free_dram_bytes": worker.warmer.free_bytes() if worker.warmer is not None else 0,
             "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
             "parked_models": worker.parked_models(),
+            "parked_host_bytes": worker.resources.vllm_pool.host_bytes if worker.resources.vllm_pool else 0,
         }
 
     def _peer_sources(self, cid: str) -> list[str]:

@@ -69,6 +69,8 @@ async def test_a_deployment_is_prestarted_and_its_first_request_takes_the_parked
         async def parked() -> list[str]:
             async with node.http.get(f"{node.url}/admin/cluster") as response:
                 me = next(n for n in (await response.json())["nodes"] if n["id"] == node.node.node_id)
+                # Host memory held: the weights and the KV cache (VLLM_CPU_KVCACHE_SPACE, 1 GiB in make test-vllm).
+                assert (me["parked_host_bytes"] > 2**30) == bool(me["parked_models"]), me
                 return me["parked_models"]
 
         deadline = time.monotonic() + 240

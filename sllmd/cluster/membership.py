@@ -59,6 +59,7 @@ STATUS_FIELDS: dict[str, tuple[type | tuple[type, ...], Callable[[], Any]]] = {
     "free_dram_bytes": (int, lambda: 0),
     "free_ssd_bytes": (int, lambda: 0),
     "parked_models": (list, list),  # vLLM deployments with an engine of their shape parked on the node
+    "parked_host_bytes": (int, lambda: 0),  # host memory its parked engines hold
 }
 
 

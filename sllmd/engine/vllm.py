@@ -175,6 +175,16 @@ class VllmEngine(Engine):
     def _on_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
+    def _host_bytes(self) -> int:
+        """Host memory the engine holds parked: its weights (offloaded to host memory by sleep, on a GPU), and on
+        CPU its KV cache too (vLLM's `VLLM_CPU_KVCACHE_SPACE` GiB unless `kv_cache_bytes` says)."""
+        weights = sum(f.stat().st_size for f in self.checkpoint_dir.glob("data-*.bin")) or sum(
+            f.stat().st_size for f in self.checkpoint_dir.glob("*.safetensors"))
+        if self._on_gpu:
+            return weights
+        kv = self.kv_cache_bytes or int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * 2**30)
+        return weights + kv
+
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def _engine_args(self, model_dir: Path, report_path: Path) -> Any:
@@ -302,7 +312,7 @@ class VllmEngine(Engine):
             if self._on_gpu:
                 # An idle model holds no GPU: level 1 moves the weights to host memory and drops the KV cache.
                 await llm.sleep(level=1)
-            await self.pool.park(ParkedEngine(llm, self._key, str(self.checkpoint_dir)))
+            await self.pool.park(ParkedEngine(llm, self._key, str(self.checkpoint_dir), self._host_bytes()))
         else:
             await shut_down(llm)
 

@@ -50,11 +50,13 @@ def engine_key_of(checkpoint_dir: Path, *, dtype: str, max_model_len: int | None
 
 @dataclass(eq=False)
 class ParkedEngine:
-    """A running engine no instance uses: its key, and the checkpoint whose weights it holds."""
+    """A running engine no instance uses: its key, the checkpoint whose weights it holds, and the host memory it
+    holds while parked (its weights and KV cache on CPU; its weights, offloaded, on a sleeping GPU engine)."""
 
     llm: AsyncLLM
     key: str
     checkpoint: str
+    host_bytes: int = 0
     parked_at: float = 0.0
 
 
@@ -70,6 +72,11 @@ class EnginePool:
 
     def has(self, key: str) -> bool:
         return any(engine.key == key for engine in self._parked)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the parked engines hold."""
+        return sum(engine.host_bytes for engine in self._parked)
 
     def take(self, key: str, checkpoint: str) -> ParkedEngine | None:
         """A parked engine of `key`, out of the pool: the one holding `checkpoint` if any, else the most recently
