@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,11 @@ def _log_tail(path: Path, num_lines: int = 20) -> str:
 class Child:
     """A child HTTP server on 127.0.0.1:`port`; `stop()` is idempotent and safe to call always."""
 
-    def __init__(self, argv: Sequence[str], port: int, log_path: Path, *, name: str) -> None:
+    def __init__(self, argv: Sequence[str], port: int, log_path: Path, *, name: str,
+                 env: Mapping[str, str] | None = None, peer_port: int | None = None) -> None:
         self.name = name
         self.port = port
+        self.peer_port = peer_port
         self.base_url = f"http://{HOST}:{port}"
         self.log_path = log_path
         self.started_at = time.perf_counter()
@@ -69,7 +71,7 @@ class Child:
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
 
     def log_tail(self, num_lines: int = 20) -> str:
@@ -112,15 +114,17 @@ class Child:
 
 def start_daemon(
     data_dir: Path, *, deploy: Sequence[tuple[str, Path]] = (), log_path: Path | None = None,
-    extra_args: Sequence[str] = (),
+    extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
 ) -> Child:
-    """Spawn `python -m sllmd` on free ports with its state in `data_dir`; call `wait_ready()` next."""
+    """Spawn `python -m sllmd` on free ports with its state in `data_dir` (and `env` over this process's
+    environment); call `wait_ready()` next. Its peer port is `Child.peer_port` (for another's `--join`)."""
     port, peer_port = free_ports(2)
     argv = [sys.executable, "-m", "sllmd", "--data-dir", str(data_dir), "--port", str(port),
             "--peer-port", str(peer_port), "--log-format", "text", *extra_args]
     for name, checkpoint in deploy:
         argv += ["--deploy", f"{name}={checkpoint}"]
-    return Child(argv, port, log_path or data_dir.parent / f"sllmd-{port}.log", name="sllmd")
+    return Child(argv, port, log_path or data_dir.parent / f"sllmd-{port}.log", name="sllmd", env=env,
+                 peer_port=peer_port)
 
 
 def start_script(script: Path, args: Sequence[str], *, log_path: Path) -> Child:

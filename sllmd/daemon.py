@@ -111,6 +111,8 @@ async def _probe(node: Node) -> None:
     from sllmd.worker.probe import probe_calibration
 
     worker, store = node.worker, node.config.store
+    if not worker.slots.slots:
+        return  # a node without device slots serves no model: nothing of its own to time
     try:
         calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.slots.slots[0].device,
                                               store.probe_mb << 20, worker.estimates.calibration)
