@@ -131,7 +131,7 @@ def measure_engine_import(checkpoint: Path, timeout_s: float = 300.0) -> float:
     """Seconds a fresh interpreter spends importing the transformers engine module after doing what
     the daemon does before its first request (import sllmd.daemon, load the checkpoint's tokenizer
     for the deploy). The daemon does this import on its first transformers cold start."""
-    code = ("import sys, time, sllmd.daemon, sllmd.router; from sllmd.textgen import Tokenizer; "
+    code = ("import sys, time, sllmd.daemon, sllmd.serving.pipeline; from sllmd.serving.textgen import Tokenizer; "
             "Tokenizer.from_dir(sys.argv[1]); "
             "t = time.perf_counter(); import sllmd.engine.transformers; print(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True,

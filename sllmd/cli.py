@@ -13,11 +13,11 @@ from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help); each module has main(argv) -> int
-    "demo-model": ("sllmd.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
+    "demo-model": ("sllmd.tools.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
     "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
     "verify": ("sllmd.checkpoint.reader", "re-hash every chunk of an sllmd checkpoint directory"),
-    "cluster-keys": ("sllmd.cluster.keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
-    "simulate": ("sllmd.scheduler.simulate", "compare cold-start placement policies on a simulated cluster"),
+    "cluster-keys": ("sllmd.tools.cluster_keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
+    "simulate": ("sllmd.sim.simulate", "compare cold-start placement policies on a simulated cluster"),
 }
 
 

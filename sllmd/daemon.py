@@ -18,9 +18,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sllmd.cluster.node import ClusterStartupError
+from sllmd.cluster.shell import ClusterStartupError
 from sllmd.config import Config, StoreConfig
-from sllmd.deployments import DeploySpec
+from sllmd.control.deployments import DeploySpec
 from sllmd.engine import preload_backends
 from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, SllmdError

@@ -15,20 +15,20 @@ from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, p
 from sllmd.cluster.membership import ALIVE_WINDOW_S
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
-from sllmd.deployments import CheckpointTokenizers, DeploymentService
+from sllmd.control.deployments import CheckpointTokenizers, DeploymentService
+from sllmd.control.placer import Placer
 from sllmd.engine import EngineResources
 from sllmd.engine.vllm_pool import EnginePool
 from sllmd.metrics import Metrics
-from sllmd.placer import Placer
-from sllmd.relay import READ_SLACK_S, Relay
-from sllmd.router import Router
 from sllmd.scheduler.estimate import Calibration, DeviceKind, Tier
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
+from sllmd.serving.pipeline import Router
+from sllmd.serving.relay import READ_SLACK_S, Relay
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
-from sllmd.worker.migration import MigrationService
+from sllmd.worker.migration.source import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
 

@@ -49,10 +49,10 @@ class Variant:
 
 def prompt_ids(model_dir: Path, prompt: str) -> list[int]:
     """The prompt's ids as sllmd computes them for a completions prompt: the tokenizer's ids without specials,
-    BOS first iff the tokenizer adds one by itself (checked against `sllmd.textgen.Tokenizer.encode`)."""
+    BOS first iff the tokenizer adds one by itself (checked against `sllmd.serving.textgen.Tokenizer.encode`)."""
     from transformers import AutoTokenizer
 
-    from sllmd.textgen import Tokenizer
+    from sllmd.serving.textgen import Tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -114,7 +114,7 @@ def expected_completion(model_dir: Path, tokens: list[int]) -> dict[str, Any]:
     no clean-up), completion_tokens (EOS counted) and finish_reason."""
     from transformers import AutoTokenizer
 
-    from sllmd.textgen import Tokenizer
+    from sllmd.serving.textgen import Tokenizer
 
     eos_ids = Tokenizer.from_dir(model_dir).eos_token_ids
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

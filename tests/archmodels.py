@@ -7,7 +7,7 @@ Every model has 2 layers, heads of 64 dimensions (vLLM rejects head_dim 16), voc
 valid for that vocabulary, and weighs at most ~2 MB in float32.
 
 Random-init weights at the usual 0.02 std make greedy decoding repeat one token or run into EOS at once. So, as
-`sllmd.demo_model` does, every weight of the base model is scaled up (sharper attention and MLP outputs make the
+`sllmd.tools.demo_model` does, every weight of the base model is scaled up (sharper attention and MLP outputs make the
 argmax move from step to step) and the logits are brought to a spread at which temperature-0.8 sampling still
 differs from greedy; the LM head rows of special tokens other than BOS and of byte fragments that are not printable
 ASCII are zeroed: their logit is 0 while the real tokens' maximum is far above, so output is readable text that
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sllmd.demo_model import SPECIAL_TOKENS, VOCAB_SIZE, build_demo_model
+from sllmd.tools.demo_model import SPECIAL_TOKENS, VOCAB_SIZE, build_demo_model
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "opt", "gpt2", "gpt_neox", "falcon")
 BASE_LAYOUT_ARCHS = ("gpt2", "opt")  # the Hub's original checkpoints of these are laid out so
@@ -243,7 +243,7 @@ def _greedy(model: Any, prompt_ids: list[int]) -> tuple[list[int], bool]:
 
 
 def _good_output(model: Any) -> bool:
-    from sllmd.textgen import Tokenizer
+    from sllmd.serving.textgen import Tokenizer
 
     tokenizer = Tokenizer.from_dir(tokenizer_dir())
     for prompt in PROMPTS:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sllmd.demo_model import build_demo_model
+from sllmd.tools.demo_model import build_demo_model
 
 # Daemons started by tests (they inherit this environment) probe with a small synthetic checkpoint: the
 # probe still runs in every one of them, at a fraction of the default's cost.

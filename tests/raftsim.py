@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import msgpack
 
-from sllmd.cluster.raft import (
+from sllmd.raft.core import (
     AppendResponse,
     ConfigChangeRejected,
     Entry,

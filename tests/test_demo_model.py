@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sllmd.demo_model import SPECIAL_TOKENS, build_demo_model, main
+from sllmd.tools.demo_model import SPECIAL_TOKENS, build_demo_model, main
 
 NEW_TOKENS = 32
 

@@ -20,11 +20,11 @@ from transformers.utils import logging as hf_logging
 from sllmd import cli
 from sllmd.checkpoint import ConversionError, read_manifest, read_tensors, verify
 from sllmd.checkpoint.gguf import convert_gguf, read_gguf_metadata
-from sllmd.demo_model import CHAT_TEMPLATE
 from sllmd.engine.base import SamplingParams
 from sllmd.engine.hf_model import build_model
 from sllmd.engine.transformers import TransformersEngine
-from sllmd.textgen import Tokenizer
+from sllmd.serving.textgen import Tokenizer
+from sllmd.tools.demo_model import CHAT_TEMPLATE
 from tests.gguf_builder import write_llama_gguf
 
 hf_logging.disable_progress_bar()

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from sllmd.cli import _parse_deploy
-from sllmd.relay import RELAYED_HEADER
+from sllmd.serving.relay import RELAYED_HEADER
 from tests.gguf_builder import write_llama_gguf
 from tests.hub_server import HubServer, private_hf_home
 from tests.nodes import RunningNode, running_node

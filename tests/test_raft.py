@@ -14,7 +14,7 @@ import random
 import msgpack
 import pytest
 
-from sllmd.cluster.raft import (
+from sllmd.raft.core import (
     AppendEntries,
     AppendResponse,
     ConfigChangeRejected,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sllmd.cluster.raft_log import RaftLog
-from sllmd.cluster.raft_messages import Entry, EntryKind, Snapshot
+from sllmd.raft.log import RaftLog
+from sllmd.raft.messages import Entry, EntryKind, Snapshot
 
 
 def run(first: int, last: int, term: int) -> list[Entry]:

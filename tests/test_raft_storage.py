@@ -13,8 +13,8 @@ import lmdb
 import msgpack
 import pytest
 
-from sllmd.cluster.raft import Entry, EntryKind, HardState, Raft, Ready, Role, Snapshot, WireError
-from sllmd.cluster.raft_storage import LOG_DB, PersistedState, RaftStorage
+from sllmd.raft.core import Entry, EntryKind, HardState, Raft, Ready, Role, Snapshot, WireError
+from sllmd.raft.storage import LOG_DB, PersistedState, RaftStorage
 from sllmd.state.store import StateStore
 from tests.raftsim import Disk, Sim
 
@@ -117,8 +117,8 @@ def test_raft_restarts_from_what_storage_saved(store: StateStore) -> None:
 CRASHING_CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from sllmd.cluster.raft import Entry, HardState, Ready, Snapshot
-    from sllmd.cluster.raft_storage import RaftStorage
+    from sllmd.raft.core import Entry, HardState, Ready, Snapshot
+    from sllmd.raft.storage import RaftStorage
     from sllmd.state.store import StateStore
 
     storage = RaftStorage(StateStore(Path(sys.argv[1])).env)

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from sllmd.cluster.raft import Role
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.cluster.transport import generate_curve_keypair
 from sllmd.config import ClusterConfig, ConfigError, cluster_curve_keys, load_config
 from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, ModelNotFound, Overloaded
+from sllmd.raft.core import Role
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import NodeRecord, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from sllmd.config import ConfigError, load_config
-from sllmd.relay import RELAYED_HEADER, relay_body
+from sllmd.serving.relay import RELAYED_HEADER, relay_body
 from tests.test_cluster import Member, running_cluster, wait_until
 from tests.test_migration import stream
 from tests.test_routing import serving_node, wait_known_everywhere

@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 
 from sllmd.errors import Overloaded
-from sllmd.relay import RELAYED_HEADER, Relay, RelayFailed
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
+from sllmd.serving.relay import RELAYED_HEADER, Relay, RelayFailed
 from tests.test_cluster import Member, fetches_by_tier, free_ports, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}

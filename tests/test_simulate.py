@@ -8,9 +8,9 @@ import json
 import pytest
 
 from sllmd.cli import main
-from sllmd.scheduler.simcluster import LruCache, catalogue
-from sllmd.scheduler.simulate import BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
-from sllmd.scheduler.trace import TokenLengths, TraceError, azure_like_trace, parse_csv
+from sllmd.sim.cluster import LruCache, catalogue
+from sllmd.sim.simulate import BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
+from sllmd.sim.trace import TokenLengths, TraceError, azure_like_trace, parse_csv
 
 MODELS = {m.name for m in catalogue(NUM_MODEL_COPIES)}
 

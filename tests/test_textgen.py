@@ -13,7 +13,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sllmd.errors import ContextLengthExceeded, InvalidRequest
 from sllmd.http.schemas import ChatMessage
-from sllmd.textgen import MAX_PENDING_TOKENS, TextStream, Tokenizer, resolve_max_tokens
+from sllmd.serving.textgen import MAX_PENDING_TOKENS, TextStream, Tokenizer, resolve_max_tokens
 
 SAMPLES = [
     "Hello, my name is Ada.",

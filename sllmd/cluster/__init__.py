@@ -1,1 +1,2 @@
-"""Cluster: the pure Raft core (`raft`), its LMDB persistence (`raft_storage`), and the peer shell."""
+"""Cluster membership and replication: the Raft shell on the peer transport, node status, and the
+replicated state machine."""

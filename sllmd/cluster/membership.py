@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped
+from sllmd.cluster.shell import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped
 from sllmd.config import is_host_port
 from sllmd.errors import SllmdError
 from sllmd.state.machine import LocalStateMachine, NodeRecord, Op

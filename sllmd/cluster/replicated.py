@@ -34,11 +34,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sllmd.cluster.membership import Membership
-from sllmd.cluster.node import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing, settle
-from sllmd.cluster.raft import Role
+from sllmd.cluster.shell import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing, settle
 from sllmd.cluster.transport import Message, PeerTransport
 from sllmd.config import ClusterConfig, Config, cluster_curve_keys
 from sllmd.errors import InvalidRequest, Overloaded, SllmdError
+from sllmd.raft.core import Role
 from sllmd.state.machine import SOFT_OPS, LocalStateMachine, NodeRecord, Op
 from sllmd.state.models import Deployment, InstanceRecord
 from sllmd.state.store import StateStore

@@ -1,10 +1,10 @@
 """The backend contract: token ids in, token ids out.
 
 Engines know nothing of text, HTTP or scheduling. Tokenising, chat templates, stop strings and
-detokenising happen above them (`sllmd.textgen`), so every backend — and migration, which moves
+detokenising happen above them (`sllmd.serving.textgen`), so every backend — and migration, which moves
 only tokens — works on the same representation.
 
-Live migration (`sllmd.worker.migration`) needs two things of every backend, both in this contract:
+Live migration (`sllmd.worker.migration.source`) needs two things of every backend, both in this contract:
 * resuming: `generate(prompt + tokens generated so far, params with max_tokens reduced by their
   number)` continues the request exactly where it was, because the token at sequence index p is
   chosen from the logits and (params.seed, p) alone — the index counts the original prompt too;

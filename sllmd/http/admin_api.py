@@ -7,14 +7,14 @@ from typing import Any
 
 from aiohttp import web
 
-from sllmd.deployments import DeploySpec
+from sllmd.control.deployments import DeploySpec
 from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, START_MODES, Backend, serving_dtype
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import parse_json_object
 from sllmd.node import Node
-from sllmd.relay import RelayFailed
 from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.serving.relay import RelayFailed
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 

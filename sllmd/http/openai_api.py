@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE).
 
 A completions request that another node relayed here (`RELAYED_HEADER`) is answered in the relay's
-internal shape instead, token ids and no text (see `sllmd.relay`): the entry node shapes the answer.
+internal shape instead, token ids and no text (see `sllmd.serving.relay`): the entry node shapes the answer.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from aiohttp import web
 from sllmd.errors import ModelNotFound, SllmdError
 from sllmd.http.keys import NODE
 from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
-from sllmd.relay import RELAYED_HEADER, end_event, token_ids_event
-from sllmd.router import Finished, PreparedRequest, TextDelta
+from sllmd.serving.pipeline import Finished, PreparedRequest, TextDelta
+from sllmd.serving.relay import RELAYED_HEADER, end_event, token_ids_event
 from sllmd.state.models import Deployment
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from sllmd.worker.slots import Slot, SlotPool
 from sllmd.worker.warming import DramWarmer
 
 if TYPE_CHECKING:
-    from sllmd.worker.movable import MovableRequest
+    from sllmd.worker.migration.movable import MovableRequest
 
 log = logging.getLogger(__name__)
 

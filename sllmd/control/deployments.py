@@ -34,12 +34,12 @@ from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, checkpoint_
 from sllmd.engine import check_model
 from sllmd.engine.base import AUTO_DTYPE, Backend, serving_dtype
 from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, SllmdError
-from sllmd.router import TokenizerCache
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.scheduler.estimate import Tier
+from sllmd.serving.pipeline import TokenizerCache
+from sllmd.serving.textgen import Tokenizer
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
-from sllmd.textgen import Tokenizer
 from sllmd.worker.manager import Worker
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ context, get an instance (waiting through a cold start), generate, detokenise.
 Everything that can be rejected is rejected in `prepare` or while opening the stream, before the
 HTTP layer sends a status line, so errors keep their real status codes. `prepare` always runs on the
 entry node (4xx are answered there); `open_stream` then takes token ids from a local instance or from
-the node that `scheduler.placement` picks (through `sllmd.relay`), and `_generate` turns them into
+the node that `scheduler.placement` picks (through `sllmd.serving.relay`), and `_generate` turns them into
 text the same way for both sources: stop strings, finish reason and usage are decided on the entry
 node. The serving node of a relayed request only generates ids (`open_tokens`; one hop, no loops). A
 node that failed a relay is avoided for SUSPECT_S.
@@ -34,17 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sllmd.control.placer import Placer
 from sllmd.engine.base import SamplingParams
 from sllmd.errors import ModelNotFound
 from sllmd.http.schemas import GenerationRequest
 from sllmd.metrics import Metrics
-from sllmd.placer import Placer
-from sllmd.relay import Relay, RelayFailed
 from sllmd.scheduler.placement import NodeView, choose_node
+from sllmd.serving.relay import Relay, RelayFailed
+from sllmd.serving.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.state.models import Deployment, InstanceState
-from sllmd.textgen import TextStream, Tokenizer, resolve_max_tokens
 from sllmd.worker.manager import ModelRuntime, Worker
-from sllmd.worker.movable import MovableRequest
+from sllmd.worker.migration.movable import MovableRequest
 
 if TYPE_CHECKING:
     from sllmd.cluster.replicated import ReplicatedStateMachine
@@ -314,7 +314,7 @@ class Router:
 
     async def _counted(self, prepared: PreparedRequest, request: MovableRequest) -> AsyncIterator[int]:
         """The request's tokens, which come from the local engine or, once a migration moved the
-        request, from its destination (see `sllmd.worker.movable`), counted in this node's metrics:
+        request, from its destination (see `sllmd.worker.migration.movable`), counted in this node's metrics:
         the node that generates tokens counts them, wherever they are detokenised."""
         model = prepared.deployment.name
         num_generated = 0

@@ -19,9 +19,9 @@ import random
 
 from sllmd.scheduler.estimate import Tier
 from sllmd.scheduler.placement import plan_start
-from sllmd.scheduler.simcluster import ModelSpec
-from sllmd.scheduler.simengine import Policy, Simulation
-from sllmd.scheduler.simstate import Decision, SimInstance, SimServer
+from sllmd.sim.cluster import ModelSpec
+from sllmd.sim.engine import Policy, Simulation
+from sllmd.sim.state import Decision, SimInstance, SimServer
 
 
 class NodeTiers(Policy):

@@ -2,7 +2,7 @@
 
 Pure in-memory data: no I/O, no clocks, no Raft rules. Whether an append, a truncation or a compaction is
 *allowed* (never truncate a committed entry, never compact past the applied index, ...) is the caller's
-business (`sllmd.cluster.raft`); this class only keeps the indices consistent and refuses operations that
+business (`sllmd.raft.core`); this class only keeps the indices consistent and refuses operations that
 would break them.
 
 Contract (holds after every method returns):
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sllmd.cluster.raft_messages import Entry, EntryKind, NodeId, Snapshot
+from sllmd.raft.messages import Entry, EntryKind, NodeId, Snapshot
 
 __all__ = ["RaftLog"]
 

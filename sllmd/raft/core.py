@@ -47,8 +47,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from sllmd.cluster.raft_log import RaftLog
-from sllmd.cluster.raft_messages import (
+from sllmd.raft.log import RaftLog
+from sllmd.raft.messages import (
     FROM_LEADER,
     AppendEntries,
     AppendResponse,

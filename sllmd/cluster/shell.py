@@ -34,7 +34,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from sllmd.cluster.raft import (
+from sllmd.cluster.transport import Message, PeerTransport
+from sllmd.config import ClusterConfig
+from sllmd.errors import Overloaded, SllmdError
+from sllmd.raft.core import (
     ConfigChangeRejected,
     Entry,
     EntryKind,
@@ -46,11 +49,8 @@ from sllmd.cluster.raft import (
     Role,
     WireError,
 )
-from sllmd.cluster.raft import Message as RaftMessage
-from sllmd.cluster.raft_storage import RaftStorage
-from sllmd.cluster.transport import Message, PeerTransport
-from sllmd.config import ClusterConfig
-from sllmd.errors import Overloaded, SllmdError
+from sllmd.raft.core import Message as RaftMessage
+from sllmd.raft.storage import RaftStorage
 from sllmd.state import machine
 from sllmd.state.store import StateStore, Transaction
 

@@ -1,4 +1,4 @@
-"""The destination half of live migration (protocol: `sllmd.worker.migration`).
+"""The destination half of live migration (protocol: `sllmd.worker.migration.source`).
 
 One session per incoming migration, driven by one task that handles the source's messages in order:
 BEGIN leases an instance of the model through the worker's normal path (a cold start if needed) and
@@ -24,7 +24,11 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllmd.cluster.migration_messages import (
+from sllmd.cluster.transport import Message
+from sllmd.engine.base import Engine, Prefill, SamplingParams
+from sllmd.errors import SllmdError
+from sllmd.worker.manager import Instance, ModelRuntime, Worker
+from sllmd.worker.migration.messages import (
     ALL_REQUESTS,
     Begin,
     Cancel,
@@ -41,11 +45,7 @@ from sllmd.cluster.migration_messages import (
     keyed_ids,
     token_ids,
 )
-from sllmd.cluster.transport import Message
-from sllmd.engine.base import Engine, Prefill, SamplingParams
-from sllmd.errors import SllmdError
-from sllmd.worker.manager import Instance, ModelRuntime, Worker
-from sllmd.worker.movable import LIVENESS_CHECK_S
+from sllmd.worker.migration.movable import LIVENESS_CHECK_S
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Live migration of a running instance to another node, token-based and two-phase (DESIGN.md).
 
-Source S, destination D, over the peer transport (`sllmd.cluster.migration_messages`):
+Source S, destination D, over the peer transport (`sllmd.worker.migration.messages`):
 1. BEGIN: D leases an instance of the model through its normal path (reusing a ready one, or starting
    one from its best tier) and answers READY.
 2. Catch-up rounds: S sends each in-flight request's ids D does not hold yet (prompt, then the tokens
@@ -40,7 +40,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sllmd.cluster.membership import ALIVE_WINDOW_S
-from sllmd.cluster.migration_messages import (
+from sllmd.cluster.shell import ClusterNode
+from sllmd.cluster.transport import Message
+from sllmd.config import ServingConfig
+from sllmd.errors import Conflict, InvalidRequest, NotFound
+from sllmd.state.models import InstanceState
+from sllmd.worker.manager import Worker
+from sllmd.worker.migration.messages import (
     ALL_REQUESTS,
     Cancel,
     CatchUp,
@@ -55,14 +61,8 @@ from sllmd.cluster.migration_messages import (
     decode,
     to_wire,
 )
-from sllmd.cluster.node import ClusterNode
-from sllmd.cluster.transport import Message
-from sllmd.config import ServingConfig
-from sllmd.errors import Conflict, InvalidRequest, NotFound
-from sllmd.state.models import InstanceState
-from sllmd.worker.manager import Worker
-from sllmd.worker.migration_target import Destination
-from sllmd.worker.movable import LIVENESS_CHECK_S, MovableRequest, RemoteTokens
+from sllmd.worker.migration.movable import LIVENESS_CHECK_S, MovableRequest, RemoteTokens
+from sllmd.worker.migration.target import Destination
 
 log = logging.getLogger(__name__)
 

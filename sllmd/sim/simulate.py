@@ -49,10 +49,10 @@ from typing import Any
 
 from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.scheduler.estimate import Tier
-from sllmd.scheduler.simcluster import Hardware, catalogue
-from sllmd.scheduler.simengine import Outcome, Simulation
-from sllmd.scheduler.simpolicies import all_policies
-from sllmd.scheduler.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
+from sllmd.sim.cluster import Hardware, catalogue
+from sllmd.sim.engine import Outcome, Simulation
+from sllmd.sim.policies import all_policies
+from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 
 NUM_MODEL_COPIES = 8
 NUM_CHECKPOINT_HOMES = 1

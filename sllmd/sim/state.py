@@ -8,8 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sllmd.scheduler.estimate import Calibration
-from sllmd.scheduler.simcluster import LruCache, ModelSpec
-from sllmd.scheduler.trace import Request
+from sllmd.sim.cluster import LruCache, ModelSpec
+from sllmd.sim.trace import Request
 
 
 class InstanceState(enum.StrEnum):

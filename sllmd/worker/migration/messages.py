@@ -1,4 +1,4 @@
-"""Peer messages of live migration (`sllmd.worker.migration`), as typed bodies with strict decoding.
+"""Peer messages of live migration (`sllmd.worker.migration.source`), as typed bodies with strict decoding.
 
 Every body is a msgpack map naming its migration (`migration_id`, chosen by the source); the transport
 has already authenticated the sender. `decode` checks every field's type (bools are not ints, ints are

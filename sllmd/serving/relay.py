@@ -10,7 +10,7 @@ loops) and answered in this module's internal SSE shape, token ids and no text:
     data: [DONE]
 
 or, after a failure, `data: {"error": {...}}` then `data: [DONE]`. The entry node detokenises and
-applies stop strings itself (`sllmd.router`), with the same code as for a local request, so the
+applies stop strings itself (`sllmd.serving.pipeline`), with the same code as for a local request, so the
 serving node does no text work for relayed requests, the chat template is applied once, and the entry
 node always knows exactly which tokens the client has seen: it can resume the request elsewhere from
 them (prompt + tokens so far) when the serving node dies.
@@ -35,7 +35,7 @@ import aiohttp
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded, SllmdError
 
 if TYPE_CHECKING:
-    from sllmd.router import PreparedRequest
+    from sllmd.serving.pipeline import PreparedRequest
 
 RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver serves locally, answers token ids
 CONNECT_TIMEOUT_S = 2.0

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from sllmd.scheduler.autoscale import AutoscalingPolicy, num_instances_to_start, pick_instance
 from sllmd.scheduler.estimate import Tier, transfer_time_s
 from sllmd.scheduler.placement import NodeState, RunningInstance, plan_checkpoint_homes, plan_dram_warming
-from sllmd.scheduler.simcluster import Hardware, LruCache, ModelSpec
-from sllmd.scheduler.simstate import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
-from sllmd.scheduler.trace import Request
+from sllmd.sim.cluster import Hardware, LruCache, ModelSpec
+from sllmd.sim.state import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
+from sllmd.sim.trace import Request
 
 WARM_INTERVAL_S = 60.0
 RATE_WINDOW_S = 600.0

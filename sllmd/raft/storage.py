@@ -22,7 +22,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-from sllmd.cluster.raft import Entry, HardState, Ready, Snapshot, WireError
+from sllmd.raft.core import Entry, HardState, Ready, Snapshot, WireError
 
 HARD_DB = b"raft_hard"
 LOG_DB = b"raft_log"
