@@ -47,8 +47,9 @@ from _daemon import ChildError, evict_page_cache, start_daemon, temp_dir, termin
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, EngineKind, LinearFit, Tier, load_time_s  # noqa: E402
+from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, LinearFit, load_time_s  # noqa: E402
 from sllmd.tools.demo_model import build_demo_model  # noqa: E402
+from sllmd.types import EngineKind, Tier  # noqa: E402
 
 KEEP_ALIVE_S = 0.5
 REQUEST_TIMEOUT_S = 300.0

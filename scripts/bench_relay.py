@@ -84,7 +84,7 @@ async def wait_known(entry_url: str, timeout_s: float = 30.0) -> None:
                 async with session.get(entry_url + "/admin/cluster") as resp:
                     nodes = (await resp.json())["nodes"]
                     if any(n["id"] == "s" and any((slot["instance"] or "").startswith(f"{MODEL}-")
-                                                  for slot in n["slots"]) for n in nodes):
+                                                  for slot in n.get("slots", ())) for n in nodes):
                         return
             except aiohttp.ClientError:
                 pass

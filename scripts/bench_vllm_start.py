@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sllmd.checkpoint.convert import convert  # noqa: E402
-from sllmd.engine.base import SamplingParams  # noqa: E402
 from sllmd.engine.vllm import VllmEngine  # noqa: E402
 from sllmd.engine.vllm_pool import EnginePool  # noqa: E402
+from sllmd.types import SamplingParams  # noqa: E402
 from sllmd.worker.warming import read_into_page_cache  # noqa: E402
 
 KV_CACHE_BYTES = 256 << 20

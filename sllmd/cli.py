@@ -14,8 +14,8 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help); each module has main(argv) -> int
     "demo-model": ("sllmd.tools.demo_model", "write a tiny Llama-style demo model in Hugging Face layout"),
-    "convert": ("sllmd.checkpoint.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
-    "verify": ("sllmd.checkpoint.reader", "re-hash every chunk of an sllmd checkpoint directory"),
+    "convert": ("sllmd.tools.convert", "convert a Hugging Face model directory to the sllmd v1 format"),
+    "verify": ("sllmd.tools.verify", "re-hash every chunk of an sllmd checkpoint directory"),
     "cluster-keys": ("sllmd.tools.cluster_keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
     "simulate": ("sllmd.sim.simulate", "compare cold-start placement policies on a simulated cluster"),
 }
@@ -72,6 +72,7 @@ def run_daemon(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     ensure_deployed = _parse_deploy(args.deploy, parser)
 
+    from sllmd.cluster.curve import cluster_curve_keys
     from sllmd.config import ConfigError, load_config
 
     overrides = {
@@ -81,6 +82,8 @@ def run_daemon(argv: list[str]) -> int:
     }
     try:
         config = load_config(args.config, overrides=overrides)
+        # The key pair's check needs zmq, which the leaf config does not import: run it before anything starts.
+        cluster_curve_keys(config.cluster.secret_key, config.cluster.public_key, config.cluster.public_keys)
     except ConfigError as exc:
         print(f"sllmd: config error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,9 @@
 Precedence, lowest first: built-in defaults < the TOML file < `SLLMD_<SECTION>_<KEY>` environment
 variables < command-line flags. Unknown sections or keys are errors, so a typo never silently falls
 back to a default. `config/sllmd.toml` documents every setting.
+
+A leaf: it imports only the standard library and `sllmd.types`, so every layer may read its sections.
+Checks that need another layer's code (the CurveZMQ key pair) run where that layer builds its objects.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sllmd.scheduler.autoscale import AutoscalingPolicy
+from sllmd.types import AutoscalingPolicy
 
 
 class ConfigError(ValueError):
@@ -255,34 +258,27 @@ def _validate(config: Config) -> None:
          "cluster.election_timeout_min_s must be <= cluster.election_timeout_max_s"),
         (c.propose_timeout_s > 0, "cluster.propose_timeout_s must be > 0"),
         (c.compact_every_entries >= 1, "cluster.compact_every_entries must be >= 1"),
+        (c.dead_node_timeout_s >= 0, "cluster.dead_node_timeout_s must be >= 0"),
     ]
-    checks.append((c.dead_node_timeout_s >= 0, "cluster.dead_node_timeout_s must be >= 0"))
+    checks += _cluster_key_checks(c)
     checks += [(False, f"autoscaling.{name} {message}") for name, message in a.problems()]
     for is_ok, message in checks:
         if not is_ok:
             raise ConfigError(message)
-    cluster_curve_keys(c)
 
 
-def cluster_curve_keys(cluster: ClusterConfig) -> Any:
-    """The peer transport's CurveKeys from cluster.secret_key/public_key/public_keys, or None when none is
-    set. ConfigError (one line) when they are incomplete or invalid. Every member shares one server key
-    pair (secret_key/public_key); public_keys lists the client keys the peer port admits and must hold
-    public_key."""
-    if not (cluster.secret_key or cluster.public_key or cluster.public_keys):
-        return None
-    if not (cluster.secret_key and cluster.public_key):
-        raise ConfigError("cluster.secret_key and cluster.public_key must both be set to use CurveZMQ "
-                          "(generate them with `sllmd cluster-keys`)")
-    from sllmd.cluster.transport import CurveKeys
-
-    admitted = cluster.public_keys or (cluster.public_key,)
-    if cluster.public_key not in admitted:
-        raise ConfigError("cluster.public_keys must include cluster.public_key")
-    try:
-        return CurveKeys(cluster.secret_key, cluster.public_key, admitted)
-    except ValueError as exc:
-        raise ConfigError(f"cluster keys: {str(exc).removeprefix('CurveKeys: ')}") from None
+def _cluster_key_checks(c: ClusterConfig) -> list[tuple[bool, str]]:
+    """What can be checked of the CurveZMQ settings without zmq: all of them empty (plaintext), or both halves
+    of the server pair set and `public_keys` (the client keys admitted; empty: just `public_key`) holding
+    `public_key`. The keys themselves (40 z85 characters, a matching pair) are checked where the transport's
+    keys are built, `sllmd.cluster.curve.cluster_curve_keys`."""
+    if not (c.secret_key or c.public_key or c.public_keys):
+        return []
+    return [
+        (bool(c.secret_key and c.public_key), "cluster.secret_key and cluster.public_key must both be set to use "
+                                              "CurveZMQ (generate them with `sllmd cluster-keys`)"),
+        (not c.public_keys or c.public_key in c.public_keys, "cluster.public_keys must include cluster.public_key"),
+    ]
 
 
 def is_host_port(text: str) -> bool:

@@ -22,10 +22,10 @@ from sllmd.cluster.shell import ClusterStartupError
 from sllmd.config import Config, StoreConfig
 from sllmd.control.deployments import DeploySpec
 from sllmd.engine import preload_backends
-from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, SllmdError
 from sllmd.http.app import build_app
 from sllmd.node import Node
+from sllmd.types import Backend
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,12 @@ class SllmdError(Exception):
             "error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
         }
 
+    def to_wire(self) -> dict:
+        """The error as it crosses between nodes (a forwarded write's answer, the internal generate hop): its
+        class by name and fields, so the other node raises it again as it was (`error_from_wire`)."""
+        return {"kind": type(self).__name__, "message": self.message, "param": self.param, "code": self.code,
+                "retry_after_s": getattr(self, "retry_after_s", None)}
+
 
 class InvalidRequest(SllmdError):
     """Malformed, missing, wrongly typed or out-of-range input."""
@@ -81,3 +87,32 @@ class EngineFailed(SllmdError):
 
     status = 500
     error_type = "server_error"
+
+
+
+def error_from_wire(wire: object) -> SllmdError:
+    """`SllmdError.to_wire()`'s dict as the same error class (by name, among SllmdError's subclasses) with the
+    same message, param, code and retry hint; a plain SllmdError (500) when the kind is unknown or the dict
+    malformed."""
+    if not isinstance(wire, dict):
+        return SllmdError("another node answered with a malformed error")
+    kinds = {cls.__name__: cls for cls in _subclasses(SllmdError)}
+    cls = kinds.get(wire.get("kind"), SllmdError)
+    error = cls.__new__(cls)  # subclasses' constructors build their message: the wire has it already
+    SllmdError.__init__(error, str(wire.get("message")), param=_str_or_none(wire.get("param")),
+                        code=_str_or_none(wire.get("code")))
+    if isinstance(error, Overloaded):
+        retry_after = wire.get("retry_after_s")
+        error.retry_after_s = retry_after if type(retry_after) is int and retry_after > 0 else 1
+    return error
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -33,7 +33,7 @@ class Metrics:
             registry=r,
         )
         self.start_phase_seconds = Histogram(
-            "sllmd_start_phase_seconds", "Instance start seconds by phase (the engine's split: see the README)",
+            "sllmd_start_phase_seconds", "Instance start seconds by phase (the engine's split: see docs/operations.md)",
             ["engine_kind", "phase"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.load_bytes = Counter("sllmd_load_bytes", "Checkpoint bytes loaded", ["model", "tier"], registry=r)

@@ -6,28 +6,33 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllmd.checkpoint.format import CheckpointError
+from sllmd.checkpoint.errors import CheckpointError
 from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
 from sllmd.cluster.membership import ALIVE_WINDOW_S
+from sllmd.cluster.placer import Placer
 from sllmd.cluster.replicated import ReplicatedStateMachine
 from sllmd.config import Config
-from sllmd.control.deployments import CheckpointTokenizers, DeploymentService
-from sllmd.control.placer import Placer
+from sllmd.control.deployments import DeploymentService
 from sllmd.engine import EngineResources
 from sllmd.engine.vllm_pool import EnginePool
 from sllmd.metrics import Metrics
-from sllmd.scheduler.estimate import Calibration, DeviceKind, Tier
+from sllmd.scheduler.estimate import Calibration, DeviceKind
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
+from sllmd.scheduler.status import InstanceStatus, NodeStatus, QueueStatus, SlotStatus
 from sllmd.serving.pipeline import Router
 from sllmd.serving.relay import READ_SLACK_S, Relay
+from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
-from sllmd.worker.manager import EngineFactory, Worker, default_engine_factory
+from sllmd.tasks import TaskSet
+from sllmd.types import Tier
+from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
+from sllmd.worker.manager import Worker
 from sllmd.worker.migration.source import MigrationService
 from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
@@ -51,7 +56,7 @@ class Node:
     relay: Relay  # this node's HTTP client to the others (one session)
     migrations: MigrationService  # `await migrations.migrate(instance_id, to_node)`; `on_migrated` hook
     started_at: float = field(default_factory=time.time)
-    _tasks: set[asyncio.Task] = field(default_factory=set)  # background work (fetches, min_instances upkeep)
+    _tasks: TaskSet = field(default_factory=TaskSet)  # background work (fetches, min_instances upkeep)
     _dead_node_ids: frozenset[str] = frozenset()  # members min_instances are not dealt to (_keep_min_instances)
 
     @classmethod
@@ -71,7 +76,7 @@ class Node:
         worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,
                         resources=resources,
                         calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps))
-        tokenizers = CheckpointTokenizers(checkpoints)
+        tokenizers = Tokenizers(checkpoints)
         relay = Relay(node_id, api_key=api_key, read_timeout_s=config.serving.max_start_wait_s + READ_SLACK_S)
         placer = Placer(state)
         router = Router(state, worker, tokenizers, metrics, relay, placer)
@@ -96,12 +101,10 @@ class Node:
             log.info("cleared instances of a previous run", extra={"count": num_stale})
         for deployment in self.state.deployments().values():
             self.worker.sync_deployment(deployment)
-        self._spawn(self._keep_min_instances())
+        self._tasks.spawn(self._keep_min_instances())
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         await self.router.placer.close()
         await self.relay.close()
         await self.migrations.destination.close()
@@ -135,14 +138,12 @@ class Node:
     def start_peer_link_probe(self) -> None:
         """In the background: once a peer is up, time a copy of its probe checkpoint (`worker.probe`) and
         make that this node's peer fetch bandwidth. Until then `cluster.peer_link_gbps` stands."""
-        self._spawn(self._probe_peer_link())
+        self._tasks.spawn(self._probe_peer_link())
 
     async def _probe_peer_link(self) -> None:
         from sllmd.worker.probe import probe_peer_fetch, with_probed_fetch
 
-        while not (peers := sorted((n["id"], n["http"]) for n in
-                                   self.state.cluster_view(include_own_soft_state=False)["nodes"]
-                                   if n["alive"] and n["http"] and n["id"] != self.node_id)):
+        while not (peers := [(p.id, p.http) for p in self.state.peers() if p.is_alive and p.http]):
             await asyncio.sleep(PEER_PROBE_POLL_S)
         peer_id, peer_http = peers[0]
         try:
@@ -169,8 +170,7 @@ class Node:
         """Every MIN_INSTANCES_CHECK_S: which members are dead now, and each min_instances share kept."""
         await asyncio.sleep(ALIVE_WINDOW_S)  # let every live member be heard from once
         while True:
-            view = self.state.cluster_view(include_own_soft_state=False)["nodes"]
-            self._dead_node_ids = frozenset(n["id"] for n in view if not n["alive"] and n["id"] != self.node_id)
+            self._dead_node_ids = frozenset(p.id for p in self.state.peers() if not p.is_alive)
             try:
                 self.worker.keep_min_instances()
             except Exception:  # a bug here must not end the upkeep for good
@@ -180,23 +180,14 @@ class Node:
     def _instances_elsewhere(self, model: str) -> int:
         """Starting or ready instances of `model` on other nodes that are alive (a dead node's records stay
         until the leader drops them, and must not hold a replacement back)."""
-        alive = {n["id"] for n in self.state.cluster_view(include_own_soft_state=False)["nodes"] if n["alive"]}
+        alive = {p.id for p in self.state.peers() if p.is_alive}
         return sum(1 for r in self.state.instances() if r.model == model and r.node_id != self.node_id
                    and r.node_id in alive and r.is_live)
 
     async def _migrate_for_plan(self, migration: Migration) -> None:
-        """Carry out a migration the leader's placement planned: here, or through the instance's node."""
-        if migration.from_node == self.node_id:
-            result = await self.migrations.migrate(migration.instance_id, migration.to_node)
-            log.info("planned migration done", extra={"instance": migration.instance_id, "outcome": result.outcome})
-            return
-        record = self.state.nodes().get(migration.from_node)
-        if record is None:
-            raise LookupError(f"node {migration.from_node} left the cluster")
-        status, answer = await self.relay.call(record.http, f"/admin/instances/{migration.instance_id}/migrate",
-                                               {"to": migration.to_node})
-        if status != 200:
-            raise RuntimeError(f"node {migration.from_node} refused the migration: HTTP {status} {answer}")
+        """Carry out a migration of an instance on this node that the leader's placement planned."""
+        result = await self.migrations.migrate(migration.instance_id, migration.to_node)
+        log.info("planned migration done", extra={"instance": migration.instance_id, "outcome": result.outcome})
 
     def _fetch_if_home(self, deployment: Deployment) -> None:
         """Fetch a new deployment's checkpoint into this node's SSD store (from a peer or the repository) if
@@ -208,7 +199,8 @@ class Node:
         if checkpoints.contains(checkpoint_id(deployment.checkpoint)):
             self.worker.prestart(deployment)
             return
-        homes = plan_checkpoint_homes(deployment.name, deployment.checkpoint_bytes, self.router.placer.node_states(),
+        states = self.router.placer.node_states(self.state.cluster_view().nodes)
+        homes = plan_checkpoint_homes(deployment.name, deployment.checkpoint_bytes, states,
                                       self.config.cluster.checkpoint_copies)
         if self.node_id not in homes:
             return
@@ -222,52 +214,46 @@ class Node:
                 return
             self.worker.prestart(deployment)
 
-        self._spawn(fetch())
+        self._tasks.spawn(fetch())
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _soft_state(self) -> dict[str, Any]:
-        """Facts that change too often for the Raft log; sent to every node in NODE_STATUS: slots with
-        their free memory, checkpoints in DRAM (store ids: the DRAM cache's, and vLLM deployments' wholly in
-        the page cache), per-model queue and in-flight counts, the estimator constants, the estimated seconds
-        of starts under way, every instance with its requests in flight, and the DRAM budget's bytes free for
-        warming and free SSD-store bytes: the scheduler's view of this node."""
+    def _soft_state(self) -> NodeStatus:
+        """This node's status, sent to every node in NODE_STATUS: slots with their free memory, checkpoints in
+        DRAM (store ids: the DRAM cache's, and vLLM deployments' wholly in the page cache), per-model queue and
+        in-flight counts, the estimator constants, the estimated seconds of starts under way, every instance
+        with its requests in flight, and the DRAM budget's bytes free for warming and free SSD-store bytes:
+        the scheduler's view of this node."""
         worker, slots = self.worker, self.worker.slots
         in_dram_cache = dram_cache_ids(worker.dram_cache)
         in_page_cache = page_cached_checkpoints(worker.store, (r.deployment for r in worker.runtimes.values()))
-        return {
-            "slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
-                       "free_memory_bytes": free_device_memory(s) if slots.holder(s) is None else 0,
-                       "instance": slots.holder(s)} for s in slots.slots],
-            "free_slots": slots.num_free,
-            "dram_cached": in_dram_cache + sorted(in_page_cache - set(in_dram_cache)),
-            "ssd_cached": [entry.id for entry in worker.store.entries()],
-            "queues": {name: {"waiting": runtime.num_waiting, "in_flight": runtime.num_in_flight()}
-                       for name, runtime in worker.runtimes.items()},
-            "calibration": worker.estimates.calibration.to_wire(),
-            "pending_load_s": round(worker.pending_load_s(), 4),
-            "instances": [{"id": i.id, "model": name, "requests": i.in_flight, "tokens": i.num_tokens,
-                           "state": i.state.value}
-                          for name, runtime in worker.runtimes.items() for i in runtime.instances],
-            "free_dram_bytes": worker.warmer.free_bytes() if worker.warmer is not None else 0,
-            "free_ssd_bytes": max(0, worker.store.budget_bytes - worker.store.used_bytes),
-            "parked_models": worker.parked_models(),
-            "parked_host_bytes": worker.resources.vllm_pool.host_bytes if worker.resources.vllm_pool else 0,
-        }
+        pool = worker.resources.vllm_pool
+        return NodeStatus(
+            slots=tuple(SlotStatus(s.index, s.device, s.memory_bytes,
+                                   free_device_memory(s) if slots.holder(s) is None else 0, slots.holder(s))
+                        for s in slots.slots),
+            num_free_slots=slots.num_free,
+            dram_cached=(*in_dram_cache, *sorted(in_page_cache - set(in_dram_cache))),
+            ssd_cached=tuple(entry.id for entry in worker.store.entries()),
+            queues={name: QueueStatus(runtime.num_waiting, runtime.num_in_flight())
+                    for name, runtime in worker.runtimes.items()},
+            calibration=worker.estimates.calibration,
+            pending_load_s=round(worker.pending_load_s(), 4),
+            instances=tuple(InstanceStatus(i.id, name, i.state, i.in_flight, i.num_tokens)
+                            for name, runtime in worker.runtimes.items() for i in runtime.instances),
+            free_dram_bytes=worker.warmer.free_bytes() if worker.warmer is not None else 0,
+            free_ssd_bytes=max(0, worker.store.budget_bytes - worker.store.used_bytes),
+            parked_models=tuple(worker.parked_models()),
+            parked_host_bytes=pool.host_bytes if pool else 0,
+        )
 
     def _peer_sources(self, cid: str) -> list[str]:
         """Base URLs of the alive peers whose SSD store holds checkpoint `cid`, in node-id order, then those that
         deployed a model of it (they had it when they did; their status may not say so yet: a home fetches
         the moment the deployment commits)."""
-        nodes = [node for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]  # sorted by id
-                 if node["id"] != self.node_id and node["alive"] and node["http"]]
+        peers = [p for p in self.state.peers() if p.is_alive and p.http]  # in id order
         origins = {d.origin_node for d in self.state.deployments().values() if checkpoint_id(d.checkpoint) == cid}
-        holders = [n for n in nodes if cid in n.get("ssd_cached", ())]
-        holders += [n for n in nodes if n["id"] in origins and n not in holders]
-        return [peer_url(node["http"], cid) for node in holders]
+        holders = [p for p in peers if p.status is not None and cid in p.status.ssd_cached]
+        holders += [p for p in peers if p.id in origins and p not in holders]
+        return [peer_url(p.http, cid) for p in holders if p.http]
 
 
 def _node_id(store: StateStore, configured: str) -> str:

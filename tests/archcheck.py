@@ -69,7 +69,7 @@ class SllmdTokenRule:
     chosen is its absolute index in the sequence: the current length of `input_ids`."""
 
     def __init__(self, temperature: float, top_p: float, seed: int) -> None:
-        from sllmd.engine.base import SamplingParams
+        from sllmd.types import SamplingParams
 
         self.params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, seed=seed)
         self.seed = seed

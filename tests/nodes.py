@@ -15,7 +15,10 @@ from aiohttp import web
 from sllmd.config import load_config
 from sllmd.http.app import build_app
 from sllmd.node import Node
-from sllmd.worker.manager import EngineFactory, default_engine_factory
+from sllmd.serving.relay import GENERATE_PATH
+from sllmd.serving.request import TokenRequest
+from sllmd.types import SamplingParams
+from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
 
 
 def free_port() -> int:
@@ -67,3 +70,12 @@ async def running_node(data_dir: Path, engine_factory: EngineFactory = default_e
     finally:
         await runner.cleanup()
         await node.close()
+
+
+def generate_here(url: str, model: str, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> Any:
+    """POST the internal generate hop to the node at `url`, as an entry node relaying a request to it would:
+    that node serves it itself (an httpx.Response; token-id SSE when 200)."""
+    import httpx
+
+    body = TokenRequest(model, tuple(prompt_ids), SamplingParams(max_tokens=max_tokens, **sampling)).to_wire()
+    return httpx.post(url + GENERATE_PATH, json=body, timeout=60)

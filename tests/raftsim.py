@@ -4,11 +4,11 @@ One seeded `random.Random` drives everything (each core gets its own, seeded fro
 collection is iterated in a fixed order, so a seed replays exactly. Time is logical: `tick()` ticks every
 live core once, then delivers every message due by now (a delay of 0 arrives within the same tick).
 
-Each node is run the way the real shell runs it: after every input its Ready is persisted to a `Disk`
-(in memory, with `RaftStorage.save`'s contract), then its messages go on the wire, then its committed
-entries are applied to a toy state machine. A crash drops the core and the state machine and keeps only
-the Disk; `crash_prob` also crashes nodes in the middle of a Ready (before persisting it, or after
-persisting but before sending), which is where a persist-before-send bug would show.
+Each node is run the way the real shell runs it: after every input its Ready is saved to its `Storage`
+(a `MemoryStorage` unless `storage_factory` says otherwise), then its messages go on the wire, then its
+committed entries are applied to a toy state machine. A crash drops the core and the state machine and
+keeps only the storage; `crash_prob` also crashes nodes in the middle of a Ready (before persisting it,
+or after persisting but before sending), which is where a persist-before-send bug would show.
 
 `SafetyChecker` asserts the Raft paper's Figure 3 properties after every delivered message, every Ready
 and every tick (see its docstring); any violation raises AssertionError at the step that caused it.
@@ -23,53 +23,19 @@ from collections.abc import Callable, Iterable
 
 import msgpack
 
-from sllmd.raft.core import (
-    AppendResponse,
-    ConfigChangeRejected,
-    Entry,
-    EntryKind,
-    HardState,
-    Message,
-    NotLeader,
-    Raft,
-    RaftConfig,
-    Ready,
-    Role,
-    Snapshot,
-)
+from sllmd.raft.core import ConfigChangeRejected, HardState, NotLeader, Raft, RaftConfig, Ready, Role
+from sllmd.raft.messages import AppendResponse, Entry, EntryKind, Message, Snapshot
+from sllmd.raft.storage import MemoryStorage, Storage
 
 MAX_DELIVERIES_PER_TICK = 100_000  # a message storm is a bug, not a workload
 
 
-class Disk:
-    """What one node has persisted. Same contract as RaftStorage.save (see Ready's docstring)."""
-
-    def __init__(self, hard_state: HardState | None = None, entries: Iterable[Entry] = (),
-                 snapshot: Snapshot | None = None) -> None:
-        self.hard_state = hard_state or HardState()
-        self.entries: list[Entry] = list(entries)
-        self.snapshot = snapshot
-
-    def save(self, ready: Ready) -> None:
-        if ready.snapshot is not None:
-            self.snapshot = ready.snapshot
-            self.entries = [e for e in self.entries if e.index > ready.snapshot.index]
-        if ready.truncate_from is not None and self.entries:
-            del self.entries[max(0, ready.truncate_from - self.entries[0].index):]
-        if ready.entries:
-            expected = self.entries[-1].index + 1 if self.entries else ready.entries[0].index
-            assert ready.entries[0].index == expected, "Ready entries leave a gap in the persisted log"
-            self.entries.extend(ready.entries)
-        if ready.hard_state is not None:
-            self.hard_state = ready.hard_state
-
-
 class SimNode:
-    """One server: its core (None while crashed), its disk, and a volatile toy state machine."""
+    """One server: its core (None while crashed), its storage, and a volatile toy state machine."""
 
-    def __init__(self, node_id: str, disk: Disk) -> None:
+    def __init__(self, node_id: str, storage: Storage) -> None:
         self.id = node_id
-        self.disk = disk
+        self.storage = storage
         self.raft: Raft | None = None
         self.applied_index = 0
         self.state: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data) of applied entries
@@ -100,7 +66,7 @@ class SafetyChecker:
     - State Machine Safety: no two nodes apply different entries at one index (snapshots included).
     - Applied prefix monotonic: within one incarnation a node applies index applied+1 next, its commit
       never decreases, and committed (index, term) pairs never change.
-    - Durability bookkeeping: after each Ready a core's log and hard state equal what its Disk holds.
+    - Durability bookkeeping: after each Ready a core's log and hard state equal what its storage holds.
     """
 
     def __init__(self) -> None:
@@ -167,7 +133,7 @@ class SafetyChecker:
                     f"Leader Completeness violated: leader {node.id} (term {raft.term}) lacks committed {index}")
 
     def check_node(self, node: SimNode) -> None:
-        """Full per-node check: the core's log against the registry and against the disk."""
+        """Full per-node check: the core's log against the registry and against its storage."""
         raft = node.raft
         assert raft is not None
         entries = raft.entries(raft.first_index, raft.last_index)
@@ -175,18 +141,19 @@ class SafetyChecker:
         for entry in entries:
             self.register(entry, prev_term)
             prev_term = entry.term
-        disk = node.disk
-        assert (disk.snapshot.index if disk.snapshot else 0) == raft.snapshot.index
-        assert tuple(disk.entries) == entries, f"{node.id}: persisted log differs from the core's log"
-        assert disk.hard_state == HardState(raft.term, raft.voted_for, raft.commit_index), f"{node.id}: hard state"
+        saved = node.storage.load()
+        assert (saved.snapshot.index if saved.snapshot else 0) == raft.snapshot.index
+        assert saved.entries == entries, f"{node.id}: persisted log differs from the core's log"
+        assert saved.hard_state == HardState(raft.term, raft.voted_for, raft.commit_index), f"{node.id}: hard state"
 
 
 class Sim:
     """N Raft cores on a simulated network. Node ids are "n1".."nN" unless given."""
 
     def __init__(self, num_nodes: int = 3, *, seed: int = 0, config: RaftConfig | None = None,
-                 ids: Iterable[str] | None = None, disks: dict[str, Disk] | None = None,
-                 compact_every: int = 0, disk_factory: Callable[[str], Disk] = lambda node_id: Disk()) -> None:
+                 ids: Iterable[str] | None = None, storages: dict[str, Storage] | None = None,
+                 compact_every: int = 0,
+                 storage_factory: Callable[[str], Storage] = lambda node_id: MemoryStorage()) -> None:
         self.rng = random.Random(seed)
         self.config = config or RaftConfig()
         self.now = 0
@@ -205,16 +172,16 @@ class Sim:
         self._queue: list[tuple[int, float, int, Message]] = []
         self._seq = 0
         self._group: dict[str, int] = {}
-        self._disk_factory = disk_factory
+        self._storage_factory = storage_factory
         self.nodes: dict[str, SimNode] = {}
         node_ids = list(ids) if ids is not None else [f"n{i}" for i in range(1, num_nodes + 1)]
         for node_id in node_ids:
-            if disks and node_id in disks:
-                self.nodes[node_id] = SimNode(node_id, disks[node_id])
-                self._register_disk(disks[node_id])
+            if storages and node_id in storages:
+                self.nodes[node_id] = SimNode(node_id, storages[node_id])
+                self._register_saved(storages[node_id])
                 self.restart(node_id)
             else:
-                node = self.nodes[node_id] = SimNode(node_id, disk_factory(node_id))
+                node = self.nodes[node_id] = SimNode(node_id, storage_factory(node_id))
                 node.raft = Raft.bootstrap(node_id, node_ids, self._core_rng(), self.config)
                 self.checker.on_restart(node)
             self._group[node_id] = 0
@@ -225,7 +192,7 @@ class Sim:
 
     def add_node(self, node_id: str) -> None:
         """A brand-new, empty server (not yet a member: a leader must propose_add_node it)."""
-        node = self.nodes[node_id] = SimNode(node_id, self._disk_factory(node_id))
+        node = self.nodes[node_id] = SimNode(node_id, self._storage_factory(node_id))
         node.raft = Raft(node_id, self._core_rng(), self.config)
         self.checker.on_restart(node)
         self._group[node_id] = 0
@@ -237,12 +204,12 @@ class Sim:
         node.state, node.applied_index = {}, 0
 
     def restart(self, node_id: str) -> None:
-        """Restores the core from the node's Disk; the state machine restarts empty (applied=0), so
+        """Restores the core from the node's storage; the state machine restarts empty (applied=0), so
         the first Ready restores it from the snapshot and re-delivers the committed entries after it."""
         node = self.nodes[node_id]
         assert node.raft is None, f"{node_id} is running"
-        disk = node.disk
-        node.raft = Raft.restore(node_id, disk.hard_state, list(disk.entries), disk.snapshot, self._core_rng(),
+        saved = node.storage.load()
+        node.raft = Raft.restore(node_id, saved.hard_state, saved.entries, saved.snapshot, self._core_rng(),
                                  self.config, applied=0)
         self.checker.on_restart(node)
         self._process(node)
@@ -385,9 +352,10 @@ class Sim:
     def _core_rng(self) -> random.Random:
         return random.Random(self.rng.getrandbits(64))
 
-    def _register_disk(self, disk: Disk) -> None:
-        prev_term = disk.snapshot.term if disk.snapshot else 0
-        for entry in disk.entries:
+    def _register_saved(self, storage: Storage) -> None:
+        saved = storage.load()
+        prev_term = saved.snapshot.term if saved.snapshot else 0
+        for entry in saved.entries:
             self.checker.register(entry, prev_term)
             prev_term = entry.term
 
@@ -430,11 +398,11 @@ class Sim:
         ready = raft.ready()
         if self.crash_prob and self.rng.random() < self.crash_prob:
             if self.rng.random() < 0.5:
-                node.disk.save(ready)  # persisted, then crashed before sending anything
+                node.storage.save(ready)  # persisted, then crashed before sending anything
                 self.checker.on_persist(raft, ready)
             self.crash(node.id)
             return
-        node.disk.save(ready)
+        node.storage.save(ready)
         self.checker.on_persist(raft, ready)
         for msg in ready.messages:
             self._send(msg)

@@ -1,12 +1,7 @@
 import pytest
 
-from sllmd.scheduler.autoscale import (
-    AutoscalingPolicy,
-    cold_start_wait_s,
-    num_instances_to_start,
-    num_instances_wanted,
-    pick_instance,
-)
+from sllmd.scheduler.autoscale import cold_start_wait_s, num_instances_to_start, num_instances_wanted, pick_instance
+from sllmd.types import AutoscalingPolicy
 
 
 def test_scale_from_zero_wants_one_instance_for_the_first_request():

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import xxhash
 
-from sllmd.checkpoint import format as fmt
-from sllmd.checkpoint.format import (
+from sllmd.checkpoint import layout as layout_module
+from sllmd.checkpoint import manifest as manifest_module
+from sllmd.checkpoint.errors import ManifestError
+from sllmd.checkpoint.layout import PartitionHasher, plan_layout
+from sllmd.checkpoint.manifest import (
     ALIGNMENT,
     DTYPE_SIZES,
     FILE_ALIGNMENT,
+    MAX_MANIFEST_BYTES,
+    PARTITION_MAX_BYTES,
+    RULES,
     Manifest,
-    ManifestError,
     PartitionEntry,
-    PartitionHasher,
-    plan_layout,
+    partition_file,
 )
+from sllmd.checkpoint.tensors import tensor_views
 
 D = "0123456789abcdef" * 2  # a well-formed digest
 
@@ -177,21 +185,21 @@ def test_non_json_rejected(data: bytes, message: str) -> None:
 
 def test_oversized_manifest_rejected() -> None:
     with pytest.raises(ManifestError, match=r"over the \d+-byte limit"):
-        Manifest.parse(b" " * (fmt.MAX_MANIFEST_BYTES + 1))
+        Manifest.parse(b" " * (MAX_MANIFEST_BYTES + 1))
 
 
 def test_too_many_tensors_and_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "MAX_TENSORS", 2)
+    monkeypatch.setattr(manifest_module, "MAX_TENSORS", 2)
     with pytest.raises(ManifestError, match="3 tensors, over the limit of 2"):
         Manifest.parse(encode(valid_doc()))
-    monkeypatch.setattr(fmt, "MAX_TENSORS", 3)
-    monkeypatch.setattr(fmt, "MAX_PARTITIONS", 1)
+    monkeypatch.setattr(manifest_module, "MAX_TENSORS", 3)
+    monkeypatch.setattr(manifest_module, "MAX_PARTITIONS", 1)
     with pytest.raises(ManifestError, match="2 partitions, over the limit of 1"):
         Manifest.parse(encode(valid_doc()))
 
 
 def test_only_a_single_tensor_may_exceed_the_partition_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fmt, "PARTITION_MAX_BYTES", 4096)
+    monkeypatch.setattr(manifest_module, "PARTITION_MAX_BYTES", 4096)
     with pytest.raises(ManifestError, match="only a single oversized tensor"):
         Manifest.parse(encode(valid_doc()))  # data-00000.bin: 8192 bytes, two tensors
     doc = valid_doc()
@@ -229,7 +237,7 @@ def random_specs(rng: random.Random, count: int) -> list[tuple[str, str, tuple[i
 def manifest_for(specs: list, *, partition_max_bytes: int, chunk_bytes: int, rng: random.Random) -> Manifest:
     entries, sizes = plan_layout(specs, partition_max_bytes=partition_max_bytes)
     digest = lambda: f"{rng.getrandbits(128):032x}"  # noqa: E731
-    parts = [PartitionEntry(fmt.partition_file(i), size, digest(), tuple(digest() for _ in range(0, size, chunk_bytes)))
+    parts = [PartitionEntry(partition_file(i), size, digest(), tuple(digest() for _ in range(0, size, chunk_bytes)))
              for i, size in enumerate(sizes)]
     aliases = {f"alias.{t.name}": t.name for t in entries if rng.random() < 0.2}
     return Manifest(entries, parts, aliases, chunk_bytes, {"seed": str(rng.random())})
@@ -239,7 +247,7 @@ def manifest_for(specs: list, *, partition_max_bytes: int, chunk_bytes: int, rng
 def test_round_trip_and_layout_invariants(seed: int) -> None:
     rng = random.Random(seed)
     specs = random_specs(rng, rng.randrange(1, 60))
-    partition_max = rng.choice([4096, 8192, 65536, fmt.PARTITION_MAX_BYTES])
+    partition_max = rng.choice([4096, 8192, 65536, PARTITION_MAX_BYTES])
     m = manifest_for(specs, partition_max_bytes=partition_max, chunk_bytes=rng.choice([4096, 1 << 20]), rng=rng)
     data = m.to_json()
     again = Manifest.parse(data)
@@ -296,7 +304,7 @@ def test_tensor_views_share_one_buffer() -> None:
     buffer = torch.zeros(m.total_bytes, dtype=torch.uint8)
     buffer[8192 : 8192 + 100] = torch.arange(100, dtype=torch.uint8)
     buffer[:4096].view(torch.float32)[:] = 1.5
-    views = m.tensor_views(buffer)
+    views = tensor_views(m, buffer)
     assert list(views) == ["a", "b", "c", "tied"]
     assert views["a"].shape == (2, 512) and bool((views["a"] == 1.5).all())
     assert views["b"].dtype == torch.bfloat16 and views["c"].tolist() == list(range(100))
@@ -305,13 +313,33 @@ def test_tensor_views_share_one_buffer() -> None:
     # Partitions placed elsewhere (e.g. reversed), still 4 KiB aligned.
     moved = torch.zeros(16384, dtype=torch.uint8)
     moved[:100] = torch.arange(100, dtype=torch.uint8)
-    assert m.tensor_views(moved, [4096, 0])["c"].tolist() == list(range(100))
+    assert tensor_views(m, moved, [4096, 0])["c"].tolist() == list(range(100))
     with pytest.raises(ValueError, match="multiples of 4096"):
-        m.tensor_views(moved, [64, 0])
+        tensor_views(m, moved, [64, 0])
     with pytest.raises(ValueError, match="does not fit"):
-        m.tensor_views(buffer[:100])
+        tensor_views(m, buffer[:100])
 
 
-def test_format_module_does_not_import_torch() -> None:
-    code = "import sys, sllmd.checkpoint; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+def test_every_manifest_rule_of_the_spec_has_a_check_named_after_it() -> None:
+    """Rules 2-6 of docs/checkpoint-format.md constrain the manifest (1 is how a writer publishes, 7 the other
+    files); each has at least one check in RULES, named `_ruleN_...`."""
+    spec = (Path(__file__).parents[1] / "docs" / "checkpoint-format.md").read_text()
+    numbered = {int(n) for n in re.findall(r"(?m)^(\d+)\. ", spec)}
+    checked = {int(check.__name__.split("_")[1].removeprefix("rule")) for check in RULES
+               if check.__name__.startswith("_rule")}
+    assert checked == numbered - {1, 7}
+
+
+def test_manifest_and_layout_are_pure() -> None:
+    """They import neither torch nor transformers, and no I/O or clock module (`time` is always loaded by the
+    interpreter, so it is checked in their import statements)."""
+    code = ("import sys, sllmd.checkpoint.manifest, sllmd.checkpoint.layout; "
+            "loaded = {'torch', 'transformers', 'asyncio', 'lmdb', 'zmq', 'aiohttp'} & set(sys.modules); "
+            "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+    for module in (manifest_module, layout_module):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"time", "asyncio", "lmdb", "zmq", "aiohttp", "os", "io"}, (module.__name__, imported)

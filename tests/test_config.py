@@ -279,6 +279,8 @@ def _run_sllmd(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None
         ("[server]\nprot = 8343\n", "unknown setting server.prot"),
         ("[server\n", "invalid TOML"),
         ("[devices]\nkind = 'tpu'\n", "devices.kind must be auto|cpu|cuda"),
+        # Checked after load_config (the pair's check needs zmq), still before anything starts.
+        (f"[cluster]\nsecret_key = '{'x' * 40}'\npublic_key = '{'y' * 40}'\n", "does not belong to secret_key"),
     ],
 )
 def test_cli_config_error_exits_2_with_one_line(tmp_path: Path, toml_text: str, fragment: str) -> None:
@@ -300,3 +302,10 @@ def test_cli_env_and_flag_errors_exit_2(tmp_path: Path) -> None:
     result = _run_sllmd(["--config", str(SHIPPED), "--port", "8344"], tmp_path)  # the default peer port
     assert result.returncode == 2
     assert result.stderr.strip() == "sllmd: config error: server.port and server.peer_port must differ"
+
+
+def test_config_is_a_leaf() -> None:
+    """Every layer reads the config, so it imports no sllmd module but the shared vocabulary."""
+    code = "import sys, sllmd.config; print(sorted(m for m in sys.modules if m.startswith('sllmd.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['sllmd.config', 'sllmd.types']"

@@ -19,19 +19,16 @@ from transformers.utils import logging as hf_logging
 
 import sllmd.checkpoint.convert as convert_module
 from sllmd import cli
-from sllmd.checkpoint import (
-    ALIGNMENT,
+from sllmd.checkpoint.convert import convert
+from sllmd.checkpoint.errors import (
     CheckpointNotFound,
     ChecksumMismatch,
     ConversionError,
     CorruptCheckpoint,
-    Manifest,
     ManifestError,
-    read_manifest,
-    read_tensors,
-    verify,
 )
-from sllmd.checkpoint.convert import convert
+from sllmd.checkpoint.manifest import ALIGNMENT, Manifest
+from sllmd.checkpoint.reader import read_manifest, read_tensors, verify
 
 hf_logging.disable_progress_bar()
 

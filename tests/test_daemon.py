@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sllmd.scheduler.estimate import Calibration, EngineKind, Tier
+from sllmd.scheduler.estimate import Calibration
+from sllmd.types import EngineKind, Tier
 from tests.nodes import free_port
 
 

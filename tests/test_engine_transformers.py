@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from sllmd.engine.base import LoadReport, SamplingParams
 from sllmd.engine.transformers import TransformersEngine, _Request
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.types import LoadReport, SamplingParams
 
 PROMPTS = [[1, 40, 41, 300, 17], [1, 77, 200, 201, 202, 203, 90, 91, 92, 93, 94, 150]]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)

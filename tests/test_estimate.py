@@ -14,11 +14,11 @@ from sllmd.scheduler.estimate import (
     DeviceKind,
     EngineKind,
     LinearFit,
-    Tier,
     load_time_s,
     migration_time_s,
     transfer_time_s,
 )
+from sllmd.types import Tier
 
 GB = int(BYTES_PER_GB)
 HF = EngineKind.TRANSFORMERS

@@ -17,18 +17,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from sllmd.checkpoint import read_manifest, verify
 from sllmd.checkpoint.convert import convert
-from sllmd.checkpoint.fetch import (
-    FetchSettings,
-    RepositoryNotFound,
-    RepositoryUnreachable,
-    SourceKind,
-    describe,
-    fetch,
-)
-from sllmd.checkpoint.format import ChecksumMismatch
+from sllmd.checkpoint.errors import ChecksumMismatch
+from sllmd.checkpoint.fetch import SourceKind, describe, fetch
+from sllmd.checkpoint.reader import read_manifest, verify
 from sllmd.checkpoint.store import checkpoint_id
+from sllmd.checkpoint.url_fetch import FetchSettings, RepositoryNotFound, RepositoryUnreachable
 from tests.nodes import free_port, running_node
 
 CHUNK = 16 << 10

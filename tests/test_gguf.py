@@ -18,13 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sllmd import cli
-from sllmd.checkpoint import ConversionError, read_manifest, read_tensors, verify
+from sllmd.checkpoint.errors import ConversionError
 from sllmd.checkpoint.gguf import convert_gguf, read_gguf_metadata
-from sllmd.engine.base import SamplingParams
+from sllmd.checkpoint.reader import read_manifest, read_tensors, verify
 from sllmd.engine.hf_model import build_model
 from sllmd.engine.transformers import TransformersEngine
 from sllmd.serving.textgen import Tokenizer
 from sllmd.tools.demo_model import CHAT_TEMPLATE
+from sllmd.types import SamplingParams
 from tests.gguf_builder import write_llama_gguf
 
 hf_logging.disable_progress_bar()
@@ -210,13 +211,13 @@ def test_missing_gguf_package_is_a_clear_error(ggufs: dict[str, Path], tmp_path:
 
 def test_failure_while_converting_leaves_nothing(ggufs: dict[str, Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import sllmd.checkpoint.gguf as gguf_module
+    import sllmd.checkpoint.convert as convert_module
 
     def broken(src: Path, dst: Path, **kwargs: object) -> None:
         assert (src / "model.safetensors").is_file() and src.parent.name.startswith(".ckpt.gguf-")
         raise ConversionError("disk on fire")
 
-    monkeypatch.setattr(gguf_module, "convert", broken)
+    monkeypatch.setattr(convert_module, "convert", broken)  # what convert_gguf imports when it runs
     with pytest.raises(ConversionError, match="disk on fire"):
         convert_gguf(ggufs["F32"], tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

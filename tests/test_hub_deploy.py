@@ -12,15 +12,13 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import pytest_asyncio
 
 from sllmd.cli import _parse_deploy
-from sllmd.serving.relay import RELAYED_HEADER
 from tests.gguf_builder import write_llama_gguf
 from tests.hub_server import HubServer, private_hf_home
-from tests.nodes import RunningNode, running_node
+from tests.nodes import RunningNode, generate_here, running_node
 from tests.test_cluster import fetches_by_tier, running_cluster, wait_until
 
 REPO = "sllmd-test/demo"
@@ -179,8 +177,7 @@ def test_a_second_node_copies_a_hub_checkpoint_from_the_first_not_from_the_hub(
             # Two nodes, two checkpoint copies: n2 is a home too and fetches it as soon as it learns the deployment.
             wait_until(lambda: fetches_by_tier(n2)["peer"] == 1, 20, "n2 copying the checkpoint", [n1, n2])
             assert fetches_by_tier(n1)["repository"] == 1 and fetches_by_tier(n2)["repository"] == 0
-            answer = httpx.post(f"{n2.url}/v1/completions", json={"model": "hub", **GREEDY}, timeout=60,
-                                headers={RELAYED_HEADER: "test"})  # "relayed": n2 serves it itself
+            answer = generate_here(n2.url, "hub", [1, 2, 3], 4, temperature=0.0)  # n2 serves it itself
             assert answer.status_code == 200, answer.text
         weight_gets = [r for r in hub.requests if r[0] == "GET" and r[1].endswith("/" + WEIGHTS)]
         assert len(weight_gets) == 1  # n1's download: n2 never asked the Hub for the weights

@@ -12,9 +12,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sllmd.scheduler.estimate import Calibration, DeviceKind, EngineKind, LinearFit
+from sllmd.cluster.replicated import SOFT_WAIT_S
+from sllmd.scheduler.estimate import Calibration, DeviceKind, LinearFit
+from sllmd.state.machine import SOFT_OPS
 from sllmd.state.models import InstanceState
-from sllmd.worker.manager import EngineFactory, default_engine_factory
+from sllmd.types import EngineKind
+from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
 from tests.nodes import RunningNode, running_node
 
 
@@ -48,7 +51,9 @@ async def test_scale_from_zero_then_keep_alive_scale_down(demo_model_dir, tmp_pa
         status, body = await running.complete("demo")
         assert status == 200 and body["choices"][0]["text"]
         assert num_instances(running, "demo") == 1
-        assert [i.model for i in running.node.state.instances()] == ["demo"]  # recorded in LMDB
+        # Recorded in LMDB, queued behind the serving path rather than awaited by it:
+        await wait_until(lambda: [(i.model, i.state) for i in running.node.state.instances()]
+                         == [("demo", InstanceState.READY)])
         await wait_until(lambda: num_instances(running, "demo") == 0, timeout_s=3)
         await wait_until(lambda: running.node.worker.slots.num_free == 2)
         await wait_until(lambda: running.node.state.instances() == [])
@@ -288,10 +293,36 @@ async def test_a_node_whose_instance_records_were_dropped_records_them_again(dem
     async with running_node(tmp_path) as running:
         await running.deploy("demo", demo_model_dir, keep_alive_s=600)
         assert (await running.complete("demo"))[0] == 200
+        await wait_until(lambda: [i.state for i in running.node.state.instances()] == [InstanceState.READY])
         (record,) = running.node.state.instances()
         # What the leader's dead-node reaper proposes for a node silent past the timeout:
         await running.node.state.propose({"op": "delete_node_instances", "node_id": running.node.node_id})
         await wait_until(lambda: running.node.state.instances() == [record])
+
+
+async def test_a_cold_start_serves_without_waiting_for_its_instance_records_to_commit(demo_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    async with running_node(tmp_path) as running:
+        await running.deploy("warm", demo_model_dir, backend="dummy", keep_alive_s=600)
+        await running.deploy("cold", demo_model_dir, backend="dummy", keep_alive_s=600)
+        assert (await running.complete("warm"))[0] == 200  # the checkpoint's tokenizer is loaded now
+        state, committed = running.node.state, asyncio.Event()
+        await wait_until(lambda: [(i.model, i.state) for i in state.instances()] == [("warm", InstanceState.READY)])
+        propose = state._propose_strict
+
+        async def held(command: dict) -> object:  # instance records do not commit until `committed` is set
+            if command["op"] in SOFT_OPS:
+                await committed.wait()
+            return await propose(command)
+
+        monkeypatch.setattr(state, "_propose_strict", held)
+        # The old path waited up to SOFT_WAIT_S for each of the STARTING and READY records.
+        status, _ = await asyncio.wait_for(running.complete("cold"), SOFT_WAIT_S)
+        assert status == 200
+        assert [i.model for i in state.instances()] == ["warm"]
+        committed.set()  # then the queued records land, in order
+        await wait_until(lambda: sorted((i.model, i.state) for i in state.instances())
+                         == [("cold", InstanceState.READY), ("warm", InstanceState.READY)])
 
 
 async def test_a_requested_model_on_ssd_is_warmed_into_dram_and_its_cold_start_hits_dram(demo_model_dir, tmp_path):

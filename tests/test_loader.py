@@ -18,8 +18,9 @@ from sllmd.checkpoint import loader as loader_module
 from sllmd.checkpoint import reader as reader_module
 from sllmd.checkpoint.convert import convert
 from sllmd.checkpoint.dram import DramCache
-from sllmd.checkpoint.format import CheckpointError, ChecksumMismatch, CorruptCheckpoint, Manifest
+from sllmd.checkpoint.errors import CheckpointError, ChecksumMismatch, CorruptCheckpoint
 from sllmd.checkpoint.loader import LoadedCheckpoint, load_checkpoint
+from sllmd.checkpoint.manifest import Manifest
 from sllmd.checkpoint.pool import PAGE_BYTES, BufferPool, CudaCopier, HostMemoryPool, host_buffer, seal_read_only
 from sllmd.checkpoint.reader import read_manifest, read_tensors
 

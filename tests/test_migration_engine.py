@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sllmd.engine.base import SamplingParams
 from sllmd.engine.dummy import DummyEngine
 from sllmd.engine.transformers import TransformersEngine
 from sllmd.errors import EngineFailed, InvalidRequest
+from sllmd.types import SamplingParams
 from sllmd.worker.migration.messages import CatchUp, MovedRequest, WireError, decode, keyed_ids, to_wire
 
 PROMPT = [1, 17, 42, 99, 7, 250]

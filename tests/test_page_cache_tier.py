@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sllmd.checkpoint.convert import convert
-from sllmd.checkpoint.format import CheckpointNotFound
+from sllmd.checkpoint.errors import CheckpointNotFound
 from sllmd.checkpoint.reader import read_manifest, resident_fraction
 from sllmd.checkpoint.store import checkpoint_id
-from sllmd.scheduler.estimate import Tier
+from sllmd.types import Tier
 from sllmd.worker.warming import read_into_page_cache
 from tests.nodes import RunningNode, running_node
 from tests.test_replicated import wait_until

@@ -1,83 +1,20 @@
-"""Request placement: each rule of `choose_node` in order, and deterministic ties."""
+"""Placement of new instances (`plan_start`), checkpoint homes, min_instances shares and DRAM warming."""
 
 from __future__ import annotations
 
 import pytest
 
-from sllmd.scheduler.estimate import Calibration, EngineKind, Tier, load_time_s, migration_time_s
+from sllmd.scheduler.estimate import Calibration, load_time_s, migration_time_s
 from sllmd.scheduler.placement import (
     NodeState,
-    NodeView,
     RunningInstance,
     StartPlan,
-    choose_node,
     min_instances_share,
     plan_checkpoint_homes,
     plan_dram_warming,
     plan_start,
 )
-
-
-def node(node_id: str, *, alive: bool = True, free: int = 0, ready: int = 0, starting: int = 0, load: int = 0,
-         evictable: int = 0) -> NodeView:
-    return NodeView(node_id, is_alive=alive, num_free_slots=free, ready_instances_of_model=ready,
-                    starting_instances_of_model=starting, in_flight_hint=load, num_evictable=evictable)
-
-
-def choose(*nodes: NodeView, local: str = "a") -> str | None:
-    return choose_node("m", local_node_id=local, nodes=list(nodes))
-
-
-def test_local_ready_instance_wins_even_when_busier():
-    assert choose(node("a", ready=1, load=9), node("b", ready=1), node("c", free=4)) == "a"
-
-
-def test_remote_ready_instance_with_least_load_per_instance():
-    assert choose(node("a", free=2), node("b", ready=1, load=3), node("c", ready=2, load=4)) == "c"
-    assert choose(node("a", free=2), node("b", ready=1, load=1), node("c", ready=2, load=4)) == "b"
-
-
-def test_ready_instances_on_dead_nodes_are_ignored():
-    assert choose(node("a", free=1), node("b", alive=False, ready=1)) == "a"
-
-
-def test_a_node_already_starting_one_beats_starting_another():
-    assert choose(node("a", free=2), node("b", starting=1)) == "b"
-    assert choose(node("a", free=2), node("b", alive=False, starting=1)) == "a"
-
-
-def test_local_starting_instance_is_preferred_among_starting():
-    assert choose(node("a", starting=1), node("b", starting=1), local="b") == "b"
-
-
-def test_ready_beats_starting():
-    assert choose(node("a", starting=1), node("b", ready=1, load=50)) == "b"
-
-
-def test_local_node_with_a_free_slot_or_an_evictable_instance():
-    assert choose(node("a", free=1), node("b", free=8)) == "a"
-    assert choose(node("a", evictable=1), node("b", free=8)) == "a"
-
-
-def test_otherwise_the_alive_node_with_most_free_slots():
-    assert choose(node("a"), node("b", free=1), node("c", free=3), node("d", alive=False, free=9)) == "c"
-
-
-def test_nothing_free_anywhere_is_none():
-    assert choose(node("a"), node("b"), node("c", alive=False, free=2)) is None
-    assert choose(local="a") is None
-
-
-def test_the_local_node_counts_as_alive_whatever_its_view_says():
-    assert choose(node("a", alive=False, ready=1), node("b", ready=1)) == "a"
-
-
-def test_ties_break_by_node_id_whatever_the_order():
-    for nodes in ([node("c", ready=1), node("b", ready=1)], [node("b", ready=1), node("c", ready=1)]):
-        assert choose(node("a"), *nodes) == "b"
-    assert choose(node("z"), node("c", starting=1), node("b", starting=1), local="z") == "b"
-    assert choose(node("z"), node("c", free=2), node("b", free=2), local="z") == "b"
-
+from sllmd.types import EngineKind, Tier
 
 # Cold-start planning: plan_start, plan_checkpoint_homes, plan_dram_warming.
 
@@ -149,6 +86,14 @@ def test_evicts_an_idle_instance_of_another_model_but_not_busy_ones():
     # A free slot elsewhere at equal cost beats killing a warm instance.
     nodes = [state("a", dram=("m",), instances=(idle("i1", "y"),)), state("b", free=1, dram=("m",))]
     assert plan_start("m", HF, 26 * GB, nodes).node_id == "b"
+
+
+def test_an_idle_instance_kept_for_min_instances_is_not_evicted():
+    kept = RunningInstance("i1", "y", HF, num_requests=0, num_tokens=0, num_bytes=13 * GB, is_kept=True)
+    plan = plan_start("m", HF, 26 * GB, [state("a", dram=("m",), instances=(kept, idle("i2", "x")))])
+    assert plan.evictions == ("i2",)
+    assert plan_start("m", HF, 26 * GB, [state("a", instances=(kept,))], allow_migration=False) is None
+    assert not state("a", instances=(kept,)).can_start("m") and state("a", instances=(idle("i2", "x"),)).can_start("m")
 
 
 def test_never_plans_on_a_full_node_without_migration_or_on_dead_nodes():

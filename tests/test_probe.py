@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sllmd.scheduler.estimate import Calibration, Tier
+from sllmd.scheduler.estimate import Calibration
+from sllmd.types import Tier
 from sllmd.worker.probe import PROBE_DIR, probe_calibration
 
 

@@ -14,29 +14,24 @@ import random
 import msgpack
 import pytest
 
-from sllmd.raft.core import (
+from sllmd.raft.core import ConfigChangeRejected, HardState, NotLeader, Raft, RaftConfig, Ready, Role
+from sllmd.raft.messages import (
     AppendEntries,
     AppendResponse,
-    ConfigChangeRejected,
     Entry,
     EntryKind,
-    HardState,
     Heartbeat,
     HeartbeatResponse,
     InstallSnapshot,
     Message,
     MessageType,
-    NotLeader,
-    Raft,
-    RaftConfig,
-    Ready,
-    Role,
     Snapshot,
     VoteRequest,
     VoteResponse,
     WireError,
 )
-from tests.raftsim import Disk, Sim
+from sllmd.raft.storage import MemoryStorage, Storage
+from tests.raftsim import Sim
 
 CONFIG = RaftConfig()  # elections 10-20 ticks, heartbeats every 2, check-quorum window 10
 
@@ -197,16 +192,16 @@ def test_rejoin_of_partitioned_leader() -> None:
     assert logs == {(cmd(101), cmd(103), cmd(104), cmd(105))}
 
 
-def _divergent_disks() -> dict[str, Disk]:
+def _divergent_storages() -> dict[str, Storage]:
     """n1, n3: ten term-1 entries, then 100 of term 5. n2: the same ten, then 30 each of terms 2, 3, 4."""
     base = [Entry(i, 1, data=cmd(i)) for i in range(1, 11)]
     winner = base + [Entry(i, 5, data=cmd(f"t5-{i}")) for i in range(11, 111)]
     loser = base + [Entry(i, 2 + (i - 11) // 30, data=cmd(f"old-{i}")) for i in range(11, 101)]
     snapshot = Snapshot(0, 0, ("n1", "n2", "n3"))
     return {
-        "n1": Disk(HardState(5, "n1", 10), winner, snapshot),
-        "n2": Disk(HardState(4, "n2", 10), loser, snapshot),
-        "n3": Disk(HardState(5, "n1", 10), winner, snapshot),
+        "n1": MemoryStorage(HardState(5, "n1", 10), winner, snapshot),
+        "n2": MemoryStorage(HardState(4, "n2", 10), loser, snapshot),
+        "n3": MemoryStorage(HardState(5, "n1", 10), winner, snapshot),
     }
 
 
@@ -214,7 +209,7 @@ def test_fast_backup_over_long_divergent_logs() -> None:
     """6.5840 TestBackup3B's point, measured (§5.3 optimisation): a follower with 90 conflicting
     entries in 3 terms is repaired in one rejection per conflicting term (+1 for its shorter log),
     instead of one per entry."""
-    sim = Sim(ids=["n1", "n2", "n3"], disks=_divergent_disks(), seed=11)
+    sim = Sim(ids=["n1", "n2", "n3"], storages=_divergent_storages(), seed=11)
     leader = sim.wait_leader()
     assert leader in ("n1", "n3")  # n2's log is not up to date (§5.4.1)
     sim.commit(cmd("new"))
@@ -286,15 +281,15 @@ def test_figure8_old_term_entry_not_committed_by_counting() -> None:
     majority, which must NOT commit it; S5 can still be elected and overwrite it."""
     base = [Entry(1, 1, data=cmd(1))]
     snapshot = Snapshot(0, 0, ("s1", "s2", "s3", "s4", "s5"))
-    disks = {
-        "s1": Disk(HardState(3, "s1", 1), [*base, Entry(2, 2, data=cmd("t2"))], snapshot),
-        "s2": Disk(HardState(3, "s1", 1), [*base, Entry(2, 2, data=cmd("t2"))], snapshot),
-        "s3": Disk(HardState(3, "s5", 1), base, snapshot),
-        "s4": Disk(HardState(3, "s5", 1), base, snapshot),
-        "s5": Disk(HardState(3, "s5", 1), [*base, Entry(2, 3, data=cmd("t3"))], snapshot),
+    storages: dict[str, Storage] = {
+        "s1": MemoryStorage(HardState(3, "s1", 1), [*base, Entry(2, 2, data=cmd("t2"))], snapshot),
+        "s2": MemoryStorage(HardState(3, "s1", 1), [*base, Entry(2, 2, data=cmd("t2"))], snapshot),
+        "s3": MemoryStorage(HardState(3, "s5", 1), base, snapshot),
+        "s4": MemoryStorage(HardState(3, "s5", 1), base, snapshot),
+        "s5": MemoryStorage(HardState(3, "s5", 1), [*base, Entry(2, 3, data=cmd("t3"))], snapshot),
     }
     config = RaftConfig(max_entries_per_append=1)  # so index 2 travels without the new leader's no-op
-    sim = Sim(ids=sorted(disks), disks=disks, seed=14, config=config)
+    sim = Sim(ids=sorted(storages), storages=storages, seed=14, config=config)
     sim.crash("s2")
     sim.isolate("s5")
     # AppendEntries lose every entry past index 2: the leader's term-4 no-op (index 3) never gets out.

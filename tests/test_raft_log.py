@@ -1,4 +1,4 @@
-"""RaftLog: the entries after a snapshot and their index arithmetic (sllmd/cluster/raft_log.py)."""
+"""RaftLog: the entries after a snapshot and their index arithmetic (sllmd/raft/log.py)."""
 
 from __future__ import annotations
 

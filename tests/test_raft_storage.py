@@ -1,4 +1,5 @@
-"""RaftStorage: the Raft core's hard state, log and snapshot in the node's LMDB environment."""
+"""Raft storage: the `Storage` contract, run against `MemoryStorage` and `LmdbStorage` (the node's, in its LMDB
+environment), then LmdbStorage's own guarantees (key order, crash atomicity, fsync, corrupt values)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import random
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 import msgpack
 import pytest
 
-from sllmd.raft.core import Entry, EntryKind, HardState, Raft, Ready, Role, Snapshot, WireError
-from sllmd.raft.storage import LOG_DB, PersistedState, RaftStorage
+from sllmd.raft.core import HardState, Raft, Ready, Role
+from sllmd.raft.lmdb import LOG_DB, LmdbStorage
+from sllmd.raft.messages import Entry, EntryKind, Snapshot, WireError
+from sllmd.raft.storage import MemoryStorage, PersistedState, Storage
 from sllmd.state.store import StateStore
-from tests.raftsim import Disk, Sim
+from tests.raftsim import Sim
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,22 +32,34 @@ def store(tmp_path: Path) -> StateStore:
     store.close()
 
 
+@pytest.fixture(params=["memory", "lmdb"])
+def storages(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Storage]:
+    """Opens a handle on one node's durable Raft state: a second call reads what the first saved."""
+    if request.param == "memory":
+        memory = MemoryStorage()
+        yield lambda: memory
+        return
+    store = StateStore(tmp_path / "state")
+    yield lambda: LmdbStorage(store.env)
+    store.close()
+
+
 def entries(first: int, last: int, term: int, tag: str = "") -> tuple[Entry, ...]:
     return tuple(Entry(i, term, data=f"{tag}{i}".encode()) for i in range(first, last + 1))
 
 
-def test_fresh_storage_is_empty(store: StateStore) -> None:
-    loaded = RaftStorage(store.env).load()
+def test_fresh_storage_is_empty(storages: Callable[[], Storage]) -> None:
+    loaded = storages().load()
     assert loaded == PersistedState() and loaded.is_empty
 
 
-def test_round_trip(store: StateStore) -> None:
-    storage = RaftStorage(store.env)
+def test_round_trip(storages: Callable[[], Storage]) -> None:
+    storage = storages()
     log = (Entry(1, 1, EntryKind.CONFIG, voters=("a", "b")), Entry(2, 1, EntryKind.NOOP),
            Entry(3, 2, EntryKind.COMMAND, b"\x00\x01binary\xff"))
     snapshot = Snapshot(0, 0, ("a", "b"))
     storage.save(Ready(hard_state=HardState(2, "b", 2), truncate_from=1, entries=log, snapshot=snapshot))
-    loaded = RaftStorage(store.env).load()  # a second handle on the same environment
+    loaded = storages().load()  # a second handle on the same state
     assert loaded == PersistedState(HardState(2, "b", 2), log, snapshot) and not loaded.is_empty
     storage.save(Ready(hard_state=HardState(3, None, 3)))  # hard state alone; nil vote
     assert storage.load().hard_state == HardState(3, None, 3)
@@ -51,7 +67,7 @@ def test_round_trip(store: StateStore) -> None:
 
 
 def test_keys_are_big_endian_so_the_cursor_walks_in_log_order(store: StateStore) -> None:
-    storage = RaftStorage(store.env)
+    storage = LmdbStorage(store.env)
     base = 2**32 - 3  # crosses byte boundaries where little-endian keys would sort wrongly
     log = entries(base, base + 600, 7)
     storage.save(Ready(snapshot=Snapshot(base - 1, 7, ("a",)), truncate_from=base, entries=log))
@@ -61,16 +77,16 @@ def test_keys_are_big_endian_so_the_cursor_walks_in_log_order(store: StateStore)
     assert keys == sorted(keys) and keys[0] == base.to_bytes(8, "big")
 
 
-def test_truncation_of_a_conflicting_suffix(store: StateStore) -> None:
-    storage = RaftStorage(store.env)
+def test_truncation_of_a_conflicting_suffix(storages: Callable[[], Storage]) -> None:
+    storage = storages()
     storage.save(Ready(hard_state=HardState(2, "a", 3), truncate_from=1, entries=entries(1, 10, 2, "old")))
     new = entries(6, 7, 3, "new")  # a new leader overwrote index 6 onwards (§5.3)
     storage.save(Ready(hard_state=HardState(3, "b", 3), truncate_from=6, entries=new))
     assert storage.load() == PersistedState(HardState(3, "b", 3), entries(1, 5, 2, "old") + new)
 
 
-def test_compaction_and_snapshot_install(store: StateStore) -> None:
-    storage = RaftStorage(store.env)
+def test_compaction_and_snapshot_install(storages: Callable[[], Storage]) -> None:
+    storage = storages()
     storage.save(Ready(truncate_from=1, entries=entries(1, 10, 1)))
     compacted = Snapshot(7, 1, ("a", "b", "c"), b"state@7")
     storage.save(Ready(snapshot=compacted))  # log compaction (§7): the suffix after 7 stays
@@ -80,9 +96,16 @@ def test_compaction_and_snapshot_install(store: StateStore) -> None:
     assert storage.load() == PersistedState(HardState(4, None, 20), (), installed)
 
 
-def test_raft_restarts_from_what_storage_saved(store: StateStore) -> None:
-    """A one-voter cluster persisted through LMDB: commit, compact, reopen, restore, carry on."""
-    storage = RaftStorage(store.env)
+def test_memory_storage_refuses_a_gap_and_changes_nothing() -> None:
+    storage = MemoryStorage(HardState(1, "a", 0), entries(1, 3, 1))
+    with pytest.raises(ValueError, match="start at 6"):
+        storage.save(Ready(hard_state=HardState(2, "b", 0), truncate_from=6, entries=entries(6, 7, 2)))
+    assert storage.load() == PersistedState(HardState(1, "a", 0), entries(1, 3, 1))
+
+
+def test_raft_restarts_from_what_storage_saved(storages: Callable[[], Storage]) -> None:
+    """A one-voter cluster persisted through a Storage: commit, compact, reopen, restore, carry on."""
+    storage = storages()
     raft = Raft.bootstrap("a", ["a"], random.Random(0))
     applied: list[bytes] = []
 
@@ -102,7 +125,7 @@ def test_raft_restarts_from_what_storage_saved(store: StateStore) -> None:
     drain(raft)
     raft.compact(15, b"state machine @15")
     drain(raft)
-    state = storage.load()
+    state = storages().load()
     assert state.snapshot is not None and state.snapshot.index == 15 and state.entries[0].index == 16
     restored = Raft.restore("a", state.hard_state, state.entries, state.snapshot, random.Random(1), applied=15)
     assert (restored.term, restored.commit_index, restored.last_index) == (raft.term, raft.commit_index, 21)
@@ -117,20 +140,21 @@ def test_raft_restarts_from_what_storage_saved(store: StateStore) -> None:
 CRASHING_CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from sllmd.raft.core import Entry, HardState, Ready, Snapshot
-    from sllmd.raft.storage import RaftStorage
+    from sllmd.raft.core import HardState, Ready
+    from sllmd.raft.lmdb import LmdbStorage
+    from sllmd.raft.messages import Entry, Snapshot
     from sllmd.state.store import StateStore
 
-    storage = RaftStorage(StateStore(Path(sys.argv[1])).env)
+    storage = LmdbStorage(StateStore(Path(sys.argv[1])).env)
     storage.save(Ready(hard_state=HardState(2, "a", 3), truncate_from=1,
                        entries=tuple(Entry(i, 2, data=b"old") for i in range(1, 6))))
-    write_hard_state = RaftStorage._write_hard_state
+    write_hard_state = LmdbStorage._write_hard_state
 
     def write_then_die(self, txn, hard_state):
         write_hard_state(self, txn, hard_state)  # every put of this Ready is done, but not committed
         os._exit(17)
 
-    RaftStorage._write_hard_state = write_then_die
+    LmdbStorage._write_hard_state = write_then_die
     storage.save(Ready(hard_state=HardState(3, "b", 4), snapshot=Snapshot(2, 2, ("a", "b"), b"snap"),
                        truncate_from=3, entries=(Entry(3, 3, data=b"new"),)))
     os._exit(0)  # not reached
@@ -145,7 +169,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_state(tmp_path: Path)
     assert child.returncode == 17, child.stderr
     store = StateStore(path)
     try:
-        storage = RaftStorage(store.env)
+        storage = LmdbStorage(store.env)
         before = PersistedState(HardState(2, "a", 3), tuple(Entry(i, 2, data=b"old") for i in range(1, 6)))
         assert storage.load() == before
         storage.save(Ready(hard_state=HardState(3, "b", 3), truncate_from=4, entries=(Entry(4, 3, data=b"x"),)))
@@ -173,7 +197,7 @@ def test_save_forces_a_sync_when_the_environment_does_not(tmp_path: Path) -> Non
     env = lmdb.open(str(tmp_path / "nosync"), max_dbs=4, sync=False)
     try:
         wrapped = _EnvWithoutSync(env)
-        storage = RaftStorage(wrapped)  # type: ignore[arg-type]
+        storage = LmdbStorage(wrapped)  # type: ignore[arg-type]
         storage.save(Ready(hard_state=HardState(1, "a", 0)))
         storage.save(Ready())  # nothing to persist: no transaction, no sync
         assert wrapped.num_syncs == 1
@@ -182,7 +206,7 @@ def test_save_forces_a_sync_when_the_environment_does_not(tmp_path: Path) -> Non
 
 
 def test_corrupt_values_raise_wire_error(store: StateStore) -> None:
-    storage = RaftStorage(store.env)
+    storage = LmdbStorage(store.env)
     storage.save(Ready(truncate_from=1, entries=entries(1, 2, 1)))
     with store.env.begin(write=True) as txn:
         txn.put((2).to_bytes(8, "big"), msgpack.packb([1, 99, b"", []]), db=store.env.open_db(LOG_DB, txn=txn))
@@ -190,30 +214,30 @@ def test_corrupt_values_raise_wire_error(store: StateStore) -> None:
         storage.load()
 
 
-class _CheckedDisk(Disk):
-    """The simulator's reference Disk, mirrored into LMDB; after every save both must hold the same."""
+class _CheckedStorage(MemoryStorage):
+    """The simulator's reference MemoryStorage, mirrored into LMDB; after every save both must hold the same."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.store = StateStore(path)
-        self.storage = RaftStorage(self.store.env)
+        self.lmdb = LmdbStorage(self.store.env)
 
     def save(self, ready: Ready) -> None:
         super().save(ready)
-        self.storage.save(ready)
-        assert self.storage.load() == PersistedState(self.hard_state, tuple(self.entries), self.snapshot)
+        self.lmdb.save(ready)
+        assert self.lmdb.load() == self.load()
 
 
-def test_storage_matches_the_simulator_disk_under_churn(tmp_path: Path) -> None:
+def test_lmdb_matches_memory_storage_under_churn(tmp_path: Path) -> None:
     """Differential test: a simulated cluster with crashes, restarts, partitions and compaction, whose
-    every Ready is also saved to LMDB; LMDB must always read back what the reference Disk holds."""
-    disks: dict[str, _CheckedDisk] = {}
+    every Ready is also saved to LMDB; LMDB must always read back what the reference MemoryStorage holds."""
+    checked: dict[str, _CheckedStorage] = {}
 
-    def make_disk(node_id: str) -> Disk:
-        disks[node_id] = _CheckedDisk(tmp_path / node_id)
-        return disks[node_id]
+    def make_storage(node_id: str) -> Storage:
+        checked[node_id] = _CheckedStorage(tmp_path / node_id)
+        return checked[node_id]
 
-    sim = Sim(3, seed=7, compact_every=5, disk_factory=make_disk)
+    sim = Sim(3, seed=7, compact_every=5, storage_factory=make_storage)
     sim.drop(0.1)
     sim.delay(2)
     rng = random.Random(7)
@@ -234,7 +258,8 @@ def test_storage_matches_the_simulator_disk_under_churn(tmp_path: Path) -> None:
         sim.heal()
         sim.reliable()
         sim.commit(b"final")
-        assert any(disk.snapshot is not None and disk.snapshot.index > 0 for disk in disks.values())
+        assert any((snapshot := storage.load().snapshot) is not None and snapshot.index > 0
+                   for storage in checked.values())
     finally:
-        for disk in disks.values():
-            disk.store.close()
+        for storage in checked.values():
+            storage.store.close()

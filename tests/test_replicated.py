@@ -13,16 +13,15 @@ from typing import Any
 
 import pytest
 
+from sllmd.cluster.curve import cluster_curve_keys, generate_curve_keypair
 from sllmd.cluster.replicated import ReplicatedStateMachine
-from sllmd.cluster.transport import generate_curve_keypair
-from sllmd.config import ClusterConfig, ConfigError, cluster_curve_keys, load_config
-from sllmd.engine.base import Backend
+from sllmd.config import ClusterConfig, ConfigError, load_config
 from sllmd.errors import Conflict, ModelNotFound, Overloaded
 from sllmd.raft.core import Role
-from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import NodeRecord, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.state.store import StateStore
+from sllmd.types import AutoscalingPolicy, Backend
 from tests.nodes import free_port, running_node
 
 FAST = ClusterConfig(tick_s=0.01, heartbeat_interval_s=0.03, election_timeout_min_s=0.15,
@@ -134,11 +133,11 @@ async def test_three_nodes_elect_a_leader_and_a_follower_write_applies_everywher
 
     # The node table holds every member's addresses; views agree on the leader.
     assert {n: r.peer for n, r in leader.nodes().items()} == {n: cluster.peer(n) for n in ("n1", "n2", "n3")}
-    await wait_until(lambda: all(all(m["alive"] for m in n.cluster_view()["nodes"]) for n in cluster.nodes.values()))
+    await wait_until(lambda: all(all(m.is_alive for m in n.cluster_view().nodes) for n in cluster.nodes.values()))
     for node in cluster.nodes.values():
         view = node.cluster_view()
-        assert view["leader"] == leader.node_id and len(view["nodes"]) == 3
-        assert {m["id"] for m in view["nodes"] if m["role"] == "leader"} == {leader.node_id}
+        assert view.leader_id == leader.node_id and len(view.nodes) == 3
+        assert {m.id for m in view.nodes if m.role == "leader"} == {leader.node_id}
 
 
 async def test_instance_records_are_best_effort_and_never_block_without_a_leader(cluster):
@@ -283,6 +282,11 @@ async def test_a_node_without_the_cluster_keys_cannot_join_a_keyed_cluster(clust
     await wait_until(lambda: first.deployment("keyed") is not None)
 
 
+def curve_keys(cluster: ClusterConfig):
+    """What the node builds from [cluster]: load_config checks the settings, cluster_curve_keys the keys."""
+    return cluster_curve_keys(cluster.secret_key, cluster.public_key, cluster.public_keys)
+
+
 @pytest.mark.parametrize(("changes", "fragment"), [
     ({"secret_key": "x" * 40}, "cluster.secret_key and cluster.public_key must both be set"),
     ({"secret_key": "x" * 40, "public_key": "y" * 40}, "public_key does not belong to secret_key"),
@@ -291,7 +295,7 @@ async def test_a_node_without_the_cluster_keys_cannot_join_a_keyed_cluster(clust
 def test_bad_cluster_keys_are_a_one_line_config_error(changes, fragment):
     env = {f"SLLMD_CLUSTER_{key.upper()}": value for key, value in changes.items()}
     with pytest.raises(ConfigError) as raised:
-        load_config(None, env=env)
+        curve_keys(load_config(None, env=env).cluster)
     assert fragment in str(raised.value) and "\n" not in str(raised.value)
     public, secret = generate_curve_keypair()
     with pytest.raises(ConfigError, match=r"must include cluster\.public_key"):
@@ -304,7 +308,7 @@ def test_cluster_keys_command_prints_a_loadable_pair(tmp_path):
     path = tmp_path / "keys.toml"
     path.write_text(done.stdout)
     config = load_config(path, env={})
-    assert cluster_curve_keys(config.cluster) is not None
+    assert curve_keys(config.cluster) is not None
     assert config.cluster.public_keys == (config.cluster.public_key,)
 
 

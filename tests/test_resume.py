@@ -12,14 +12,16 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from sllmd.config import ConfigError, load_config
-from sllmd.serving.relay import RELAYED_HEADER, relay_body
+from sllmd.errors import InvalidRequest
+from sllmd.serving.request import TokenRequest
+from sllmd.types import SamplingParams
+from tests.nodes import generate_here
 from tests.test_cluster import Member, running_cluster, wait_until
 from tests.test_migration import stream
 from tests.test_routing import serving_node, wait_known_everywhere
@@ -69,8 +71,7 @@ def outcome(events: list[Any]) -> tuple[str, str | None, dict[str, int]]:
 @pytest.fixture(scope="module")
 def relayed_answer(cluster: list[Member]) -> httpx.Response:
     """A request "relayed" to the second node: it serves it itself, starting the model's one instance there."""
-    body = {"model": "demo", "prompt": "Hello", "max_tokens": 5, "temperature": 0}
-    return httpx.post(f"{cluster[1].url}/v1/completions", json=body, headers={RELAYED_HEADER: "test"}, timeout=60)
+    return generate_here(cluster[1].url, "demo", [1, 5, 9], 5, temperature=0.0)
 
 
 def test_the_serving_node_answers_a_relayed_request_with_token_ids(cluster, relayed_answer):
@@ -105,12 +106,28 @@ def test_kill_of_the_serving_node_mid_stream_resumes_relayed_streams_with_identi
 # ------------------------------------------------------------------------------------------ in process
 
 
-def test_a_resumed_relay_asks_for_the_rest_from_prompt_and_tokens_so_far():
-    params = SimpleNamespace(max_tokens=10, temperature=0.7, top_p=0.9, seed=42)
-    prepared = SimpleNamespace(deployment=SimpleNamespace(name="m"), params=params, prompt_ids=[1, 2])
-    assert relay_body(prepared, [7, 8, 9]) == {  # type: ignore[arg-type]
-        "model": "m", "prompt": [1, 2, 7, 8, 9], "max_tokens": 7, "temperature": 0.7, "top_p": 0.9,
-        "stream": True, "seed": 42}
+def test_a_resumed_request_asks_for_the_rest_from_prompt_and_tokens_so_far():
+    params = SamplingParams(max_tokens=10, temperature=0.7, top_p=0.9, seed=42, stop_token_ids=frozenset({2}))
+    resumed = TokenRequest("m", (1, 2), params, generated=(7, 8, 9))
+    assert resumed.sequence() == [1, 2, 7, 8, 9]
+    assert resumed.remaining_params() == SamplingParams(max_tokens=7, temperature=0.7, top_p=0.9, seed=42,
+                                                        stop_token_ids=frozenset({2}))
+    assert resumed.to_wire() == {"model": "m", "prompt_ids": [1, 2], "generated": [7, 8, 9], "max_tokens": 10,
+                                 "temperature": 0.7, "top_p": 0.9, "seed": 42, "stop_token_ids": [2]}
+    assert TokenRequest.from_wire(resumed.to_wire()) == resumed
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"prompt_ids": []}, "prompt_ids"), ({"prompt_ids": [1, -2]}, "prompt_ids"), ({"generated": "x"}, "generated"),
+    ({"max_tokens": 3}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"seed": 1.5}, "seed"),
+    ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "temperature"), ({"extra": 1}, "extra"),
+    ({"model": ""}, "model"),
+])
+def test_a_malformed_internal_request_is_refused_naming_its_field(change, param):
+    wire = {**TokenRequest("m", (1, 2), SamplingParams(max_tokens=10), generated=(7, 8, 9)).to_wire(), **change}
+    with pytest.raises(InvalidRequest) as refused:
+        TokenRequest.from_wire(wire)
+    assert refused.value.param == param
 
 
 def test_resume_on_node_failure_setting():

@@ -12,7 +12,6 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,7 +21,10 @@ from aiohttp import web
 from sllmd.errors import Overloaded
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
-from sllmd.serving.relay import RELAYED_HEADER, Relay, RelayFailed
+from sllmd.serving.relay import GENERATE_PATH, Relay, RelayFailed
+from sllmd.serving.request import TokenRequest
+from sllmd.types import SamplingParams
+from tests.nodes import generate_here
 from tests.test_cluster import Member, fetches_by_tier, free_ports, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
@@ -54,8 +56,8 @@ def serving_node(members: list[Member], model: str) -> Member:
 
 
 def wait_known_everywhere(members: list[Member], model: str, serving: Member) -> None:
-    """Until every node's view shows `serving` holding a slot for `model` (the instance record, committed
-    before that, has then reached them too)."""
+    """Until every node's view shows `serving` holding a slot for `model` (its status messages, which are
+    what routing reads of other nodes)."""
     def holds(observer: Member) -> bool:
         node = next(n for n in observer.get("/admin/cluster")["nodes"] if n["id"] == serving.node_id)
         return any((slot["instance"] or "").startswith(f"{model}-") for slot in node["slots"])
@@ -102,6 +104,29 @@ def test_other_nodes_relay_to_the_one_instance_with_identical_answers(cluster):
         whole = member.post("/v1/chat/completions", {**chat, "stream_options": None}).json()
         assert text == whole["choices"][0]["message"]["content"]
     assert serving_node(cluster, "tiny") is serving  # still the only instance
+
+
+def metric(member: Member, name: str, labels: str) -> float:
+    """The value of sample `name{labels}` in the node's /metrics (0 when absent)."""
+    text = httpx.get(member.url + "/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_relayed_request_is_measured_once_on_its_entry_node(cluster):
+    complete(cluster[0], "tiny")
+    serving = serving_node(cluster, "tiny")
+    wait_known_everywhere(cluster, "tiny", serving)
+    entry = next(m for m in cluster if m is not serving)
+    counted = ("sllmd_ttft_seconds_count", "sllmd_request_latency_seconds_count")
+    before = {(m.node_id, name): metric(m, name, 'model="tiny"') for m in (entry, serving) for name in counted}
+    out_before = {m.node_id: metric(m, "sllmd_tokens_total", 'direction="out",model="tiny"') for m in (entry, serving)}
+    assert complete(entry, "tiny")["usage"]["completion_tokens"] == 12  # relayed to `serving`
+    for name in counted:  # arrival to first token, on the clock of the node the client talks to
+        assert metric(entry, name, 'model="tiny"') == before[(entry.node_id, name)] + 1
+        assert metric(serving, name, 'model="tiny"') == before[(serving.node_id, name)]
+    assert metric(entry, "sllmd_tokens_total", 'direction="out",model="tiny"') == out_before[entry.node_id] + 12
+    assert metric(serving, "sllmd_tokens_total", 'direction="out",model="tiny"') == out_before[serving.node_id]
 
 
 def test_every_node_sees_the_serving_nodes_soft_state(cluster):
@@ -191,9 +216,7 @@ def test_a_deployed_checkpoint_is_fetched_by_its_home_and_a_cold_start_elsewhere
     wait_until(lambda: set(holders([other], "peered-")) == expected, 5, "the holders seen by the third node", cluster)
     fetched_before = fetches_by_tier(other)
     shutil.rmtree(source)  # from now on only the holders have the bytes
-    request = {"model": "peered", "prompt": "hello", "max_tokens": 4, "temperature": 0}
-    served = httpx.post(f"{other.url}/v1/completions", json=request, timeout=60,
-                        headers={RELAYED_HEADER: "test"})  # "relayed": that node serves it itself
+    served = generate_here(other.url, "peered", [1, 2, 3], 4, temperature=0.0)  # that node serves it itself
     assert served.status_code == 200, served.text
     fetched = fetches_by_tier(other)
     assert fetched["peer"] == fetched_before["peer"] + 1 and fetched["repository"] == fetched_before["repository"]
@@ -229,25 +252,27 @@ def test_kill_of_the_serving_node_mid_stream_ends_the_relayed_stream_with_an_err
 
     # The next requests succeed on survivors: through `other` (which still counts the dead node alive, so
     # its relay is refused and placed again) and through `entry` (which marked it suspect).
+    # With the leader dead, a node routes by the others' status messages alone: let the new instance reach
+    # them before the second request (within one status period, two entry nodes may each start one).
     survivors = [entry, other]
-    for member in (other, entry):
-        assert complete(member, "tiny")["usage"]["completion_tokens"] == 12
+    assert complete(other, "tiny")["usage"]["completion_tokens"] == 12
+    wait_known_everywhere(survivors, "tiny", serving_node(survivors, "tiny"))
+    assert complete(entry, "tiny")["usage"]["completion_tokens"] == 12
     assert sum(instances(survivors, "tiny").values()) == 1
 
 
 # ------------------------------------------------------------- the relay against a misbehaving peer
 
 
-def prepared_request() -> Any:
-    request = SimpleNamespace(model="m", stop=())
-    params = SimpleNamespace(max_tokens=4, temperature=0.0, top_p=1.0, seed=None)
-    return SimpleNamespace(request=request, deployment=SimpleNamespace(name="m"), params=params, prompt_ids=[1, 2])
+def token_request() -> TokenRequest:
+    params = SamplingParams(max_tokens=4, temperature=0.0, seed=3, stop_token_ids=frozenset({9}))
+    return TokenRequest("m", (1, 2), params)
 
 
 @asynccontextmanager
 async def peer(handler) -> AsyncIterator[str]:
     app = web.Application()
-    app.router.add_post("/v1/completions", handler)
+    app.router.add_post(GENERATE_PATH, handler)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_ports(1)[0]
@@ -259,7 +284,7 @@ async def peer(handler) -> AsyncIterator[str]:
 
 
 async def drain(relay: Relay, address: str) -> list[Any]:
-    async with relay.open(address, prepared_request()) as events:
+    async with relay.open(address, token_request()) as events:
         return [event async for event in events]
 
 
@@ -267,8 +292,8 @@ async def test_relay_maps_peer_errors_and_broken_streams():
     seen: list[dict[str, Any]] = []
 
     async def overloaded(request: web.Request) -> web.Response:
-        seen.append({"header": request.headers.get(RELAYED_HEADER), "body": await request.json()})
-        body = {"error": {"message": "busy", "type": "overloaded_error", "param": None, "code": "queue_full"}}
+        seen.append(await request.json())
+        body = {"error": Overloaded("busy", retry_after_s=7, code="queue_full").to_wire()}
         return web.json_response(body, status=503, headers={"Retry-After": "7"})
 
     async def broken(request: web.Request) -> web.StreamResponse:
@@ -284,14 +309,16 @@ async def test_relay_maps_peer_errors_and_broken_streams():
         async with peer(overloaded) as address:
             with pytest.raises(Overloaded) as raised:
                 await drain(relay, address)
-        assert raised.value.retry_after_s == 7 and raised.value.code == "queue_full"
-        assert seen[0]["header"] == "entry"
-        assert seen[0]["body"] == {"model": "m", "prompt": [1, 2], "max_tokens": 4, "temperature": 0.0,
-                                   "top_p": 1.0, "stream": True}
+        error = raised.value  # the serving node's error as it was: class, body fields, retry hint
+        assert (error.status, error.retry_after_s, error.to_body()) == (503, 7, {"error": {
+            "message": "busy", "type": "overloaded_error", "param": None, "code": "queue_full"}})
+        assert seen == [{"model": "m", "prompt_ids": [1, 2], "generated": [], "max_tokens": 4, "temperature": 0.0,
+                         "top_p": 1.0, "seed": 3, "stop_token_ids": [9]}]
+        assert TokenRequest.from_wire(seen[0]) == token_request()
         async with peer(broken) as address:
             events: list[Any] = []
             with pytest.raises(RelayFailed) as failed:
-                async with relay.open(address, prepared_request()) as stream:
+                async with relay.open(address, token_request()) as stream:
                     async for event in stream:
                         events.append(event)
         assert events == [5, 17] and not failed.value.is_connect

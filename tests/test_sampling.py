@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from sllmd.engine.base import SamplingParams
 from sllmd.engine.sampling import _GOLDEN, _mix64, choose_token, keyed_uniform
+from sllmd.types import SamplingParams
 
 
 def _freqs(logits: torch.Tensor, params: SamplingParams, n: int, position: int = 3) -> Counter[int]:

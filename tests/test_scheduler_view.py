@@ -1,15 +1,13 @@
-"""The cluster view as the scheduler plans on it: checkpoint ids back to models, hostile fields neutralised."""
+"""The cluster view as placement plans on it: checkpoint ids back to models, instance counts from the records."""
 
 from __future__ import annotations
 
-import pytest
-
-from sllmd.engine.base import Backend
-from sllmd.scheduler.autoscale import AutoscalingPolicy
-from sllmd.scheduler.estimate import Calibration, EngineKind, Tier
-from sllmd.scheduler.placement import plan_start
+from sllmd.scheduler.estimate import Calibration
+from sllmd.scheduler.placement import ModelLoad, plan_start
+from sllmd.scheduler.status import InstanceStatus, NodeStatus, PeerInfo, QueueStatus
 from sllmd.scheduler.view import node_states
-from sllmd.state.models import Deployment
+from sllmd.state.models import Deployment, InstanceRecord, InstanceState
+from sllmd.types import AutoscalingPolicy, Backend, EngineKind, Tier
 
 
 def deployment(name: str, num_bytes: int = 10**9, backend: Backend = Backend.TRANSFORMERS) -> Deployment:
@@ -20,64 +18,71 @@ DEPLOYMENTS = {"a": deployment("a"), "b": deployment("b", 2 * 10**9, Backend.VLL
 MODELS_OF = {"a-1": ["a"], "b-2": ["b"]}
 
 
-def view(node_id: str, **fields) -> dict:
-    return {"id": node_id, "alive": True, "free_slots": 1, "dram_cached": [], "ssd_cached": [], "instances": [],
-            "calibration": Calibration.defaults().to_wire(), "pending_load_s": 0.0, **fields}
+def status(**fields) -> NodeStatus:
+    return NodeStatus(**{"slots": (), "num_free_slots": 1, "dram_cached": (), "ssd_cached": (), "queues": {},
+                         "calibration": Calibration.defaults(), "pending_load_s": 0.0, "instances": (),
+                         "free_dram_bytes": 0, "free_ssd_bytes": 0, "parked_models": (), "parked_host_bytes": 0,
+                         **fields})
 
 
-def states(*nodes: dict, local: str = "n1"):
-    return node_states(list(nodes), DEPLOYMENTS, models_of=MODELS_OF, in_place=frozenset({"local"}),
+def peer(node_id: str, *, alive: bool = True, http: str | None = "127.0.0.1:1", **fields) -> PeerInfo:
+    return PeerInfo(node_id, http, "127.0.0.1:2", "follower", alive, True, 0.1, status(**fields))
+
+
+def states(*nodes: PeerInfo, records: tuple[InstanceRecord, ...] = (), local: str = "n1"):
+    return node_states(list(nodes), DEPLOYMENTS, records, models_of=MODELS_OF, in_place=frozenset({"local"}),
                        local_node_id=local)
 
 
+def record(instance_id: str, model: str, node_id: str, state: InstanceState) -> InstanceRecord:
+    return InstanceRecord(instance_id, model, node_id, "cpu", state, 0.0)
+
+
 def test_store_and_cache_ids_become_models_and_in_place_models_are_on_every_ssd():
-    (state,) = states(view("n1", dram_cached=["b-2", "unknown-3"], ssd_cached=["a-1"]))
+    (state,) = states(peer("n1", dram_cached=("b-2", "unknown-3"), ssd_cached=("a-1",)))
     assert state.dram_models == {"b"}
     assert state.ssd_models == {"a", "local"}
 
 
-def test_parked_engines_are_listed_for_known_models_only():
-    (state,) = states(view("n1", parked_models=["b", "gone", 7, {"b": 1}]))
+def test_parked_engines_are_listed_for_deployed_models_only():
+    (state,) = states(peer("n1", parked_models=("b", "gone")))
     assert state.parked_models == {"b"}
 
 
-def test_only_ready_instances_of_known_models_are_listed_with_their_engine_kind_and_checkpoint_size():
-    (state,) = states(view("n1", instances=[
-        {"id": "b-x", "model": "b", "requests": 2, "tokens": 300, "state": "ready"},
-        {"id": "a-y", "model": "a", "requests": 0, "state": "starting"},
-        {"id": "z", "model": "gone", "requests": 1, "state": "ready"},
-        {"id": "bad", "model": "a", "requests": "many", "state": "ready"},
-        "not a dict"]))
+def test_only_ready_instances_of_deployed_models_are_listed_with_their_engine_kind_and_checkpoint_size():
+    (state,) = states(peer("n1", instances=(
+        InstanceStatus("b-x", "b", InstanceState.READY, 2, 300),
+        InstanceStatus("a-y", "a", InstanceState.STARTING, 0, 0),
+        InstanceStatus("z", "gone", InstanceState.READY, 1, 10))))
     assert [(i.id, i.engine_kind, i.num_requests, i.num_tokens, i.num_bytes) for i in state.instances] == [
         ("b-x", EngineKind.VLLM, 2, 300, 2 * 10**9)]
 
 
-def unknown_engine_kind() -> dict:
-    wire = Calibration.defaults().to_wire()
-    wire["init"]["tpu"] = wire["init"]["vllm"]
-    return wire
+def test_loads_count_the_live_instance_records_and_the_requests_the_status_reports():
+    records = (record("i1", "a", "n1", InstanceState.READY), record("i2", "a", "n1", InstanceState.STARTING),
+               record("i3", "a", "n1", InstanceState.STOPPING), record("i4", "a", "n2", InstanceState.READY))
+    n1, n2 = states(peer("n1", queues={"a": QueueStatus(2, 3), "b": QueueStatus(1, 0)}), peer("n2"), records=records)
+    assert n1.loads == {"a": ModelLoad(1, 1, 5), "b": ModelLoad(0, 0, 1)}
+    assert n2.load("a") == ModelLoad(1, 0, 0) and n2.load("b") == ModelLoad()
 
 
-def old_single_init_line() -> dict:
-    wire = Calibration.defaults().to_wire()
-    wire["init"] = wire["init"]["transformers"]
-    return wire
+def test_a_node_not_heard_from_yet_has_no_free_slot_and_default_calibration():
+    unheard = PeerInfo("n2", "127.0.0.1:1", "127.0.0.1:2", "unknown", True, True, None, None)
+    _, n2 = states(peer("n1"), unheard, records=(record("i1", "a", "n2", InstanceState.READY),))
+    assert (n2.is_alive, n2.num_free_slots, n2.calibration, n2.ssd_models) == (
+        True, 0, Calibration.defaults(), {"local"})
+    assert n2.load("a").num_ready == 1
 
 
-@pytest.mark.parametrize("calibration", [{"load_gbps": {"ssd": -1}}, unknown_engine_kind(), old_single_init_line()])
-def test_a_calibration_that_does_not_parse_reads_as_the_defaults(calibration):
-    (state,) = states(view("n1", calibration=calibration))
-    assert state.calibration == Calibration.defaults()
-
-
-def test_the_local_node_is_alive_whatever_the_view_says_and_dead_peers_are_not_chosen():
-    n1, n2 = states(view("n1", alive=False), view("n2", alive=False, ssd_cached=["a-1"]))
-    assert n1.is_alive and not n2.is_alive
-    plan = plan_start("a", EngineKind.TRANSFORMERS, 10**9, [n1, n2])
+def test_the_local_node_is_alive_whatever_the_view_says_and_dead_or_unaddressed_peers_are_not():
+    n1, n2, n3 = states(peer("n1", alive=False), peer("n2", alive=False, ssd_cached=("a-1",)),
+                        peer("n3", http=None, num_free_slots=4))
+    assert n1.is_alive and not n2.is_alive and not n3.is_alive
+    plan = plan_start("a", EngineKind.TRANSFORMERS, 10**9, [n1, n2, n3])
     assert plan is not None and plan.node_id == "n1" and plan.tier is Tier.REPOSITORY  # n2's copy is unreachable
 
 
 def test_the_plan_prefers_the_node_with_the_checkpoint_in_dram():
-    plan = plan_start("b", EngineKind.VLLM, 2 * 10**9, states(view("n1", ssd_cached=["b-2"]),
-                                                             view("n2", dram_cached=["b-2"])))
+    plan = plan_start("b", EngineKind.VLLM, 2 * 10**9, states(peer("n1", ssd_cached=("b-2",)),
+                                                             peer("n2", dram_cached=("b-2",))))
     assert plan is not None and (plan.node_id, plan.tier) == ("n2", Tier.DRAM)

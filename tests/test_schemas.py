@@ -7,13 +7,8 @@ import json
 import pytest
 
 from sllmd.errors import InvalidRequest
-from sllmd.http.schemas import (
-    ChatMessage,
-    GenerationRequest,
-    parse_chat_request,
-    parse_completion_request,
-    parse_json_object,
-)
+from sllmd.http.schemas import parse_chat_request, parse_completion_request, parse_json_object
+from sllmd.serving.request import ChatMessage, GenerationRequest
 
 CMPL = {"model": "m", "prompt": "hi"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

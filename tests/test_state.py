@@ -5,12 +5,11 @@ import sys
 
 import pytest
 
-from sllmd.engine.base import Backend
 from sllmd.errors import Conflict, ModelNotFound
-from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.state.store import StateStore
+from sllmd.types import AutoscalingPolicy, Backend
 
 
 def deployment(name: str = "m") -> Deployment:

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 
 import sllmd.checkpoint.store as store_module
-from sllmd.checkpoint.format import CorruptCheckpoint, Manifest, PartitionEntry, PartitionHasher, plan_layout
+from sllmd.checkpoint.errors import CorruptCheckpoint
+from sllmd.checkpoint.layout import PartitionHasher, plan_layout
+from sllmd.checkpoint.manifest import Manifest, PartitionEntry
 from sllmd.checkpoint.store import (
     CheckpointInUse,
     CheckpointStore,
     StoreFull,
     checkpoint_id,
 )
-from sllmd.scheduler.estimate import Tier
+from sllmd.types import Tier
 
 KIB = 1024
 SIZE = 64 * KIB  # data bytes of each test checkpoint

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sllmd.errors import ContextLengthExceeded, InvalidRequest
-from sllmd.http.schemas import ChatMessage
+from sllmd.serving.request import ChatMessage
 from sllmd.serving.textgen import MAX_PENDING_TOKENS, TextStream, Tokenizer, resolve_max_tokens
 
 SAMPLES = [

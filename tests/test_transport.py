@@ -16,14 +16,8 @@ import msgpack
 import pytest
 import zmq
 
-from sllmd.cluster.transport import (
-    HWM,
-    CurveKeys,
-    Message,
-    PeerTransport,
-    TransportClosedError,
-    generate_curve_keypair,
-)
+from sllmd.cluster.curve import CurveKeys, generate_curve_keypair
+from sllmd.cluster.transport import HWM, Message, PeerTransport, TransportClosedError
 
 Make = Callable[..., Awaitable[PeerTransport]]
 HOST = "127.0.0.1"

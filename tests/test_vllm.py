@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from sllmd.checkpoint.convert import convert
-from sllmd.engine.base import LoadReport, Prefill, SamplingParams
+from sllmd.engine.base import Prefill
 from sllmd.engine.sampling import choose_token
 from sllmd.engine.vllm import VllmEngine
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
+from sllmd.types import LoadReport, SamplingParams
 from sllmd.worker.warming import read_into_page_cache
 from tests.test_page_cache_tier import evict_page_cache
 

@@ -97,8 +97,8 @@ async def test_unsupported_architecture_is_refused_at_deploy(served: RunningNode
 async def test_a_bfloat16_engine_picks_tokens_within_bfloat16_rounding_of_the_float32_argmax(tmp_path: Path) -> None:
     pytest.importorskip("vllm")
     from sllmd.checkpoint.convert import convert
-    from sllmd.engine.base import SamplingParams
     from sllmd.engine.vllm import VllmEngine
+    from sllmd.types import SamplingParams
 
     path = archmodels.build("llama", tmp_path / "llama", dtype="bfloat16")
     convert(path, tmp_path / "llama-v1")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sllmd.scheduler.estimate import Calibration, DeviceKind, EngineKind
+from sllmd.scheduler.estimate import Calibration, DeviceKind
+from sllmd.types import EngineKind
 from tests.nodes import running_node
 
 pytestmark = pytest.mark.vllm

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from sllmd.checkpoint.convert import convert
-from sllmd.engine.base import SamplingParams
 from sllmd.tools.demo_model import build_demo_model
+from sllmd.types import SamplingParams
 from tests.archcheck import reference
 from tests.nodes import running_node
 

@@ -14,7 +14,7 @@ A source is one of (`SourceKind`):
 
 Every way ends with one `rename` of a fsynced work directory. This module holds the public entry points
 (`describe`, `fetch`) and the local-directory sources; the URL client's settings and errors
-(`FetchSettings`, `FetchError`, `RepositoryNotFound`, `RepositoryUnreachable`) are re-exported here.
+(`FetchSettings`, `FetchError`, `RepositoryNotFound`, `RepositoryUnreachable`) are `url_fetch`'s.
 
 Async functions run on the caller's event loop; blocking file work goes to threads.
 """
@@ -38,46 +38,20 @@ from urllib.parse import urlsplit
 import xxhash
 
 from sllmd.checkpoint import hub
-from sllmd.checkpoint.format import (
-    MANIFEST_FILE,
-    CheckpointNotFound,
-    ConversionError,
-    Manifest,
-    PartitionHasher,
-)
+from sllmd.checkpoint.errors import CheckpointNotFound, ConversionError
 from sllmd.checkpoint.gguf import is_gguf_file
 from sllmd.checkpoint.hub_ref import HF_SCHEME, parse_hub_ref
+from sllmd.checkpoint.layout import PartitionHasher
+from sllmd.checkpoint.manifest import MANIFEST_FILE, Manifest
 from sllmd.checkpoint.reader import check_partition, read_manifest_bytes, read_partition
 from sllmd.checkpoint.url_fetch import (
-    REQUIRED_SIDE_FILES,
-    SIDE_FILES,
     FetchError,
     FetchSettings,
     RepositoryNotFound,
-    RepositoryUnreachable,
     describe_url,
     fetch_url,
     publish,
 )
-
-__all__ = [
-    "REQUIRED_SIDE_FILES",
-    "SIDE_FILES",
-    "WEIGHT_SUFFIXES",
-    "FetchError",
-    "FetchReport",
-    "FetchSettings",
-    "Progress",
-    "RepositoryNotFound",
-    "RepositoryUnreachable",
-    "SourceInfo",
-    "SourceKind",
-    "describe",
-    "fetch",
-    "is_url",
-    "normalize_source",
-    "source_kind",
-]
 
 log = logging.getLogger(__name__)
 

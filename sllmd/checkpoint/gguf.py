@@ -18,7 +18,7 @@ Contract of `convert_gguf(src, dst, *, dtype="float32", progress=False) -> Manif
   and the disk beside `dst` needs twice its size until the hidden directory is deleted.
 
 Transformers and torch are imported only when a conversion runs. `sllmd convert MODEL.gguf DST [--dtype]`
-(`sllmd.checkpoint.convert.main`) calls this for a source ending in `.gguf`.
+(`sllmd.tools.convert`) calls this for a source ending in `.gguf`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sllmd.checkpoint.convert import convert
-from sllmd.checkpoint.format import ConversionError, Manifest
+from sllmd.checkpoint.errors import ConversionError
+from sllmd.checkpoint.manifest import Manifest
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -149,6 +149,8 @@ def convert_gguf(src: Path, dst: Path, *, dtype: str = "float32", progress: bool
         _write_hf_dir(source, "model.gguf", hf_dir, src=src, architecture=architecture, dtype=dtype,
                       show_bars=progress and sys.stderr.isatty())
         gc.collect()  # the dequantised model, before convert reads its files back
+        from sllmd.checkpoint.convert import convert  # torch: only when a conversion runs
+
         return convert(hf_dir, dst, progress=progress, on_progress=on_progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -19,12 +19,11 @@ Pipelines (`load_checkpoint` picks one):
 How a piece is read (`io_mode`): "auto" (default) copies a piece from the page cache when all of it is
 there (so a model still in the page cache loads at memory speed) and reads any other piece with O_DIRECT
 (no page-cache copy, no readahead guessing, no eviction of other data); filesystems that refuse O_DIRECT
-(EINVAL, e.g. tmpfs) fall back to buffered reads. "direct" and "buffered" force one way, for
-measurements (`reader.PartitionFiles`). Defaults were chosen with `scripts/bench_loader.py --sweep` (see DEFAULT_*).
+(EINVAL, e.g. tmpfs) fall back to buffered reads. "direct" and "buffered" force one way, for measurements
+(`reader.PartitionFiles`). Defaults: `scripts/bench_loader.py --sweep` (see DEFAULT_*).
 
-Integrity: `convert` and `fetch` verify; the loader does not re-hash unless `verify=True`, which hashes
-each manifest chunk as its bytes land (xxh3-128) and raises `ChecksumMismatch` naming the range.
-Missing or truncated data files raise `CorruptCheckpoint` before any byte is read.
+Integrity: `convert` and `fetch` verify; the loader does not re-hash unless `verify=True`, which hashes each
+chunk as its bytes land (xxh3-128), raising `ChecksumMismatch`; missing or short files: `CorruptCheckpoint`.
 """
 
 from __future__ import annotations
@@ -34,15 +33,16 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
-from sllmd.checkpoint.dram import CacheLease, DramCache, cache_key
-from sllmd.checkpoint.format import ALIGNMENT, ChecksumMismatch, Manifest
+from sllmd.checkpoint.dram import CacheKey, CacheLease, DramCache, cache_key
+from sllmd.checkpoint.errors import ChecksumMismatch
+from sllmd.checkpoint.manifest import ALIGNMENT, Manifest
 from sllmd.checkpoint.pool import (
     BufferPool,
     CudaCopier,
@@ -54,7 +54,9 @@ from sllmd.checkpoint.pool import (
     seal_read_only,
 )
 from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes
-from sllmd.engine.base import LoadReport
+from sllmd.checkpoint.tensors import tensor_views
+from sllmd.checkpoint.threads import run_threads, start_threads
+from sllmd.types import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +149,28 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dra
     `num_readers` / `chunk_bytes`: None takes the node's (see `configure`).
     Thread-safe: any number of loads may run at once (they share the pool).
     """
+    start = time.perf_counter()
+    loader, raw = _new_load(Path(path), torch.device(device), dram_cache=dram_cache, num_readers=num_readers,
+                            chunk_bytes=chunk_bytes, pool=pool, verify=verify, io_mode=io_mode, staged=staged,
+                            out=out, host_pool=host_pool)
+    if dram_cache is None:
+        buffer = loader.from_files(tee=None) if loader.is_staged else loader.direct()
+        return _finish(loader, buffer, "ssd", start, None)
+    key = cache_key(loader.path, manifest_digest(raw))
+    with dram_cache.single_flight(key):
+        lease = dram_cache.get(key)
+        if lease is not None:
+            return _from_dram(loader, lease, start)
+        return _from_ssd_into_dram(loader, dram_cache, key, start)
+
+
+def _new_load(path: Path, device: torch.device, *, dram_cache: DramCache | None, num_readers: int | None,
+              chunk_bytes: int | None, pool: BufferPool | None, verify: bool, io_mode: IoMode, staged: bool,
+              out: torch.Tensor | None, host_pool: HostMemoryPool | None) -> tuple[_Load, bytes]:
+    """The checked arguments of `load_checkpoint` as a planned load, and the raw manifest (its digest keys
+    the DRAM cache). ValueError names a bad argument; checkpoint errors come from reading the manifest."""
     num_readers = _node_defaults["num_readers"] if num_readers is None else num_readers
     chunk_bytes = _node_defaults["chunk_bytes"] if chunk_bytes is None else chunk_bytes
-    start = time.perf_counter()
-    path, device = Path(path), torch.device(device)
     if num_readers < 1:
         raise ValueError("num_readers must be >= 1")
     if chunk_bytes < ALIGNMENT or chunk_bytes % ALIGNMENT:
@@ -175,40 +195,45 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", *, dra
         chunk_bytes = min(chunk_bytes, pool.buffer_bytes)
     alloc = (dram_cache.host_buffer if dram_cache is not None else host_pool.take if host_pool is not None
              else host_buffer)
-    loader = _Load(path, manifest, device, num_readers, chunk_bytes, verify, io_mode, pool, out, alloc)
-    if dram_cache is None:
-        buffer = loader.from_files(tee=None) if is_staged else loader.direct()
-        return _finish(loader, buffer, "ssd", start, None)
-    key = cache_key(path, manifest_digest(raw))
-    is_zero_copy = not is_staged  # a CPU target views the cached buffer itself
-    with dram_cache.single_flight(key):
-        lease = dram_cache.get(key)
-        if lease is not None and is_zero_copy:
-            if verify:
-                try:
-                    loader.verify_memory(lease.buffer)
-                except BaseException:
-                    lease.release()
-                    raise
-            return _finish(loader, lease.buffer, "dram", start, lease)
-        if lease is not None:
-            with lease:  # pinned only while copying out of it
-                return _finish(loader, loader.from_memory(lease.buffer), "dram", start, None)
-        fits = manifest.total_bytes <= dram_cache.budget_bytes
-        if is_zero_copy:
-            buffer = loader.direct()
-            if fits:
-                seal_read_only(buffer)  # every later hit shares it: no writer may touch it
-                lease = dram_cache.put(key, buffer)
-            return _finish(loader, buffer, "ssd", start, lease)
-        tee = dram_cache.host_buffer(manifest.total_bytes) if fits else None
-        buffer = loader.from_files(tee=tee)
-        if tee is not None:
-            seal_read_only(tee)
-            lease = dram_cache.put(key, tee)
-            if lease is not None:
-                lease.release()
-        return _finish(loader, buffer, "ssd", start, None)
+    return _Load(path, manifest, device, num_readers, chunk_bytes, verify, io_mode, pool if is_staged else None,
+                 out, alloc), raw
+
+
+def _from_dram(loader: _Load, lease: CacheLease, start: float) -> LoadedCheckpoint:
+    """A DRAM hit. A CPU target views the cached buffer itself (no copy; the result holds `lease`); a staged
+    target copies out of it, holding the lease only while copying."""
+    if loader.is_staged:
+        with lease:
+            return _finish(loader, loader.from_memory(lease.buffer), "dram", start, None)
+    if loader.verify:
+        try:
+            loader.verify_memory(lease.buffer)
+        except BaseException:
+            lease.release()
+            raise
+    return _finish(loader, lease.buffer, "dram", start, lease)
+
+
+def _from_ssd_into_dram(loader: _Load, dram_cache: DramCache, key: CacheKey, start: float) -> LoadedCheckpoint:
+    """A DRAM miss: load from the files, and put the bytes in the cache if they fit its budget. On CPU that is
+    the loaded buffer itself, sealed read-only since every later hit shares it; staged, a host copy made as the
+    pieces pass (`tee`)."""
+    fits = loader.manifest.total_bytes <= dram_cache.budget_bytes
+    if not loader.is_staged:
+        buffer = loader.direct()
+        lease = None
+        if fits:
+            seal_read_only(buffer)  # no writer may touch what later hits share
+            lease = dram_cache.put(key, buffer)
+        return _finish(loader, buffer, "ssd", start, lease)
+    tee = dram_cache.host_buffer(loader.manifest.total_bytes) if fits else None
+    buffer = loader.from_files(tee=tee)
+    if tee is not None:
+        seal_read_only(tee)
+        tee_lease = dram_cache.put(key, tee)
+        if tee_lease is not None:
+            tee_lease.release()
+    return _finish(loader, buffer, "ssd", start, None)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -216,7 +241,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _finish(loader: _Load, buffer: torch.Tensor, tier: str, start: float, lease: CacheLease | None) -> LoadedCheckpoint:
-    tensors = loader.manifest.tensor_views(buffer)
+    tensors = tensor_views(loader.manifest, buffer)
     report = LoadReport(source_tier=tier, num_bytes=loader.manifest.total_bytes, load_s=time.perf_counter() - start,
                         init_s=0.0)
     log.debug("loaded %s to %s from %s: %d bytes in %.3f s (%.2f GB/s)", loader.path, loader.device, tier,
@@ -234,6 +259,7 @@ class _Load:
         self.path, self.manifest, self.device, self.out, self.alloc = path, manifest, device, out, alloc
         self.num_readers, self.chunk_bytes, self.verify = num_readers, chunk_bytes, verify
         self.io_mode, self.pool = io_mode, pool
+        self.is_staged = pool is not None  # through the staging pool (CUDA, or staged=True), else direct
         self.segments = self._plan()
 
     def _plan(self) -> list[_Segment]:
@@ -270,7 +296,7 @@ class _Load:
                         hasher.update(view)
                 self._check(segment, hasher)
 
-            _run_threads(self.segments, self.num_readers, work)
+            run_threads(self.segments, self.num_readers, work)
         finally:
             files.close()
         return buffer
@@ -340,7 +366,7 @@ class _Load:
             self._check(segment, hasher)
 
         copier = CudaCopier(out, pool) if self.device.type == "cuda" else SyncCopier(out, pool)
-        threads = _start_threads(self.segments, self.num_readers, work, on_exit=lambda: landed.put(None))
+        threads = start_threads(self.segments, self.num_readers, work, on_exit=lambda: landed.put(None))
         try:
             remaining = len(threads.workers)
             while remaining:
@@ -372,58 +398,3 @@ class _Load:
     def _check(self, segment: _Segment, hasher: xxhash.xxh3_128 | None) -> None:
         if hasher is not None and hasher.hexdigest() != segment.digest:
             raise segment.mismatch(self.manifest.partitions[segment.pieces[0].partition].file)
-
-
-@dataclass(eq=False)
-class _Threads:
-    workers: list[threading.Thread]
-    cancel: threading.Event
-    errors: list[BaseException]
-
-    def fail(self, exc: BaseException) -> None:
-        self.errors.append(exc)
-        self.cancel.set()
-
-    def join(self) -> None:
-        for worker in self.workers:
-            worker.join()
-
-    def raise_first(self) -> None:
-        if self.errors:
-            raise self.errors[0]
-
-
-def _start_threads(segments: Sequence[_Segment], num_threads: int,
-                   work: Callable[[_Segment, threading.Event], None],
-                   on_exit: Callable[[], None] = lambda: None) -> _Threads:
-    """Up to `num_threads` threads taking segments in order until none is left or one fails (the first
-    failure cancels the rest). `on_exit` runs once in each thread as it ends, whatever happened."""
-    lock, cancel, errors = threading.Lock(), threading.Event(), []
-    todo = iter(segments)
-    threads = _Threads([], cancel, errors)
-
-    def loop() -> None:
-        try:
-            while not cancel.is_set():
-                with lock:
-                    segment = next(todo, None)
-                if segment is None:
-                    return
-                work(segment, cancel)
-        except BaseException as exc:
-            threads.fail(exc)
-        finally:
-            on_exit()
-
-    for i in range(max(1, min(num_threads, len(segments)))):
-        worker = threading.Thread(target=loop, name=f"sllmd-reader-{i}", daemon=True)
-        threads.workers.append(worker)
-        worker.start()
-    return threads
-
-
-def _run_threads(segments: Sequence[_Segment], num_threads: int,
-                 work: Callable[[_Segment, threading.Event], None]) -> None:
-    threads = _start_threads(segments, num_threads, work)
-    threads.join()
-    threads.raise_first()

@@ -3,20 +3,18 @@
 `PartitionFiles` is how the fast loader (`sllmd.checkpoint.loader`) reads data files: O_DIRECT where the
 filesystem allows, the page cache where it already holds the bytes. `read_tensors` is the plain,
 obviously-correct reader that tests compare the loader against: one buffer, one sequential pass, no threads.
-`verify` re-hashes every chunk (`sllmd verify DIR`). `resident_fraction` says how much of a checkpoint the
-page cache holds (what makes a load in another process, e.g. vLLM's worker, a DRAM-tier load). Nothing here
-imports transformers; only `read_tensors` imports torch.
+`verify` re-hashes every chunk (`sllmd verify DIR`, which is `sllmd.tools.verify`). `resident_fraction` says how
+much of a checkpoint the page cache holds (what makes a load in another process, e.g. vLLM's worker, a DRAM-tier
+load). Nothing here imports transformers; only `read_tensors` imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import functools
 import mmap
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,18 +23,9 @@ from typing import TYPE_CHECKING, Literal
 
 import xxhash
 
-from sllmd.checkpoint.format import (
-    HASH_ALGO,
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    CheckpointError,
-    CheckpointNotFound,
-    ChecksumMismatch,
-    CorruptCheckpoint,
-    Manifest,
-    PartitionEntry,
-    PartitionHasher,
-)
+from sllmd.checkpoint.errors import CheckpointNotFound, ChecksumMismatch, CorruptCheckpoint
+from sllmd.checkpoint.layout import PartitionHasher
+from sllmd.checkpoint.manifest import HASH_ALGO, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, PartitionEntry
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +140,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Reference reader: all partitions into one CPU buffer, tensors (aliases too) as views into it."""
     import torch
 
+    from sllmd.checkpoint.tensors import tensor_views
+
     path = Path(path)
     manifest = read_manifest(path)
     buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
@@ -161,7 +152,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             read_exactly(fd, view[base : base + part.nbytes], 0, part.file)
         finally:
             os.close(fd)
-    return manifest.tensor_views(buffer)
+    return tensor_views(manifest, buffer)
 
 
 @functools.cache
@@ -325,33 +316,3 @@ class PartitionFiles:
             raise CorruptCheckpoint(f"{self._manifest.partitions[partition].file}: unexpected end of file at "
                                     f"byte {position}")
         return got
-
-
-def human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError
-
-
-def report_failure(exc: BaseException) -> int:
-    """One `sllmd: ...` line on stderr for a failed command; returns its exit status (1)."""
-    known = isinstance(exc, CheckpointError | OSError)
-    message = str(exc) if known else f"{type(exc).__name__}: {exc}"
-    print("sllmd: " + " ".join(message.split()), file=sys.stderr)
-    return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`sllmd verify DIR`: exit 0 when every chunk hashes right, else 1 with one `sllmd: ...` line."""
-    parser = argparse.ArgumentParser(prog="sllmd verify", description="Re-hash every chunk of an sllmd checkpoint.")
-    parser.add_argument("dir", type=Path, help="checkpoint directory")
-    args = parser.parse_args(argv)
-    try:
-        report = verify(args.dir)
-    except Exception as exc:
-        return report_failure(exc)
-    print(f"{args.dir}: ok, {report.num_tensors} tensors, {report.num_partitions} partitions, {report.num_chunks} "
-          f"chunks, {human_bytes(report.num_bytes)} in {report.seconds:.1f} s")
-    return 0

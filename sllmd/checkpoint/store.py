@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from sllmd.checkpoint.errors import CheckpointError
 from sllmd.checkpoint.fetch import (
     FetchReport,
-    FetchSettings,
     Progress,
     SourceKind,
     describe,
@@ -44,10 +44,10 @@ from sllmd.checkpoint.fetch import (
     normalize_source,
     source_kind,
 )
-from sllmd.checkpoint.format import MANIFEST_FILE, CheckpointError
+from sllmd.checkpoint.manifest import MANIFEST_FILE
+from sllmd.checkpoint.url_fetch import FetchSettings
 from sllmd.config import StoreConfig
-from sllmd.engine.base import Backend
-from sllmd.scheduler.estimate import Tier
+from sllmd.types import Backend, Tier
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache
@@ -181,7 +181,7 @@ class CheckpointStore:
 
         With `refresh`, an entry whose source changed since it was fetched (see `fetch.describe`) is
         fetched again; `CheckpointInUse` if an instance has it pinned. Fetch errors propagate
-        (`fetch.FetchError`, `ManifestError`, `ConversionError`, `ChecksumMismatch`, `StoreFull`, ...).
+        (`url_fetch.FetchError`, `ManifestError`, `ConversionError`, `ChecksumMismatch`, `StoreFull`, ...).
         `progress` and `show_bars` go to the repository fetch this call starts (see `fetch.fetch`), if any.
         """
         lease = await self._ensure(source, refresh=refresh, pin=False, progress=progress, show_bars=show_bars)

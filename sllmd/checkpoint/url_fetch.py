@@ -1,3 +1,4 @@
+# long: one job, the HTTP client of v1 checkpoints; its docstring is the wire contract and its resume rules.
 """The HTTP client for checkpoints served by a model repository or a peer node (`http(s)://` sources).
 
 What a URL source must serve, under its base URL `BASE`:
@@ -44,13 +45,8 @@ from typing import Any, TypeVar
 import aiohttp
 import xxhash
 
-from sllmd.checkpoint.format import (
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    CheckpointError,
-    ChecksumMismatch,
-    Manifest,
-)
+from sllmd.checkpoint.errors import CheckpointError, ChecksumMismatch
+from sllmd.checkpoint.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest
 from sllmd.fsutil import publish_dir
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,12 @@
   `dead_node_timeout_s` (counted from when it became leader, as last_seen starts then), or that has no
   node record, so placement stops routing to it. The node re-registers what it runs when it restarts.
   REMOVE_NODE deletes a member's records for good.
-- Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS (its role and `soft_state()`: slots and
-  their free memory, DRAM-cache contents, queues, measured load bandwidths)
-  to the others. A node is "alive" if any message from it arrived within ALIVE_WINDOW_S. Approximate.
+- Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS {role, status} to the others, `status`
+  being its `soft_state()` (a `scheduler.status.NodeStatus`: slots and their free memory, cache contents,
+  queues, calibration, instances) in wire form, or None on a node that has none (no worker). A status that
+  does not decode is dropped whole. A node is "alive" if any message from it arrived within ALIVE_WINDOW_S.
+  Approximate. `view()` is the cluster as this node sees it; `peers()` the others alone, which computes
+  nothing of this node.
 """
 
 from __future__ import annotations
@@ -35,38 +38,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sllmd.cluster.shell import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped
+from sllmd.cluster.proposals import ConfigChangeError, NotLeaderError, ProposalDropped
+from sllmd.cluster.shell import ClusterNode
 from sllmd.config import is_host_port
 from sllmd.errors import SllmdError
+from sllmd.scheduler.status import ClusterView, NodeStatus, PeerInfo, StatusError
 from sllmd.state.machine import LocalStateMachine, NodeRecord, Op
+from sllmd.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
 JOIN_RETRY_S = 0.2
 STATUS_INTERVAL_S = 0.5
-# The fields of NODE_STATUS (see `Node._soft_state`) as (type, default): anything else a peer sends is dropped,
-# a field of the wrong type reads as its default. Deeper checks belong to the reader (e.g. the scheduler's).
-STATUS_FIELDS: dict[str, tuple[type | tuple[type, ...], Callable[[], Any]]] = {
-    "role": (str, lambda: "unknown"),
-    "slots": (list, list),
-    "free_slots": (int, lambda: None),
-    "dram_cached": (list, list),
-    "ssd_cached": (list, list),
-    "queues": (dict, dict),
-    "calibration": (dict, dict),  # the node's estimator constants (`Calibration.to_wire`)
-    "pending_load_s": ((int, float), lambda: 0.0),
-    "instances": (list, list),
-    "free_dram_bytes": (int, lambda: 0),
-    "free_ssd_bytes": (int, lambda: 0),
-    "parked_models": (list, list),  # vLLM deployments with an engine of their shape parked on the node
-    "parked_host_bytes": (int, lambda: 0),  # host memory its parked engines hold
-}
-
-
-def checked_status(body: dict[str, Any]) -> dict[str, Any]:
-    """The known fields of a NODE_STATUS body, each of its declared type (else its default)."""
-    return {name: value if isinstance(value := body.get(name), kind) and not isinstance(value, bool) else default()
-            for name, (kind, default) in STATUS_FIELDS.items()}
 ALIVE_WINDOW_S = 2.0
 ANNOUNCE_RETRY_S = 0.5
 SEED_PEER_ID = "join-seed"  # a local transport key only; never sent
@@ -82,11 +65,12 @@ class Membership:
     """Keeps this node in the cluster and the transport's peer table in step with the node table.
     `propose` routes a command to the leader (ReplicatedStateMachine's strict path)."""
 
-    def __init__(self, cluster: ClusterNode, me: NodeRecord, *, seed: str | None,
+    def __init__(self, cluster: ClusterNode, store: StateStore, me: NodeRecord, *, seed: str | None,
                  propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float,
                  dead_node_timeout_s: float = 0.0) -> None:
         self.cluster = cluster
-        self._reads = LocalStateMachine(cluster.store)
+        self._store = store
+        self._reads = LocalStateMachine(store)
         self.dead_node_timeout_s = dead_node_timeout_s
         self.server_key: bytes | None = None  # CurveZMQ: the cluster's shared server public key
         self.me = me
@@ -94,12 +78,13 @@ class Membership:
         self._propose = propose
         self._propose_timeout_s = propose_timeout_s
         self._hints: dict[str, str] = {}  # peer addresses from JOIN_ACKs, for ids not yet in the table
-        self._statuses: dict[str, dict[str, Any]] = {}
+        self._statuses: dict[str, tuple[str, NodeStatus | None]] = {}  # node id -> its last (role, status)
+        self._bad_status_from: set[str] = set()  # nodes whose last status did not decode (warned once)
         self._admitting: set[str] = set()
         self._has_peer_table = False  # a joiner that got a JOIN_ACK can answer the leader
         self._peers: dict[str, str] = {}  # the transport's peer table, as last set
         self._tasks: list[asyncio.Task[None]] = []
-        self.soft_state: Callable[[], dict[str, Any]] = dict
+        self.soft_state: Callable[[], NodeStatus] | None = None  # this node's status; None: it has none
         for message_type, handler in ((MembershipMessage.JOIN, self._on_join),
                                       (MembershipMessage.JOIN_ACK, self._on_join_ack),
                                       (MembershipMessage.NODE_STATUS, self._on_status)):
@@ -144,29 +129,37 @@ class Membership:
         keys = None if self.server_key is None else dict.fromkeys(self._peers, self.server_key)
         self.cluster.transport.set_peers(self._peers, keys)
 
-    def view(self, *, include_own_soft_state: bool = True) -> dict[str, Any]:
-        """GET /admin/cluster: every known node with its addresses, role, liveness and soft state.
-        The request router passes include_own_soft_state=False: it knows this node from its worker."""
+    def view(self) -> ClusterView:
+        """Every known node (the node table, the voters and this one) with its addresses, role, liveness and
+        status; this node's status is computed now."""
+        me = (self.cluster.role.value, None if self.soft_state is None else self.soft_state())
+        return ClusterView(self.cluster.leader_id, self.cluster.term, self._infos(me))
+
+    def peers(self) -> tuple[PeerInfo, ...]:
+        """The other known nodes, as in `view()`; computes nothing of this one."""
+        return self._infos(None)
+
+    def _infos(self, me: tuple[str, NodeStatus | None] | None) -> tuple[PeerInfo, ...]:
+        """The nodes in id order; this one only when `me` (its role and status) is given."""
         records, cluster, now = self.records(), self.cluster, time.monotonic()
-        nodes = []
+        infos = []
         for node_id in sorted(set(records) | set(cluster.voters) | {self.me.id}):
             record = records.get(node_id, self.me if node_id == self.me.id else None)
             if node_id == self.me.id:
-                role, seen_s = cluster.role.value, 0.0
-                soft = self.soft_state() if include_own_soft_state else {}
+                if me is None:
+                    continue
+                (role, status), seen_s = me, 0.0
             else:
-                soft = self._statuses.get(node_id, {})
-                role = "leader" if node_id == cluster.leader_id else soft.get("role", "unknown")
-                role = "follower" if role == "leader" and node_id != cluster.leader_id else role
+                role, status = self._statuses.get(node_id, ("unknown", None))
+                # Who leads is this node's knowledge, fresher than what a status said.
+                role = "leader" if node_id == cluster.leader_id else "follower" if role == "leader" else role
                 seen = cluster.last_seen.get(node_id)
                 seen_s = None if seen is None else round(now - seen, 3)
-            nodes.append({
-                "id": node_id, "http": record.http if record else None, "peer": record.peer if record else None,
-                "role": role, "alive": seen_s is not None and seen_s < ALIVE_WINDOW_S,
-                "voter": node_id in cluster.voters, "last_seen_s": seen_s,
-                **{name: soft.get(name, default()) for name, (_, default) in STATUS_FIELDS.items() if name != "role"},
-            })
-        return {"leader": cluster.leader_id, "term": cluster.term, "nodes": nodes}
+            infos.append(PeerInfo(
+                node_id, record.http if record else None, record.peer if record else None, role,
+                is_alive=seen_s is not None and seen_s < ALIVE_WINDOW_S, is_voter=node_id in cluster.voters,
+                last_seen_s=seen_s, status=status))
+        return tuple(infos)
 
     # ---------------------------------------------------------------------------------------- loops
 
@@ -208,7 +201,8 @@ class Membership:
     async def _send_status(self) -> None:
         while True:
             try:
-                body = {"role": self.cluster.role.value, **self.soft_state()}
+                status = None if self.soft_state is None else self.soft_state().to_wire()
+                body = {"role": self.cluster.role.value, "status": status}
                 for node_id in self.records():
                     if node_id != self.me.id:
                         self.cluster.send(node_id, MembershipMessage.NODE_STATUS, body)
@@ -229,7 +223,7 @@ class Membership:
                 continue
             now = time.monotonic()
             leader_since = now if leader_since is None else leader_since
-            with self.cluster.store.read() as txn:
+            with self._store.read() as txn:
                 owners = {wire["node_id"] for _, wire in txn.items("instances")}
             records = self.records()
             for node_id in sorted(owners - {self.me.id}):
@@ -296,8 +290,18 @@ class Membership:
             self.refresh_peers()
 
     def _on_status(self, message: Any) -> None:
-        if isinstance(message.body, dict):
-            self._statuses[message.sender] = {"role": "unknown", **checked_status(message.body)}
+        body, sender = message.body, message.sender
+        if not isinstance(body, dict) or set(body) != {"role", "status"} or not isinstance(role := body["role"], str):
+            return
+        try:
+            status = None if body["status"] is None else NodeStatus.from_wire(body["status"])
+        except StatusError as exc:
+            if sender not in self._bad_status_from:
+                log.warning("dropped a node status that does not decode", extra={"node": sender, "error": str(exc)})
+                self._bad_status_from.add(sender)
+            return
+        self._bad_status_from.discard(sender)
+        self._statuses[sender] = role, status
 
     def _on_applied(self, command: dict[str, Any] | None, result: Any) -> None:
         if command is None or command.get("op") in (Op.PUT_NODE, Op.REMOVE_NODE):

@@ -12,9 +12,11 @@
   repeating a non-idempotent write.
 - Reads (`deployments`, `deployment`, `instances`, `nodes`) are local LMDB reads of what this node has
   applied: on a follower they may lag the leader by a round trip or so (stale, not linearizable).
-- Instance records (SOFT_OPS: idempotent puts and deletes) are best effort so that serving never waits
-  on consensus: they are queued in order and retried until committed; the caller waits at most
-  SOFT_WAIT_S, and not at all while no leader is known.
+- Instance records (SOFT_OPS: idempotent puts and deletes) are best effort, so that serving never waits
+  on consensus: they are queued in order (MAX_SOFT_QUEUE at most; past that the oldest drop) and written
+  one at a time, each retried until it commits (one the state machine rejects is logged). The worker
+  queues them with `record_soon`, which returns at once. `propose` of one returns apply's result if it
+  commits within SOFT_WAIT_S, else None (at once while no leader is known).
 - `on_applied(command, result)` runs on the event loop for every command applied without error, on
   every node, and as (None, None) after a snapshot replaced the whole state. An awaitable it returns runs
   as a task; `propose` on this node returns only once such tasks are done, and close() awaits them.
@@ -33,19 +35,31 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sllmd.cluster.curve import cluster_curve_keys
 from sllmd.cluster.membership import Membership
-from sllmd.cluster.shell import ClusterNode, ConfigChangeError, NotLeaderError, ProposalDropped, Timing, settle
+from sllmd.cluster.proposals import ConfigChangeError, NotLeaderError, ProposalDropped, settle
+from sllmd.cluster.shell import ClusterNode, Timing
 from sllmd.cluster.transport import Message, PeerTransport
-from sllmd.config import ClusterConfig, Config, cluster_curve_keys
-from sllmd.errors import InvalidRequest, Overloaded, SllmdError
+from sllmd.config import ClusterConfig, Config
+from sllmd.errors import InvalidRequest, Overloaded, SllmdError, error_from_wire
 from sllmd.raft.core import Role
-from sllmd.state.machine import SOFT_OPS, LocalStateMachine, NodeRecord, Op
+from sllmd.raft.lmdb import LmdbStorage
+from sllmd.scheduler.status import ClusterView, NodeStatus, PeerInfo
+from sllmd.state.machine import (
+    SOFT_OPS,
+    LocalStateMachine,
+    NodeRecord,
+    Op,
+    StoreStateMachine,
+    result_from_wire,
+    result_to_wire,
+)
 from sllmd.state.models import Deployment, InstanceRecord
 from sllmd.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
-SOFT_WAIT_S = 1.0  # longest an instance-record write holds up the worker
+SOFT_WAIT_S = 1.0  # longest `propose` of an instance record waits for its result
 SOFT_RETRY_S = 0.5
 MAX_SOFT_QUEUE = 1000  # instance-record writes queued while there is no leader; the oldest drop first
 RETRY_WAIT_S = 0.1  # after a certainly-not-applied attempt, wait this long (or for a leader change)
@@ -72,7 +86,7 @@ class ReplicatedStateMachine:
         self.cluster = cluster
         self.node_id = me.id
         self.propose_timeout_s = propose_timeout_s
-        self.membership = Membership(cluster, me, seed=seed, propose=self._propose_strict,
+        self.membership = Membership(cluster, store, me, seed=seed, propose=self._propose_strict,
                                      propose_timeout_s=propose_timeout_s, dead_node_timeout_s=dead_node_timeout_s)
         self.on_applied: AppliedCallback | None = None
         self._reads = LocalStateMachine(store)
@@ -102,9 +116,10 @@ class ReplicatedStateMachine:
     def create(cls, store: StateStore, me: NodeRecord, *, bind_host: str, peer_port: int, seed: str | None,
                cluster_config: ClusterConfig | None = None) -> ReplicatedStateMachine:
         settings = cluster_config or ClusterConfig()
-        curve = cluster_curve_keys(settings)
+        curve = cluster_curve_keys(settings.secret_key, settings.public_key, settings.public_keys)
         transport = PeerTransport(me.id, bind_host, peer_port, curve=curve)
-        cluster = ClusterNode(me.id, store, transport, timing=Timing.from_config(settings), is_joining=bool(seed))
+        cluster = ClusterNode(me.id, LmdbStorage(store.env), StoreStateMachine(store), transport,
+                              timing=Timing.from_config(settings), is_joining=bool(seed))
         node = cls(store, cluster, me, seed=seed, propose_timeout_s=settings.propose_timeout_s,
                    dead_node_timeout_s=settings.dead_node_timeout_s)
         node.membership.server_key = curve.public_key if curve is not None else None
@@ -116,6 +131,12 @@ class ReplicatedStateMachine:
         self._soft_writer = asyncio.get_running_loop().create_task(self._write_soft())
 
     async def close(self) -> None:
+        """Leave, after giving the instance records still queued (a stopping worker's deletes) up to
+        SOFT_WAIT_S to commit; any left then are dropped."""
+        if self._soft_queue and self._soft_writer is not None and self.cluster.leader_id is not None:
+            last = self._soft_queue[-1][1]  # written in order: once it settles, every one before it has
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(last), SOFT_WAIT_S)
         await self.membership.close()
         if self._soft_writer is not None:
             self._soft_writer.cancel()
@@ -171,16 +192,19 @@ class ReplicatedStateMachine:
     def is_leader(self) -> bool:
         return self.cluster.is_leader
 
-    def cluster_view(self, *, include_own_soft_state: bool = True) -> dict[str, Any]:
-        return self.membership.view(include_own_soft_state=include_own_soft_state)
+    def cluster_view(self) -> ClusterView:
+        return self.membership.view()
+
+    def peers(self) -> tuple[PeerInfo, ...]:
+        return self.membership.peers()
 
     @property
-    def soft_state(self) -> Callable[[], dict[str, Any]]:
-        """This node's soft facts (slots, DRAM cache, queues, bandwidths) for NODE_STATUS and the cluster view."""
+    def soft_state(self) -> Callable[[], NodeStatus] | None:
+        """This node's status (slots, caches, queues, calibration, instances) for NODE_STATUS and the cluster view."""
         return self.membership.soft_state
 
     @soft_state.setter
-    def soft_state(self, provider: Callable[[], dict[str, Any]]) -> None:
+    def soft_state(self, provider: Callable[[], NodeStatus] | None) -> None:
         self.membership.soft_state = provider
 
     # ------------------------------------------------------------------------------------- writing
@@ -214,11 +238,11 @@ class ReplicatedStateMachine:
         if reply.get("retry") is True:
             raise ProposalDropped("the leader did not propose it")
         if "error" in reply:
-            raise decode_error(reply["error"])
+            raise error_from_wire(reply["error"])
         index = reply.get("index")
         if isinstance(index, int):  # read-your-writes on this node; the write itself is done either way
             await self.cluster.wait_applied(index, max(0.0, deadline - asyncio.get_running_loop().time()))
-        return decode_result(reply.get("result"))
+        return result_from_wire(reply.get("result"))
 
     async def _await_reply(self, future: asyncio.Future[dict[str, Any]], leader: str, deadline: float
                            ) -> dict[str, Any]:
@@ -242,7 +266,25 @@ class ReplicatedStateMachine:
                 changed.cancel()
         return future.result()
 
+    def record_soon(self, command: dict[str, Any]) -> None:
+        """Queue the instance-record write `command` (an op of SOFT_OPS) and return at once: it commits after
+        every instance-record write queued before it, retried until it does (see the module doc)."""
+        if Op(command["op"]) not in SOFT_OPS:
+            raise ValueError(f"{command['op']!r} is not an instance-record op: propose it")
+        self._queue_soft(command)
+
     async def _propose_soft(self, command: dict[str, Any]) -> Any:
+        future = self._queue_soft(command)
+        if self.cluster.leader_id is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), SOFT_WAIT_S)
+        except TimeoutError:
+            return None
+
+    def _queue_soft(self, command: dict[str, Any]) -> asyncio.Future[Any]:
+        """Append `command` to the soft queue; the future settles with its result once `_write_soft` is done
+        with it (None if it was dropped or rejected)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if len(self._soft_queue) >= MAX_SOFT_QUEUE:
             _, dropped = self._soft_queue.popleft()
@@ -250,12 +292,7 @@ class ReplicatedStateMachine:
             log.warning("instance-record write dropped: too many waiting for a leader")
         self._soft_queue.append((command, future))
         self._soft_wake.set()
-        if self.cluster.leader_id is None:
-            return None
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), SOFT_WAIT_S)
-        except TimeoutError:
-            return None
+        return future
 
     async def _write_soft(self) -> None:
         """One at a time, in order; an op that did not commit is retried (they are idempotent)."""
@@ -300,14 +337,14 @@ class ReplicatedStateMachine:
             except ValueError:
                 raise InvalidRequest(f"unknown op {command.get('op')!r}") from None
             result = await self._commit_as_leader(command, self.propose_timeout_s)
-            reply |= {"result": encode_result(result), "index": self.cluster.applied_index}
+            reply |= {"result": result_to_wire(result), "index": self.cluster.applied_index}
         except (NotLeaderError, ProposalDropped):
             reply["retry"] = True
         except SllmdError as exc:
-            reply["error"] = encode_error(exc)
+            reply["error"] = exc.to_wire()
         except Exception as exc:  # never leave the follower waiting for a reply that will not come
             log.exception("forwarded write failed")
-            reply["error"] = encode_error(SllmdError(f"forwarded write failed: {exc!r}"))
+            reply["error"] = SllmdError(f"forwarded write failed: {exc!r}").to_wire()
         self.cluster.send(requester, ForwardMessage.FORWARD_RESULT, reply)
 
     async def _commit_as_leader(self, command: dict[str, Any], timeout_s: float) -> Any:
@@ -342,62 +379,6 @@ class ReplicatedStateMachine:
         self._callbacks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("on_applied callback failed", exc_info=task.exception())
-
-
-# ----------------------------------------------------------------------------------- result codec
-
-
-def encode_result(result: Any) -> dict[str, Any]:
-    if isinstance(result, Deployment):
-        return {"deployment": result.to_wire()}
-    if isinstance(result, InstanceRecord):
-        return {"instance": result.to_wire()}
-    if isinstance(result, NodeRecord):
-        return {"node": result.to_wire()}
-    return {"value": result}  # None, bool, int
-
-
-def decode_result(wire: Any) -> Any:
-    if not isinstance(wire, dict):
-        return None
-    if "deployment" in wire:
-        return Deployment.from_wire(wire["deployment"])
-    if "instance" in wire:
-        return InstanceRecord.from_wire(wire["instance"])
-    if "node" in wire:
-        return NodeRecord.from_wire(wire["node"])
-    return wire.get("value")
-
-
-def encode_error(error: SllmdError) -> dict[str, Any]:
-    return {"kind": type(error).__name__, "message": error.message, "param": error.param, "code": error.code,
-            "retry_after_s": getattr(error, "retry_after_s", None)}
-
-
-def decode_error(wire: Any) -> SllmdError:
-    """The same error class (by name, among SllmdError's subclasses), message, param and code."""
-    if not isinstance(wire, dict):
-        return SllmdError("the leader answered with a malformed error")
-    kinds = {cls.__name__: cls for cls in _subclasses(SllmdError)}
-    cls = kinds.get(wire.get("kind"), SllmdError)
-    error = cls.__new__(cls)
-    SllmdError.__init__(error, str(wire.get("message")), param=_str_or_none(wire.get("param")),
-                        code=_str_or_none(wire.get("code")))
-    if isinstance(error, Overloaded):
-        retry_after = wire.get("retry_after_s")
-        error.retry_after_s = retry_after if type(retry_after) is int and retry_after > 0 else 1
-    return error
-
-
-def _subclasses(cls: type) -> list[type]:
-    found = [cls]
-    for sub in cls.__subclasses__():
-        found += _subclasses(sub)
-    return found
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 def host_port(host: str, port: int) -> str:

@@ -5,19 +5,19 @@ authenticated), a tick every `tick_s`, and proposals. They wait in queues and on
 them to the core, between one advance() and the next ready(): input that arrives while a Ready is being
 processed (an fsync in a thread) is buffered, never given to the core mid-Ready.
 
-Each Ready is processed in this order (raft.py's contract):
-  1. persist the hard state, log changes and snapshot (RaftStorage.save: one fsynced txn), then, if the
-     Ready says so, replace the state databases with the snapshot (its own txn, which also sets the
-     applied index to the snapshot's: a crash in between restores again on restart);
+Each Ready is processed in this order (the core's contract, `sllmd.raft.core`):
+  1. persist the hard state, log changes and snapshot (`Storage.save`: atomic and durable), then, if the
+     Ready says so, replace the state machine with the snapshot (`StateMachine.restore`, which also
+     records the snapshot's index as applied: a crash in between restores again on restart);
   2. send the messages;
-  3. apply the committed entries with `sllmd.state.machine.apply`, all in one LMDB txn that also stores
-     the index of the last one. An entry's effects and the applied index commit together, so after a
-     crash nothing is applied twice or lost (exactly-once). A command that fails (a domain error) is
-     rolled back in a nested txn, changes nothing, and still counts as applied: every node fails it alike;
+  3. apply the committed commands (`StateMachine.apply`), in one durable write that also records the
+     index of the last entry. An entry's effects and the applied index commit together, so after a crash
+     nothing is applied twice or lost (exactly-once). A command that fails (a domain error) changes
+     nothing and still counts as applied: every node fails it alike;
   4. advance; then settle the proposals whose entries applied and call the apply listeners.
 Steps 1 and 3 run in the default executor so the event loop never waits on fsync; only the driver
-starts LMDB write txns for the replicated databases. Every `compact_every_entries` applied entries the
-replicated databases are copied into a snapshot at the applied index and the log is compacted (§7).
+writes to the storage and the state machine. Every `compact_every_entries` applied entries the state
+machine's snapshot at the applied index replaces the log up to it (§7).
 """
 
 from __future__ import annotations
@@ -31,58 +31,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import zmq
 
+from sllmd.cluster.proposals import Proposal, Proposals
+from sllmd.cluster.state_machine import Command, StateMachine, apply_committed, encode_command
 from sllmd.cluster.transport import Message, PeerTransport
 from sllmd.config import ClusterConfig
-from sllmd.errors import Overloaded, SllmdError
-from sllmd.raft.core import (
-    ConfigChangeRejected,
-    Entry,
-    EntryKind,
-    MessageType,
-    NotLeader,
-    Raft,
-    RaftConfig,
-    Ready,
-    Role,
-    WireError,
-)
-from sllmd.raft.core import Message as RaftMessage
-from sllmd.raft.storage import RaftStorage
-from sllmd.state import machine
-from sllmd.state.store import StateStore, Transaction
+from sllmd.errors import Overloaded
+from sllmd.raft.core import Raft, RaftConfig, Ready, Role
+from sllmd.raft.messages import Message as RaftMessage
+from sllmd.raft.messages import MessageType, WireError
+from sllmd.raft.storage import Storage
 
 log = logging.getLogger(__name__)
 
 RAFT_MESSAGE_TYPES = frozenset(t.value for t in MessageType)
 MAX_INBOX = 10_000  # Raft messages buffered while a Ready is processed; beyond it they drop (Raft retries)
 
-ApplyListener = Callable[[dict[str, Any] | None, Any], None]
+ApplyListener = Callable[[Command | None, Any], None]
 MessageHandler = Callable[[Message], None]
 
 
 class ClusterStartupError(RuntimeError):
     """The cluster node cannot start (peer port taken, unreadable Raft state); a one-line reason."""
-
-
-class NotLeaderError(Exception):
-    """Not proposed: this node is not the leader. Safe to retry at `leader_id` (None: unknown yet)."""
-
-    def __init__(self, leader_id: str | None) -> None:
-        super().__init__(f"not the leader (leader: {leader_id})")
-        self.leader_id = leader_id
-
-
-class ProposalDropped(Exception):
-    """Proposed, but a new leader replaced the entry before it committed: it was not applied and never
-    will be (Log Matching: one index, one committed term). Safe to retry."""
-
-
-class ConfigChangeError(Exception):
-    """The core refused a membership change for now (another one is pending, or the node already is /
-    is not a voter); the message says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,37 +76,28 @@ class Timing:
         return cls(config.tick_s, config.compact_every_entries, raft)
 
 
-@dataclass(eq=False)
-class _Proposal:
-    command: bytes = b""
-    add_voter: str | None = None
-    remove_voter: str | None = None
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class ClusterNode:
     """One member's Raft shell. `await start()`, then `propose` (leader only), `await close()`.
 
+    The Raft state goes through `storage`; committed commands go to the application's `machine`.
     Not thread-safe: call everything from the event loop that started it. Apply listeners are called
     on that loop with (command, result) for every applied command — `result` is the exception for one
     that failed — and with (None, None) after a snapshot replaced the whole replicated state.
     """
 
-    def __init__(self, node_id: str, store: StateStore, transport: PeerTransport, *, timing: Timing | None = None,
-                 is_joining: bool = False, rng: random.Random | None = None) -> None:
+    def __init__(self, node_id: str, storage: Storage, machine: StateMachine, transport: PeerTransport, *,
+                 timing: Timing | None = None, is_joining: bool = False, rng: random.Random | None = None) -> None:
         self.node_id = node_id
-        self.store = store
         self.transport = transport
         self.timing = timing or Timing()
         self._is_joining = is_joining
         self._rng = rng or random.Random()
-        self._storage = RaftStorage(store.env)
+        self._storage = storage
+        self._machine = machine
         self._raft: Raft | None = None
         self._inbox: list[RaftMessage] = []
         self._num_ticks = 0
-        self._proposals: list[_Proposal] = []
-        self._pending: dict[int, tuple[int, asyncio.Future[Any]]] = {}  # log index -> (term, future)
-        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._proposals = Proposals()
         self._handlers: dict[str, MessageHandler] = {}
         self._apply_listeners: list[ApplyListener] = []
         self._wake = asyncio.Event()
@@ -155,13 +117,12 @@ class ClusterNode:
         try:
             persisted = await asyncio.to_thread(self._storage.load)
         except WireError as exc:
-            raise ClusterStartupError(f"the Raft state in {self.store.path} does not decode: {exc}") from None
-        with self.store.read() as txn:
-            applied = machine.read_applied_index(txn)
+            raise ClusterStartupError(f"this node's stored Raft state does not decode: {exc}") from None
+        applied = await asyncio.to_thread(self._machine.applied_index)
         config = self.timing.raft
         self.started_empty = persisted.is_empty
         if persisted.is_empty and self._is_joining:
-            await asyncio.to_thread(self._restore_state, b"", 0)  # a joiner's state comes from the cluster
+            await asyncio.to_thread(self._machine.restore, b"", 0)  # a joiner's state comes from the cluster
             raft = Raft(self.node_id, self._rng, config)
         elif persisted.is_empty:
             raft = Raft.bootstrap(self.node_id, [self.node_id], self._rng, config)
@@ -170,7 +131,7 @@ class ClusterNode:
                 raft = Raft.restore(self.node_id, persisted.hard_state, persisted.entries, persisted.snapshot,
                                     self._rng, config, applied=applied)
             except ValueError as exc:
-                raise ClusterStartupError(f"the Raft state in {self.store.path} is inconsistent: {exc}") from None
+                raise ClusterStartupError(f"this node's stored Raft state is inconsistent: {exc}") from None
         if raft.voters == (self.node_id,):
             for _ in range(config.election_ticks_max):  # a lone voter need not wait out an election timeout
                 raft.tick()
@@ -195,14 +156,14 @@ class ClusterNode:
         self._wake.set()
         if self._driver is not None:
             with contextlib.suppress(Exception):
-                await self._driver  # exits before its next ready(): no LMDB txn outlives close()
+                await self._driver  # exits before its next ready(): no write outlives close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.transport.close()
-        self._fail_waiting(Overloaded("this node is shutting down", code="shutting_down"))
+        self._proposals.fail_all(Overloaded("this node is shutting down", code="shutting_down"))
 
     # ----------------------------------------------------------------------------------------- reads
 
@@ -255,27 +216,25 @@ class ClusterNode:
             return False
         return self.transport.send(peer_id, Message(message_type, self.node_id, self.raft.term, body))
 
-    async def propose(self, command: dict[str, Any], timeout_s: float) -> Any:
+    async def propose(self, command: Command, timeout_s: float) -> Any:
         """Commit `command` through this node as leader; returns apply's result once it applied here.
         Raises NotLeaderError or ProposalDropped (not applied: retry), the command's domain error, or
         Overloaded when it did not commit within `timeout_s` (it may still commit later)."""
-        return await self._submit(_Proposal(command=msgpack.packb(command, use_bin_type=True)), timeout_s)
+        return await self._submit(Proposal(command=encode_command(command)), timeout_s)
 
     async def add_voter(self, node_id: str, timeout_s: float) -> None:
         """Single-server membership change (thesis §4.1); returns once the config entry applied here."""
-        await self._submit(_Proposal(add_voter=node_id), timeout_s)
+        await self._submit(Proposal(add_voter=node_id), timeout_s)
 
     async def remove_voter(self, node_id: str, timeout_s: float) -> None:
-        await self._submit(_Proposal(remove_voter=node_id), timeout_s)
+        await self._submit(Proposal(remove_voter=node_id), timeout_s)
 
     async def wait_applied(self, index: int, timeout_s: float) -> bool:
         """True once entry `index` (or a snapshot past it) has been applied here, False on timeout."""
         if self.raft.applied_index >= index:
             return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._applied_waiters.append((index, future))
         try:
-            await asyncio.wait_for(future, timeout_s)
+            await asyncio.wait_for(self._proposals.wait_applied(index), timeout_s)
             return True
         except TimeoutError:
             return False
@@ -285,10 +244,10 @@ class ClusterNode:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout_s)
 
-    async def _submit(self, proposal: _Proposal, timeout_s: float) -> Any:
+    async def _submit(self, proposal: Proposal, timeout_s: float) -> Any:
         if self._is_closing or not self.is_running:
             raise Overloaded("the cluster node is not running", code="no_leader")
-        self._proposals.append(proposal)
+        self._proposals.queue(proposal)
         self._wake.set()
         try:
             return await asyncio.wait_for(proposal.future, timeout_s)
@@ -321,100 +280,40 @@ class ClusterNode:
         num_ticks, self._num_ticks = self._num_ticks, 0
         for _ in range(num_ticks):
             raft.tick()
-        proposals, self._proposals = self._proposals, []
-        for proposal in proposals:
-            if proposal.future.done():
-                continue  # the caller gave up before it was proposed
-            if proposal.add_voter is not None:
-                outcome = raft.propose_add_node(proposal.add_voter)
-            elif proposal.remove_voter is not None:
-                outcome = raft.propose_remove_node(proposal.remove_voter)
-            else:
-                outcome = raft.propose(proposal.command)
-            if isinstance(outcome, NotLeader):
-                proposal.future.set_exception(NotLeaderError(outcome.leader_id))
-            elif isinstance(outcome, ConfigChangeRejected):
-                proposal.future.set_exception(ConfigChangeError(outcome.reason))
-            else:
-                self._pending[outcome] = (raft.term, proposal.future)
+        self._proposals.propose_queued(raft)
 
     async def _process(self, ready: Ready) -> None:
-        if (ready.hard_state is not None or ready.entries or ready.truncate_from is not None
-                or ready.snapshot is not None):
+        if ready.has_state_to_persist:
             await asyncio.to_thread(self._persist, ready)
         for message in ready.messages:
             self._send_raft(message)
-        outcomes = await asyncio.to_thread(self._apply, ready.committed) if ready.committed else []
+        outcomes = (await asyncio.to_thread(apply_committed, self._machine, ready.committed)
+                    if ready.committed else [])
         self.raft.advance(ready)
         if ready.restore_snapshot:
             assert ready.snapshot is not None
-            for index in [i for i in self._pending if i <= ready.snapshot.index]:
-                settle(self._pending.pop(index)[1], error=Overloaded("outcome unknown: replaced by a snapshot"))
+            self._proposals.replaced_by_snapshot(ready.snapshot.index,
+                                                 Overloaded("outcome unknown: replaced by a snapshot"))
             self._notify_listeners(None, None)
         for entry, command, result in outcomes:
             if command is not None:
                 self._notify_listeners(command, result)
-            term, future = self._pending.pop(entry.index, (None, None))
-            if future is None:
-                continue
-            if term != entry.term:
-                settle(future, error=ProposalDropped(f"entry {entry.index} was replaced by a new leader"))
-            elif isinstance(result, BaseException):
-                settle(future, error=result)
-            else:
-                settle(future, result=result)
-        applied = self.raft.applied_index
-        waiting = []
-        for index, future in self._applied_waiters:
-            if index <= applied:
-                settle(future)
-            elif not future.done():
-                waiting.append((index, future))
-        self._applied_waiters = waiting
+            self._proposals.applied(entry, result)
+        self._proposals.reached(self.raft.applied_index)
 
     def _persist(self, ready: Ready) -> None:
         """Thread: step 1 (persist, then restore the snapshot if asked)."""
         self._storage.save(ready)
         if ready.restore_snapshot:
             assert ready.snapshot is not None
-            self._restore_state(ready.snapshot.data, ready.snapshot.index)
-
-    def _restore_state(self, data: bytes, index: int) -> None:
-        with self.store.write() as txn:
-            machine.restore_state(txn, data)
-            machine.write_applied_index(txn, index)
-
-    def _apply(self, entries: tuple[Entry, ...]) -> list[tuple[Entry, dict[str, Any] | None, Any]]:
-        """Thread: step 3. Returns (entry, command or None for NOOP/CONFIG, result or exception)."""
-        outcomes: list[tuple[Entry, dict[str, Any] | None, Any]] = []
-        env, dbs = self.store.env, self.store.dbs
-        with env.begin(write=True) as parent:
-            for entry in entries:
-                if entry.kind is not EntryKind.COMMAND:
-                    outcomes.append((entry, None, None))
-                    continue
-                child = env.begin(write=True, parent=parent)
-                command: dict[str, Any] = {}
-                try:
-                    command = msgpack.unpackb(entry.data, raw=False, strict_map_key=True)
-                    if not isinstance(command, dict):
-                        raise TypeError("a command is a map")
-                    result = machine.apply(Transaction(child, dbs), command)
-                except Exception as exc:  # deterministic on every node: the entry is a no-op everywhere
-                    child.abort()
-                    result = exc if isinstance(exc, SllmdError) else SllmdError(f"command not applied: {exc!r}")
-                else:
-                    child.commit()
-                outcomes.append((entry, command, result))
-            machine.write_applied_index(Transaction(parent, dbs), entries[-1].index)
-        return outcomes
+            self._machine.restore(ready.snapshot.data, ready.snapshot.index)
 
     async def _maybe_compact(self) -> bool:
         raft = self.raft
         if raft.applied_index - raft.snapshot.index < self.timing.compact_every_entries:
             return False
-        with self.store.read() as txn:  # the driver is the only writer: this is the state at applied_index
-            index, data = machine.read_applied_index(txn), machine.snapshot_state(txn)
+        # The driver is the only writer, so this is the state at the core's applied index.
+        index, data = await asyncio.to_thread(self._machine.snapshot)
         raft.compact(index, data)
         log.debug("log compacted", extra={"index": index, "snapshot_bytes": len(data)})
         return True
@@ -431,7 +330,7 @@ class ClusterNode:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    def _notify_listeners(self, command: dict[str, Any] | None, result: Any) -> None:
+    def _notify_listeners(self, command: Command | None, result: Any) -> None:
         for listener in self._apply_listeners:
             try:
                 listener(command, result)
@@ -442,16 +341,7 @@ class ClusterNode:
         if not task.cancelled() and task.exception() is not None:
             log.critical("raft driver failed; this node no longer takes part in the cluster",
                          exc_info=task.exception())
-            self._fail_waiting(Overloaded("the cluster node failed", code="no_leader"))
-
-    def _fail_waiting(self, error: Overloaded) -> None:
-        for proposal in self._proposals:
-            settle(proposal.future, error=error)
-        for _, future in self._pending.values():
-            settle(future, error=error)
-        for _, future in self._applied_waiters:
-            future.cancel()
-        self._proposals, self._pending, self._applied_waiters = [], {}, []
+            self._proposals.fail_all(Overloaded("the cluster node failed", code="no_leader"))
 
     # ------------------------------------------------------------------------------------ transport
 
@@ -507,13 +397,3 @@ class ClusterNode:
                 next_at = loop.time()  # the loop was stalled: don't replay a burst of ticks
             self._num_ticks += 1
             self._wake.set()
-
-
-def settle(future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
-    """Resolve `future` unless something already did."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,9 @@ import msgpack
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
-from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
+
+from sllmd.cluster.curve import CurveKeys, KeyAllowlist, z85_key
 
 HWM = 1000  # messages queued per peer and direction before `send` drops; Raft only needs the newest few
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # default frame cap; Raft batches and snapshot chunks must fit in it
@@ -75,44 +76,6 @@ class TransportStats:
     dropped_unknown_peer: int = 0  # send() to an id not in the peer table
     disconnects: int = 0  # inbound connections lost; an oversize frame ends its connection, so lands here
     rejected_handshakes: int = 0  # CURVE key not listed, wrong server key, or an unkeyed client
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """CurveZMQ keys, z85 (40 characters). `cluster_public_keys` lists every member's public key: the
-    ROUTER admits only clients holding one of them, and a DEALER only trusts a server key among them.
-    All nodes may share one pair (then the list is that one key) or each may have its own."""
-
-    secret_key: bytes | str
-    public_key: bytes | str
-    cluster_public_keys: Iterable[bytes | str]
-
-    def __post_init__(self) -> None:
-        secret, public = _z85_key(self.secret_key), _z85_key(self.public_key)
-        if zmq.curve_public(secret) != public:
-            raise ValueError("CurveKeys: public_key does not belong to secret_key")
-        object.__setattr__(self, "secret_key", secret)
-        object.__setattr__(self, "public_key", public)
-        object.__setattr__(self, "cluster_public_keys", tuple(_z85_key(k) for k in self.cluster_public_keys))
-        if not self.cluster_public_keys:
-            raise ValueError("CurveKeys: cluster_public_keys is empty")
-
-
-def generate_curve_keypair() -> tuple[bytes, bytes]:
-    """A fresh CurveZMQ pair as (public_z85, secret_z85)."""
-    public, secret = zmq.curve_keypair()
-    return public, secret
-
-
-class _KeyAllowlist:
-    """ZAP credentials provider admitting exactly the listed client public keys (z85). pyzmq's
-    CURVE_ALLOW_ANY would admit any key at all, which is no authentication."""
-
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self._keys = frozenset(keys)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self._keys
 
 
 @dataclass(slots=True)
@@ -168,7 +131,7 @@ class PeerTransport:
         if self._curve is not None:
             self._auth = AsyncioAuthenticator(self._context)
             self._auth.start()
-            self._auth.configure_curve_callback(ZAP_DOMAIN, _KeyAllowlist(self._curve.cluster_public_keys))
+            self._auth.configure_curve_callback(ZAP_DOMAIN, KeyAllowlist(self._curve.cluster_public_keys))
             options += [
                 (zmq.CURVE_SERVER, 1), (zmq.CURVE_SECRETKEY, self._curve.secret_key),
                 (zmq.CURVE_PUBLICKEY, self._curve.public_key), (zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode()),
@@ -311,7 +274,7 @@ class PeerTransport:
         listed = self._curve.cluster_public_keys
         if public_key is None and len(set(listed)) != 1:
             raise ValueError(f"peer {peer_id}: public_key required (the cluster has several key pairs)")
-        key = listed[0] if public_key is None else _z85_key(public_key)
+        key = listed[0] if public_key is None else z85_key(public_key)
         if key not in listed:
             raise ValueError(f"peer {peer_id}: public_key is not in cluster_public_keys")
         return key
@@ -384,11 +347,3 @@ def _is_valid_header(type_: Any, term: Any) -> bool:
         isinstance(type_, str) and 0 < len(type_) <= MAX_TYPE_LEN
         and isinstance(term, int) and not isinstance(term, bool) and 0 <= term < 2**63
     )
-
-
-def _z85_key(key: bytes | str) -> bytes:
-    raw = key.encode() if isinstance(key, str) else bytes(key)
-    if len(raw) != 40:
-        raise ValueError("CURVE keys must be 40 z85 characters")
-    z85.decode(raw)  # raises ValueError on characters outside z85
-    return raw

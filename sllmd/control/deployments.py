@@ -17,29 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sllmd.checkpoint.fetch import (
-    WEIGHT_SUFFIXES,
-    RepositoryNotFound,
-    RepositoryUnreachable,
-    SourceInfo,
-    SourceKind,
-    describe,
-    is_url,
-    normalize_source,
-    source_kind,
-)
-from sllmd.checkpoint.format import FLOATING_DTYPES, CheckpointError, Manifest, torch_name
+from sllmd.checkpoint.errors import CheckpointError
+from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES, SourceInfo, SourceKind, describe, normalize_source, source_kind
+from sllmd.checkpoint.manifest import FLOATING_DTYPES, Manifest, torch_name
 from sllmd.checkpoint.reader import read_manifest
-from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, checkpoint_id, reads_store
+from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, reads_store
+from sllmd.checkpoint.url_fetch import RepositoryNotFound, RepositoryUnreachable
 from sllmd.engine import check_model
-from sllmd.engine.base import AUTO_DTYPE, Backend, serving_dtype
+from sllmd.engine.base import AUTO_DTYPE, serving_dtype
 from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, SllmdError
-from sllmd.scheduler.autoscale import AutoscalingPolicy
-from sllmd.scheduler.estimate import Tier
-from sllmd.serving.pipeline import TokenizerCache
-from sllmd.serving.textgen import Tokenizer
+from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
+from sllmd.types import AutoscalingPolicy, Backend, Tier
 from sllmd.worker.manager import Worker
 
 log = logging.getLogger(__name__)
@@ -122,39 +112,6 @@ def _bad_checkpoint(source: str, exc: BaseException) -> SllmdError:
     return InvalidRequest(f"checkpoint {source}: {exc}", param="checkpoint")
 
 
-class CheckpointTokenizers(TokenizerCache):
-    """The tokenizer of each deployed checkpoint, keyed by source, loaded from the store's copy of it
-    (v1 checkpoints carry the tokenizer files) and kept in memory even if that copy is evicted later.
-    A local source the store lacks serves its own files; a URL (or a local source that is gone) the store lacks
-    is fetched first, from a peer if one has it."""
-
-    def __init__(self, store: CheckpointStore) -> None:
-        super().__init__()
-        self.store = store
-        self._dirs: dict[str, str] = {}  # source -> the directory its tokenizer was loaded from
-
-    async def get(self, checkpoint: str) -> Tokenizer:
-        directory = self._dirs.get(checkpoint)
-        if directory is None:
-            cid = checkpoint_id(checkpoint)
-            if self.store.contains(cid):
-                directory = str(self.store.path_of(cid))
-            elif not is_url(checkpoint) and Path(checkpoint).is_dir():
-                directory = checkpoint
-            else:
-                directory = str((await self.store.ensure(checkpoint))[0])
-        try:
-            tokenizer = await super().get(directory)
-        except Exception:
-            self._dirs.pop(checkpoint, None)
-            raise
-        self._dirs[checkpoint] = directory
-        return tokenizer
-
-    def forget(self, checkpoint: str) -> None:
-        super().forget(self._dirs.pop(checkpoint, checkpoint))
-
-
 @dataclass
 class DeployProgress:
     """A deployment this node is preparing (fetching, converting), as `GET /admin/models/{name}` shows it
@@ -179,7 +136,7 @@ class DeployProgress:
 
 
 class DeploymentService:
-    def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: TokenizerCache,
+    def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: Tokenizers,
                  store: CheckpointStore) -> None:
         self.state = state
         self.worker = worker

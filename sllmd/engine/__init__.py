@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sllmd.engine.base import Backend, Engine
+from sllmd.engine.base import Engine
+from sllmd.types import Backend
 
 if TYPE_CHECKING:
     from sllmd.checkpoint.dram import DramCache

@@ -16,19 +16,11 @@ Live migration (`sllmd.worker.migration.source`) needs two things of every backe
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
-
-
-class Backend(enum.StrEnum):
-    TRANSFORMERS = "transformers"
-    VLLM = "vllm"
-    DUMMY = "dummy"
-
+from sllmd.types import LoadReport, SamplingParams
 
 # The floating dtypes a deployment may be served in (torch's names), and the other spellings clients use.
 SERVING_DTYPES = ("float32", "float16", "bfloat16")
@@ -43,34 +35,6 @@ def serving_dtype(name: str) -> str | None:
     """The canonical serving dtype `name` spells ("auto" stays "auto"), or None if it is none of them."""
     name = DTYPE_ALIASES.get(name, name)
     return name if name in SERVING_DTYPES or name == AUTO_DTYPE else None
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick each next token.
-
-    `temperature == 0` is greedy. With `seed` set, the token at position p is drawn from a uniform
-    keyed by (seed, p) alone, so a seeded request gives the same tokens on any instance, batch or
-    restart point (this is what lets migration resume sampled output exactly).
-    """
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What a cold start cost; the scheduler's estimators learn from these."""
-
-    source_tier: str  # "none" | "ssd" | "dram" | ...
-    num_bytes: int
-    load_s: float  # checkpoint bytes to device memory
-    init_s: float  # everything else the engine did before it could serve
-    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase of the start, where the engine tells
-    reused_engine: bool = False  # the start took a running (parked) engine: only its weights were loaded
 
 
 def check_token_ids(token_ids: list[int], num_total: int, *, vocab_size: int, context_length: int) -> None:

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_token_ids
+from sllmd.engine.base import Engine, Prefill, check_token_ids
 from sllmd.errors import ContextLengthExceeded
+from sllmd.types import LoadReport, SamplingParams
 
 DEFAULT_CONTEXT_LENGTH = 2048
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sllmd.engine.base import SamplingParams
+from sllmd.types import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)

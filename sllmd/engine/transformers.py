@@ -45,12 +45,13 @@ from transformers.utils import logging as transformers_logging
 
 from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
-from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
-from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
+from sllmd.checkpoint.manifest import MANIFEST_FILE
+from sllmd.engine.base import Engine, Prefill, check_request, check_token_ids
 from sllmd.engine.hf_model import attention_kwargs, build_model, check_architecture
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import EngineFailed
+from sllmd.types import LoadReport, SamplingParams
 
 
 def _is_last(params: SamplingParams, produced: int, token: int) -> bool:

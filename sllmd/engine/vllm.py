@@ -63,10 +63,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sllmd.engine.base import Engine, LoadReport, Prefill, SamplingParams, check_request, check_token_ids
+from sllmd.engine.base import Engine, Prefill, check_request, check_token_ids
 from sllmd.engine.vllm_pool import EnginePool, ParkedEngine, engine_key_of, shut_down
 from sllmd.errors import EngineFailed, InvalidRequest, UnsupportedArchitecture
 from sllmd.fsutil import publish_dir
+from sllmd.types import LoadReport, SamplingParams
 
 PROCESSOR_NAME = "sllmd.engine.vllm_sampling:PositionKeyedSampling"  # imported by vLLM's engine-core process
 EXTENSION_NAME = "sllmd.engine.vllm_loader.SllmdWorkerExtension"  # mixed into vLLM's worker class

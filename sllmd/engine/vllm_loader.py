@@ -48,10 +48,10 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader, register_model_loader
 
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
-from sllmd.checkpoint.format import MANIFEST_FILE
 from sllmd.checkpoint.loader import load_checkpoint
+from sllmd.checkpoint.manifest import MANIFEST_FILE
 from sllmd.checkpoint.reader import resident_fraction
-from sllmd.engine.base import LoadReport
+from sllmd.types import LoadReport
 
 LOAD_FORMAT = "sllmd"
 REPORT_PATH_KEY = "report_path"

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates
 
-from sllmd.engine.base import SamplingParams
 from sllmd.engine.sampling import choose_token
+from sllmd.types import SamplingParams
 
 if TYPE_CHECKING:
     from vllm import SamplingParams as VllmSamplingParams

@@ -8,15 +8,15 @@ from typing import Any
 from aiohttp import web
 
 from sllmd.control.deployments import DeploySpec
-from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, START_MODES, Backend, serving_dtype
+from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, START_MODES, serving_dtype
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
-from sllmd.http.keys import NODE
+from sllmd.http.keys import CONFIG, DEPLOYMENTS, MIGRATIONS, RELAY, STATE, WORKER
 from sllmd.http.schemas import parse_json_object
-from sllmd.node import Node
-from sllmd.scheduler.autoscale import AutoscalingPolicy
 from sllmd.serving.relay import RelayFailed
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment
+from sllmd.types import AutoscalingPolicy, Backend
+from sllmd.worker.manager import Worker
 
 DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len", "start_mode"})
 POLICY_TYPES: dict[str, tuple[type, ...]] = {
@@ -96,15 +96,16 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
                       max_model_len, start_mode)
 
 
-def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
+def deployment_view(worker: Worker, deployment: Deployment) -> dict[str, Any]:
+    """A deployment and this node's instances of it (each node reports its own)."""
     view = deployment.to_wire() | {"status": "deployed", "max_model_len": deployment.context_length}
-    runtime = node.worker.runtimes.get(deployment.name)
+    runtime = worker.runtimes.get(deployment.name)
     instances = []
     for instance in runtime.instances if runtime else []:
         report = instance.load_report
         instances.append({
             "id": instance.id,
-            "node_id": node.node_id,
+            "node_id": worker.node_id,
             "device": instance.slot.device,
             "state": instance.state.value,
             "in_flight": instance.in_flight,
@@ -117,65 +118,65 @@ def deployment_view(node: Node, deployment: Deployment) -> dict[str, Any]:
     return view
 
 
-def _deployment(node: Node, name: str) -> Deployment:
-    deployment = node.state.deployment(name)
+def _deployment(request: web.Request, name: str) -> Deployment:
+    deployment = request.app[STATE].deployment(name)
     if deployment is None:
         raise ModelNotFound(name)
     return deployment
 
 
 async def deploy(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    spec = parse_deploy(parse_json_object(await request.read()), node.config.autoscaling)
-    deployment = await node.deployments.deploy(spec)
-    return web.json_response(deployment_view(node, deployment), status=201)
+    spec = parse_deploy(parse_json_object(await request.read()), request.app[CONFIG].autoscaling)
+    deployment = await request.app[DEPLOYMENTS].deploy(spec)
+    return web.json_response(deployment_view(request.app[WORKER], deployment), status=201)
 
 
 async def list_models(request: web.Request) -> web.Response:
     """Every deployment, then those this node is still preparing (status "deploying", with progress)."""
-    node = request.app[NODE]
-    deployed = node.state.deployments()
-    views = [deployment_view(node, d) for d in deployed.values()]
-    views += [p.to_wire() for name, p in node.deployments.preparing.items() if name not in deployed]
+    deployed = request.app[STATE].deployments()
+    views = [deployment_view(request.app[WORKER], d) for d in deployed.values()]
+    views += [p.to_wire() for name, p in request.app[DEPLOYMENTS].preparing.items() if name not in deployed]
     return web.json_response({"models": views})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """A deployment; or, while this node prepares it, its progress (status "deploying"): phase "download" and
     "convert" count bytes (`fraction` of `bytes_total`)."""
-    node = request.app[NODE]
     name = request.match_info["name"]
-    preparing = node.deployments.preparing.get(name)
-    if preparing is not None and node.state.deployment(name) is None:
+    preparing = request.app[DEPLOYMENTS].preparing.get(name)
+    if preparing is not None and request.app[STATE].deployment(name) is None:
         return web.json_response(preparing.to_wire())
-    return web.json_response(deployment_view(node, _deployment(node, name)))
+    return web.json_response(deployment_view(request.app[WORKER], _deployment(request, name)))
 
 
 async def patch_model(request: web.Request) -> web.Response:
-    node = request.app[NODE]
     body = parse_json_object(await request.read())
-    current = _deployment(node, request.match_info["name"])
+    current = _deployment(request, request.match_info["name"])
     unknown = set(body) - {"autoscaling"}
     if unknown:
         field = sorted(unknown)[0]
         raise InvalidRequest(f"'{field}' cannot be changed; only autoscaling can (redeploy to change others)",
                              param=field)
     policy = parse_policy(body.get("autoscaling", {}), current.autoscaling)
-    updated = await node.deployments.update_autoscaling(current.name, policy)
-    return web.json_response(deployment_view(node, updated))
+    updated = await request.app[DEPLOYMENTS].update_autoscaling(current.name, policy)
+    return web.json_response(deployment_view(request.app[WORKER], updated))
 
 
 async def delete_model(request: web.Request) -> web.Response:
-    node = request.app[NODE]
     name = request.match_info["name"]
-    await node.deployments.remove(name)
+    await request.app[DEPLOYMENTS].remove(name)
     return web.json_response({"deleted": name})
 
 
 async def cluster(request: web.Request) -> web.Response:
-    """The cluster as this node sees it: leader, term, and every member with its addresses, role,
-    liveness (recent messages) and slots (this node's exact; others' from their last status message)."""
-    return web.json_response(request.app[NODE].state.cluster_view())
+    """The cluster as this node sees it: leader, term, and every member with its addresses, role, liveness
+    (recent messages) and, once known, its status fields (`NodeStatus.to_wire`: slots, caches, queues,
+    calibration, instances; this node's exact, others' from their last status message)."""
+    view = request.app[STATE].cluster_view()
+    nodes = [{"id": n.id, "http": n.http, "peer": n.peer, "role": n.role, "alive": n.is_alive, "voter": n.is_voter,
+              "last_seen_s": n.last_seen_s, **(n.status.to_wire() if n.status is not None else {})}
+             for n in view.nodes]
+    return web.json_response({"leader": view.leader_id, "term": view.term, "nodes": nodes})
 
 
 async def remove_node(request: web.Request) -> web.Response:
@@ -183,7 +184,7 @@ async def remove_node(request: web.Request) -> web.Response:
     REMOVE_NODE through the replicated state machine). 404 node_not_found if it is not a member. To come
     back, the node starts on an empty data dir with --join."""
     node_id = request.match_info["id"]
-    num_instances = await request.app[NODE].state.propose({"op": Op.REMOVE_NODE, "node_id": node_id})
+    num_instances = await request.app[STATE].propose({"op": Op.REMOVE_NODE, "node_id": node_id})
     return web.json_response({"removed": node_id, "instances_deleted": num_instances})
 
 
@@ -191,7 +192,7 @@ async def migrate_instance(request: web.Request) -> web.Response:
     """Move a running instance's requests to another node: {"to": NODE_ID}. Any node takes the call and
     forwards it to the node running the instance; 200 with the MigrationResult (outcome "moved" or
     "aborted"), 404 instance_not_found, 400 for a bad body or unknown node, 409 when it cannot start."""
-    node = request.app[NODE]
+    state = request.app[STATE]
     instance_id = request.match_info["id"]
     body = parse_json_object(await request.read())
     unknown = set(body) - {"to"}
@@ -200,22 +201,22 @@ async def migrate_instance(request: web.Request) -> web.Response:
     to_node = body.get("to")
     if not isinstance(to_node, str) or not to_node:
         raise InvalidRequest("to is required: the id of the node to move the instance to", param="to")
-    nodes = node.state.nodes()
+    nodes = state.nodes()
     if to_node not in nodes:
         raise InvalidRequest(f"no node '{to_node}' in the cluster", param="to", code="unknown_node")
-    owner = next((r.node_id for r in node.state.instances() if r.id == instance_id), None)
-    if owner is None or owner == node.node_id or request.headers.get(FORWARDED_HEADER):
-        result = await node.migrations.migrate(instance_id, to_node)
+    owner = next((r.node_id for r in state.instances() if r.id == instance_id), None)
+    if owner is None or owner == state.node_id or request.headers.get(FORWARDED_HEADER):
+        result = await request.app[MIGRATIONS].migrate(instance_id, to_node)
         return web.json_response(result.to_json())
     return await _forward(request, nodes[owner].http, body)
 
 
 async def _forward(request: web.Request, address: str, body: dict[str, Any]) -> web.Response:
-    headers = {FORWARDED_HEADER: request.app[NODE].node_id}
+    headers = {FORWARDED_HEADER: request.app[STATE].node_id}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     try:
-        status, answer = await request.app[NODE].relay.call(address, request.path, body, headers)
+        status, answer = await request.app[RELAY].call(address, request.path, body, headers)
     except RelayFailed as exc:
         raise EngineFailed(f"the node at {address} running the instance did not answer: {exc}",
                            code="forward_failed") from None

@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sllmd.errors import InvalidRequest, NotFound, SllmdError, Unauthorized
-from sllmd.http import admin_api, openai_api, peer_api
-from sllmd.http.keys import NODE
+from sllmd.http import admin_api, keys, openai_api, peer_api
 from sllmd.node import Node
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,6 @@ def error_response(error: SllmdError) -> web.Response:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as an OpenAI-style JSON error body with a real status."""
-    node = request.app[NODE]
     began = time.monotonic()
     try:
         response = await handler(request)
@@ -52,7 +50,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error", extra={"path": request.path})
         response = error_response(SllmdError("internal server error"))
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    node.metrics.requests.labels(route, str(response.status)).inc()
+    request.app[keys.METRICS].requests.labels(route, str(response.status)).inc()
     if request.path not in OPEN_PATHS:
         log.debug("request", extra={"method": request.method, "path": request.path, "status": response.status,
                                     "ms": round((time.monotonic() - began) * 1000, 2)})
@@ -61,23 +59,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    keys = request.app[NODE].config.server.api_keys
-    if keys and request.path not in OPEN_PATHS:
+    api_keys = request.app[keys.CONFIG].server.api_keys
+    if api_keys and request.path not in OPEN_PATHS:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in keys):
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), key) for key in api_keys):
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer KEY)", code="invalid_api_key")
     return await handler(request)
 
 
 async def health(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    uptime_s = round(time.time() - node.started_at, 3)
-    return web.json_response({"status": "ok", "node_id": node.node_id, "uptime_s": uptime_s})
+    uptime_s = round(time.time() - request.app[keys.STARTED_AT], 3)
+    return web.json_response({"status": "ok", "node_id": request.app[keys.STATE].node_id, "uptime_s": uptime_s})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[NODE].metrics.render()
+    body = request.app[keys.METRICS].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -85,7 +82,15 @@ def build_app(node: Node) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=node.config.server.max_body_bytes
     )
-    app[NODE] = node
+    app[keys.CONFIG] = node.config
+    app[keys.STATE] = node.state
+    app[keys.WORKER] = node.worker
+    app[keys.ROUTER] = node.router
+    app[keys.DEPLOYMENTS] = node.deployments
+    app[keys.MIGRATIONS] = node.migrations
+    app[keys.RELAY] = node.relay
+    app[keys.METRICS] = node.metrics
+    app[keys.STARTED_AT] = node.started_at
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app.router)

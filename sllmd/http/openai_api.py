@@ -1,7 +1,6 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE).
 
-A completions request that another node relayed here (`RELAYED_HEADER`) is answered in the relay's
-internal shape instead, token ids and no text (see `sllmd.serving.relay`): the entry node shapes the answer.
+Whichever node serves the request, the node it entered shapes the answer (`sllmd.serving.pipeline`).
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from sllmd.errors import ModelNotFound, SllmdError
-from sllmd.http.keys import NODE
-from sllmd.http.schemas import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_object
+from sllmd.http.keys import ROUTER, STATE
+from sllmd.http.schemas import parse_chat_request, parse_completion_request, parse_json_object
 from sllmd.serving.pipeline import Finished, PreparedRequest, TextDelta
-from sllmd.serving.relay import RELAYED_HEADER, end_event, token_ids_event
+from sllmd.serving.request import GenerationRequest
 from sllmd.state.models import Deployment
 
 log = logging.getLogger(__name__)
@@ -39,13 +38,13 @@ def _model_object(deployment: Deployment) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    data = [_model_object(d) for d in request.app[NODE].state.deployments().values()]
+    data = [_model_object(d) for d in request.app[STATE].deployments().values()]
     return web.json_response({"object": "list", "data": data})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    deployment = request.app[NODE].state.deployment(name)
+    deployment = request.app[STATE].deployment(name)
     if deployment is None:
         raise ModelNotFound(name)
     return web.json_response(_model_object(deployment))
@@ -118,10 +117,8 @@ def _event_stream() -> web.StreamResponse:
 
 
 async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bool) -> web.StreamResponse:
-    router = request.app[NODE].router
+    router = request.app[ROUTER]
     prepared = await router.prepare(parsed)
-    if RELAYED_HEADER in request.headers:
-        return await _serve_relayed(request, prepared)
     shape = _Shape(parsed, is_chat)
     # Opening the stream waits through a cold start; its errors (503, 500) still get real statuses.
     async with router.open_stream(prepared) as events:
@@ -134,25 +131,6 @@ async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bo
             else:
                 return web.json_response(shape.whole("".join(parts), event.finish_reason, _usage(event)))
     raise AssertionError("event stream ended without Finished")  # pragma: no cover
-
-
-async def _serve_relayed(request: web.Request, prepared: PreparedRequest) -> web.StreamResponse:
-    """The token ids of a request relayed here, generated here (one hop, no loops)."""
-    async with request.app[NODE].router.open_tokens(prepared) as tokens:
-        response = _event_stream()
-        await response.prepare(request)
-        num_generated = 0
-        try:
-            async for token in tokens:
-                await response.write(token_ids_event((token,)))
-                num_generated += 1
-            await response.write(end_event(len(prepared.prompt_ids), num_generated))
-        except SllmdError as error:
-            log.warning("relayed stream failed", extra={"model": prepared.request.model, "error": error.message})
-            await response.write(_sse(error.to_body()))
-        await response.write(_sse("[DONE]"))
-        await response.write_eof()
-        return response
 
 
 async def _stream(request: web.Request, prepared: PreparedRequest, shape: _Shape, events) -> web.StreamResponse:

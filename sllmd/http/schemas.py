@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from sllmd.errors import InvalidRequest
+from sllmd.serving.request import MAX_TOKEN_ID, ChatMessage, GenerationRequest
 
 MAX_STOP_STRINGS = 4
-MAX_TOKEN_ID = 2**31 - 1  # keeps ids machine-sized; the vocabulary check happens in `textgen`
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _INT64 = (-(2**63), 2**63 - 1)
@@ -28,28 +27,6 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "response_format": ({"type": "text"},), "audio": (),
 }  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str  # "system" | "user" | "assistant" ("developer" arrives here as "system")
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """A validated request. Exactly one of `prompt` (completions) and `messages` (chat) is set."""
-
-    model: str
-    prompt: str | list[int] | None
-    messages: tuple[ChatMessage, ...] | None
-    max_tokens: int | None  # None (chat only): as many as fit in the context window
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    stream: bool
-    include_usage: bool
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+# long: the Raft state machine; every transition reads and writes the same fields (term, role, log, progress),
+# so split by role its invariants would span files.
 """The Raft consensus core: pure, synchronous, deterministic (etcd raft's shape).
 
 No sockets, clocks, threads or I/O live here. The shell feeds the core three kinds of input —
@@ -36,8 +38,9 @@ Beyond the paper's Figure 2 this core implements:
   Ongaro posted to raft-dev in 2015). A leader that removes itself keeps replicating without counting
   itself in majorities, and steps down once the removal commits (thesis §4.2.2).
 
-The peer messages and their wire codec live in `raft_messages` (re-exported here); the log itself (the
-entries after the snapshot and their index arithmetic) is a `RaftLog` from `raft_log`.
+The peer messages and their wire codec live in `sllmd.raft.messages` (import them from there); the log
+itself (the entries after the snapshot and their index arithmetic) is a `RaftLog` from `sllmd.raft.log`.
+What a node persists, and the `Storage` it goes through, is `sllmd.raft.storage`.
 """
 
 from __future__ import annotations
@@ -63,14 +66,9 @@ from sllmd.raft.messages import (
     Snapshot,
     VoteRequest,
     VoteResponse,
-    WireError,
 )
 
-__all__ = [
-    "AppendEntries", "AppendResponse", "ConfigChangeRejected", "Entry", "EntryKind", "HardState", "Heartbeat",
-    "HeartbeatResponse", "InstallSnapshot", "Message", "MessageType", "NodeId", "NotLeader", "Raft", "RaftConfig",
-    "Ready", "Role", "Snapshot", "Status", "VoteRequest", "VoteResponse", "WireError",
-]
+__all__ = ["ConfigChangeRejected", "HardState", "NotLeader", "Raft", "RaftConfig", "Ready", "Role", "Status"]
 
 
 class Role(Enum):
@@ -125,6 +123,12 @@ class Ready:
     restore_snapshot: bool = False  # the state machine must be replaced by snapshot.data
     messages: tuple[Message, ...] = ()
     committed: tuple[Entry, ...] = ()  # apply in order; NOOP and CONFIG included (the shell skips NOOPs)
+
+    @property
+    def has_state_to_persist(self) -> bool:
+        """Whether the storage contract above has anything to write."""
+        return (self.hard_state is not None or self.truncate_from is not None or bool(self.entries)
+                or self.snapshot is not None)
 
 
 @dataclass(frozen=True, slots=True)

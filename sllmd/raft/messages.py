@@ -3,7 +3,7 @@
 Everything here is plain data with a strict decoder. `to_wire()` gives maps and lists of
 str/int/bool/bytes only (msgpack-able, never pickled); `from_wire()` validates every field and raises
 `WireError` on anything malformed, so hostile bytes from the network or a corrupted disk never reach
-the core. `sllmd.raft.core` re-exports every public name, so callers may import either module.
+the core. Callers (the core, the shell, storage) import these names from this module.
 """
 
 from __future__ import annotations

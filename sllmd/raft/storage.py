@@ -1,36 +1,20 @@
-"""Durable storage for the Raft core, in the node's LMDB environment (the one `StateStore` opens).
+"""What a Raft node persists, as a Protocol the shell writes through, and an in-memory implementation.
 
-Named databases (msgpack values, never pickle):
-- `raft_hard`:     b"hard" -> {"term", "voted_for", "commit"}
-- `raft_log`:      index as a big-endian u64 (so cursor order is log order) -> [term, kind, data, voters]
-- `raft_snapshot`: b"meta" -> {"index", "term", "voters"};  b"data" -> the state machine's bytes, raw
-
-`save(ready)` applies one Ready in ONE write transaction, durable when it returns: LMDB commits with
-fsync when the environment is opened with sync=True (StateStore does); otherwise `save` forces
-`env.sync()`. A crash therefore leaves the previous Ready's state or this one's, never a mix, and the
-shell may send the Ready's messages as soon as `save` returns (Raft §5.1: state before replies).
-
-Thread-safety: LMDB allows one writer at a time; call from the event loop (or one worker thread).
+A `Storage` holds one node's hard state, log and snapshot. `save(ready)` applies one Ready by its
+storage contract (see `Ready`) and is durable and atomic when it returns: after a crash, `load()` gives
+the state before this Ready or after it, never a mix. The shell may therefore send the Ready's messages
+as soon as `save` returns (Raft §5.1: state before replies). `LmdbStorage` (`sllmd.raft.lmdb`) is the
+node's; `MemoryStorage` is the reference model the simulator and the storage tests run against.
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
-import lmdb
-import msgpack
-
-from sllmd.raft.core import Entry, HardState, Ready, Snapshot, WireError
-
-HARD_DB = b"raft_hard"
-LOG_DB = b"raft_log"
-SNAPSHOT_DB = b"raft_snapshot"
-_HARD_KEY = b"hard"
-_META_KEY = b"meta"
-_DATA_KEY = b"data"
-_INDEX = struct.Struct(">Q")
+from sllmd.raft.core import HardState, Ready
+from sllmd.raft.messages import Entry, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,106 +30,57 @@ class PersistedState:
         return self.hard_state == HardState() and not self.entries and self.snapshot is None
 
 
-class RaftStorage:
-    """Raft hard state, log and snapshot in three named databases of `env`."""
-
-    def __init__(self, env: lmdb.Environment) -> None:
-        self._env = env
-        self._hard_db = env.open_db(HARD_DB)
-        self._log_db = env.open_db(LOG_DB)
-        self._snapshot_db = env.open_db(SNAPSHOT_DB)
-        self._is_commit_durable = bool(env.flags().get("sync"))
+class Storage(Protocol):
+    """One node's durable Raft state. Called by one thread at a time."""
 
     def save(self, ready: Ready) -> None:
-        """Persists `ready`'s snapshot, log changes and hard state (in that order, see Ready's contract)
-        in one transaction. Call before sending `ready.messages`."""
-        if ready.snapshot is None and ready.truncate_from is None and not ready.entries and ready.hard_state is None:
-            return
-        with self._env.begin(write=True) as txn:
-            if ready.snapshot is not None:
-                self._write_snapshot(txn, ready.snapshot)
-            if ready.truncate_from is not None:
-                self._truncate(txn, ready.truncate_from)
-            if ready.entries:
-                self._append(txn, ready.entries)
-            if ready.hard_state is not None:
-                self._write_hard_state(txn, ready.hard_state)
-        if not self._is_commit_durable:
-            self._env.sync(True)
+        """Persists `ready`'s snapshot, log changes and hard state atomically and durably (Ready's
+        storage contract). Call before sending `ready.messages`."""
+        ...
 
     def load(self) -> PersistedState:
-        """Reads everything back; raises WireError if a stored value does not decode."""
-        with self._env.begin(write=False) as txn:
-            raw_hard = txn.get(_HARD_KEY, db=self._hard_db)
-            hard_state = HardState() if raw_hard is None else _decode_hard_state(_unpack(raw_hard))
-            raw_meta = txn.get(_META_KEY, db=self._snapshot_db)
-            snapshot = None
-            if raw_meta is not None:
-                meta = _unpack(raw_meta)
-                if not isinstance(meta, dict):
-                    raise WireError("stored snapshot metadata: expected a map")
-                snapshot = Snapshot.from_wire({**meta, "data": txn.get(_DATA_KEY, b"", db=self._snapshot_db)})
-            with txn.cursor(db=self._log_db) as cursor:
-                entries = tuple(_decode_entry(key, value) for key, value in cursor)
-        return PersistedState(hard_state, entries, snapshot)
-
-    # Each step is a method so a test can interrupt a save between them (a crash inside the txn).
-
-    def _write_snapshot(self, txn: lmdb.Transaction, snapshot: Snapshot) -> None:
-        meta = {"index": snapshot.index, "term": snapshot.term, "voters": list(snapshot.voters)}
-        txn.put(_META_KEY, _pack(meta), db=self._snapshot_db)
-        txn.put(_DATA_KEY, snapshot.data, db=self._snapshot_db)
-        with txn.cursor(db=self._log_db) as cursor:  # the snapshot replaces the entries it covers
-            is_positioned = cursor.first()
-            while is_positioned and _INDEX.unpack(cursor.key())[0] <= snapshot.index:
-                is_positioned = _delete_and_step(cursor)
-
-    def _truncate(self, txn: lmdb.Transaction, first_dropped: int) -> None:
-        with txn.cursor(db=self._log_db) as cursor:
-            is_positioned = cursor.set_range(_INDEX.pack(first_dropped))
-            while is_positioned:
-                is_positioned = _delete_and_step(cursor)
-
-    def _append(self, txn: lmdb.Transaction, entries: tuple[Entry, ...]) -> None:
-        for entry in entries:
-            txn.put(_INDEX.pack(entry.index), _pack(entry.to_wire()[1:]), db=self._log_db)
-
-    def _write_hard_state(self, txn: lmdb.Transaction, hard_state: HardState) -> None:
-        value = {"term": hard_state.term, "voted_for": hard_state.voted_for, "commit": hard_state.commit}
-        txn.put(_HARD_KEY, _pack(value), db=self._hard_db)
+        """Everything saved so far; raises WireError if what is stored does not decode."""
+        ...
 
 
-def _delete_and_step(cursor: lmdb.Cursor) -> bool:
-    """Deletes the current record; True while the cursor still sits on one (py-lmdb's delete() moves to
-    the next record but returns True even when there is none, leaving an empty key)."""
-    cursor.delete()
-    return bool(cursor.key())
+class MemoryStorage:
+    """A `Storage` in memory: durable for as long as the object lives, which is what a simulated crash
+    keeps (a crash drops the core and the state machine, never a completed `save`)."""
 
+    def __init__(self, hard_state: HardState | None = None, entries: Iterable[Entry] = (),
+                 snapshot: Snapshot | None = None) -> None:
+        self._hard_state = hard_state or HardState()
+        self._entries: list[Entry] = list(entries)
+        self._snapshot = snapshot
 
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    def save(self, ready: Ready) -> None:
+        """Raises ValueError, changing nothing, if `ready.entries` would leave a gap in the log."""
+        first, last = self._kept_range(ready)
+        if ready.entries:
+            expected = last + 1 if first <= last else ready.entries[0].index
+            if ready.entries[0].index != expected:
+                raise ValueError(f"Ready entries start at {ready.entries[0].index}, the log needs {expected}")
+        if self._entries:  # the held entries are contiguous, so the kept ones are one slice
+            offset = self._entries[0].index
+            del self._entries[max(0, last + 1 - offset):]
+            del self._entries[:max(0, first - offset)]
+        self._entries.extend(ready.entries)
+        if ready.snapshot is not None:
+            self._snapshot = ready.snapshot
+        if ready.hard_state is not None:
+            self._hard_state = ready.hard_state
 
+    def _kept_range(self, ready: Ready) -> tuple[int, int]:
+        """The indices [first, last] of the held entries that `ready`'s snapshot and truncation keep
+        (first > last: none)."""
+        if not self._entries:
+            return 1, 0
+        first, last = self._entries[0].index, self._entries[-1].index
+        if ready.snapshot is not None:
+            first = max(first, ready.snapshot.index + 1)
+        if ready.truncate_from is not None:
+            last = min(last, ready.truncate_from - 1)
+        return first, last
 
-def _unpack(raw: bytes) -> Any:
-    try:
-        return msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise WireError(f"stored value does not decode: {exc}") from None
-
-
-def _decode_entry(key: bytes, raw: bytes) -> Entry:
-    value = _unpack(raw)
-    if len(key) != _INDEX.size or not isinstance(value, list):
-        raise WireError("stored log entry: bad key or value")
-    return Entry.from_wire([_INDEX.unpack(key)[0], *value])
-
-
-def _decode_hard_state(value: Any) -> HardState:
-    if not isinstance(value, dict):
-        raise WireError("stored hard state: expected a map")
-    term, voted_for, commit = value.get("term"), value.get("voted_for"), value.get("commit")
-    if type(term) is not int or type(commit) is not int or term < 0 or commit < 0:
-        raise WireError("stored hard state: term and commit must be non-negative ints")
-    if voted_for is not None and (type(voted_for) is not str or not voted_for):
-        raise WireError("stored hard state: voted_for must be a node id or nil")
-    return HardState(term, voted_for, commit)
+    def load(self) -> PersistedState:
+        return PersistedState(self._hard_state, tuple(self._entries), self._snapshot)

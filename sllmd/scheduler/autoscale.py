@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from sllmd.types import AutoscalingPolicy
 
 # A start counts as stuck once it has run START_WAIT_FACTOR × its estimate + START_WAIT_SLACK_S. A node's first
 # start of an engine kind is estimated from defaults, which can be 2× off (a vLLM start on the 2-core
@@ -19,29 +20,6 @@ from dataclasses import dataclass
 # estimate of the next ones (`Calibration.observe_load`).
 START_WAIT_FACTOR = 2.0
 START_WAIT_SLACK_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class AutoscalingPolicy:
-    min_instances: int = 0
-    max_instances: int = 1
-    target_concurrency: int = 4
-    keep_alive_s: float = 60.0
-
-    def problems(self) -> list[tuple[str, str]]:
-        """(field, message) for every violated bound; empty when valid."""
-        found = []
-        if self.min_instances < 0:
-            found.append(("min_instances", "must be >= 0"))
-        if self.max_instances < 1:
-            found.append(("max_instances", "must be >= 1"))
-        if self.min_instances > self.max_instances:
-            found.append(("min_instances", "must be <= max_instances"))
-        if self.target_concurrency < 1:
-            found.append(("target_concurrency", "must be >= 1"))
-        if self.keep_alive_s < 0:
-            found.append(("keep_alive_s", "must be >= 0"))
-        return found
 
 
 def num_instances_wanted(policy: AutoscalingPolicy, demand: int) -> int:

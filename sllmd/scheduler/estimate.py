@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from sllmd.types import EngineKind, Tier
+
 BYTES_PER_GB = 1e9
 # Weight of the newest observation in a bandwidth EWMA: a handful of loads (~10) replace a bad default.
 BANDWIDTH_ALPHA = 0.3
@@ -33,29 +35,8 @@ _Key = TypeVar("_Key", bound=enum.StrEnum)
 _Value = TypeVar("_Value")
 
 
-class Tier(enum.StrEnum):
-    """Where a checkpoint's bytes are, fastest first."""
-
-    DEVICE = "device"
-    DRAM = "dram"
-    SSD = "ssd"
-    PEER = "peer"
-    REPOSITORY = "repository"
-
-
 LOAD_TIERS = (Tier.DRAM, Tier.SSD)  # sources of a load onto the device
 FETCH_TIERS = (Tier.PEER, Tier.REPOSITORY)  # sources of a copy into this node's SSD
-
-
-class EngineKind(enum.StrEnum):
-    """What an instance's engine init is timed as (`Deployment.engine_kind`): its backend, and for vLLM its
-    start mode ("vllm" compiles with torch.compile and, on GPUs, captures CUDA graphs; "vllm-eager" does not)."""
-
-    TRANSFORMERS = "transformers"
-    VLLM = "vllm"
-    VLLM_EAGER = "vllm-eager"
-    VLLM_PARKED = "vllm-parked"  # a vLLM start that takes a parked engine of its shape (`sllmd.engine.vllm_pool`)
-    DUMMY = "dummy"
 
 
 class DeviceKind(enum.StrEnum):

@@ -1,76 +1,33 @@
-"""Placement: where a request is served, and where a new instance starts. Pure policy over a snapshot of
-the cluster, no I/O or clocks.
+"""Placement: where a new instance starts, and where checkpoints sit. Pure policy over a snapshot of the
+cluster (`NodeState`s), no I/O; time arrives as `now`.
 
-Warm routing, `choose_node` over `NodeView`s:
+A new instance, `plan_new_instance` (the leader runs it for every node that asks, see `cluster.placer`): at
+the model's `max_instances` (counting the leader's reservations) no new one, the request goes to the alive
+node with the fewest of its instances; otherwise `plan_start` finds the node where the model will be serving
+soonest by the estimators of `sllmd.scheduler.estimate`, possibly after evicting idle instances or migrating
+one running instance away; the asking (entry) node wins when its own plan is within ENTRY_PREFERENCE of
+that. Each start placed is reserved until it shows in its node's state.
 
-The entry node builds a `NodeView` per known node (its own from the worker, the others from the
-replicated instance records and NODE_STATUS soft state) and asks `choose_node`. Rules, first match wins:
-
-1. this node, if it has a ready instance of the model (no hop);
-2. the alive node with a ready instance and the least load per ready instance;
-3. the alive node already starting one (this node first), so a cold start is not started twice;
-4. this node, if it can start one (a free slot, or an idle instance it may evict);
-5. the alive node with the most free slots;
-6. None: nothing can take it now; the caller serves locally and queues (or answers 503) there.
-
-Ties are broken by node id, so every entry node with the same view makes the same choice.
-
-Cold starts, `plan_start` over `NodeState`s (the leader asks it for every instance the autoscaler wants):
-the node where the model will be serving soonest by the estimators of `sllmd.scheduler.estimate`,
-possibly after evicting idle instances or migrating one running instance away (see `plan_start`).
-Checkpoint homes (`plan_checkpoint_homes`, at deploy) and DRAM warming (`plan_dram_warming`, per node)
-decide where checkpoints sit before any request needs them.
+Where a request goes among the instances that exist is `scheduler.routing`'s. Checkpoint homes
+(`plan_checkpoint_homes`, at deploy) and DRAM warming (`plan_dram_warming`, per node) decide where
+checkpoints sit before any request needs them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sllmd.scheduler.estimate import Calibration, EngineKind, Tier, load_time_s, migration_time_s
+from sllmd.scheduler.estimate import Calibration, load_time_s, migration_time_s, transfer_time_s
+from sllmd.types import EngineKind, Tier
 
-
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """One node as the entry node sees it for one model. Counts are of that model's instances."""
-
-    id: str
-    is_alive: bool
-    num_free_slots: int
-    ready_instances_of_model: int = 0
-    starting_instances_of_model: int = 0
-    in_flight_hint: int = 0  # requests of the model the entry node knows to be in flight there
-    num_evictable: int = 0  # idle instances of other models it may stop to start this one
-
-    @property
-    def can_start(self) -> bool:
-        return self.num_free_slots + self.num_evictable > 0
-
-
-def choose_node(model: str, *, local_node_id: str, nodes: Sequence[NodeView]) -> str | None:
-    """The id of the node that should serve a request for `model`, or None (see the module doc).
-
-    `model` is not used by these rules yet; it is part of the signature for locality-aware ones.
-    The local node counts as alive whatever its view says.
-    """
-    del model
-    alive = sorted((n for n in nodes if n.is_alive or n.id == local_node_id), key=lambda n: n.id)
-    local = next((n for n in alive if n.id == local_node_id), None)
-    if local is not None and local.ready_instances_of_model > 0:
-        return local.id
-    ready = [n for n in alive if n.ready_instances_of_model > 0]
-    if ready:
-        return min(ready, key=lambda n: (n.in_flight_hint / n.ready_instances_of_model, n.id)).id
-    starting = [n for n in alive if n.starting_instances_of_model > 0]
-    if starting:
-        return min(starting, key=lambda n: (n.id != local_node_id, n.id)).id
-    if local is not None and local.can_start:
-        return local.id
-    free = [n for n in alive if n.num_free_slots > 0]
-    if free:
-        return min(free, key=lambda n: (-n.num_free_slots, n.id)).id
-    return None
+# The asking (entry) node gets the start when its estimate is this close to the best: no relay hop, and the
+# client's own node, for a difference within the estimators' noise.
+ENTRY_PREFERENCE = (0.05, 0.005)  # (relative, absolute seconds)
+RESERVATION_SLACK_S = 5.0  # a reservation outlives its start's estimate by this much at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +35,8 @@ class RunningInstance:
     """A ready instance. `engine_kind`: its model's (how its reload at a migration's destination inits).
     `num_tokens`: prompt + generated tokens of its in-flight requests (what a migration moves). `num_bytes`:
     its model's checkpoint size; 0 means unknown, and such an instance is never migrated (its reload cost at
-    the destination could not be estimated)."""
+    the destination could not be estimated). `is_kept`: idle but kept for its model's min_instances, so never
+    evicted (known for the node's own instances only)."""
 
     id: str
     model: str
@@ -86,24 +44,40 @@ class RunningInstance:
     num_requests: int
     num_tokens: int
     num_bytes: int = 0
+    is_kept: bool = False
 
     @property
-    def is_idle(self) -> bool:
-        return self.num_requests == 0
+    def is_evictable(self) -> bool:
+        return self.num_requests == 0 and not self.is_kept
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model on one node: its live instances (by the replicated instance records, or the node's own
+    worker) and the requests for it there, waiting or in flight."""
+
+    num_ready: int = 0
+    num_starting: int = 0
+    num_requests: int = 0
+
+    @property
+    def num_live(self) -> int:
+        """Starting or ready: what counts against max_instances."""
+        return self.num_ready + self.num_starting
 
 
 @dataclass(frozen=True, slots=True)
 class NodeState:
-    """One node as the leader sees it for a cold start. Byte counts are free cache space; `pending_load_s`
-    is the estimated seconds its SSD and network stay busy with loads already queued or in progress there:
-    a new load that reads the SSD or fetches from a peer or the repository waits behind them, one from DRAM
-    does not (each GPU has its own PCIe link). `instances` are its ready instances (starting ones hold
-    slots but are not listed)."""
+    """One node as placement sees it. Byte counts are free cache space; `pending_load_s` is the estimated
+    seconds its SSD and network stay busy with loads already queued or in progress there: a new load that
+    reads the SSD or fetches from a peer or the repository waits behind them, one from DRAM does not (each GPU
+    has its own PCIe link). `instances` are its ready instances (starting ones hold slots but are not listed);
+    `loads` holds, per model, its live instances and requests (a model absent has none)."""
 
     id: str
     is_alive: bool
     num_free_slots: int
-    calibration: Calibration
+    calibration: Calibration = field(default_factory=Calibration.defaults)
     dram_models: frozenset[str] = frozenset()
     ssd_models: frozenset[str] = frozenset()
     free_dram_bytes: int = 0
@@ -111,6 +85,15 @@ class NodeState:
     pending_load_s: float = 0.0
     instances: tuple[RunningInstance, ...] = ()
     parked_models: frozenset[str] = frozenset()  # vLLM models with an engine of their shape parked there
+    loads: Mapping[str, ModelLoad] = field(default_factory=dict)
+
+    def load(self, model: str) -> ModelLoad:
+        return self.loads.get(model, ModelLoad())
+
+    def can_start(self, model: str) -> bool:
+        """A start of `model` could take a slot here now: a free one, or one an evictable instance of another
+        model holds."""
+        return self.num_free_slots > 0 or any(i.is_evictable and i.model != model for i in self.instances)
 
     def start_kind(self, model: str, engine_kind: EngineKind) -> EngineKind:
         """How a start of `model` here would init: on a parked engine where one of its shape waits."""
@@ -171,9 +154,10 @@ def plan_start(
 
     The start on node N is estimated by `estimated_start_s` from N's best tier. Candidates:
     - N with a free slot;
-    - N with an idle instance of another model, evicted first (the lowest id; eviction costs ~0);
+    - N with an evictable instance (idle, not kept) of another model, evicted first (the lowest id; eviction
+      costs ~0);
     - with `allow_migration`, N whose slot is freed by migrating ONE running instance of another model to
-      its best other alive node D that has a free slot or an idle instance of a third model to evict
+      its best other alive node D that has a free slot or an evictable instance of a third model
       (`_best_migration`). The instance must load at D and move its tokens (migration_time_s at D's
       calibration) before N's slot is free, so `model`'s load on N starts only then. D is never N, so no
       slot is counted twice.
@@ -199,7 +183,7 @@ def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, node: NodeSta
     if node.num_free_slots > 0:
         return [StartPlan(model, node.id, tier, start_s)]
     others = sorted((i for i in node.instances if i.model != model), key=lambda i: i.id)
-    idle = [i for i in others if i.is_idle]
+    idle = [i for i in others if i.is_evictable]
     if idle:
         return [StartPlan(model, node.id, tier, start_s, evictions=(idle[0].id,))]
     if not allow_migration:
@@ -216,7 +200,7 @@ def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, node: NodeSta
 def _best_migration(instance: RunningInstance, cold_model: str, source: NodeState, alive: Sequence[NodeState]
                     ) -> Migration | None:
     """Where `instance` (running on `source`) is serving again soonest: an alive node other than `source`
-    with a free slot, or else with an idle instance (lowest id) of a model other than the instance's and
+    with a free slot, or else with an evictable instance (lowest id) of a model other than the instance's and
     `cold_model` to evict. None when its size is unknown or no node qualifies. Ties keep the lower node id."""
     if instance.num_bytes <= 0:
         return None
@@ -226,7 +210,8 @@ def _best_migration(instance: RunningInstance, cold_model: str, source: NodeStat
             continue
         evictions: tuple[str, ...] = ()
         if dest.num_free_slots <= 0:
-            idle = sorted(i.id for i in dest.instances if i.is_idle and i.model not in (instance.model, cold_model))
+            idle = sorted(i.id for i in dest.instances
+                          if i.is_evictable and i.model not in (instance.model, cold_model))
             if not idle:
                 continue
             evictions = (idle[0],)
@@ -237,6 +222,104 @@ def _best_migration(instance: RunningInstance, cold_model: str, source: NodeStat
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
             best = Migration(instance.id, instance.model, source.id, dest.id, seconds, evictions)
     return best
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """What placing a new instance of `model` needs to know of it."""
+
+    model: str
+    engine_kind: EngineKind
+    num_bytes: int  # its checkpoint's
+    max_instances: int  # its live instances cluster-wide, at most
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A start `plan_new_instance` placed, which its node's state may not show yet: its slot is not offered
+    again and its transfer counts as queued on the node. It ends once the node has more live instances of
+    the model than `num_live_before` (the start shows), or RESERVATION_SLACK_S after its estimate ran out."""
+
+    model: str
+    node_id: str
+    estimated_s: float  # until it serves
+    transfer_s: float  # of which the node's SSD or network is busy (what other starts there queue behind)
+    made_at: float  # the `now` it was made at
+    num_live_before: int  # the model's live instances on the node when it was made
+
+    def remaining_transfer_s(self, now: float) -> float:
+        return max(0.0, self.transfer_s - (now - self.made_at))
+
+    def is_expired(self, now: float) -> bool:
+        return now - self.made_at > self.estimated_s + RESERVATION_SLACK_S
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request that wants a new instance goes: to `node_id`, which starts one by `start`; or, with
+    `start` None (the model has max_instances already), to the instances `node_id` has."""
+
+    node_id: str
+    start: StartPlan | None = None
+
+
+def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservations: Sequence[Reservation], *,
+                      asked_by: str | None, now: float, allow_migration: bool = True
+                      ) -> tuple[Placement | None, tuple[Reservation, ...]]:
+    """The leader's answer for a request of `spec.model` that entered at node `asked_by` (None: no entry node)
+    and wants a new instance, and the reservations it holds afterwards. None: no alive node can take it now.
+
+    1. Reservations that ended (see `Reservation`) are dropped; the others take their slot out of their
+       node's free slots and add their remaining transfer to its `pending_load_s`.
+    2. With `max_instances` live or reserved instances of the model (dead nodes' count, their records stand
+       until the leader drops them), no new one: the alive node with the fewest of them (then the lowest id)
+       takes the request.
+    3. Otherwise `plan_start`. When its node is not `asked_by`, the same planning with only `asked_by` able to
+       take the start (the others still hold copies to fetch from) wins if its estimate is within
+       ENTRY_PREFERENCE of the best. The start chosen is reserved.
+    """
+    by_id = {s.id: s for s in states}
+
+    def num_live(node_id: str, model: str) -> int:
+        state = by_id.get(node_id)
+        return 0 if state is None else state.load(model).num_live
+
+    held = tuple(r for r in reservations
+                 if not r.is_expired(now) and num_live(r.node_id, r.model) <= r.num_live_before)
+    states = _with_reservations(states, held, now)
+    live = collections.Counter({s.id: s.load(spec.model).num_live for s in states})
+    live.update(r.node_id for r in held if r.model == spec.model)
+    if live.total() >= spec.max_instances:
+        serving = sorted((live[s.id], s.id) for s in states if s.is_alive and live[s.id] > 0)
+        return (Placement(serving[0][1]) if serving else None), held
+    plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, states, allow_migration=allow_migration)
+    if plan is None:
+        return None, held
+    if asked_by is not None and plan.node_id != asked_by:
+        only_entry = [s if s.id == asked_by else dataclasses.replace(s, num_free_slots=0, instances=())
+                      for s in states]
+        entry_plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, only_entry,
+                                allow_migration=allow_migration)
+        relative, absolute = ENTRY_PREFERENCE
+        if entry_plan is not None and entry_plan.estimated_s <= plan.estimated_s * (1 + relative) + absolute:
+            plan = entry_plan
+    node = by_id[plan.node_id]
+    transfer_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(spec.num_bytes, plan.tier, node.calibration)
+    reservation = Reservation(spec.model, plan.node_id, plan.estimated_s, transfer_s, now,
+                              num_live(plan.node_id, spec.model))
+    return Placement(plan.node_id, plan), (*held, reservation)
+
+
+def _with_reservations(states: Sequence[NodeState], reservations: Sequence[Reservation], now: float
+                       ) -> list[NodeState]:
+    """Reserved slots taken out of `num_free_slots`, their remaining transfers added to `pending_load_s`."""
+    num_held = collections.Counter(r.node_id for r in reservations)
+    queued_s: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for r in reservations:
+        queued_s[r.node_id] += r.remaining_transfer_s(now)
+    return [dataclasses.replace(s, num_free_slots=max(0, s.num_free_slots - num_held[s.id]),
+                                pending_load_s=s.pending_load_s + queued_s[s.id]) if s.id in num_held else s
+            for s in states]
 
 
 def plan_checkpoint_homes(model: str, num_bytes: int, nodes: Sequence[NodeState], k: int) -> list[str]:

@@ -1,55 +1,65 @@
-"""From what the cluster reports to what the scheduler plans on: pure translation, no I/O.
+"""From what the cluster reports to what placement plans on: pure translation, no I/O.
 
-`node_states` turns the nodes of `/admin/cluster` (each node's NODE_STATUS soft state, already
-type-checked by `membership.checked_status`) and the deployments into `placement.NodeState`s. Store and
-DRAM-cache contents arrive as checkpoint ids; placement speaks of models, so each id maps back to the
-deployments whose checkpoint it is. A calibration that does not parse (an old or hostile peer) reads as
-the defaults rather than failing the plan.
+`node_states` turns the nodes of a `ClusterView` (each with its decoded `NodeStatus`), the replicated
+instance records and the deployments into `placement.NodeState`s. Store and DRAM-cache contents arrive as
+checkpoint ids; placement speaks of models, so each id maps back to the deployments whose checkpoint it is.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
-from sllmd.scheduler.estimate import Calibration
-from sllmd.scheduler.placement import NodeState, RunningInstance
-from sllmd.state.models import Deployment
+from sllmd.scheduler.placement import ModelLoad, NodeState, RunningInstance
+from sllmd.scheduler.status import PeerInfo
+from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 
 
-def node_states(nodes: Sequence[Mapping[str, Any]], deployments: Mapping[str, Deployment], *,
-                models_of: Mapping[str, Iterable[str]], in_place: frozenset[str], local_node_id: str
+def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment], records: Iterable[InstanceRecord],
+                *, models_of: Mapping[str, Iterable[str]], in_place: frozenset[str], local_node_id: str
                 ) -> list[NodeState]:
-    """One NodeState per node of the cluster view. `models_of` maps a checkpoint id to the deployments
-    whose checkpoint it is; `in_place` names deployments read where they are (a local directory), which
-    count as on every node's SSD. The local node counts as alive whatever the view says. Only READY
-    instances are listed: a starting one holds its slot (not in `free_slots`) but serves nothing."""
+    """One NodeState per node. `models_of` maps a checkpoint id to the deployments whose checkpoint it is;
+    `in_place` names deployments read where they are (a local directory), which count as on every node's SSD.
 
-    def models(ids: Iterable[Any]) -> frozenset[str]:
-        return frozenset(name for cid in ids if isinstance(cid, str) for name in models_of.get(cid, ()))
+    - Alive: the node is alive and has an HTTP address (nothing could be relayed to it otherwise); the local
+      node counts as alive whatever the view says.
+    - A node without a status yet has no free slots, nothing cached, and the default calibration.
+    - `instances`: its READY instances of deployed models, as its status lists them (a starting one holds
+      its slot, not in `free_slots`, but serves nothing).
+    - `loads`: per model, its live instances, and the requests its status reports waiting or in flight. An
+      instance counts once it is in the replicated records or in the node's status, whichever shows it first:
+      records are written in the background, and while the cluster has no leader only statuses arrive.
+    """
 
+    def named(ids: Iterable[str]) -> frozenset[str]:
+        return frozenset(name for cid in ids for name in models_of.get(cid, ()))
+
+    recorded = collections.Counter((r.node_id, r.model, r.state) for r in records if r.is_live)
     states = []
     for node in nodes:
-        try:
-            calibration = Calibration.from_wire(node.get("calibration"))
-        except ValueError:
-            calibration = Calibration.defaults()
-        instances = tuple(
-            RunningInstance(i["id"], i["model"], deployments[i["model"]].engine_kind, int(i.get("requests", 0)),
-                            int(i.get("tokens", 0)), deployments[i["model"]].checkpoint_bytes)
-            for i in node.get("instances", ()) if _is_ready_instance(i, deployments))
+        status = node.status
+        requests = {} if status is None else {m: q.num_requests for m, q in status.queues.items()}
+        reported = collections.Counter(
+            (node.id, i.model, i.state) for i in (status.instances if status is not None else ()))
+        live = {key: max(recorded[key], reported[key]) for key in {*recorded, *reported} if key[0] == node.id}
+        models = {m for (_, m, _) in live} | set(requests)
+        loads = {m: ModelLoad(live.get((node.id, m, InstanceState.READY), 0),
+                              live.get((node.id, m, InstanceState.STARTING), 0), requests.get(m, 0))
+                 for m in models}
+        is_alive = (node.is_alive and node.http is not None) or node.id == local_node_id
+        if status is None:
+            states.append(NodeState(node.id, is_alive, num_free_slots=0, ssd_models=in_place, loads=loads))
+            continue
+
         states.append(NodeState(
-            id=node["id"], is_alive=bool(node["alive"]) or node["id"] == local_node_id,
-            num_free_slots=node.get("free_slots") or 0, calibration=calibration,
-            dram_models=models(node.get("dram_cached", ())), ssd_models=models(node.get("ssd_cached", ())) | in_place,
-            free_dram_bytes=node.get("free_dram_bytes", 0), free_ssd_bytes=node.get("free_ssd_bytes", 0),
-            pending_load_s=float(node.get("pending_load_s", 0.0)), instances=instances,
-            parked_models=frozenset(m for m in node.get("parked_models", ())
-                                    if isinstance(m, str) and m in deployments)))
+            node.id, is_alive, num_free_slots=status.num_free_slots, calibration=status.calibration,
+            dram_models=named(status.dram_cached), ssd_models=named(status.ssd_cached) | in_place,
+            free_dram_bytes=status.free_dram_bytes, free_ssd_bytes=status.free_ssd_bytes,
+            pending_load_s=status.pending_load_s,
+            instances=tuple(
+                RunningInstance(i.id, i.model, deployments[i.model].engine_kind, i.num_requests, i.num_tokens,
+                                deployments[i.model].checkpoint_bytes)
+                for i in status.instances if i.state is InstanceState.READY and i.model in deployments),
+            parked_models=frozenset(m for m in status.parked_models if m in deployments),
+            loads=loads))
     return states
-
-
-def _is_ready_instance(item: Any, deployments: Mapping[str, Deployment]) -> bool:
-    return (isinstance(item, dict) and item.get("state") == "ready" and isinstance(item.get("id"), str)
-            and item.get("model") in deployments and isinstance(item.get("requests", 0), int)
-            and isinstance(item.get("tokens", 0), int))

@@ -2,12 +2,13 @@
 context, get an instance (waiting through a cold start), generate, detokenise.
 
 Everything that can be rejected is rejected in `prepare` or while opening the stream, before the
-HTTP layer sends a status line, so errors keep their real status codes. `prepare` always runs on the
+HTTP layer sends a status line, so errors keep their real status codes. `prepare` runs once, on the
 entry node (4xx are answered there); `open_stream` then takes token ids from a local instance or from
-the node that `scheduler.placement` picks (through `sllmd.serving.relay`), and `_generate` turns them into
-text the same way for both sources: stop strings, finish reason and usage are decided on the entry
-node. The serving node of a relayed request only generates ids (`open_tokens`; one hop, no loops). A
-node that failed a relay is avoided for SUSPECT_S.
+the node that `scheduler.placement` picks (through the internal generate hop, `sllmd.serving.relay`),
+and `_generate` turns them into text the same way for both sources: stop strings, finish reason, usage
+and the request's metrics (TTFT and latency from its arrival here, tokens) are decided on the entry
+node, once. The serving node of a relayed request only generates ids (`open_tokens`; one hop, no
+loops). A node that failed a relay is avoided for SUSPECT_S.
 
 Resuming (`serving.resume_on_node_failure`, off by default): when a relayed token stream breaks off
 (the serving node died or became unreachable, before or after its first token), the entry node places
@@ -22,32 +23,32 @@ connection dies with it.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sllmd.control.placer import Placer
-from sllmd.engine.base import SamplingParams
 from sllmd.errors import ModelNotFound
-from sllmd.http.schemas import GenerationRequest
-from sllmd.metrics import Metrics
-from sllmd.scheduler.placement import NodeView, choose_node
+from sllmd.scheduler.placement import ModelLoad, NodeState, RunningInstance
+from sllmd.scheduler.routing import AskLeader, ServeHere, has_room, route
 from sllmd.serving.relay import Relay, RelayFailed
+from sllmd.serving.request import GenerationRequest, TokenRequest
 from sllmd.serving.textgen import TextStream, Tokenizer, resolve_max_tokens
-from sllmd.state.models import Deployment, InstanceState
-from sllmd.worker.manager import ModelRuntime, Worker
+from sllmd.serving.tokenizers import Tokenizers
+from sllmd.state.models import Deployment
+from sllmd.types import SamplingParams
 from sllmd.worker.migration.movable import MovableRequest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the pipeline drives them; importing them would pull the worker's device code in here
+    from sllmd.cluster.placer import Placer
     from sllmd.cluster.replicated import ReplicatedStateMachine
+    from sllmd.metrics import Metrics
+    from sllmd.worker.instance import ModelRuntime
+    from sllmd.worker.manager import Worker
 
 log = logging.getLogger(__name__)
 
@@ -73,37 +74,22 @@ StreamEvent = TextDelta | Finished
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
+    """A request resolved on its entry node, which alone shapes its answer (text, stop strings, usage)."""
+
     request: GenerationRequest
     deployment: Deployment
     tokenizer: Tokenizer
     prompt_ids: list[int]
     params: SamplingParams
-    arrived_at: float
+    arrived_at: float  # time.monotonic() on the entry node
 
-
-class TokenizerCache:
-    """One loaded tokenizer per checkpoint directory; loading runs off the event loop."""
-
-    def __init__(self) -> None:
-        self._loaded: dict[str, asyncio.Future[Tokenizer]] = {}
-
-    async def get(self, checkpoint: str) -> Tokenizer:
-        future = self._loaded.get(checkpoint)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = self._loaded[checkpoint] = loop.run_in_executor(None, Tokenizer.from_dir, Path(checkpoint))
-        try:
-            return await asyncio.shield(future)
-        except Exception:
-            self._loaded.pop(checkpoint, None)  # let a later call retry (the files may be fixed)
-            raise
-
-    def forget(self, checkpoint: str) -> None:
-        self._loaded.pop(checkpoint, None)
+    def tokens(self, generated: tuple[int, ...] = ()) -> TokenRequest:
+        """What an instance generates for this request once `generated` tokens exist."""
+        return TokenRequest(self.deployment.name, tuple(self.prompt_ids), self.params, generated)
 
 
 class Router:
-    def __init__(self, state: ReplicatedStateMachine, worker: Worker, tokenizers: TokenizerCache,
+    def __init__(self, state: ReplicatedStateMachine, worker: Worker, tokenizers: Tokenizers,
                  metrics: Metrics, relay: Relay, placer: Placer) -> None:
         self.state = state
         self.worker = worker
@@ -152,16 +138,16 @@ class Router:
                 yield events
 
     @asynccontextmanager
-    async def open_tokens(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[int]]:
-        """A request another node relayed here: its generated token ids, from an instance on this node
-        (the entry node detokenises them)."""
-        if self.worker.warmer is not None:
-            self.worker.warmer.note_request(prepared.deployment.name)
-        async with self._local(prepared, ()) as tokens:
+    async def open_tokens(self, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+        """A request another node prepared and relayed here: its generated token ids, from an instance on
+        this node (the entry node detokenises them and records the request's metrics)."""
+        if self.state.deployment(request.model) is None:
+            raise ModelNotFound(request.model)
+        async with self._local(request) as tokens:
             yield tokens
 
     @asynccontextmanager
-    async def _source(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
+    async def _source(self, prepared: PreparedRequest, generated: tuple[int, ...]) -> AsyncIterator[AsyncIterator[int]]:
         """The request's tokens after `generated`, from the node placement picks now. A relay that
         could not connect is placed again; errors raised on entry come before any token."""
         async with AsyncExitStack() as stack:
@@ -170,7 +156,7 @@ class Router:
                 if target is None or target[0] == self.worker.node_id:
                     break
                 try:
-                    tokens = await stack.enter_async_context(self._relayed(*target, prepared, generated))
+                    tokens = await stack.enter_async_context(self._relayed(*target, prepared.tokens(generated)))
                 except RelayFailed as exc:
                     if not exc.is_connect:
                         raise
@@ -178,7 +164,7 @@ class Router:
                     continue
                 yield tokens
                 return
-            yield await stack.enter_async_context(self._local(prepared, generated))
+            yield await stack.enter_async_context(self._local(prepared.tokens(generated)))
 
     async def _resuming(self, prepared: PreparedRequest, tokens: AsyncIterator[int], source: AsyncExitStack
                         ) -> AsyncIterator[int]:
@@ -206,72 +192,46 @@ class Router:
 
     async def place(self, deployment: Deployment) -> tuple[str, str] | None:
         """(node id, HTTP address) of the node that should serve a request for `deployment` now, or None for
-        "here, queued". Serving instances are found from the cluster's state here (`choose_node`); a new
-        instance — none anywhere, or every one saturated with room for more — is placed by the leader's
-        startup-time plan (`Placer`), and by `choose_node`'s local rules if the leader cannot answer."""
-        model = deployment.name
+        "here" (queued if need be). `scheduler.routing.route` decides over this node (from its worker) and
+        the others (their records and status); when it wants a new instance, the leader's
+        `plan_new_instance` says where (`Placer`)."""
+        model, policy = deployment.name, deployment.autoscaling
         runtime = self.worker.runtimes.get(model)
-        if runtime is not None and runtime.ready() and not self._wants_another_instance(runtime):
-            return self.worker.node_id, ""  # rule 1, without reading the cluster's state
-        local = self._local_view(model)
+        if runtime is not None and (load := _load(runtime)).num_ready and has_room(load, load.num_requests, policy):
+            return None  # `route` serves it here whatever the others are: no need to read the cluster's state
+        peers = self.state.peers()
         now = time.monotonic()
-        live = [r for r in self.state.instances() if r.model == model]
-        counts = collections.Counter((r.node_id, r.state) for r in live)
-        views, addresses = {local.id: local}, {self.worker.node_id: ""}
-        for node in self.state.cluster_view(include_own_soft_state=False)["nodes"]:
-            node_id = node["id"]
-            if node_id == self.worker.node_id or not node["http"]:
-                continue
-            addresses[node_id] = node["http"]
-            queue = node["queues"].get(model) or {}
-            reported = sum(v for v in queue.values() if isinstance(v, int)) if isinstance(queue, dict) else 0
-            views[node_id] = NodeView(
-                node_id, is_alive=node["alive"] and self._suspect_until.get(node_id, 0.0) <= now,
-                num_free_slots=node["free_slots"] or 0,
-                ready_instances_of_model=counts[(node_id, InstanceState.READY)],
-                starting_instances_of_model=counts[(node_id, InstanceState.STARTING)],
-                in_flight_hint=max(self._num_relayed[node_id], reported))
-        chosen = choose_node(model, local_node_id=self.worker.node_id, nodes=list(views.values()))
-        view = views.get(chosen) if chosen is not None else None
-        policy = deployment.autoscaling
-        is_saturated = view is not None and view.ready_instances_of_model > 0 and (
-            view.in_flight_hint >= view.ready_instances_of_model * policy.target_concurrency
-            and len(live) < policy.max_instances)
-        if view is None or is_saturated or not (view.ready_instances_of_model or view.starting_instances_of_model):
-            placement = await self.placer.place(model)
-            if placement is not None and placement.node_id in addresses and views[placement.node_id].is_alive:
-                return placement.node_id, addresses[placement.node_id]
-        return None if chosen is None else (chosen, addresses[chosen])
+        decision = route(model, policy, [self._local_state(model), *self.placer.node_states(peers)],
+                         local_id=self.worker.node_id,
+                         num_relayed=self._num_relayed,
+                         avoid={node_id for node_id, until in self._suspect_until.items() if until > now})
+        if isinstance(decision, AskLeader):
+            decision = decision.then(await self.placer.place(model), local_id=self.worker.node_id)
+        if isinstance(decision, ServeHere):
+            return None
+        # A node without an address is never routed to (it counts as dead, see `view.node_states`).
+        return decision.node_id, {p.id: p.http or "" for p in peers}[decision.node_id]
 
-    def _wants_another_instance(self, runtime: ModelRuntime) -> bool:
-        """Every local instance (ready or starting) at target concurrency and the cluster below the model's
-        max_instances: where the next instance starts is the leader's call (often here, by its entry-node
-        preference, but another node may have the checkpoint in DRAM or the only free slot)."""
-        policy = runtime.deployment.autoscaling
-        if runtime.demand() < len(runtime.instances) * policy.target_concurrency:
-            return False
-        model = runtime.deployment.name
-        num_live = sum(1 for r in self.state.instances() if r.model == model and r.is_live)
-        return num_live < policy.max_instances
-
-    def _local_view(self, model: str) -> NodeView:
-        """This node from its worker (exact, no replication lag)."""
-        runtime = self.worker.runtimes.get(model)
-        num_evictable = len(self.worker.eviction_candidates(exclude=runtime))
-        return NodeView(
-            self.worker.node_id, is_alive=True, num_free_slots=self.worker.slots.num_free,
-            ready_instances_of_model=len(runtime.ready()) if runtime else 0,
-            starting_instances_of_model=runtime.num_starting() if runtime else 0,
-            in_flight_hint=runtime.demand() if runtime else 0, num_evictable=num_evictable)
+    def _local_state(self, model: str) -> NodeState:
+        """This node from its worker (exact, no replication lag), with the load of `model`."""
+        worker = self.worker
+        evictable = {instance.id for _, instance in worker.eviction_candidates(exclude=None)}
+        instances = tuple(
+            RunningInstance(i.id, name, runtime.deployment.engine_kind, i.in_flight, i.num_tokens,
+                            runtime.deployment.checkpoint_bytes, is_kept=i.in_flight == 0 and i.id not in evictable)
+            for name, runtime in worker.runtimes.items() for i in runtime.ready())
+        runtime = worker.runtimes.get(model)
+        loads = {} if runtime is None else {model: _load(runtime)}
+        return NodeState(worker.node_id, is_alive=True, num_free_slots=worker.slots.num_free,
+                         calibration=worker.estimates.calibration, instances=instances, loads=loads)
 
     @asynccontextmanager
-    async def _relayed(self, node_id: str, address: str, prepared: PreparedRequest, generated: Sequence[int]
-                       ) -> AsyncIterator[AsyncIterator[int]]:
-        log.debug("relaying", extra={"model": prepared.deployment.name, "node": node_id, "http": address})
+    async def _relayed(self, node_id: str, address: str, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+        log.debug("relaying", extra={"model": request.model, "node": node_id, "http": address})
         self._num_relayed[node_id] += 1
         try:
             async with (
-                self.relay.open(address, prepared, generated) as tokens,
+                self.relay.open(address, request) as tokens,
                 aclosing(self._watch(node_id, tokens)) as watched,
             ):
                 yield watched
@@ -300,54 +260,48 @@ class Router:
         self._suspect_until[node_id] = now + SUSPECT_S
 
     @asynccontextmanager
-    async def _local(self, prepared: PreparedRequest, generated: Sequence[int]) -> AsyncIterator[AsyncIterator[int]]:
-        """The request's tokens after `generated`, from an instance on this node (waiting through a
-        cold start)."""
-        async with self.worker.lease(prepared.deployment.name) as instance:
-            params = dataclasses.replace(prepared.params, max_tokens=prepared.params.max_tokens - len(generated))
-            request = MovableRequest(instance, [*prepared.prompt_ids, *generated], params)
+    async def _local(self, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+        """`request`'s tokens from an instance on this node (waiting through a cold start); once a migration
+        moved the request, from its destination (see `sllmd.worker.migration.movable`)."""
+        async with self.worker.lease(request.model) as instance:
+            movable = MovableRequest(instance, request.sequence(), request.remaining_params())
             try:
-                async with aclosing(self._counted(prepared, request)) as tokens:
+                async with aclosing(movable.stream()) as tokens:
                     yield tokens
             finally:
-                request.close()
+                movable.close()
 
-    async def _counted(self, prepared: PreparedRequest, request: MovableRequest) -> AsyncIterator[int]:
-        """The request's tokens, which come from the local engine or, once a migration moved the
-        request, from its destination (see `sllmd.worker.migration.movable`), counted in this node's metrics:
-        the node that generates tokens counts them, wherever they are detokenised."""
+    async def _generate(self, prepared: PreparedRequest, tokens: AsyncIterator[int]) -> AsyncIterator[StreamEvent]:
+        """Detokenises the request's tokens, wherever they were generated, applying stop strings; the
+        last event is `Finished`. Records the request's metrics, and closes `tokens`, when done."""
         model = prepared.deployment.name
+        text = TextStream(prepared.tokenizer, prepared.request.stop)
         num_generated = 0
-        self.metrics.tokens.labels(model, "in").inc(len(request.prompt_ids))
+        is_eos = False
         try:
-            async with aclosing(request.stream()) as tokens:
+            async with aclosing(tokens):
                 async for token in tokens:
                     if num_generated == 0:
                         self.metrics.ttft.labels(model).observe(time.monotonic() - prepared.arrived_at)
                     num_generated += 1
-                    yield token
-        finally:  # also when the consumer stopped early (a stop string)
+                    is_eos = token in prepared.params.stop_token_ids
+                    delta = text.push(token)
+                    if delta:
+                        yield TextDelta(delta)
+                    if text.is_done:
+                        break
+        finally:  # also when the client went away or the source failed
+            self.metrics.tokens.labels(model, "in").inc(len(prepared.prompt_ids))
             self.metrics.tokens.labels(model, "out").inc(num_generated)
             self.metrics.latency.labels(model).observe(time.monotonic() - prepared.arrived_at)
-
-    async def _generate(self, prepared: PreparedRequest, tokens: AsyncIterator[int]) -> AsyncIterator[StreamEvent]:
-        """Detokenises the request's tokens, wherever they were generated, applying stop strings; the
-        last event is `Finished`. Closes `tokens` when done."""
-        text = TextStream(prepared.tokenizer, prepared.request.stop)
-        num_generated = 0
-        is_eos = False
-        async with aclosing(tokens):
-            async for token in tokens:
-                num_generated += 1
-                is_eos = token in prepared.params.stop_token_ids
-                delta = text.push(token)
-                if delta:
-                    yield TextDelta(delta)
-                if text.is_done:
-                    break
         if not text.is_done:
             tail = text.finish()
             if tail:
                 yield TextDelta(tail)
         finish_reason = "stop" if text.finish_reason == "stop" or is_eos else "length"
         yield Finished(finish_reason, len(prepared.prompt_ids), num_generated)
+
+
+def _load(runtime: ModelRuntime) -> ModelLoad:
+    """The runtime's model on this node: its ready and starting instances, its requests waiting or in flight."""
+    return ModelLoad(len(runtime.ready()), runtime.num_starting(), runtime.demand())

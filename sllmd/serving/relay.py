@@ -1,24 +1,26 @@
-"""Relays a prepared request to the node that serves it and streams the token ids it generates back.
+"""The internal generate hop: a node relays a request to the node that serves it and streams back the
+token ids generated there.
 
-The entry node has already validated and tokenised the request, so it always asks the serving node
-for the same thing: a `/v1/completions` of the prompt token ids with the resolved sampling parameters,
-sent with `RELAYED_HEADER`. A request carrying that header is served where it lands (one hop, no
-loops) and answered in this module's internal SSE shape, token ids and no text:
+The entry node has already validated and tokenised the request and fixed its sampling, so what crosses
+is a `TokenRequest` (`POST GENERATE_PATH`, its `to_wire()` as JSON): ids and sampling parameters, no
+OpenAI fields. The serving node never parses, tokenises or renders text; it answers in this module's
+internal SSE shape, token ids and no text:
 
     data: {"token_ids": [5, 17]}                                  generated ids, in order (one or more)
     data: {"usage": {"prompt_tokens": P, "completion_tokens": N}}  the end: N ids were sent in all
     data: [DONE]
 
-or, after a failure, `data: {"error": {...}}` then `data: [DONE]`. The entry node detokenises and
-applies stop strings itself (`sllmd.serving.pipeline`), with the same code as for a local request, so the
-serving node does no text work for relayed requests, the chat template is applied once, and the entry
-node always knows exactly which tokens the client has seen: it can resume the request elsewhere from
-them (prompt + tokens so far) when the serving node dies.
+or, after a failure, `data: {"error": ERROR}` then `data: [DONE]`, ERROR being `SllmdError.to_wire()`.
+The entry node detokenises and applies stop strings itself (`sllmd.serving.pipeline`), with the same
+code as for a local request, so the chat template is applied once and the entry node always knows
+exactly which tokens the client has seen: it can resume the request elsewhere from them (prompt +
+tokens so far) when the serving node dies.
 
-Failures keep their meaning: an HTTP error of the serving node becomes the same domain error here
-(400 InvalidRequest, 404 ModelNotFound, 503 Overloaded with its Retry-After, else EngineFailed), an
-SSE error event likewise, and a serving node that cannot be reached or stops mid-stream (connection
-reset, EOF without the end event and [DONE], no byte within the read timeout) is `RelayFailed` (502).
+Errors keep their identity: a serving node's error, answered before the stream (with its status, the body
+`{"error": ERROR}`) or as an error event within it, is raised here again as the same error class with the
+same fields (`errors.error_from_wire`); a serving node that cannot be reached or stops mid-stream
+(connection reset, EOF without the end event and [DONE], no byte within the read timeout) is `RelayFailed`
+(502).
 
 Not thread-safe: one `Relay` per node, used from its event loop.
 """
@@ -28,16 +30,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
-from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded, SllmdError
+from sllmd.errors import EngineFailed, SllmdError, error_from_wire
+from sllmd.serving.request import TokenRequest
 
-if TYPE_CHECKING:
-    from sllmd.serving.pipeline import PreparedRequest
-
-RELAYED_HEADER = "X-Sllmd-Relayed"  # value: the entry node's id; its receiver serves locally, answers token ids
+GENERATE_PATH = "/internal/generate"
 CONNECT_TIMEOUT_S = 2.0
 READ_SLACK_S = 30.0  # beyond the longest a serving node waits for a cold start, before a silent peer counts as dead
 
@@ -73,26 +73,23 @@ class Relay:
             self._session = None
 
     @asynccontextmanager
-    async def open(self, address: str, prepared: PreparedRequest, generated: Sequence[int] = ()
-                   ) -> AsyncIterator[AsyncIterator[int]]:
-        """The token ids the serving node generates for `prepared` after the already `generated` ones
-        (a resumed request; see `relay_body`). Entering raises the serving node's error status as a
-        domain error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
-        headers = {RELAYED_HEADER: self.node_id, "Accept": "text/event-stream"}
+    async def open(self, address: str, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+        """The token ids the serving node at `address` generates for `request`. Entering raises the serving
+        node's error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
+        headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = f"http://{address}/v1/completions"
         try:
-            response = await self._client().post(url, json=relay_body(prepared, generated), headers=headers)
+            response = await self._client().post(f"http://{address}{GENERATE_PATH}", json=request.to_wire(),
+                                                  headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             is_connect = isinstance(exc, aiohttp.ClientConnectorError)  # refused or unroutable: never sent
             raise RelayFailed(f"node at {address} did not answer: {exc!r}", is_connect=is_connect) from None
         async with response:
             if response.status != 200:
-                raise await _http_error(response, prepared.request.model)
+                raise await _http_error(response)
             async with aclosing(_token_ids(response, address)) as tokens:
                 yield tokens
-
 
     async def call(self, address: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
                    ) -> tuple[int, Any]:
@@ -109,22 +106,6 @@ class Relay:
                               is_connect=isinstance(exc, aiohttp.ClientConnectorError)) from None
 
 
-def relay_body(prepared: PreparedRequest, generated: Sequence[int] = ()) -> dict[str, Any]:
-    """A completions request for what `prepared` still asks once `generated` tokens exist: prompt =
-    prompt ids + `generated`, `max_tokens` less by their number, the same seed. Sampling is keyed by
-    (seed, absolute position), so the continuation is the one an uninterrupted run produces. No stop
-    strings: the entry node applies them to the text."""
-    params = prepared.params
-    body: dict[str, Any] = {
-        "model": prepared.deployment.name, "prompt": [*prepared.prompt_ids, *generated],
-        "max_tokens": params.max_tokens - len(generated), "temperature": params.temperature,
-        "top_p": params.top_p, "stream": True,
-    }
-    if params.seed is not None:
-        body["seed"] = params.seed
-    return body
-
-
 def token_ids_event(token_ids: Sequence[int]) -> bytes:
     """The serving node's SSE event carrying generated ids (see the module docstring)."""
     return b'data: {"token_ids":[' + ",".join(map(str, token_ids)).encode() + b"]}\n\n"
@@ -134,6 +115,11 @@ def end_event(num_prompt_tokens: int, num_generated: int) -> bytes:
     """The serving node's last event before [DONE]: every generated id has been sent."""
     usage = {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_generated}
     return f"data: {json.dumps({'usage': usage}, separators=(',', ':'))}\n\n".encode()
+
+
+def error_event(error: SllmdError) -> bytes:
+    """The serving node's event for a failure after its stream began (see the module docstring)."""
+    return f"data: {json.dumps({'error': error.to_wire()}, separators=(',', ':'))}\n\n".encode()
 
 
 async def _token_ids(response: aiohttp.ClientResponse, address: str) -> AsyncIterator[int]:
@@ -151,7 +137,7 @@ async def _token_ids(response: aiohttp.ClientResponse, address: str) -> AsyncIte
                 return
             chunk = json.loads(data)
             if "error" in chunk:
-                raise _sse_error(chunk["error"])
+                raise error_from_wire(chunk["error"])
             if "usage" in chunk:
                 if chunk["usage"]["completion_tokens"] != num_received:
                     raise ValueError(f"{chunk['usage']['completion_tokens']} tokens counted, {num_received} sent")
@@ -169,29 +155,15 @@ async def _token_ids(response: aiohttp.ClientResponse, address: str) -> AsyncIte
     raise RelayFailed(f"node at {address} closed the stream before [DONE]")
 
 
-async def _http_error(response: aiohttp.ClientResponse, model: str) -> SllmdError:
+async def _http_error(response: aiohttp.ClientResponse) -> SllmdError:
+    """The serving node's error answer as the error it raised; one that is not in the internal shape (a
+    middleware's refusal: a wrong API key, a body too large) as EngineFailed naming the status."""
     try:
         error = (await response.json(content_type=None))["error"]
-        message, param, code = str(error["message"]), error.get("param"), error.get("code")
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
-        message, param, code = f"serving node answered HTTP {response.status}", None, None
-    if response.status == 404:
-        return ModelNotFound(model)
-    if response.status == 503:
-        retry_after = response.headers.get("Retry-After", "")
-        return Overloaded(message, retry_after_s=int(retry_after) if retry_after.isdigit() else 1, code=code)
-    if response.status == 400:
-        return InvalidRequest(message, param=param, code=code)
-    return EngineFailed(message, code=code)
-
-
-def _sse_error(error: Any) -> SllmdError:
-    """An error event of the serving node (its status line was already 200) as the same domain error."""
-    if not isinstance(error, dict):
-        return EngineFailed("serving node sent a malformed error event")
-    message, code, kind = str(error.get("message")), error.get("code"), error.get("type")
-    if kind == Overloaded.error_type:
-        return Overloaded(message, code=code)
-    if kind == InvalidRequest.error_type:
-        return InvalidRequest(message, param=error.get("param"), code=code)
-    return EngineFailed(message, code=code)
+        error = None
+    if isinstance(error, dict) and "kind" in error:
+        return error_from_wire(error)
+    message = error.get("message") if isinstance(error, dict) else None
+    return EngineFailed(f"serving node answered HTTP {response.status}: {message or 'no error body'}",
+                        code="relay_refused")

@@ -17,7 +17,7 @@ import jinja2
 from sllmd.errors import ContextLengthExceeded, InvalidRequest
 
 if TYPE_CHECKING:
-    from sllmd.http.schemas import ChatMessage
+    from sllmd.serving.request import ChatMessage
 
 # Without a chat template, a conversation is rendered as plain text, one "<Role>: <content>" line
 # per message, then "Assistant:" for the model to continue, e.g. "System: Be brief.\nUser: Hi\n

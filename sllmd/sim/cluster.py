@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sllmd.scheduler.estimate import BYTES_PER_GB, EngineKind, Tier
+from sllmd.scheduler.estimate import BYTES_PER_GB
+from sllmd.types import EngineKind, Tier
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,19 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sllmd.scheduler.autoscale import AutoscalingPolicy, num_instances_to_start, pick_instance
-from sllmd.scheduler.estimate import Tier, transfer_time_s
-from sllmd.scheduler.placement import NodeState, RunningInstance, plan_checkpoint_homes, plan_dram_warming
+from sllmd.scheduler.autoscale import num_instances_to_start, pick_instance
+from sllmd.scheduler.estimate import transfer_time_s
+from sllmd.scheduler.placement import (
+    ModelLoad,
+    NodeState,
+    RunningInstance,
+    plan_checkpoint_homes,
+    plan_dram_warming,
+)
 from sllmd.sim.cluster import Hardware, LruCache, ModelSpec
 from sllmd.sim.state import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
 from sllmd.sim.trace import Request
+from sllmd.types import AutoscalingPolicy, Tier
 
 WARM_INTERVAL_S = 60.0
 RATE_WINDOW_S = 600.0
@@ -106,6 +113,7 @@ class Simulation:
                 pending_load_s=s.pending_load_s(self.now),
                 instances=tuple(self._running(i) for i in s.instances
                                 if i.state is InstanceState.READY and i.migrating_to is None),
+                loads=_loads(s),
             )
             for s in self.servers
         ]
@@ -338,3 +346,16 @@ class Simulation:
         self._note_slots_used(heir.server)
         self._enqueue_load(heir)
         self._became_ready(copy)
+
+
+def _loads(server: SimServer) -> dict[str, ModelLoad]:
+    """Per model, the server's live instances (a migrating pair counts once, as its copy) and their requests."""
+    ready: Counter[str] = Counter()
+    starting: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    for instance in server.instances:
+        name = instance.spec.name
+        requests[name] += len(instance.requests)
+        if instance.migrating_to is None:
+            (ready if instance.state is InstanceState.READY else starting)[name] += 1
+    return {name: ModelLoad(ready[name], starting[name], requests[name]) for name in requests}

@@ -1,8 +1,10 @@
 """The placement policies `sllmd simulate` compares. Each decides where a new instance starts and where
 a cold start reads its checkpoint from; the engine (`simengine`) does everything else the same way.
 
-- `sllmd`: the real `plan_start` over the engine's `node_states()` (calibrated estimators, checkpoint
-  locality, queued loads, eviction of idle instances, migration of one running instance).
+- `sllmd`: the daemon's own leader decision, `plan_new_instance` (max_instances, reservations, `plan_start`:
+  calibrated estimators, checkpoint locality, queued loads, eviction of idle instances, migration of one
+  running instance) over the engine's `node_states()`. The simulator has no entry nodes (requests reach
+  the model's instances wherever they are), so no entry node is preferred.
 - `no-migration`: the same, `allow_migration=False`.
 - `random`: a uniformly random free GPU (else a random idle instance of another model is evicted), the
   same node tiers as sllmd (DRAM cache, SSD homes, peer fetch).
@@ -17,11 +19,11 @@ from __future__ import annotations
 
 import random
 
-from sllmd.scheduler.estimate import Tier
-from sllmd.scheduler.placement import plan_start
+from sllmd.scheduler.placement import InstanceSpec, Reservation, plan_new_instance
 from sllmd.sim.cluster import ModelSpec
 from sllmd.sim.engine import Policy, Simulation
 from sllmd.sim.state import Decision, SimInstance, SimServer
+from sllmd.types import Tier
 
 
 class NodeTiers(Policy):
@@ -38,15 +40,20 @@ class NodeTiers(Policy):
 
 
 class Sllmd(NodeTiers):
+    """Places as the leader does; holds its reservations, so one object serves one `Simulation`."""
+
     def __init__(self, *, allow_migration: bool = True) -> None:
         self.name = "sllmd" if allow_migration else "no-migration"
         self.allow_migration = allow_migration
+        self.reservations: tuple[Reservation, ...] = ()
 
     def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
-        plan = plan_start(model.name, sim.hardware.engine_kind, model.num_bytes, sim.node_states(),
-                          allow_migration=self.allow_migration)
-        if plan is None:
-            return None
+        spec = InstanceSpec(model.name, sim.hardware.engine_kind, model.num_bytes, sim.autoscaling.max_instances)
+        placement, self.reservations = plan_new_instance(spec, sim.node_states(), self.reservations, asked_by=None,
+                                                         now=sim.now, allow_migration=self.allow_migration)
+        if placement is None or placement.start is None:
+            return None  # no alive node can take one, or the model has max_instances already
+        plan = placement.start
         servers = {s.id: s for s in sim.servers}
         server = servers[plan.node_id]
         instances = {i.id: i for s in sim.servers for i in s.instances}

@@ -47,12 +47,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sllmd.scheduler.autoscale import AutoscalingPolicy
-from sllmd.scheduler.estimate import Tier
 from sllmd.sim.cluster import Hardware, catalogue
 from sllmd.sim.engine import Outcome, Simulation
 from sllmd.sim.policies import all_policies
 from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
+from sllmd.types import AutoscalingPolicy, Tier
 
 NUM_MODEL_COPIES = 8
 NUM_CHECKPOINT_HOMES = 1

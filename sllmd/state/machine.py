@@ -11,6 +11,7 @@ The replicated state is the databases in STATE_DATABASES (deployments, instances
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -111,44 +112,79 @@ def _delete_node_instances(txn: Transaction, node_id: str) -> int:
     return len(stale)
 
 
-# ------------------------------------------------------------------------------- snapshots (Raft §7)
+# --------------------------------------------------------------------------- the Raft shell's machine
 
 
-def read_applied_index(txn: Transaction) -> int:
+class StoreStateMachine:
+    """The replicated databases of `store`, as a Raft shell's StateMachine (`sllmd.cluster.state_machine`).
+    The applied index lives in `meta`, written in the same transaction as the effects it counts."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def applied_index(self) -> int:
+        with self.store.read() as txn:
+            return _read_applied_index(txn)
+
+    def apply(self, commands: Sequence[dict[str, Any]], applied_index: int) -> list[Any]:
+        """One write transaction for the batch; each command runs in a nested one, so a command that
+        raises is rolled back alone and its exception is its outcome."""
+        env, dbs = self.store.env, self.store.dbs
+        outcomes: list[Any] = []
+        with env.begin(write=True) as parent:
+            for command in commands:
+                child = env.begin(write=True, parent=parent)
+                try:
+                    outcomes.append(apply(Transaction(child, dbs), command))
+                except Exception as exc:  # deterministic on every node: the command is a no-op everywhere
+                    child.abort()
+                    outcomes.append(exc)
+                else:
+                    child.commit()
+            _write_applied_index(Transaction(parent, dbs), applied_index)
+        return outcomes
+
+    def snapshot(self) -> tuple[int, bytes]:
+        """The replicated databases as one msgpack map (Raft §7), and the applied index they are as of."""
+        with self.store.read() as txn:
+            dbs = {db: dict(txn.items(db)) for db in STATE_DATABASES}
+            return _read_applied_index(txn), msgpack.packb({"version": SNAPSHOT_VERSION, "dbs": dbs},
+                                                           use_bin_type=True)
+
+    def restore(self, data: bytes, applied_index: int) -> None:
+        """Replaces the replicated databases with a `snapshot` copy (b"": the empty state). Raises
+        ValueError on a copy that does not decode, and then changes nothing."""
+        dbs = _decode_snapshot(data) if data else {}
+        with self.store.write() as txn:
+            for db in STATE_DATABASES:
+                for key in [key for key, _ in txn.items(db)]:
+                    txn.delete(db, key)
+                for key, value in dbs.get(db, {}).items():
+                    if not isinstance(key, str):
+                        raise ValueError(f"state snapshot: {db} has a non-string key")
+                    txn.put(db, key, value)
+            _write_applied_index(txn, applied_index)
+
+
+def _read_applied_index(txn: Transaction) -> int:
     return txn.get("meta", APPLIED_INDEX_KEY) or 0
 
 
-def write_applied_index(txn: Transaction, index: int) -> None:
+def _write_applied_index(txn: Transaction, index: int) -> None:
     txn.put("meta", APPLIED_INDEX_KEY, index)
 
 
-def snapshot_state(txn: Transaction) -> bytes:
-    """The replicated databases as one msgpack map, as of the txn's view (pair it with its applied index)."""
-    dbs = {db: dict(txn.items(db)) for db in STATE_DATABASES}
-    return msgpack.packb({"version": SNAPSHOT_VERSION, "dbs": dbs}, use_bin_type=True)
-
-
-def restore_state(txn: Transaction, data: bytes) -> None:
-    """Replace the replicated databases with a `snapshot_state` copy. b"" is the empty state (index 0).
-    Raises ValueError on a copy that does not decode; the caller's txn then aborts and changes nothing."""
-    dbs: dict[str, Any] = {}
-    if data:
-        try:
-            snapshot = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # hostile or corrupt bytes: whatever the decoder raises
-            raise ValueError(f"state snapshot does not decode: {exc}") from None
-        if not isinstance(snapshot, dict) or snapshot.get("version") != SNAPSHOT_VERSION:
-            raise ValueError("state snapshot: unknown version")
-        dbs = snapshot.get("dbs")
-        if not isinstance(dbs, dict) or not all(isinstance(dbs.get(db, {}), dict) for db in STATE_DATABASES):
-            raise ValueError("state snapshot: expected a map of databases")
-    for db in STATE_DATABASES:
-        for key in [key for key, _ in txn.items(db)]:
-            txn.delete(db, key)
-        for key, value in dbs.get(db, {}).items():
-            if not isinstance(key, str):
-                raise ValueError(f"state snapshot: {db} has a non-string key")
-            txn.put(db, key, value)
+def _decode_snapshot(data: bytes) -> dict[str, Any]:
+    try:
+        snapshot = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # hostile or corrupt bytes: whatever the decoder raises
+        raise ValueError(f"state snapshot does not decode: {exc}") from None
+    if not isinstance(snapshot, dict) or snapshot.get("version") != SNAPSHOT_VERSION:
+        raise ValueError("state snapshot: unknown version")
+    dbs = snapshot.get("dbs")
+    if not isinstance(dbs, dict) or not all(isinstance(dbs.get(db, {}), dict) for db in STATE_DATABASES):
+        raise ValueError("state snapshot: expected a map of databases")
+    return dbs
 
 
 class LocalStateMachine:
@@ -177,3 +213,26 @@ class LocalStateMachine:
     def nodes(self) -> dict[str, NodeRecord]:
         with self.store.read() as txn:
             return {key: NodeRecord.from_wire(wire) for key, wire in txn.items("nodes")}
+
+
+def result_to_wire(result: Any) -> dict[str, Any]:
+    """What `apply` returned, as a forwarded write's answer carries it (`result_from_wire` reads it)."""
+    if isinstance(result, Deployment):
+        return {"deployment": result.to_wire()}
+    if isinstance(result, InstanceRecord):
+        return {"instance": result.to_wire()}
+    if isinstance(result, NodeRecord):
+        return {"node": result.to_wire()}
+    return {"value": result}  # None, bool, int
+
+
+def result_from_wire(wire: Any) -> Any:
+    if not isinstance(wire, dict):
+        return None
+    if "deployment" in wire:
+        return Deployment.from_wire(wire["deployment"])
+    if "instance" in wire:
+        return InstanceRecord.from_wire(wire["instance"])
+    if "node" in wire:
+        return NodeRecord.from_wire(wire["node"])
+    return wire.get("value")

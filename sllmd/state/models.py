@@ -6,9 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sllmd.engine.base import Backend
-from sllmd.scheduler.autoscale import AutoscalingPolicy
-from sllmd.scheduler.estimate import EngineKind
+from sllmd.types import AutoscalingPolicy, Backend, EngineKind
 
 
 @dataclass(frozen=True, slots=True)

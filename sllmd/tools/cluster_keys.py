@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from sllmd.cluster.transport import generate_curve_keypair
+from sllmd.cluster.curve import generate_curve_keypair
 
 
 def main(argv: list[str]) -> int:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from sllmd.checkpoint.fetch import FetchReport
 from sllmd.checkpoint.store import CheckpointStore, checkpoint_id, reads_store
-from sllmd.engine.base import LoadReport
 from sllmd.metrics import Metrics
-from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, EngineKind, Tier, load_time_s, transfer_time_s
+from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, load_time_s, transfer_time_s
 from sllmd.state.models import Deployment
+from sllmd.types import EngineKind, LoadReport, Tier
 from sllmd.worker.warming import is_in_dram
 
 if TYPE_CHECKING:

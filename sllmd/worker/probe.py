@@ -28,11 +28,13 @@ import torch
 
 from sllmd.checkpoint.convert import convert
 from sllmd.checkpoint.dram import DramCache
-from sllmd.checkpoint.fetch import FetchReport, FetchSettings, fetch
-from sllmd.checkpoint.format import MANIFEST_FILE
+from sllmd.checkpoint.fetch import FetchReport, fetch
 from sllmd.checkpoint.loader import load_checkpoint
+from sllmd.checkpoint.manifest import MANIFEST_FILE
+from sllmd.checkpoint.url_fetch import FetchSettings
 from sllmd.fsutil import publish_dir
-from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration, Tier
+from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration
+from sllmd.types import Tier
 
 log = logging.getLogger(__name__)
 

@@ -37,15 +37,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sllmd.checkpoint.dram import DramCache
-from sllmd.checkpoint.format import CheckpointError
+from sllmd.checkpoint.errors import CheckpointError
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.checkpoint.reader import read_manifest, read_partition, resident_fraction
 from sllmd.checkpoint.store import CheckpointStore, checkpoint_id, reads_store
-from sllmd.engine.base import Backend
 from sllmd.errors import SllmdError
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_dram_warming
 from sllmd.state.models import Deployment
+from sllmd.types import Backend
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
-from sllmd.engine.base import SamplingParams
 from sllmd.errors import EngineFailed
-
-if TYPE_CHECKING:
-    from sllmd.worker.manager import Instance
+from sllmd.types import SamplingParams
+from sllmd.worker.instance import Instance
 
 LIVENESS_CHECK_S = 0.25  # how often a silent feed asks whether its sender is still alive
 

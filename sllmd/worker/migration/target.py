@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmd.cluster.transport import Message
-from sllmd.engine.base import Engine, Prefill, SamplingParams
+from sllmd.engine.base import Engine, Prefill
 from sllmd.errors import SllmdError
-from sllmd.worker.manager import Instance, ModelRuntime, Worker
+from sllmd.types import SamplingParams
+from sllmd.worker.instance import Instance, ModelRuntime
+from sllmd.worker.manager import Worker
 from sllmd.worker.migration.messages import (
     ALL_REQUESTS,
     Begin,

@@ -1,26 +1,25 @@
-"""The sllmd v1 checkpoint format: manifest, limits, layout planning and chunk hashing.
+# long: the spec in code (its constants and limits, the Manifest type, the parser, one check per rule); one job.
+"""The sllmd v1 manifest: the spec (docs/checkpoint-format.md) in code, its limits and its dtypes.
 
-Pure: no file or network I/O; torch is imported only by `Manifest.tensor_views` and `torch_dtype`. The spec is
-docs/checkpoint-format.md; every MUST there is enforced here, so a `Manifest` that exists is valid:
-`Manifest.parse` checks the JSON types of untrusted bytes, and `Manifest.__post_init__` checks every
-semantic rule (also for manifests built in code, which catches writer bugs before they reach disk).
+A `Manifest` that exists is valid. `Manifest.parse` checks the JSON of untrusted bytes (rule 2 and the JSON
+types), and `Manifest.__post_init__` runs `RULES`, one check per rule of the spec, named after the rule's
+number (also for manifests built in code, which catches writer bugs before they reach disk). Every failure
+is a `ManifestError` saying what is wrong.
+
+Pure: no file or network I/O, no clock, no torch (`sllmd.checkpoint.tensors` makes torch tensors of a
+manifest's bytes). How tensors are placed in data files and hashed is `sllmd.checkpoint.layout`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import xxhash
-
-from sllmd.errors import SllmdError
-
-if TYPE_CHECKING:
-    import torch
+from sllmd.checkpoint.errors import ManifestError
 
 FORMAT_NAME = "sllmd-checkpoint"
 FORMAT_VERSION = 1
@@ -62,36 +61,7 @@ _TORCH_DTYPE_NAMES = {
 
 FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
-_PARTITION_FILE = re.compile(r"data-(\d{5})\.bin")
 _DIGEST = re.compile(r"[0-9a-f]{32}")
-
-
-class CheckpointError(SllmdError):
-    """Base of every checkpoint error: bad manifest, corrupt data, failed conversion."""
-
-
-class ManifestError(CheckpointError):
-    """The manifest is not valid v1: unparsable, wrong types, out of limits, or inconsistent."""
-
-
-class CheckpointNotFound(CheckpointError):
-    """The path is not a checkpoint directory (no manifest)."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """The data files do not match a valid manifest (missing, wrong size, wrong bytes)."""
-
-
-class ChecksumMismatch(CorruptCheckpoint):
-    """A partition's bytes in [start, end) do not hash to the manifest's digest."""
-
-    def __init__(self, partition: str, start: int, end: int) -> None:
-        super().__init__(f"checksum mismatch in {partition} bytes [{start}, {end})")
-        self.partition, self.start, self.end = partition, start, end
-
-
-class ConversionError(CheckpointError):
-    """A source model directory cannot be converted (missing, unsupported or inconsistent weights)."""
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -108,18 +78,13 @@ def torch_name(dtype: str) -> str:
     return _TORCH_DTYPE_NAMES[dtype]
 
 
-def torch_dtype(dtype: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, _TORCH_DTYPE_NAMES[dtype])
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The format's name for a torch dtype; `ValueError` if the format cannot store it."""
-    for name, torch_name in _TORCH_DTYPE_NAMES.items():
-        if str(dtype) == f"torch.{torch_name}":
-            return name
-    raise ValueError(f"dtype {dtype} is not supported by the sllmd checkpoint format")
+def dtype_of_torch_name(name: str) -> str:
+    """The format's dtype of torch's dtype name ("bfloat16" -> "BF16"); `ValueError` if the format cannot
+    store it."""
+    for dtype, torch_dtype_name in _TORCH_DTYPE_NAMES.items():
+        if torch_dtype_name == name:
+            return dtype
+    raise ValueError(f"dtype {name} is not supported by the sllmd checkpoint format")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +129,8 @@ class Manifest:
         object.__setattr__(self, "partitions", tuple(self.partitions))
         object.__setattr__(self, "aliases", MappingProxyType(dict(self.aliases)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
-        _validate(self)
+        for check in RULES:
+            check(self)
         object.__setattr__(self, "_by_name", {t.name: t for t in self.tensors})
 
     @property
@@ -197,26 +163,6 @@ class Manifest:
         if any(b % ALIGNMENT or b < 0 for b in bases):
             raise ValueError(f"partition offsets must be non-negative multiples of {ALIGNMENT}")
         return [(t, bases[t.partition] + t.offset) for t in self.tensors]
-
-    def tensor_views(
-        self, buffer: torch.Tensor, partition_offsets: Sequence[int] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Views into `buffer` (1-D uint8, any device) holding the partitions at `partition_offsets`
-        (default: back to back). No copy; aliases map to the very same view as their target."""
-        import torch
-
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1:
-            raise ValueError("buffer must be a 1-D uint8 tensor")
-        bases = self.partition_offsets() if partition_offsets is None else list(partition_offsets)
-        for p, base in zip(self.partitions, bases, strict=False):
-            if base + p.nbytes > buffer.numel():
-                raise ValueError(f"{p.file} at offset {base} does not fit a buffer of {buffer.numel()} bytes")
-        views: dict[str, torch.Tensor] = {}
-        for t, start in self.placements(bases):
-            views[t.name] = buffer[start : start + t.nbytes].view(torch_dtype(t.dtype)).view(t.shape)
-        for alias, target in self.aliases.items():
-            views[alias] = views[target]
-        return views
 
     def chunk_ranges(self, partition: int) -> list[tuple[int, int]]:
         """[start, end) of each hashed chunk of a partition, in order (the last may be shorter)."""
@@ -254,63 +200,7 @@ class Manifest:
         return ("{\n" + "\n".join(lines) + "\n}\n").encode()
 
 
-def plan_layout(specs: Iterable[tuple[str, str, Sequence[int]]], *,
-                partition_max_bytes: int = PARTITION_MAX_BYTES) -> tuple[list[TensorEntry], list[int]]:
-    """Place (name, dtype, shape) tensors in order: each at the next ALIGNMENT boundary of the current
-    partition, or at offset 0 of a new one when it would push the partition past `partition_max_bytes`
-    (a tensor bigger than that gets a partition of its own). Returns the entries and padded partition sizes."""
-    if not FILE_ALIGNMENT <= partition_max_bytes <= PARTITION_MAX_BYTES:
-        raise ValueError(f"partition_max_bytes must be in [{FILE_ALIGNMENT}, {PARTITION_MAX_BYTES}]")
-    entries: list[TensorEntry] = []
-    ends: list[int] = []
-    for name, dtype, shape in specs:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * DTYPE_SIZES[dtype]
-        offset = round_up(ends[-1], ALIGNMENT) if ends else 0
-        if not ends or (offset + nbytes > partition_max_bytes and ends[-1] > 0):
-            ends.append(0)
-            offset = 0
-        ends[-1] = max(ends[-1], offset + nbytes)
-        entries.append(TensorEntry(name, dtype, tuple(shape), len(ends) - 1, offset, nbytes))
-    return entries, [round_up(end, FILE_ALIGNMENT) for end in ends]
-
-
-class PartitionHasher:
-    """Hashes one partition's bytes, fed in file order: the whole file and each `chunk_bytes` chunk."""
-
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self._chunk_bytes = chunk_bytes
-        self._whole = xxhash.xxh3_128()
-        self._chunk = xxhash.xxh3_128()
-        self._in_chunk = 0
-        self._chunk_digests: list[str] = []
-
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self._whole.update(view)
-        while view:
-            take = min(len(view), self._chunk_bytes - self._in_chunk)
-            self._chunk.update(view[:take])
-            self._in_chunk += take
-            view = view[take:]
-            if self._in_chunk == self._chunk_bytes:
-                self._close_chunk()
-
-    def _close_chunk(self) -> None:
-        self._chunk_digests.append(self._chunk.hexdigest())
-        self._chunk.reset()
-        self._in_chunk = 0
-
-    def finish(self) -> tuple[str, tuple[str, ...]]:
-        """(whole-file digest, chunk digests); the hasher is spent afterwards."""
-        if self._in_chunk:
-            self._close_chunk()
-        return self._whole.hexdigest(), tuple(self._chunk_digests)
-
-
-# ---- validation -------------------------------------------------------------------------------
+# ---- parsing: rule 2 and the JSON types ----------------------------------------------------------
 
 
 def _fail(message: str) -> ManifestError:
@@ -341,13 +231,18 @@ def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where:
     return value
 
 
-def _only_keys(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(obj) - allowed)
+def _object(raw: Any, allowed: set[str], where: str) -> Mapping[str, Any]:
+    """`raw` as a JSON object with no key outside `allowed`."""
+    if not isinstance(raw, dict):
+        raise _fail(f"{where}: expected an object")
+    unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _fail(f"{where}: unknown key {unknown[0]!r}")
+    return raw
 
 
-def _from_json(doc: Any) -> Manifest:
+def _rule2_header(doc: Any) -> Mapping[str, Any]:
+    """Rule 2: a JSON object with exactly the spec's keys, this format, version and alignment."""
     if not isinstance(doc, dict):
         raise _fail("top level must be a JSON object")
     if doc.get("format") != FORMAT_NAME:
@@ -355,47 +250,51 @@ def _from_json(doc: Any) -> Manifest:
     version = doc.get("version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise _fail(f"unsupported version {version!r} (this reader knows {FORMAT_VERSION})")
-    _only_keys(doc, {"format", "version", "alignment", "chunk_bytes", "total_bytes", "tensors", "partitions",
-                     "aliases", "metadata"}, "manifest")
+    _object(doc, {"format", "version", "alignment", "chunk_bytes", "total_bytes", "tensors", "partitions",
+                  "aliases", "metadata"}, "manifest")
     if _get(doc, "alignment", int, "manifest") != ALIGNMENT:
         raise _fail(f"alignment must be {ALIGNMENT}, got {doc['alignment']}")
+    return doc
+
+
+def _tensor_from_json(raw: Any, where: str) -> TensorEntry:
+    raw = _object(raw, {"name", "dtype", "shape", "partition", "offset", "nbytes"}, where)
+    shape = _get(raw, "shape", list, where)
+    if len(shape) > MAX_RANK:  # before the tuple is built: a hostile rank costs nothing
+        raise _fail(f"{where}: rank {len(shape)} over the limit of {MAX_RANK}")
+    return TensorEntry(_get(raw, "name", str, where), _get(raw, "dtype", str, where), tuple(shape),
+                       _get(raw, "partition", int, where), _get(raw, "offset", int, where),
+                       _get(raw, "nbytes", int, where))
+
+
+def _partition_from_json(raw: Any, where: str) -> PartitionEntry:
+    raw = _object(raw, {"file", "nbytes", "hash", "chunks"}, where)
+    hash_ = _object(_get(raw, "hash", dict, where), {"algo", "digest"}, f"{where}.hash")
+    if _get(hash_, "algo", str, f"{where}.hash") != HASH_ALGO:
+        raise _fail(f"{where}.hash.algo: unsupported {hash_['algo']!r} (expected {HASH_ALGO!r})")
+    return PartitionEntry(_get(raw, "file", str, where), _get(raw, "nbytes", int, where),
+                          _get(hash_, "digest", str, f"{where}.hash"), tuple(_get(raw, "chunks", list, where)))
+
+
+def _from_json(doc: Any) -> Manifest:
+    doc = _rule2_header(doc)
     raw_tensors = _get(doc, "tensors", list, "manifest")
     raw_parts = _get(doc, "partitions", list, "manifest")
+    # The count limits first, so a hostile list is refused before any of it is converted.
     if len(raw_tensors) > MAX_TENSORS:
         raise _fail(f"{len(raw_tensors)} tensors, over the limit of {MAX_TENSORS}")
     if len(raw_parts) > MAX_PARTITIONS:
         raise _fail(f"{len(raw_parts)} partitions, over the limit of {MAX_PARTITIONS}")
-    tensors = []
-    for i, raw in enumerate(raw_tensors):
-        where = f"tensors[{i}]"
-        if not isinstance(raw, dict):
-            raise _fail(f"{where}: expected an object")
-        _only_keys(raw, {"name", "dtype", "shape", "partition", "offset", "nbytes"}, where)
-        shape = _get(raw, "shape", list, where)
-        if len(shape) > MAX_RANK:
-            raise _fail(f"{where}: rank {len(shape)} over the limit of {MAX_RANK}")
-        tensors.append(TensorEntry(_get(raw, "name", str, where), _get(raw, "dtype", str, where), tuple(shape),
-                                   _get(raw, "partition", int, where), _get(raw, "offset", int, where),
-                                   _get(raw, "nbytes", int, where)))
-    parts = []
-    for i, raw in enumerate(raw_parts):
-        where = f"partitions[{i}]"
-        if not isinstance(raw, dict):
-            raise _fail(f"{where}: expected an object")
-        _only_keys(raw, {"file", "nbytes", "hash", "chunks"}, where)
-        hash_ = _get(raw, "hash", dict, where)
-        _only_keys(hash_, {"algo", "digest"}, f"{where}.hash")
-        if _get(hash_, "algo", str, f"{where}.hash") != HASH_ALGO:
-            raise _fail(f"{where}.hash.algo: unsupported {hash_['algo']!r} (expected {HASH_ALGO!r})")
-        parts.append(PartitionEntry(_get(raw, "file", str, where), _get(raw, "nbytes", int, where),
-                                    _get(hash_, "digest", str, f"{where}.hash"),
-                                    tuple(_get(raw, "chunks", list, where))))
-    aliases = _get(doc, "aliases", dict, "manifest", {})
-    metadata = _get(doc, "metadata", dict, "manifest", {})
-    manifest = Manifest(tensors, parts, aliases, _get(doc, "chunk_bytes", int, "manifest"), metadata)
-    if _get(doc, "total_bytes", int, "manifest") != manifest.total_bytes:
+    tensors = [_tensor_from_json(raw, f"tensors[{i}]") for i, raw in enumerate(raw_tensors)]
+    parts = [_partition_from_json(raw, f"partitions[{i}]") for i, raw in enumerate(raw_parts)]
+    manifest = Manifest(tensors, parts, _get(doc, "aliases", dict, "manifest", {}),
+                        _get(doc, "chunk_bytes", int, "manifest"), _get(doc, "metadata", dict, "manifest", {}))
+    if _get(doc, "total_bytes", int, "manifest") != manifest.total_bytes:  # rule 5
         raise _fail(f"total_bytes {doc['total_bytes']} is not the sum of partition sizes ({manifest.total_bytes})")
     return manifest
+
+
+# ---- the rules, in the order they run --------------------------------------------------------------
 
 
 def _check_int(value: Any, where: str, low: int, high: int) -> int:
@@ -415,14 +314,23 @@ def _check_name(name: Any, where: str) -> None:
         raise _fail(f"{where}: name {name!r} has control or non-printable characters")
 
 
-def _validate(m: Manifest) -> None:
-    """Every semantic rule of the spec. Types of JSON input were checked by `_from_json`."""
+def _rule5_chunk_bytes_is_a_power_of_two(m: Manifest) -> None:
+    """Rule 5: `chunk_bytes` is a power of two in [4 KiB, 1 GiB]."""
     if type(m.chunk_bytes) is not int or not (
         MIN_CHUNK_BYTES <= m.chunk_bytes <= MAX_CHUNK_BYTES and m.chunk_bytes & (m.chunk_bytes - 1) == 0
     ):
         raise _fail(f"chunk_bytes {m.chunk_bytes!r} must be a power of two in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+
+
+def _limits_on_counts(m: Manifest) -> None:
+    """The limits table: how many tensors, partitions and aliases a reader accepts."""
     if len(m.tensors) > MAX_TENSORS or len(m.partitions) > MAX_PARTITIONS or len(m.aliases) > MAX_ALIASES:
         raise _fail(f"over the limits of {MAX_TENSORS} tensors, {MAX_PARTITIONS} partitions, {MAX_ALIASES} aliases")
+
+
+def _rule5_partition_files_and_digests(m: Manifest) -> None:
+    """Rule 5: `partitions[i].file` is `data-{i:05d}.bin`, its size a multiple of 4096, its digest and one
+    digest per chunk 32 lowercase hex digits; with the limit on the total size."""
     total = 0
     for i, p in enumerate(m.partitions):
         where = f"partitions[{i}]"
@@ -441,18 +349,17 @@ def _validate(m: Manifest) -> None:
     if total > MAX_TOTAL_BYTES:
         raise _fail(f"total size {total} over the limit of {MAX_TOTAL_BYTES} bytes")
 
+
+def _rule3_tensors_are_named_typed_and_sized(m: Manifest) -> None:
+    """Rule 3: names unique and printable, a known dtype, and `nbytes` = ∏shape × item size (within the
+    limits on rank and size)."""
     names: set[str] = set()
-    counts = [0] * len(m.partitions)
-    sizeable = [0] * len(m.partitions)  # tensors with at least one byte
-    ends = [0] * len(m.partitions)
-    prev: TensorEntry | None = None
     for i, t in enumerate(m.tensors):
-        where = f"tensors[{i}]"
-        _check_name(t.name, where)
+        _check_name(t.name, f"tensors[{i}]")
         if t.name in names:
-            raise _fail(f"{where}: duplicate name {t.name!r}")
+            raise _fail(f"tensors[{i}]: duplicate name {t.name!r}")
         names.add(t.name)
-        where = f"{where} {t.name!r}"
+        where = f"tensors[{i}] {t.name!r}"
         if not isinstance(t.dtype, str) or t.dtype not in DTYPE_SIZES:
             raise _fail(f"{where}: unknown dtype {t.dtype!r}")
         if len(t.shape) > MAX_RANK:
@@ -466,6 +373,14 @@ def _validate(m: Manifest) -> None:
         _check_int(t.nbytes, f"{where}.nbytes", 0, MAX_TOTAL_BYTES)
         if t.nbytes != numel * DTYPE_SIZES[t.dtype]:
             raise _fail(f"{where}: nbytes {t.nbytes} != {numel} elements x {DTYPE_SIZES[t.dtype]} bytes ({t.dtype})")
+
+
+def _rule4_tensors_are_aligned_inside_and_in_order(m: Manifest) -> None:
+    """Rule 4: every offset a multiple of 4096; each tensor inside its partition; no overlap, and
+    `(partition, offset)` never decreases along the list."""
+    prev: TensorEntry | None = None
+    for i, t in enumerate(m.tensors):
+        where = f"tensors[{i}] {t.name!r}"
         _check_int(t.partition, f"{where}.partition", 0, len(m.partitions) - 1)
         _check_int(t.offset, f"{where}.offset", 0, MAX_TOTAL_BYTES)
         if t.offset % ALIGNMENT:
@@ -478,9 +393,18 @@ def _validate(m: Manifest) -> None:
                         f"{prev.name!r} [{prev.offset}, {prev.end}) in partition {prev.partition}: tensors "
                         f"must not overlap and must be stored in manifest order")
         prev = t
+
+
+def _rule5_partitions_hold_their_tensors(m: Manifest) -> None:
+    """Rule 5: a partition holds at least one tensor, its size is its last tensor's end padded to 4096, and
+    it is at most PARTITION_MAX_BYTES unless it holds a single non-empty tensor."""
+    counts = [0] * len(m.partitions)
+    sizeable = [0] * len(m.partitions)  # tensors with at least one byte
+    ends = [0] * len(m.partitions)
+    for t in m.tensors:
         counts[t.partition] += 1
-        ends[t.partition] = max(ends[t.partition], t.end)
         sizeable[t.partition] += t.nbytes > 0
+        ends[t.partition] = max(ends[t.partition], t.end)
     for p, count, nonempty, end in zip(m.partitions, counts, sizeable, ends, strict=True):
         if count == 0:
             raise _fail(f"{p.file} holds no tensor")
@@ -490,6 +414,11 @@ def _validate(m: Manifest) -> None:
             raise _fail(f"{p.file}: {p.nbytes} bytes exceeds {PARTITION_MAX_BYTES} but holds {nonempty} non-empty "
                         "tensors (only a single oversized tensor may)")
 
+
+def _rule6_aliases_name_stored_tensors(m: Manifest) -> None:
+    """Rule 6: every alias target is a stored tensor's name (so no chains or cycles), and stored and alias
+    names are disjoint."""
+    names = {t.name for t in m.tensors}
     for alias, target in m.aliases.items():
         _check_name(alias, "aliases")
         where = f"aliases[{alias!r}]"
@@ -501,9 +430,26 @@ def _validate(m: Manifest) -> None:
             kind = "is itself an alias (chains and cycles are not allowed)" if target in m.aliases else "does not exist"
             raise _fail(f"{where}: target {target!r} {kind}")
 
+
+def _rule2_metadata_is_string_to_string(m: Manifest) -> None:
+    """Rule 2: `metadata` maps string to string (within the limits on entries and value size)."""
     if len(m.metadata) > MAX_METADATA_ENTRIES:
         raise _fail(f"metadata: more than {MAX_METADATA_ENTRIES} entries")
     for key, value in m.metadata.items():
         _check_name(key, "metadata")
         if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > MAX_METADATA_VALUE_BYTES:
             raise _fail(f"metadata[{key!r}]: value must be a string of at most {MAX_METADATA_VALUE_BYTES} bytes")
+
+
+# Each check may rely on those before it: rule 4 computes tensor ends from the sizes rule 3 checked, and the
+# second rule-5 check indexes partitions by the numbers rule 4 checked.
+RULES: tuple[Callable[[Manifest], None], ...] = (
+    _rule5_chunk_bytes_is_a_power_of_two,
+    _limits_on_counts,
+    _rule5_partition_files_and_digests,
+    _rule3_tensors_are_named_typed_and_sized,
+    _rule4_tensors_are_aligned_inside_and_in_order,
+    _rule5_partitions_hold_their_tensors,
+    _rule6_aliases_name_stored_tensors,
+    _rule2_metadata_is_string_to_string,
+)
