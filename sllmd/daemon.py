@@ -82,27 +82,33 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
         torch.set_num_threads(config.serving.torch_threads)
     await asyncio.to_thread(preload_backends)
     await asyncio.to_thread(prepare_loader, config.store)
-    node = Node.open(config)
-    if config.store.probe_mb:
-        await _probe(node)
     try:
+        node = Node.open(config)
+        if config.store.probe_mb:
+            await _probe(node)
+        server = config.server
+        runner = web.AppRunner(build_app(node), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=server.shutdown_timeout_s)
         try:
-            await node.start()
+            await runner.setup()  # starts the node (`build_app`)
         except ClusterStartupError as exc:
             raise StartupError(str(exc)) from None
-        for name, checkpoint in ensure_deployed:
-            if node.state.deployment(name) is None:
-                spec = DeploySpec(name, checkpoint, Backend.TRANSFORMERS, config.autoscaling)
-                try:
-                    await node.deployments.deploy(spec, show_progress=sys.stderr.isatty())
-                except Conflict:  # another member deployed it first; this node had not applied that yet
-                    continue
-                log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})
-        if config.store.probe_mb:
-            node.start_peer_link_probe()
-        await _run_http(node)
+        try:
+            for name, checkpoint in ensure_deployed:
+                if node.state.deployment(name) is None:
+                    spec = DeploySpec(name, checkpoint, Backend.TRANSFORMERS, config.autoscaling)
+                    try:
+                        await node.deployments.deploy(spec, show_progress=sys.stderr.isatty())
+                    except Conflict:  # another member deployed it first; this node had not applied that yet
+                        continue
+                    log.info("deployed", extra={"model": name, "checkpoint": str(checkpoint)})
+            if config.store.probe_mb:
+                node.start_peer_link_probe()
+            await _serve_http(runner, node)
+        finally:
+            await runner.cleanup()  # waits up to shutdown_timeout for handlers, cancels them, then closes the node
+            log.info("http stopped")
     finally:
-        await node.close()
         os.close(lock_fd)
 
 
@@ -122,17 +128,13 @@ async def _probe(node: Node) -> None:
     worker.estimates.set_calibration(calibration)
 
 
-async def _run_http(node: Node) -> None:
+async def _serve_http(runner: web.AppRunner, node: Node) -> None:
+    """Listen until SIGTERM or SIGINT."""
     server = node.config.server
-    runner = web.AppRunner(
-        build_app(node), handler_cancellation=True, access_log=None, shutdown_timeout=server.shutdown_timeout_s
-    )
-    await runner.setup()
     site = web.TCPSite(runner, server.host, server.port, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
-        await runner.cleanup()
         raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,5 +148,3 @@ async def _run_http(node: Node) -> None:
     notify_systemd("STOPPING=1")
     num_in_flight = len(runner.server.connections) if runner.server else 0
     log.info("shutting down", extra={"open_connections": num_in_flight, "timeout_s": server.shutdown_timeout_s})
-    await runner.cleanup()  # waits up to shutdown_timeout for handlers, then cancels them
-    log.info("http stopped")

@@ -62,12 +62,18 @@ class Node:
     @classmethod
     def open(cls, config: Config, engine_factory: EngineFactory = default_engine_factory) -> Node:
         """Open the data dir's state and detect devices; starts nothing yet."""
+        # The parts call back into the node (`node`, bound below), which needs them all: the callbacks are
+        # passed at construction as closures over it, and run only once the node has started.
+        node: Node
         store = StateStore(config.data_dir / "state")
         node_id = _node_id(store, config.server.node_id)
-        state = ReplicatedStateMachine.open(config, store, node_id)
+        state = ReplicatedStateMachine.open(config, store, node_id, on_applied=lambda c, r: node._adopt(c, r),
+                                            soft_state=lambda: node._soft_state())
         metrics = Metrics()
         api_key = next(iter(config.server.api_keys), None)
-        checkpoints = open_store(config.data_dir, config.store, api_key=api_key)
+        checkpoints = open_store(config.data_dir, config.store, api_key=api_key,
+                                 peer_sources=lambda cid: node._peer_sources(cid),
+                                 on_fetched=lambda tier, report: node.worker.on_fetched(tier, report))
         slots = detect_slots(config.devices)  # all CUDA devices or all CPU slots
         device = DeviceKind.CUDA if any(slot.device.startswith("cuda") for slot in slots) else DeviceKind.CPU
         resources = EngineResources(dram_cache=open_dram_cache(config.store),
@@ -75,22 +81,17 @@ class Node:
                                     vllm_dir=config.data_dir / "vllm")
         worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,
                         resources=resources,
-                        calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps))
+                        calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps),
+                        instances_elsewhere=lambda model: node._instances_elsewhere(model),
+                        min_instances_here=lambda deployment: node._min_instances_here(deployment))
         tokenizers = Tokenizers(checkpoints)
         relay = Relay(node_id, api_key=api_key, read_timeout_s=config.serving.max_start_wait_s + READ_SLACK_S)
-        placer = Placer(state)
+        migrations = MigrationService(state.cluster, worker, config.serving, on_migrated=lambda result: (
+            worker.estimates.observe_migration(result.num_tokens, result.duration_s)))
+        placer = Placer(state, migrate=lambda migration: node._migrate_for_plan(migration))
         router = Router(state, worker, tokenizers, metrics, relay, placer)
         deployments = DeploymentService(state, worker, tokenizers, checkpoints)
-        migrations = MigrationService(state.cluster, worker, config.serving)
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay, migrations)
-        state.on_applied = node._adopt
-        state.soft_state = node._soft_state
-        checkpoints.peer_sources = node._peer_sources
-        checkpoints.on_fetched = worker.on_fetched
-        placer.migrate = node._migrate_for_plan
-        worker.instances_elsewhere = node._instances_elsewhere
-        worker.min_instances_here = node._min_instances_here
-        migrations.on_migrated = lambda result: worker.estimates.observe_migration(result.num_tokens, result.duration_s)
         return node
 
     async def start(self) -> None:

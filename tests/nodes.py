@@ -59,17 +59,15 @@ async def running_node(data_dir: Path, engine_factory: EngineFactory = default_e
     overrides = {"server.data_dir": str(data_dir), "server.port": port, "server.peer_port": free_port()}
     overrides |= {key.replace("__", "."): value for key, value in settings.items()}
     node = Node.open(load_config(None, env={}, overrides=overrides), engine_factory)
-    await node.start()
     runner = web.AppRunner(build_app(node), handler_cancellation=True, shutdown_timeout=1)
-    await runner.setup()
+    await runner.setup()  # starts the node
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:
         async with aiohttp.ClientSession() as http:
             yield RunningNode(node, f"http://127.0.0.1:{port}", http)
     finally:
-        await runner.cleanup()
-        await node.close()
+        await runner.cleanup()  # closes the node
 
 
 def generate_here(url: str, model: str, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> Any:

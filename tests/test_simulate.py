@@ -8,9 +8,11 @@ import json
 import pytest
 
 from sllmd.cli import main
-from sllmd.sim.cluster import LruCache, catalogue
-from sllmd.sim.simulate import BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
-from sllmd.sim.trace import TokenLengths, TraceError, azure_like_trace, parse_csv
+from sllmd.sim.cluster import Hardware, LruCache, ModelSpec, catalogue
+from sllmd.sim.engine import Simulation
+from sllmd.sim.policies import RayServe, Sllmd
+from sllmd.sim.simulate import AUTOSCALING, BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
+from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 
 MODELS = {m.name for m in catalogue(NUM_MODEL_COPIES)}
 
@@ -59,6 +61,35 @@ def test_warmup_leaves_early_requests_out_of_the_latencies():
     later = simulate(trace, seed=1, warmup_s=600)["sllmd"]
     assert everything["requests"] == len(trace) > later["requests"] == sum(r.time_s >= 600 for r in trace) > 0
     assert everything["gpu_s"] == later["gpu_s"]  # the same run, measured over fewer requests
+
+
+class AskedSllmd(Sllmd):
+    """Records the entry server of every request the router sent to the leader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_by: list[str] = []
+
+    def place(self, model: ModelSpec, sim: Simulation, *, asked_by: str) -> str | None:
+        self.asked_by.append(asked_by)
+        return super().place(model, sim, asked_by=asked_by)
+
+
+@pytest.mark.parametrize("policy", [AskedSllmd, lambda: RayServe(ssd_cache=True)])
+def test_requests_entering_other_servers_are_routed_to_the_ready_instance(policy):
+    # One instance starts for the first request (entering s0); the later ones enter s1 and s2, where the
+    # model has no instance, and `route` relays them to it (ready, or still starting) while it has room,
+    # for every policy alike.
+    policy = policy()
+    trace = [Request(0.0, "opt-6.7b-00", 100, 10), Request(30.0, "opt-6.7b-00", 100, 10),
+             Request(30.5, "opt-6.7b-00", 100, 10)]
+    sim = Simulation(Hardware(), catalogue(1), AUTOSCALING, policy, num_homes=1)
+    outcome = sim.run(trace)
+    assert sum(outcome.cold_starts.values()) == 1
+    first, *later = outcome.requests
+    assert first.instance is not None and all(r.instance is first.instance for r in later)
+    if isinstance(policy, AskedSllmd):
+        assert policy.asked_by == ["s0"]  # the leader was asked once, by the first request's entry server
 
 
 def test_table_then_json_last_line_from_a_csv_trace(tmp_path, capsys):

@@ -100,19 +100,22 @@ class CheckpointLease:
 
 class CheckpointStore:
     def __init__(self, root: Path, budget_bytes: int, settings: FetchSettings | None = None,
-                 peer_settings: FetchSettings | None = None) -> None:
+                 peer_settings: FetchSettings | None = None, *,
+                 peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: (),
+                 on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None) -> None:
         """Open (creating) the store at `root`: remove crash leftovers, reconcile the index with the
-        directories, evict down to `budget_bytes`. Blocking; call before the event loop is busy."""
+        directories, evict down to `budget_bytes`. Blocking; call before the event loop is busy.
+
+        `peer_sources(checkpoint id)`: base URLs (`peer_url`) of other nodes holding it, best first.
+        `on_fetched(tier, report)`: called after every completed fetch (the node's estimators learn from it)."""
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         self.root = Path(root)
         self.budget_bytes = budget_bytes
         self.settings = settings or FetchSettings()
         self.peer_settings = peer_settings or self.settings  # carries the cluster's API key, if any
-        # checkpoint id -> base URLs (`peer_url`) of other nodes holding it, best first; set by the node.
-        self.peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: ()
-        # Called with (tier, report) after every completed fetch: the node's metrics and estimators learn from it.
-        self.on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None
+        self.peer_sources = peer_sources
+        self.on_fetched = on_fetched
         self._pins: Counter[str] = Counter()
         self._reserved: dict[str, int] = {}  # id -> bytes being fetched
         self._jobs: dict[str, asyncio.Task[tuple[Tier, FetchReport]]] = {}
@@ -374,15 +377,18 @@ def peer_url(http_address: str, id: str) -> str:
     return f"http://{http_address}{PEER_PATH}/{id}"
 
 
-def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = None) -> CheckpointStore:
+def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = None,
+               peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: (),
+               on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None) -> CheckpointStore:
     """The node's store at `<data_dir>/store`, with the configured budget and fetch settings; `api_key`
-    authenticates its fetches from peers."""
+    authenticates its fetches from peers (`peer_sources`, `on_fetched`: see `CheckpointStore`)."""
     settings = FetchSettings(connections=config.fetch_connections, request_bytes=config.fetch_request_mb << 20,
                              timeout_s=config.fetch_timeout_s, retries=config.fetch_retries,
                              hub_endpoint=config.hub_endpoint or None)
     return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings,
                            # One retry: a peer that fails is skipped for the repository, not waited for.
-                           dataclasses.replace(settings, bearer_token=api_key, retries=1))
+                           dataclasses.replace(settings, bearer_token=api_key, retries=1),
+                           peer_sources=peer_sources, on_fetched=on_fetched)
 
 
 def open_dram_cache(config: StoreConfig) -> DramCache | None:

@@ -67,7 +67,7 @@ class Membership:
 
     def __init__(self, cluster: ClusterNode, store: StateStore, me: NodeRecord, *, seed: str | None,
                  propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float,
-                 dead_node_timeout_s: float = 0.0) -> None:
+                 dead_node_timeout_s: float = 0.0, soft_state: Callable[[], NodeStatus] | None = None) -> None:
         self.cluster = cluster
         self._store = store
         self._reads = LocalStateMachine(store)
@@ -84,7 +84,7 @@ class Membership:
         self._has_peer_table = False  # a joiner that got a JOIN_ACK can answer the leader
         self._peers: dict[str, str] = {}  # the transport's peer table, as last set
         self._tasks: list[asyncio.Task[None]] = []
-        self.soft_state: Callable[[], NodeStatus] | None = None  # this node's status; None: it has none
+        self.soft_state = soft_state  # this node's status; None: it has none
         for message_type, handler in ((MembershipMessage.JOIN, self._on_join),
                                       (MembershipMessage.JOIN_ACK, self._on_join_ack),
                                       (MembershipMessage.NODE_STATUS, self._on_status)):

@@ -50,11 +50,11 @@ class PlacementMessage(enum.StrEnum):
 
 
 class Placer:
-    def __init__(self, state: ReplicatedStateMachine) -> None:
+    def __init__(self, state: ReplicatedStateMachine, *, migrate: Callable[[Migration], Awaitable[Any]] | None = None
+                 ) -> None:
+        """`migrate` carries out a planned migration of an instance on this node; None: plans never migrate."""
         self.state = state
-        # Carries out a migration of an instance on this node; None: plans never migrate (set when migration
-        # is wired).
-        self.migrate: Callable[[Migration], Awaitable[Any]] | None = None
+        self.migrate = migrate
         self._reservations: tuple[Reservation, ...] = ()
         self._ids = itertools.count(1)
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}

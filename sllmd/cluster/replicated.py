@@ -81,14 +81,17 @@ class ReplicatedStateMachine:
     """Not thread-safe: use from the event loop that started it."""
 
     def __init__(self, store: StateStore, cluster: ClusterNode, me: NodeRecord, *, seed: str | None,
-                 propose_timeout_s: float, dead_node_timeout_s: float = 0.0) -> None:
+                 propose_timeout_s: float, dead_node_timeout_s: float = 0.0, on_applied: AppliedCallback | None = None,
+                 soft_state: Callable[[], NodeStatus] | None = None) -> None:
+        """`on_applied`: see the module doc; `soft_state`: this node's status, sent to every node (None: none)."""
         self.store = store
         self.cluster = cluster
         self.node_id = me.id
         self.propose_timeout_s = propose_timeout_s
         self.membership = Membership(cluster, store, me, seed=seed, propose=self._propose_strict,
-                                     propose_timeout_s=propose_timeout_s, dead_node_timeout_s=dead_node_timeout_s)
-        self.on_applied: AppliedCallback | None = None
+                                     propose_timeout_s=propose_timeout_s, dead_node_timeout_s=dead_node_timeout_s,
+                                     soft_state=soft_state)
+        self.on_applied = on_applied
         self._reads = LocalStateMachine(store)
         self._forward_ids = itertools.count(1)
         self._forwards: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
@@ -102,7 +105,8 @@ class ReplicatedStateMachine:
         cluster.add_apply_listener(self._on_applied)
 
     @classmethod
-    def open(cls, config: Config, store: StateStore, node_id: str) -> ReplicatedStateMachine:
+    def open(cls, config: Config, store: StateStore, node_id: str, *, on_applied: AppliedCallback | None = None,
+             soft_state: Callable[[], NodeStatus] | None = None) -> ReplicatedStateMachine:
         """From the node's config; binds nothing until start()."""
         server = config.server
         host = config.cluster.advertise_host or server.host
@@ -110,18 +114,19 @@ class ReplicatedStateMachine:
             host = socket.gethostname()
         me = NodeRecord(node_id, host_port(host, server.peer_port), host_port(host, server.port))
         return cls.create(store, me, bind_host=server.host, peer_port=server.peer_port, seed=server.join or None,
-                          cluster_config=config.cluster)
+                          cluster_config=config.cluster, on_applied=on_applied, soft_state=soft_state)
 
     @classmethod
     def create(cls, store: StateStore, me: NodeRecord, *, bind_host: str, peer_port: int, seed: str | None,
-               cluster_config: ClusterConfig | None = None) -> ReplicatedStateMachine:
+               cluster_config: ClusterConfig | None = None, on_applied: AppliedCallback | None = None,
+               soft_state: Callable[[], NodeStatus] | None = None) -> ReplicatedStateMachine:
         settings = cluster_config or ClusterConfig()
         curve = cluster_curve_keys(settings.secret_key, settings.public_key, settings.public_keys)
         transport = PeerTransport(me.id, bind_host, peer_port, curve=curve)
         cluster = ClusterNode(me.id, LmdbStorage(store.env), StoreStateMachine(store), transport,
                               timing=Timing.from_config(settings), is_joining=bool(seed))
         node = cls(store, cluster, me, seed=seed, propose_timeout_s=settings.propose_timeout_s,
-                   dead_node_timeout_s=settings.dead_node_timeout_s)
+                   dead_node_timeout_s=settings.dead_node_timeout_s, on_applied=on_applied, soft_state=soft_state)
         node.membership.server_key = curve.public_key if curve is not None else None
         return node
 
@@ -197,15 +202,6 @@ class ReplicatedStateMachine:
 
     def peers(self) -> tuple[PeerInfo, ...]:
         return self.membership.peers()
-
-    @property
-    def soft_state(self) -> Callable[[], NodeStatus] | None:
-        """This node's status (slots, caches, queues, calibration, instances) for NODE_STATUS and the cluster view."""
-        return self.membership.soft_state
-
-    @soft_state.setter
-    def soft_state(self, provider: Callable[[], NodeStatus] | None) -> None:
-        self.membership.soft_state = provider
 
     # ------------------------------------------------------------------------------------- writing
 

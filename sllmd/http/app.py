@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -79,6 +80,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
+    """The node's HTTP application. The node runs while the app does: the app's startup starts it (before any
+    request can arrive) and its cleanup closes it (after the last handler ended)."""
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=node.config.server.max_body_bytes
     )
@@ -96,4 +99,15 @@ def build_app(node: Node) -> web.Application:
     openai_api.add_routes(app.router)
     admin_api.add_routes(app.router)
     peer_api.add_routes(app.router)
+    app.cleanup_ctx.append(functools.partial(_running, node))
     return app
+
+
+async def _running(node: Node, app: web.Application) -> AsyncIterator[None]:
+    try:
+        await node.start()
+    except BaseException:
+        await node.close()  # what the failed start opened
+        raise
+    yield
+    await node.close()

@@ -1,12 +1,20 @@
 """The discrete-event engine of `sllmd simulate`: a heap of events on a simulated clock (no asyncio, no
 sleeping). It plays one trace against one placement policy on a simulated cluster and returns what
-happened; the policy (`simpolicies`) only decides where instances start and where their bytes come from.
+happened; the policy (`simpolicies`) only decides where a new instance the router asks for starts and
+where the bytes of a cold start come from.
 
-Mechanics, mirroring the daemon's worker:
-- A request goes to a ready instance of its model if there is one (`pick_instance`, packing, over target
-  when all are at target), else it waits. Either way the autoscaler (`num_instances_to_start`) is asked
-  how many instances to add, and the policy places each one; a request never waits for a new instance
-  while a ready one exists.
+Mechanics, mirroring the daemon's request pipeline and worker:
+- Request i enters at server i mod N (round robin). There the daemon's router, `routing.route`, decides over
+  `node_states()` where it goes: `ServeHere` / `RelayTo` a server, or `AskLeader`, which the policy answers
+  (`Policy.place`: it starts a new instance and names its server), falling back to `AskLeader.fallback`
+  when no server can take one now.
+- On the server it goes to, a request takes a ready instance of its model there (`pick_instance`: packing,
+  over target when all are at target), else it waits there for one. Either way that server's autoscaler
+  (`num_instances_to_start`, as the worker's) may start more instances of the model there, in free GPUs
+  or by evicting idle instances of other models there (longest idle first); so does every GPU freed or
+  instance gone idle on it while requests wait there. A request left waiting where its model has no
+  instance (no server could take one) is routed again whenever a GPU frees or an instance goes idle: a
+  client's retry, without the daemon's wait bound (the simulator rejects nothing).
 - An instance holds one GPU from the moment it is placed until it stops. Each server loads one
   checkpoint at a time, in order (loads share its SSD, NIC and PCIe): a load waits behind the server's
   queue, then fetches (peer / repository → SSD), loads (SSD or DRAM → GPU) and initialises, all at the
@@ -29,6 +37,7 @@ Mechanics, mirroring the daemon's worker:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import Counter, deque
 from collections.abc import Callable
@@ -43,6 +52,7 @@ from sllmd.scheduler.placement import (
     plan_checkpoint_homes,
     plan_dram_warming,
 )
+from sllmd.scheduler.routing import AskLeader, ServeHere, route
 from sllmd.sim.cluster import Hardware, LruCache, ModelSpec
 from sllmd.sim.state import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
 from sllmd.sim.trace import Request
@@ -69,7 +79,18 @@ class Policy:
     keeps_fetched: bool = True  # fetched checkpoints stay on the SSD
     has_checkpoint_homes: bool = True  # checkpoints are placed on SSDs at deploy
 
+    def place(self, model: ModelSpec, sim: Simulation, *, asked_by: str) -> str | None:
+        """The leader's answer to a request for `model` that entered at server `asked_by` and wants a new
+        instance: the id of the server the request goes to, having started there (`sim.start`) the instance
+        placed for it, if any; None when no server can take one now. By default, where `decide` starts one."""
+        decision = self.decide(model, sim)
+        if decision is None:
+            return None
+        sim.start(model, decision)
+        return decision.server.id
+
     def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
+        """Where a new instance of `model` starts; None: nowhere now."""
         raise NotImplementedError
 
     def source_tier(self, server: SimServer, model: ModelSpec, sim: Simulation) -> Tier:
@@ -86,8 +107,9 @@ class Simulation:
                       LruCache(hardware.dram_cache_bytes) if policy.has_dram_cache else None)
             for i in range(hardware.num_servers)
         ]
+        self._by_id = {s.id: s for s in self.servers}
         self.now = 0.0
-        self.waiting: dict[str, deque[SimRequest]] = {name: deque() for name in self.models}
+        self._num_arrived = 0
         self._events: list[tuple[float, int, Callable[[object], None], object]] = []
         self._num_events = 0
         self._num_instances = 0
@@ -98,10 +120,9 @@ class Simulation:
         self._arrivals: deque[tuple[float, str]] = deque()
         self._last_arrival_s = 0.0
         if policy.has_checkpoint_homes:
-            by_id = {s.id: s for s in self.servers}
             for model in models:
                 for home in plan_checkpoint_homes(model.name, model.num_bytes, self.node_states(), num_homes):
-                    by_id[home].ssd.add(model.name, model.num_bytes, pin=True)
+                    self._by_id[home].ssd.add(model.name, model.num_bytes, pin=True)
 
     def node_states(self) -> list[NodeState]:
         """The cluster as the leader's scheduler would see it now (all servers alive)."""
@@ -144,10 +165,6 @@ class Simulation:
 
     # -- requests and scaling --------------------------------------------------------------------
 
-    def ready_instances(self, model: str) -> list[SimInstance]:
-        return [i for s in self.servers for i in s.instances
-                if i.spec.name == model and i.state is InstanceState.READY]
-
     def _warm(self, _: object) -> None:
         while self._arrivals and self._arrivals[0][0] < self.now - RATE_WINDOW_S:
             self._arrivals.popleft()
@@ -167,15 +184,37 @@ class Simulation:
         server.dram.add(model, self.models[model].num_bytes)
 
     def _arrive(self, request: SimRequest) -> None:
-        self._arrivals.append((self.now, request.request.model))
-        if self.ready_instances(request.request.model):
-            self._dispatch(request)
-        else:
-            self.waiting[request.request.model].append(request)
-        self._scale(request.request.model)
+        """The request enters at the next server (round robin) and is routed from there."""
+        model = request.request.model
+        self._arrivals.append((self.now, model))
+        entry = self.servers[self._num_arrived % len(self.servers)]
+        self._num_arrived += 1
+        self._route(request, entry)
 
-    def _dispatch(self, request: SimRequest) -> None:
-        ready = self.ready_instances(request.request.model)
+    def _route(self, request: SimRequest, entry: SimServer) -> SimServer:
+        """Send `request`, entered at `entry`, where `routing.route` (and the policy, for `AskLeader`) says;
+        the server it went to."""
+        model = request.request.model
+        decision = route(model, self.autoscaling, self.node_states(), local_id=entry.id)
+        if isinstance(decision, AskLeader):
+            decision = decision.then(self.policy.place(self.models[model], self, asked_by=entry.id),
+                                     local_id=entry.id)
+        server = entry if isinstance(decision, ServeHere) else self._by_id[decision.node_id]
+        self._admit(request, server)
+        return server
+
+    def _admit(self, request: SimRequest, server: SimServer) -> None:
+        """`request` on `server`, as its worker takes it: a ready instance there, else it waits there (in
+        arrival order, so one routed again keeps its place); then the server's autoscaler runs."""
+        model = request.request.model
+        if _ready(server, model):
+            self._dispatch(request, server)
+        else:
+            bisect.insort(server.waiting.setdefault(model, deque()), request, key=lambda r: r.request.time_s)
+        self._scale(server, model)
+
+    def _dispatch(self, request: SimRequest, server: SimServer) -> None:
+        ready = _ready(server, request.request.model)
         instance = ready[pick_instance([len(i.requests) for i in ready], self.autoscaling.target_concurrency)]
         instance.requests.add(request)
         instance.idle_since_s = None
@@ -193,28 +232,47 @@ class Simulation:
         if not instance.requests and instance.state is InstanceState.READY:
             self._arm_keep_alive(instance)
             if instance.migrating_to is None:
-                self._retry_waiting()  # it may be evicted for a model whose requests wait for a GPU
+                self._retry_waiting(instance.server)  # it may be evicted for a model whose requests wait there
 
-    def _scale(self, model: str) -> None:
-        instances = [i for s in self.servers for i in s.instances if i.spec.name == model]
-        live = [i for i in instances if i.migrating_to is None]  # a migrating pair counts once
-        demand = len(self.waiting[model]) + sum(len(i.requests) for i in instances)
-        num_startable = sum(s.num_free_slots for s in self.servers) + sum(
-            1 for s in self.servers for i in s.instances if self.is_evictable(i) and i.spec.name != model
-        )
+    def _scale(self, server: SimServer, model: str) -> None:
+        """`server`'s autoscaler for `model`, as the worker's `_scale`: the instances its demand there calls
+        for, in free GPUs or else in place of idle instances of other models there (longest idle first).
+        `max_instances` bounds them with the model's instances elsewhere, except the server's first one (the
+        leader placed it, or the request was sent here with no new instance possible)."""
+        here = [i for i in server.instances if i.spec.name == model]
+        live = [i for i in here if i.migrating_to is None]  # a migrating pair counts once, at its destination
+        demand = len(server.waiting.get(model, ())) + sum(len(i.requests) for i in here)
+        victims = sorted((i for i in server.instances if self.is_evictable(i) and i.spec.name != model),
+                         key=lambda i: (i.idle_since_s, i.id))
+        elsewhere = sum(i.spec.name == model and i.migrating_to is None
+                        for s in self.servers if s is not server for i in s.instances)
         wanted = num_instances_to_start(self.autoscaling, demand=demand, num_live=len(live),
-                                        num_startable=num_startable)
+                                        num_startable=server.num_free_slots + len(victims),
+                                        num_elsewhere=elsewhere if live else 0)
         for _ in range(wanted):
-            decision = self.policy.decide(self.models[model], self)
-            if decision is None:
-                return
-            self._apply(self.models[model], decision)
+            evictions = () if server.num_free_slots > 0 else (victims.pop(0),)
+            self.start(self.models[model], Decision(server, evictions))
 
-    def _retry_waiting(self) -> None:
-        """A GPU was freed or an instance went idle: models with waiting requests, oldest request first,
-        may start now."""
-        for model in sorted((m for m, q in self.waiting.items() if q), key=lambda m: self.waiting[m][0].request.time_s):
-            self._scale(model)
+    def _retry_waiting(self, server: SimServer) -> None:
+        """A GPU was freed or an instance went idle on `server`: the models whose requests wait there, oldest
+        request first, may start there now. Then every request stranded on a server (waiting where no instance
+        of its model is live: no server could take one when it was routed) is routed again from there, oldest
+        first; once one is stranded again, no server can take a new instance of any model, so only those whose
+        model has instances are. The daemon's worker does the former; the latter stands for the retry of a
+        client whose request timed out there, without the timeout (the simulator has none)."""
+        waiting = server.waiting
+        for model in sorted((m for m, q in waiting.items() if q), key=lambda m: waiting[m][0].request.time_s):
+            self._scale(server, model)
+        stranded = sorted(((r, s) for s in self.servers for m, q in s.waiting.items()
+                           if q and not _has_instance(s, m) for r in q), key=lambda pair: pair[0].request.time_s)
+        can_start = True
+        for request, at in stranded:
+            model = request.request.model
+            if not can_start and not any(_has_instance(s, model) for s in self.servers):
+                continue
+            at.waiting[model].remove(request)
+            went_to = self._route(request, at)
+            can_start = can_start and (request.instance is not None or _has_instance(went_to, model))
 
     # -- instances -------------------------------------------------------------------------------
 
@@ -233,7 +291,8 @@ class Simulation:
         used = server.num_gpus - server.num_free_slots
         self._max_slots_used[server.id] = max(self._max_slots_used[server.id], used)
 
-    def _apply(self, spec: ModelSpec, decision: Decision) -> None:
+    def start(self, spec: ModelSpec, decision: Decision) -> None:
+        """Start an instance of `spec` as `decision` says."""
         for victim in decision.evictions:
             assert self.is_evictable(victim) and victim.server is decision.server
             self._stop(victim, retry=False)
@@ -265,13 +324,13 @@ class Simulation:
         instance.state = InstanceState.STOPPED
         instance.server.instances.remove(instance)
         if retry:
-            self._retry_waiting()
+            self._retry_waiting(instance.server)
 
     def _became_ready(self, instance: SimInstance) -> None:
         instance.state = InstanceState.READY
-        waiting = self.waiting[instance.spec.name]
+        waiting = instance.server.waiting.get(instance.spec.name, deque())
         while waiting:
-            self._dispatch(waiting.popleft())
+            self._dispatch(waiting.popleft(), instance.server)
         if not instance.requests:
             self._arm_keep_alive(instance)
 
@@ -348,11 +407,22 @@ class Simulation:
         self._became_ready(copy)
 
 
+def _has_instance(server: SimServer, model: str) -> bool:
+    return any(i.spec.name == model for i in server.instances)
+
+
+def _ready(server: SimServer, model: str) -> list[SimInstance]:
+    """`server`'s ready instances of `model` that take requests (a migration's source does not)."""
+    return [i for i in server.instances
+            if i.spec.name == model and i.state is InstanceState.READY and i.migrating_to is None]
+
+
 def _loads(server: SimServer) -> dict[str, ModelLoad]:
-    """Per model, the server's live instances (a migrating pair counts once, as its copy) and their requests."""
+    """Per model, the server's live instances (a migrating pair counts once, as its copy) and its requests:
+    on its instances, or waiting there for one."""
     ready: Counter[str] = Counter()
     starting: Counter[str] = Counter()
-    requests: Counter[str] = Counter()
+    requests: Counter[str] = Counter({name: len(queue) for name, queue in server.waiting.items() if queue})
     for instance in server.instances:
         name = instance.spec.name
         requests[name] += len(instance.requests)

@@ -1,10 +1,10 @@
-"""The placement policies `sllmd simulate` compares. Each decides where a new instance starts and where
-a cold start reads its checkpoint from; the engine (`simengine`) does everything else the same way.
+"""The placement policies `sllmd simulate` compares. Each answers the router's `AskLeader` (where a new
+instance starts, and so where the request goes) and says where a cold start reads its checkpoint from; the
+engine (`simengine`) does everything else the same way, routing included.
 
 - `sllmd`: the daemon's own leader decision, `plan_new_instance` (max_instances, reservations, `plan_start`:
   calibrated estimators, checkpoint locality, queued loads, eviction of idle instances, migration of one
-  running instance) over the engine's `node_states()`. The simulator has no entry nodes (requests reach
-  the model's instances wherever they are), so no entry node is preferred.
+  running instance, the entry node preferred within ENTRY_PREFERENCE) over the engine's `node_states()`.
 - `no-migration`: the same, `allow_migration=False`.
 - `random`: a uniformly random free GPU (else a random idle instance of another model is evicted), the
   same node tiers as sllmd (DRAM cache, SSD homes, peer fetch).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from sllmd.scheduler.placement import InstanceSpec, Reservation, plan_new_instance
+from sllmd.scheduler.placement import InstanceSpec, Reservation, StartPlan, plan_new_instance
 from sllmd.sim.cluster import ModelSpec
 from sllmd.sim.engine import Policy, Simulation
 from sllmd.sim.state import Decision, SimInstance, SimServer
@@ -47,22 +47,29 @@ class Sllmd(NodeTiers):
         self.allow_migration = allow_migration
         self.reservations: tuple[Reservation, ...] = ()
 
-    def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
+    def place(self, model: ModelSpec, sim: Simulation, *, asked_by: str) -> str | None:
         spec = InstanceSpec(model.name, sim.hardware.engine_kind, model.num_bytes, sim.autoscaling.max_instances)
-        placement, self.reservations = plan_new_instance(spec, sim.node_states(), self.reservations, asked_by=None,
-                                                         now=sim.now, allow_migration=self.allow_migration)
-        if placement is None or placement.start is None:
-            return None  # no alive node can take one, or the model has max_instances already
-        plan = placement.start
-        servers = {s.id: s for s in sim.servers}
-        server = servers[plan.node_id]
-        instances = {i.id: i for s in sim.servers for i in s.instances}
-        evictions = tuple(instances[i] for i in plan.evictions)
-        if not plan.migrations:
-            return Decision(server, evictions)
-        (migration,) = plan.migrations
-        return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node],
-                        tuple(instances[i] for i in migration.evictions))
+        placement, self.reservations = plan_new_instance(spec, sim.node_states(), self.reservations,
+                                                         asked_by=asked_by, now=sim.now,
+                                                         allow_migration=self.allow_migration)
+        if placement is None:
+            return None
+        if placement.start is not None:  # None: the model has max_instances, the request joins them
+            sim.start(model, _decision(placement.start, sim))
+        return placement.node_id
+
+
+def _decision(plan: StartPlan, sim: Simulation) -> Decision:
+    """`plan` on the simulation's servers and instances."""
+    servers = {s.id: s for s in sim.servers}
+    server = servers[plan.node_id]
+    instances = {i.id: i for s in sim.servers for i in s.instances}
+    evictions = tuple(instances[i] for i in plan.evictions)
+    if not plan.migrations:
+        return Decision(server, evictions)
+    (migration,) = plan.migrations
+    return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node],
+                    tuple(instances[i] for i in migration.evictions))
 
 
 class RandomGpu(NodeTiers):

@@ -1,39 +1,41 @@
-"""`sllmd simulate`: the real placement, estimators and autoscaler on a simulated cluster, against the
-placements users get today, on one trace. Prints a table, then (last line) JSON.
+"""`sllmd simulate`: the real routing, placement, estimators and autoscaler on a simulated cluster, against
+the placements users get today, on one trace. Prints a table, then (last line) JSON.
 
-Setup (`simcluster`, `trace`), the regime of the ServerlessLLM paper (OSDI'24 §7): many models, few
-GPUs, GPUs busy with long-running inference, each checkpoint local on one server only. 4 servers × 4
-80 GB GPUs; 40 models (8 deployments each of OPT-6.7B, Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at
-fp16, 13–60 GB, 1.1 TB in all); each checkpoint on ONE server's SSD (`plan_checkpoint_homes`, k=1);
-per server a 160 GB DRAM cache (2–12 checkpoints) and a 500 GB SSD checkpoint cache (under half the
-catalogue); DRAM→GPU 25 GB/s (PCIe 4.0 x16), SSD→GPU 6 GB/s (one NVMe drive), peer→SSD 1.25 GB/s
-(10 Gbps), repository 0.2 GB/s. Autoscaling: up to 4 instances per model at a target of 4 concurrent
-requests, 60 s keep-alive. The built-in trace: 2 h of Azure-Functions-like arrivals (Gamma, CV 8,
-Zipf-skewed rates, 1.5 req/s in all) with ShareGPT-like lengths (median ~200 output tokens, a tail in
-the thousands) decoded at batch 1 (24 ms/token for 7B … 55 ms for 30B), so a request runs for seconds
-to minutes and the GPUs holding a model's local copy are often all busy when it cold-starts. Requests
-arriving in the first BUILTIN_WARMUP_S (600 s, every model's first cold start at once) are played but
-not measured, for every policy alike. Startup latency is arrival → first token; end-to-end is arrival →
-last token; GPU-seconds count every GPU from placement to stop, over the whole run.
+Setup (`simcluster`, `trace`), the regime of the ServerlessLLM paper (OSDI'24 §7): many models, few GPUs,
+GPUs busy with long-running inference, each checkpoint local on one server only. 4 servers × 4 80 GB GPUs;
+40 models (8 deployments each of OPT-6.7B, Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at fp16, 13–60 GB,
+1.1 TB in all); each checkpoint on ONE server's SSD (`plan_checkpoint_homes`, k=1); per server a 160 GB DRAM
+cache (2–12 checkpoints) and a 500 GB SSD checkpoint cache (under half the catalogue); DRAM→GPU 25 GB/s
+(PCIe 4.0 x16), SSD→GPU 6 GB/s (one NVMe drive), peer→SSD 1.25 GB/s (10 Gbps), repository 0.2 GB/s.
+Autoscaling: up to 4 instances per model at a target of 4 concurrent requests, 60 s keep-alive. Requests
+enter the servers in turn and go where the daemon's `routing.route` sends them, for every policy alike
+(`simengine`). The built-in trace: 2 h of Azure-Functions-like arrivals (Gamma, CV 8, Zipf-skewed rates, 1.5
+req/s in all) with ShareGPT-like lengths (median ~200 output tokens, a tail in the thousands) decoded at
+batch 1 (24 ms/token for 7B … 55 ms for 30B), so a request runs for seconds to minutes and the GPUs holding
+a model's local copy are often all busy when it cold-starts. Requests arriving in the first BUILTIN_WARMUP_S
+(600 s, every model's first cold start at once) are played but not measured, for every policy alike. Startup
+latency is arrival → first token; end-to-end is arrival → last token; GPU-seconds count every GPU from
+placement to stop, over the whole run.
 
 What drives each difference (p99 startup latency, built-in trace; seeds 0 / 1 / 2):
-- sllmd: 13.5 / 13.4 / 27.0 s. Its tail is OPT-30B loaded from its home SSD (60 GB at 6 GB/s + 3.3 s
-  init = 13.3 s), which no placement avoids when the model is in no server's DRAM.
-- `no-migration` (3.1× / 2.0× / 1.8×: 41 / 27 / 48 s): when the one server holding a model (its SSD home,
+- sllmd: 20.9 / 18.7 / 35.2 s. Its tail is cold starts: requests that found no ready instance of their
+  model (OPT-30B alone takes 13.3 s from its home SSD: 60 GB at 6 GB/s + 3.3 s init), or whose least
+  loaded instance was at target, so routing asked for a new one and they wait for it.
+- `no-migration` (2.8× / 1.5× / 2.8×: 59 / 27 / 98 s): when the one server holding a model (its SSD home,
   and mostly its DRAM) has all GPUs busy with running requests, it starts the model on another server,
   fetched from that peer at 1.25 GB/s first (13B: 28 s, 30B: 61 s), and that fetch holds the other
   server's NIC and SSD, so the loads queued behind it wait too, and its GPU serves nothing meanwhile. sllmd
   instead migrates a running instance to a server with a free GPU where that instance's model loads fast
   (DRAM/SSD there, a few seconds plus ~0.1–0.4 ms per moved token of re-prefill) and loads the cold model
-  from the local DRAM or SSD: ~110 migrations in 2 h cut peer fetches from ~230 to ~110 and raise DRAM
-  starts from ~750 to ~970. The gap needs the catalogue not to fit on every SSD: with a 1 TB SSD cache
+  from the local DRAM or SSD: ~110 migrations in 2 h cut peer fetches from ~210 to ~110 and raise DRAM
+  starts from ~750 to ~980. The gap needs the catalogue not to fit on every SSD: with a 1 TB SSD cache
   (fetched copies then sit almost everywhere) both policies read local copies and the ratio is 1.0.
-- `ray-serve` (293× / 315× / 148×) and `ray-serve-cache` (186× / 201× / 116×): every cold start
+- `ray-serve` (176× / 135× / 80×) and `ray-serve-cache` (64× / 80× / 57×): every cold start
   downloads 13–60 GB from the repository at 0.2 GB/s (65–300 s; the cache version only when the chosen
-  server's SSD lacks it, which with placement by free GPUs alone is ~60% of its starts), one download at
+  server's SSD lacks it, which with placement by free GPUs alone is ~45% of its starts), one download at
   a time per server. At 1.5 req/s that is more downloading than 2 h holds, so their queues grow all run
-  long and their p99 (~40–70 min) grows with the trace; the ratio is not a steady-state figure.
-- `random` (4.5× / 4.7× / 2.3×): the same tiers as sllmd, but it ignores where checkpoints are and
+  long and their p99 (~20–60 min) grows with the trace; the ratio is not a steady-state figure.
+- `random` (4.1× / 4.1× / 3.0×): the same tiers as sllmd, but it ignores where checkpoints are and
   which loads are queued, so ~40% of its cold starts are peer fetches.
 """
 

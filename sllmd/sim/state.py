@@ -68,6 +68,7 @@ class SimServer:
     calibration: Calibration = field(default_factory=Calibration.defaults)
     instances: list[SimInstance] = field(default_factory=list)  # every not-stopped instance placed here
     queue: deque[LoadJob] = field(default_factory=deque)
+    waiting: dict[str, deque[SimRequest]] = field(default_factory=dict)  # by model: requests routed here, no instance
     loading: LoadJob | None = None
     loading_since_s: float = 0.0
 

@@ -51,9 +51,13 @@ class Worker:
         *,
         resources: EngineResources = NO_RESOURCES,
         calibration: Calibration | None = None,
+        instances_elsewhere: Callable[[str], int] = lambda model: 0,
+        min_instances_here: Callable[[Deployment], int] = lambda deployment: deployment.autoscaling.min_instances,
     ) -> None:
         """`records`: where instance records are written. `calibration`: the estimates' starting point before
-        the probe and real loads correct it (default: `Calibration.defaults()`)."""
+        the probe and real loads correct it (default: `Calibration.defaults()`). From the cluster:
+        `instances_elsewhere(model)`, the model's live instances on other nodes, and `min_instances_here(d)`,
+        this node's share of `d`'s min_instances (the defaults are a node alone's: none, and all of them)."""
         self.node_id = node_id
         self.slots = slots
         self.serving = serving
@@ -63,10 +67,8 @@ class Worker:
         self.dram_cache = dram_cache = resources.dram_cache
         self.estimates = NodeEstimates(store, dram_cache, metrics, calibration or Calibration.defaults())
         self.runtimes: dict[str, ModelRuntime] = {}
-        # Set by the cluster node: live instances of a model on other nodes, and this node's share of a
-        # deployment's min_instances (alone: none, and all of them).
-        self.instances_elsewhere: Callable[[str], int] = lambda model: 0
-        self.min_instances_here: Callable[[Deployment], int] = lambda deployment: deployment.autoscaling.min_instances
+        self.instances_elsewhere = instances_elsewhere
+        self.min_instances_here = min_instances_here
         self.warmer = None if dram_cache is None else DramWarmer(
             # Models with an instance here are left out: a start caches its checkpoint on the way anyway.
             store, dram_cache, lambda: {name: r.deployment for name, r in self.runtimes.items() if not r.instances})

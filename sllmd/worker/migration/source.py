@@ -105,11 +105,12 @@ class MigrationService:
     """Both halves of migration on this node: `migrate` (this node as source) and the handlers that
     make it a destination. `on_migrated(result)` is called for every migration that moved requests."""
 
-    def __init__(self, cluster: ClusterNode, worker: Worker, serving: ServingConfig) -> None:
+    def __init__(self, cluster: ClusterNode, worker: Worker, serving: ServingConfig, *,
+                 on_migrated: Callable[[MigrationResult], None] | None = None) -> None:
         self.cluster = cluster
         self.worker = worker
         self.serving = serving
-        self.on_migrated: Callable[[MigrationResult], None] | None = None
+        self.on_migrated = on_migrated
         self.destination = Destination(worker, self._send, self.is_alive)
         self._outgoing: dict[str, _Outgoing] = {}
         self._feeds: dict[tuple[str, int], RemoteTokens] = {}  # (migration id, key) -> moved request's feed
