@@ -84,3 +84,34 @@ def test_a_process_killed_mid_write_leaves_the_old_state(tmp_path):
     assert result.returncode == 9
     with StateStore(tmp_path).read() as txn:
         assert dict(txn.items("deployments")) == {"kept": {"v": 1}}
+
+
+async def test_reads_see_every_commit_whoever_made_it(tmp_path):
+    """Reads reuse decoded tables while the store is unchanged: a commit by another object, from another
+    thread (a Raft apply), or a snapshot restore must show in the very next read, and a caller changing what
+    it got must not change what the next one gets."""
+    import threading
+
+    from sllmd.state.machine import StoreStateMachine
+
+    store = StateStore(tmp_path)
+    reads, applier = LocalStateMachine(store), StoreStateMachine(store)
+    await reads.propose({"op": Op.DEPLOY, "deployment": deployment("a").to_wire()})
+    assert set(reads.deployments()) == {"a"}
+    assert reads.instances() == []
+
+    thread = threading.Thread(target=applier.apply, args=([
+        {"op": Op.DEPLOY, "deployment": deployment("b").to_wire()},
+        {"op": Op.PUT_INSTANCE, "instance": instance("b1", "b").to_wire()}], 7))
+    thread.start()
+    thread.join()
+    assert set(reads.deployments()) == {"a", "b"}
+    assert reads.deployment("b") == deployment("b")
+    assert reads.instances() == [instance("b1", "b")]
+
+    reads.deployments().pop("a")
+    reads.instances().clear()
+    assert set(reads.deployments()) == {"a", "b"} and len(reads.instances()) == 1
+
+    applier.restore(b"", 8)
+    assert reads.deployments() == {} and reads.deployment("a") is None and reads.instances() == []

@@ -59,6 +59,7 @@ class Placer:
         self._ids = itertools.count(1)
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks = TaskSet()  # planned migrations being carried out
+        self._states: tuple[Any, list[NodeState]] | None = None  # (what they were computed from, node_states)
         state.cluster.add_handler(PlacementMessage.PLACE, self._on_place)
         state.cluster.add_handler(PlacementMessage.PLACED, self._on_placed)
         state.cluster.add_handler(PlacementMessage.MIGRATE, self._on_migrate)
@@ -110,7 +111,12 @@ class Placer:
         return placement.node_id
 
     def node_states(self, nodes: Sequence[PeerInfo]) -> list[NodeState]:
-        """`nodes` (of the cluster view) as placement sees them, with the deployments and instance records now."""
+        """`nodes` (of the cluster view) as placement sees them, with the deployments and instance records now.
+        Computed again only when the replicated state or one of the nodes (address, liveness, status) changed:
+        every relayed request routes over them, and statuses arrive about once a second."""
+        key = (self.state.snapshot_id(), tuple((n.id, n.http, n.is_alive, n.status) for n in nodes))
+        if self._states is not None and self._states[0] == key:
+            return list(self._states[1])
         deployments = self.state.deployments()
         models_of: dict[str, set[str]] = {}
         in_place = set()
@@ -119,8 +125,10 @@ class Placer:
                 models_of.setdefault(checkpoint_id(deployment.checkpoint), set()).add(name)
             else:
                 in_place.add(name)
-        return node_states(nodes, deployments, self.state.instances(), models_of=models_of,
-                           in_place=frozenset(in_place), local_node_id=self.state.node_id)
+        states = node_states(nodes, deployments, self.state.instances(), models_of=models_of,
+                             in_place=frozenset(in_place), local_node_id=self.state.node_id)
+        self._states = key, states
+        return list(states)
 
     async def _run_migration(self, migration: Migration) -> None:
         """Carry out a planned migration: here, or by ordering the instance's node to."""

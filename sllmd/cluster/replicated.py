@@ -181,6 +181,10 @@ class ReplicatedStateMachine:
     def nodes(self) -> dict[str, NodeRecord]:
         return self._reads.nodes()
 
+    def snapshot_id(self) -> int:
+        """Changes whenever the replicated state may have (see `LocalStateMachine.snapshot_id`)."""
+        return self._reads.snapshot_id()
+
     @property
     def leader_id(self) -> str | None:
         return self.cluster.leader_id

@@ -68,12 +68,13 @@ async def _stream_tokens(request: web.Request, token_request: TokenRequest, toke
         async for token in tokens:
             await response.write(token_ids_event((token,)))
             num_generated += 1
-        await response.write(end_event(len(token_request.prompt_ids), num_generated))
+        last = end_event(len(token_request.prompt_ids), num_generated)
     except SllmdError as error:
         log.warning("relayed stream failed", extra={"model": token_request.model, "error": error.message})
-        await response.write(error_event(error))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        last = error_event(error)
+    # One write with the end of the body: the relay sees the stream complete as it reads [DONE], so its
+    # connection goes back to the pool rather than being closed mid-body.
+    await response.write_eof(last + b"data: [DONE]\n\n")
     return response
 
 

@@ -64,7 +64,9 @@ class Relay:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
+            # Nodes set no cookies; a real jar would be consulted on every request and answer.
+            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def close(self) -> None:
@@ -76,12 +78,12 @@ class Relay:
     async def open(self, address: str, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
         """The token ids the serving node at `address` generates for `request`. Entering raises the serving
         node's error (nothing streamed yet); iterating may raise SllmdError mid-stream."""
-        headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         try:
-            response = await self._client().post(f"http://{address}{GENERATE_PATH}", json=request.to_wire(),
-                                                  headers=headers)
+            response = await self._client().post(f"http://{address}{GENERATE_PATH}", headers=headers,
+                                                  data=json.dumps(request.to_wire(), separators=(",", ":")).encode())
         except (aiohttp.ClientError, TimeoutError) as exc:
             is_connect = isinstance(exc, aiohttp.ClientConnectorError)  # refused or unroutable: never sent
             raise RelayFailed(f"node at {address} did not answer: {exc!r}", is_connect=is_connect) from None

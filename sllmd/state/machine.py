@@ -11,7 +11,7 @@ The replicated state is the databases in STATE_DATABASES (deployments, instances
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -188,31 +188,50 @@ def _decode_snapshot(data: bytes) -> dict[str, Any]:
 
 
 class LocalStateMachine:
-    """Applies commands straight to the local store (a one-node cluster commits on proposal)."""
+    """Applies commands straight to the local store (a one-node cluster commits on proposal), and reads the
+    replicated tables.
+
+    Reads decode a table once per store snapshot: LMDB numbers every committed write transaction, and a read
+    transaction's id is the number of the snapshot it sees, so a table decoded at snapshot N is the table of
+    every later read that sees N. Any commit (on this object or not: a Raft apply in a thread) makes the next
+    read decode again. The request path reads deployments and instances on every request; decoding them
+    each time cost more than the rest of its routing."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+        self._decoded: dict[str, tuple[int, dict[str, Any]]] = {}  # table -> (snapshot id, decoded rows)
 
     async def propose(self, command: dict[str, Any]) -> Any:
         with self.store.write() as txn:
             return apply(txn, command)
 
-    def deployments(self) -> dict[str, Deployment]:
+    def snapshot_id(self) -> int:
+        """The store's current snapshot number: equal numbers, equal contents."""
         with self.store.read() as txn:
-            return {name: Deployment.from_wire(wire) for name, wire in txn.items("deployments")}
+            return txn.snapshot_id
+
+    def _table(self, db: str, decode: Callable[[Any], Any]) -> dict[str, Any]:
+        """The rows of `db`, decoded; shared between reads of one snapshot, so callers must not change it."""
+        with self.store.read() as txn:
+            snapshot = txn.snapshot_id
+            cached = self._decoded.get(db)
+            if cached is not None and cached[0] == snapshot:
+                return cached[1]
+            rows = {key: decode(wire) for key, wire in txn.items(db)}
+        self._decoded[db] = (snapshot, rows)
+        return rows
+
+    def deployments(self) -> dict[str, Deployment]:
+        return dict(self._table("deployments", Deployment.from_wire))
 
     def deployment(self, name: str) -> Deployment | None:
-        with self.store.read() as txn:
-            wire = txn.get("deployments", name)
-        return None if wire is None else Deployment.from_wire(wire)
+        return self._table("deployments", Deployment.from_wire).get(name)
 
     def instances(self) -> list[InstanceRecord]:
-        with self.store.read() as txn:
-            return [InstanceRecord.from_wire(wire) for _, wire in txn.items("instances")]
+        return list(self._table("instances", InstanceRecord.from_wire).values())
 
     def nodes(self) -> dict[str, NodeRecord]:
-        with self.store.read() as txn:
-            return {key: NodeRecord.from_wire(wire) for key, wire in txn.items("nodes")}
+        return dict(self._table("nodes", NodeRecord.from_wire))
 
 
 def result_to_wire(result: Any) -> dict[str, Any]:

@@ -60,6 +60,11 @@ class Transaction:
         self._txn = txn
         self._dbs = dbs
 
+    @property
+    def snapshot_id(self) -> int:
+        """For a read: the number of the last write committed before it began (equal ids, equal contents)."""
+        return self._txn.id()
+
     def get(self, db: str, key: str) -> Any | None:
         raw = self._txn.get(key.encode(), db=self._dbs[db])
         return None if raw is None else unpack(raw)
