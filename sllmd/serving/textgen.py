@@ -34,6 +34,13 @@ class Tokenizer:
     def __init__(self, hf_tokenizer: Any, *, extra_eos_token_ids: Iterable[int] = ()) -> None:
         """Wrap a loaded `transformers` tokenizer; `extra_eos_token_ids` adds stop ids beyond its EOS."""
         self.hf = hf_tokenizer
+        # A fast tokenizer's Rust tokenizer, called directly on the request path: transformers' wrapper
+        # around it (batching, argument checks, BatchEncoding) cost several times the tokenising itself.
+        # What the wrapper would set per call is set here once: no truncation, no padding.
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:
+            self._backend.no_truncation()
+            self._backend.no_padding()
         eos = {int(i) for i in extra_eos_token_ids}
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
@@ -76,8 +83,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with BOS first iff the tokenizer normally adds it; no other specials.
         Special-token strings inside `text` are recognised (completions prompts may spell them)."""
-        ids = self.hf.encode(text, add_special_tokens=False)
+        ids = self._encode(text, split_special_tokens=False)
         return ids if self._bos is None else [self._bos, *ids]
+
+    def _encode(self, text: str, *, split_special_tokens: bool) -> list[int]:
+        """Ids of `text` without added specials; special-token strings in it are specials unless split."""
+        backend = self._backend
+        if backend is None:
+            return self.hf(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+        if backend.encode_special_tokens != split_special_tokens:  # a switch transformers' calls flip too
+            backend.encode_special_tokens = split_special_tokens
+        return backend.encode(text, add_special_tokens=False).ids
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Prompt ids for a conversation, ending where the assistant's reply should start.
@@ -89,7 +105,7 @@ class Tokenizer:
         """
         if not self.has_chat_template:
             text = "".join(f"{FALLBACK_ROLE_NAMES[m.role]}: {m.content}\n" for m in messages) + "Assistant:"
-            ids = self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids = self._encode(text, split_special_tokens=True)
             return ids if self._bos is None else [self._bos, *ids]
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                         for m in messages]
@@ -104,6 +120,8 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, without special or EOS tokens and without whitespace clean-up."""
         ids = [i for i in ids if i not in self._eos]
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def check_prompt_ids(self, ids: Sequence[int], *, param: str = "prompt") -> None:
@@ -192,6 +210,8 @@ class TextStream:
 
     def _emit(self, delta: str, *, final: bool) -> str:
         """Feed final text through the stop matchers; return what can be released now."""
+        if not self._matchers:  # most requests: no stop strings, nothing to hold back
+            return delta
         text = self._held + delta
         for pos, ch in enumerate(delta, start=len(self._held) + 1):
             hits = [len(m.stop) for m in self._matchers if m.feed(ch)]
