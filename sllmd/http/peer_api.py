@@ -13,6 +13,8 @@ the API keys like every other route (peers send the cluster's key).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -61,13 +63,27 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def _stream_tokens(request: web.Request, token_request: TokenRequest, tokens: AsyncIterator[int]
                          ) -> web.StreamResponse:
+    # The first token is on the entry node's critical path and the status line is not (the entry waits for
+    # the token either way): the engine takes the request before the response is prepared.
+    first = asyncio.ensure_future(anext(tokens, None))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+    try:
+        await asyncio.sleep(0)  # one turn: the request reaches the engine, whose queue it then waits on
+        await response.prepare(request)
+    except BaseException:
+        # The generator sees the cancellation (its instance drops the request) and must have stopped
+        # running before the caller closes it.
+        first.cancel()
+        with contextlib.suppress(BaseException):
+            await first
+        raise
     num_generated = 0
     try:
-        async for token in tokens:
+        token = await first
+        while token is not None:
             await response.write(token_ids_event((token,)))
             num_generated += 1
+            token = await anext(tokens, None)
         last = end_event(len(token_request.prompt_ids), num_generated)
     except SllmdError as error:
         log.warning("relayed stream failed", extra={"model": token_request.model, "error": error.message})
