@@ -11,8 +11,9 @@ defaults to 1 GiB) and are skipped, with a line saying so, where it is missing.
 
 Each server is started fresh and warmed with one request (sllmd: the model deployed with min_instances 1 and
 its first instance started; `vllm serve`: until /health answers). Then for each level N, N clients each send
-streaming completions one after another for `--duration` seconds (greedy, the same prompt, `max_tokens`,
-`stream_options.include_usage`), and the level reports:
+streaming chat completions one after another for `--duration` seconds (greedy, the same user message,
+`max_tokens`, `stream_options.include_usage`; an instruct model's answer runs to `max_tokens`), and the level
+reports:
   tokens_per_s    completion tokens of every request that finished, over the level's wall time
   ttft_p50_s, ttft_p99_s   time to the first chunk carrying text
   requests, errors
@@ -55,17 +56,17 @@ VLLM_START_TIMEOUT_S = 900.0
 
 
 async def one_request(session: aiohttp.ClientSession, base_url: str, max_tokens: int) -> tuple[float, int]:
-    """(TTFT seconds, completion tokens) of one greedy streaming completion."""
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    """(TTFT seconds, completion tokens) of one greedy streaming chat completion."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     began = time.perf_counter()
     ttft = None
     num_tokens = None
-    async with session.post(f"{base_url}/v1/completions", json=body) as response:
+    async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
         if response.status != 200:
             raise StreamError(f"HTTP {response.status}: {(await response.text())[:300]}")
         async for event in sse_events(response):
-            if ttft is None and any(choice.get("text") for choice in event.get("choices", ())):
+            if ttft is None and any(choice.get("delta", {}).get("content") for choice in event.get("choices", ())):
                 ttft = time.perf_counter() - began
             if event.get("usage"):
                 num_tokens = event["usage"]["completion_tokens"]
