@@ -16,7 +16,8 @@
 #      scale-to-zero) and the warm TTFT;
 #   4. the vLLM backend's GPU start path and sleep/wake (scripts/bench_vllm_start.py): only where vLLM imports;
 #      otherwise the summary says it was not verified.
-# The last line printed is one JSON object: which checks ran, passed, failed or were skipped.
+# At most ~8 minutes (each check has its own limit). The last line printed is one JSON object: which checks
+# ran, passed, failed or were skipped, with the JSON results of the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,12 +58,12 @@ run_check() {  # name, timeout seconds, command...
     tail -n 3 "$OUT/$name.log"
 }
 
-run_check tests 240 $PY -m pytest -q -x -p no:cacheprovider -m "not vllm" \
+run_check tests 180 $PY -m pytest -q -x -p no:cacheprovider -m "not vllm" \
     tests/test_architectures.py tests/test_loader.py tests/test_migration_engine.py tests/test_engine_transformers.py
-run_check loader 150 $PY scripts/bench_loader.py --device cuda --size-gb 4 --runs 3 --json
-run_check coldstart 150 $PY scripts/bench_coldstart.py --json --runs 2
+run_check loader 100 $PY scripts/bench_loader.py --device cuda --size-gb 2 --runs 3 --json
+run_check coldstart 100 $PY scripts/bench_coldstart.py --json --runs 2
 if $PY -c 'import vllm' 2> /dev/null; then
-    run_check vllm_start 300 $PY scripts/bench_vllm_start.py --layers 8
+    run_check vllm_start 90 $PY scripts/bench_vllm_start.py --layers 8
 else
     RESULT[vllm_start]="skipped(vllm not installed: GPU start path and sleep/wake unverified)"
 fi
