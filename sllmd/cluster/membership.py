@@ -44,7 +44,6 @@ from sllmd.config import is_host_port
 from sllmd.errors import SllmdError
 from sllmd.scheduler.status import ClusterView, NodeStatus, PeerInfo, StatusError
 from sllmd.state.machine import LocalStateMachine, NodeRecord, Op
-from sllmd.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,11 @@ class Membership:
     """Keeps this node in the cluster and the transport's peer table in step with the node table.
     `propose` routes a command to the leader (ReplicatedStateMachine's strict path)."""
 
-    def __init__(self, cluster: ClusterNode, store: StateStore, me: NodeRecord, *, seed: str | None,
+    def __init__(self, cluster: ClusterNode, reads: LocalStateMachine, me: NodeRecord, *, seed: str | None,
                  propose: Callable[[dict[str, Any]], Awaitable[Any]], propose_timeout_s: float,
                  dead_node_timeout_s: float = 0.0, soft_state: Callable[[], NodeStatus] | None = None) -> None:
         self.cluster = cluster
-        self._store = store
-        self._reads = LocalStateMachine(store)
+        self._reads = reads  # the replicated state machine's reader: one decoded copy of the tables per node
         self.dead_node_timeout_s = dead_node_timeout_s
         self.server_key: bytes | None = None  # CurveZMQ: the cluster's shared server public key
         self.me = me
@@ -223,8 +221,7 @@ class Membership:
                 continue
             now = time.monotonic()
             leader_since = now if leader_since is None else leader_since
-            with self._store.read() as txn:
-                owners = {wire["node_id"] for _, wire in txn.items("instances")}
+            owners = {record.node_id for record in self._reads.instances()}
             records = self.records()
             for node_id in sorted(owners - {self.me.id}):
                 silent_s = now - max(self.cluster.last_seen.get(node_id, 0.0), leader_since)

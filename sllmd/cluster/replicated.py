@@ -88,11 +88,11 @@ class ReplicatedStateMachine:
         self.cluster = cluster
         self.node_id = me.id
         self.propose_timeout_s = propose_timeout_s
-        self.membership = Membership(cluster, store, me, seed=seed, propose=self._propose_strict,
+        self._reads = LocalStateMachine(store)
+        self.membership = Membership(cluster, self._reads, me, seed=seed, propose=self._propose_strict,
                                      propose_timeout_s=propose_timeout_s, dead_node_timeout_s=dead_node_timeout_s,
                                      soft_state=soft_state)
         self.on_applied = on_applied
-        self._reads = LocalStateMachine(store)
         self._forward_ids = itertools.count(1)
         self._forwards: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._soft_queue: collections.deque[tuple[dict[str, Any], asyncio.Future[Any]]] = collections.deque()
