@@ -39,6 +39,10 @@ joins the first with no device slot (`devices.cpu_slots` 0), so every request se
   relayed_overhead_s    relayed_warm_ttft_s - local_warm_ttft_s: what the hop costs (medians of --warm-requests,
                         sent alternately to the two nodes)
 
+`--backend dummy` serves the demo checkpoint with the dummy backend (no model compute): on a machine with
+few cores, the transformers engine's threads contend with both nodes' event loops, which blurs the hop's
+own cost.
+
 `*_total_s` are the matching whole-request times. Medians over the runs are reported along with the
 per-run values; timings on a small noisy machine vary, so compare figures from the same run. The last
 stdout line is one JSON object: {"runs": N, "median": {...}, "per_run": [{...}, ...], ...}.
@@ -277,15 +281,22 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
-async def relayed_run(index: int, tmp: Path, checkpoint: Path, warm_requests: int, say) -> dict[str, Any]:
+async def relayed_run(index: int, tmp: Path, checkpoint: Path, backend: str, warm_requests: int, say
+                      ) -> dict[str, Any]:
     """One relayed-case run (see the module docstring): two fresh daemons, the entry one without slots."""
     run_dir = tmp / f"relayed{index}"
     run_dir.mkdir()
-    serving = start_daemon(run_dir / "s", deploy=[(MODEL, checkpoint)], log_path=run_dir / "s.log",
-                           extra_args=["--node-id", "s"])
+    deploy = [(MODEL, checkpoint)] if backend == "transformers" else []
+    serving = start_daemon(run_dir / "s", deploy=deploy, log_path=run_dir / "s.log", extra_args=["--node-id", "s"])
     entry = None
     try:
         await serving.wait_ready()
+        if not deploy:
+            async with aiohttp.ClientSession() as session:
+                status, body = await _json(session, "POST", f"{serving.base_url}/admin/models",
+                                           {"name": MODEL, "checkpoint": str(checkpoint), "backend": backend})
+            if status != 201:
+                raise RuntimeError(f"deploying with backend {backend} answered {status}: {body}")
         entry = start_daemon(run_dir / "e", log_path=run_dir / "e.log", extra_args=[
             "--node-id", "e", "--join", f"127.0.0.1:{serving.peer_port}"], env={"SLLMD_DEVICES_CPU_SLOTS": "0"})
         await entry.wait_ready()
@@ -324,9 +335,11 @@ async def run_relayed(args: argparse.Namespace) -> dict[str, Any]:
     with terminate_as_exception(), temp_dir("sllmd-bench-coldstart-") as tmp:
         began = time.perf_counter()
         checkpoint = make_demo_model(tmp / "demo-model")
-        per_run = [await relayed_run(i, tmp, checkpoint, args.warm_requests, args.say) for i in range(args.runs)]
+        per_run = [await relayed_run(i, tmp, checkpoint, args.backend, args.warm_requests, args.say)
+                   for i in range(args.runs)]
     median = {k: round(statistics.median(r[k] for r in per_run), 5) for k in per_run[0]}
-    return {"case": "relayed", "runs": args.runs, "warm_requests": args.warm_requests, "median": median,
+    return {"case": "relayed", "backend": args.backend, "runs": args.runs, "warm_requests": args.warm_requests,
+            "median": median,
             "per_run": per_run, "total_s": round(time.perf_counter() - began, 1)}
 
 
@@ -366,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relayed", action="store_true",
                         help="measure a request entering a node that does not serve the model (demo model)")
     parser.add_argument("--warm-requests", type=int, default=100, help="warm requests per run (--relayed)")
+    parser.add_argument("--backend", choices=("transformers", "dummy"), default="transformers",
+                        help="the serving node's backend (--relayed); dummy: no model compute contends with "
+                             "the two nodes for the CPU, so the hop's own cost shows")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")
