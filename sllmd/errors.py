@@ -25,7 +25,7 @@ class SllmdError(Exception):
         }
 
     def to_wire(self) -> dict:
-        """The error as it crosses between nodes (a forwarded write's answer, the internal generate hop): its
+        """The error as it crosses between nodes (a forwarded write's answer, a relayed request): its
         class by name and fields, so the other node raises it again as it was (`error_from_wire`)."""
         return {"kind": type(self).__name__, "message": self.message, "param": self.param, "code": self.code,
                 "retry_after_s": getattr(self, "retry_after_s", None)}

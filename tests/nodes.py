@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from aiohttp import web
 from sllmd.config import load_config
 from sllmd.http.app import build_app
 from sllmd.node import Node
-from sllmd.serving.relay import GENERATE_PATH
+from sllmd.serving.relay import Relay
 from sllmd.serving.request import TokenRequest
 from sllmd.types import SamplingParams
 from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
@@ -32,6 +33,7 @@ class RunningNode:
     node: Node
     url: str
     http: aiohttp.ClientSession
+    runner: web.AppRunner  # `cleanup()` shuts the node down (running_node then leaves it be)
 
     async def deploy(self, name: str, checkpoint: Path, backend: str = "transformers", **autoscaling: Any) -> dict:
         body = {"name": name, "checkpoint": str(checkpoint), "backend": backend, "autoscaling": autoscaling}
@@ -51,29 +53,37 @@ class RunningNode:
 
 
 @asynccontextmanager
-async def running_node(data_dir: Path, engine_factory: EngineFactory = default_engine_factory, **settings: Any
-                       ) -> AsyncIterator[RunningNode]:
+async def running_node(data_dir: Path, engine_factory: EngineFactory = default_engine_factory, *,
+                       shutdown_timeout_s: float = 1.0, **settings: Any) -> AsyncIterator[RunningNode]:
     """`settings` are "section.key" overrides with dots written as double underscores,
     e.g. `devices__cpu_slots=1`."""
     port = free_port()
     overrides = {"server.data_dir": str(data_dir), "server.port": port, "server.peer_port": free_port()}
     overrides |= {key.replace("__", "."): value for key, value in settings.items()}
     node = Node.open(load_config(None, env={}, overrides=overrides), engine_factory)
-    runner = web.AppRunner(build_app(node), handler_cancellation=True, shutdown_timeout=1)
+    runner = web.AppRunner(build_app(node), handler_cancellation=True, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()  # starts the node
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:
         async with aiohttp.ClientSession() as http:
-            yield RunningNode(node, f"http://127.0.0.1:{port}", http)
+            yield RunningNode(node, f"http://127.0.0.1:{port}", http, runner)
     finally:
-        await runner.cleanup()  # closes the node
+        if runner.server is not None:  # the test did not shut it down itself
+            await runner.cleanup()  # closes the node
 
 
-def generate_here(url: str, model: str, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> Any:
-    """POST the internal generate hop to the node at `url`, as an entry node relaying a request to it would:
-    that node serves it itself (an httpx.Response; token-id SSE when 200)."""
-    import httpx
+def generate_here(url: str, model: str, prompt_ids: list[int], max_tokens: int, **sampling: Any) -> list[int]:
+    """Relay a request to the node at `url` over a peer channel, as an entry node would: that node serves it
+    itself. The token ids it generated; its error raised as the entry node would see it."""
+    request = TokenRequest(model, tuple(prompt_ids), SamplingParams(max_tokens=max_tokens, **sampling))
 
-    body = TokenRequest(model, tuple(prompt_ids), SamplingParams(max_tokens=max_tokens, **sampling)).to_wire()
-    return httpx.post(url + GENERATE_PATH, json=body, timeout=60)
+    async def relayed() -> list[int]:
+        relay = Relay("test")
+        try:
+            async with relay.open(url.removeprefix("http://"), request) as tokens:
+                return [token async for token in tokens]
+        finally:
+            await relay.close()
+
+    return asyncio.run(relayed())

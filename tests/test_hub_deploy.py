@@ -178,6 +178,6 @@ def test_a_second_node_copies_a_hub_checkpoint_from_the_first_not_from_the_hub(
             wait_until(lambda: fetches_by_tier(n2)["peer"] == 1, 20, "n2 copying the checkpoint", [n1, n2])
             assert fetches_by_tier(n1)["repository"] == 1 and fetches_by_tier(n2)["repository"] == 0
             answer = generate_here(n2.url, "hub", [1, 2, 3], 4, temperature=0.0)  # n2 serves it itself
-            assert answer.status_code == 200, answer.text
+            assert 1 <= len(answer) <= 4
         weight_gets = [r for r in hub.requests if r[0] == "GET" and r[1].endswith("/" + WEIGHTS)]
         assert len(weight_gets) == 1  # n1's download: n2 never asked the Hub for the weights

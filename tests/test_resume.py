@@ -7,14 +7,12 @@ error event instead. Last, in process: the resumed relay body and the setting it
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from sllmd.config import ConfigError, load_config
@@ -69,26 +67,18 @@ def outcome(events: list[Any]) -> tuple[str, str | None, dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def relayed_answer(cluster: list[Member]) -> httpx.Response:
+def relayed_answer(cluster: list[Member]) -> list[int]:
     """A request "relayed" to the second node: it serves it itself, starting the model's one instance there."""
     return generate_here(cluster[1].url, "demo", [1, 5, 9], 5, temperature=0.0)
 
 
 def test_the_serving_node_answers_a_relayed_request_with_token_ids(cluster, relayed_answer):
-    assert relayed_answer.status_code == 200, relayed_answer.text
-    payloads = [line[6:] for line in relayed_answer.text.splitlines() if line.startswith("data: ")]
-    assert payloads[-1] == "[DONE]"
-    *tokens, end = [json.loads(p) for p in payloads[:-1]]
-    assert [list(t) for t in tokens] == [["token_ids"]] * len(tokens)  # no text, no choices
-    ids = [i for t in tokens for i in t["token_ids"]]
-    assert end == {"usage": {"prompt_tokens": end["usage"]["prompt_tokens"], "completion_tokens": len(ids)}}
-    assert 1 <= len(ids) <= 5 and all(type(i) is int for i in ids)
+    assert 1 <= len(relayed_answer) <= 5 and all(type(i) is int for i in relayed_answer)
     assert serving_node(cluster, "demo") is cluster[1]
 
 
 def test_kill_of_the_serving_node_mid_stream_resumes_relayed_streams_with_identical_output(cluster, relayed_answer):
     serving, entry = cluster[1], cluster[2]
-    assert relayed_answer.status_code == 200, relayed_answer.text
     wait_known_everywhere(cluster, "demo", serving)
     expected = [outcome(events) for events in run_all(entry)]  # relayed to the serving node, unkilled
     assert serving_node(cluster, "demo") is serving

@@ -9,7 +9,8 @@ import asyncio
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,20 @@ from aiohttp import web
 from sllmd.errors import Overloaded
 from sllmd.scheduler.estimate import Calibration
 from sllmd.scheduler.placement import NodeState, plan_checkpoint_homes
-from sllmd.serving.relay import GENERATE_PATH, Relay, RelayFailed
+from sllmd.serving.relay import (
+    CANCEL,
+    CHANNEL_PATH,
+    OPEN,
+    Relay,
+    RelayFailed,
+    end_frame,
+    error_frame,
+    parse_frame,
+    tokens_frame,
+)
 from sllmd.serving.request import TokenRequest
 from sllmd.types import SamplingParams
-from tests.nodes import generate_here
+from tests.nodes import generate_here, running_node
 from tests.test_cluster import Member, fetches_by_tier, free_ports, running_cluster, wait_until
 
 ONE_INSTANCE = {"max_instances": 1, "keep_alive_s": 300}
@@ -217,7 +228,7 @@ def test_a_deployed_checkpoint_is_fetched_by_its_home_and_a_cold_start_elsewhere
     fetched_before = fetches_by_tier(other)
     shutil.rmtree(source)  # from now on only the holders have the bytes
     served = generate_here(other.url, "peered", [1, 2, 3], 4, temperature=0.0)  # that node serves it itself
-    assert served.status_code == 200, served.text
+    assert 1 <= len(served) <= 4
     fetched = fetches_by_tier(other)
     assert fetched["peer"] == fetched_before["peer"] + 1 and fetched["repository"] == fetched_before["repository"]
     assert httpx.get(cluster[1].url + f"/internal/checkpoints/{cid}/manifest.json").status_code == 200
@@ -269,52 +280,70 @@ def token_request() -> TokenRequest:
     return TokenRequest("m", (1, 2), params)
 
 
+PeerBehaviour = Callable[[web.Request, web.WebSocketResponse, int, bytes], Awaitable[None]]
+
+
 @asynccontextmanager
-async def peer(handler) -> AsyncIterator[str]:
+async def peer(on_open: PeerBehaviour, seen: list[tuple[int, int, bytes]] | None = None) -> AsyncIterator[str]:
+    """A node's channel endpoint that answers each OPEN with `on_open(request, ws, stream id, payload)` (a task)
+    and records every frame it gets in `seen`."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def channel(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            stream_id, kind, payload = parse_frame(message.data)
+            if seen is not None:
+                seen.append((stream_id, kind, payload))
+            if kind == OPEN:
+                tasks.append(asyncio.create_task(on_open(request, ws, stream_id, payload)))
+        return ws
+
     app = web.Application()
-    app.router.add_post(GENERATE_PATH, handler)
-    runner = web.AppRunner(app)
+    app.router.add_get(CHANNEL_PATH, channel)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     port = free_ports(1)[0]
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         yield f"127.0.0.1:{port}"
     finally:
+        for task in tasks:
+            task.cancel()
         await runner.cleanup()
 
 
-async def drain(relay: Relay, address: str) -> list[Any]:
-    async with relay.open(address, token_request()) as events:
-        return [event async for event in events]
+async def drain(relay: Relay, address: str, request: TokenRequest | None = None) -> list[int]:
+    async with relay.open(address, request or token_request()) as tokens:
+        return [token async for token in tokens]
 
 
 async def test_relay_maps_peer_errors_and_broken_streams():
-    seen: list[dict[str, Any]] = []
+    seen: list[tuple[int, int, bytes]] = []
 
-    async def overloaded(request: web.Request) -> web.Response:
-        seen.append(await request.json())
-        body = {"error": Overloaded("busy", retry_after_s=7, code="queue_full").to_wire()}
-        return web.json_response(body, status=503, headers={"Retry-After": "7"})
+    async def overloaded(request: web.Request, ws: web.WebSocketResponse, stream_id: int, payload: bytes) -> None:
+        await ws.send_bytes(error_frame(stream_id, Overloaded("busy", retry_after_s=7, code="queue_full")))
 
-    async def broken(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"token_ids":[5,17]}\n\n')
+    async def broken(request: web.Request, ws: web.WebSocketResponse, stream_id: int, payload: bytes) -> None:
+        await ws.send_bytes(tokens_frame(stream_id, (5, 17)))
+        await asyncio.sleep(0.05)
         assert request.transport is not None
-        request.transport.close()  # the peer dies: no last chunk, no [DONE]
-        return response
+        request.transport.close()  # the peer dies: no END, no close frame
 
     relay = Relay("entry")
     try:
-        async with peer(overloaded) as address:
+        async with peer(overloaded, seen) as address:
             with pytest.raises(Overloaded) as raised:
                 await drain(relay, address)
         error = raised.value  # the serving node's error as it was: class, body fields, retry hint
         assert (error.status, error.retry_after_s, error.to_body()) == (503, 7, {"error": {
             "message": "busy", "type": "overloaded_error", "param": None, "code": "queue_full"}})
-        assert seen == [{"model": "m", "prompt_ids": [1, 2], "generated": [], "max_tokens": 4, "temperature": 0.0,
-                         "top_p": 1.0, "seed": 3, "stop_token_ids": [9]}]
-        assert TokenRequest.from_wire(seen[0]) == token_request()
+        [(_, kind, payload)] = seen
+        assert kind == OPEN and json.loads(payload) == {
+            "model": "m", "prompt_ids": [1, 2], "generated": [], "max_tokens": 4, "temperature": 0.0,
+            "top_p": 1.0, "seed": 3, "stop_token_ids": [9]}
+        assert TokenRequest.from_wire(json.loads(payload)) == token_request()
         async with peer(broken) as address:
             events: list[Any] = []
             with pytest.raises(RelayFailed) as failed:
@@ -325,5 +354,65 @@ async def test_relay_maps_peer_errors_and_broken_streams():
         with pytest.raises(RelayFailed) as refused:
             await drain(relay, address)  # nobody listens there any more
         assert refused.value.is_connect
+    finally:
+        await relay.close()
+
+
+async def test_one_channel_carries_concurrent_streams_and_a_stream_left_early_is_cancelled_there():
+    seen: list[tuple[int, int, bytes]] = []
+    connections: set[Any] = set()
+
+    async def counting(request: web.Request, ws: web.WebSocketResponse, stream_id: int, payload: bytes) -> None:
+        connections.add(ws)
+        first = json.loads(payload)["prompt_ids"][0]
+        for i in range(4):  # the two streams' frames interleave on the one connection
+            await ws.send_bytes(tokens_frame(stream_id, (first + i,)))
+            await asyncio.sleep(0.01)
+        await ws.send_bytes(end_frame(stream_id, 2, 4))
+
+    async def one(relay: Relay, address: str, first: int, num_read: int) -> list[int]:
+        request = TokenRequest("m", (first, 2), token_request().params)
+        got: list[int] = []
+        async with relay.open(address, request) as tokens:
+            async for token in tokens:
+                got.append(token)
+                if len(got) == num_read:
+                    break
+        return got
+
+    relay = Relay("entry")
+    try:
+        async with peer(counting, seen) as address:
+            whole, cut = await asyncio.gather(one(relay, address, 100, 10), one(relay, address, 200, 1))
+            await asyncio.sleep(0.1)
+        assert (whole, cut) == ([100, 101, 102, 103], [200])
+        assert len(connections) == 1
+        opened = {json.loads(payload)["prompt_ids"][0]: stream_id for stream_id, kind, payload in seen if kind == OPEN}
+        assert [(stream_id, kind) for stream_id, kind, _ in seen if kind != OPEN] == [(opened[200], CANCEL)]
+    finally:
+        await relay.close()
+
+
+async def test_a_serving_node_shutting_down_finishes_its_relayed_streams_and_starts_no_more(tmp_path, demo_model_dir):
+    relay = Relay("entry")
+    request = TokenRequest("demo", (1, 5, 9), SamplingParams(max_tokens=48, temperature=0.0))
+    try:
+        async with running_node(tmp_path / "node", devices__cpu_slots=1, store__probe_mb=0,
+                                shutdown_timeout_s=20) as node:
+            await node.deploy("demo", demo_model_dir, min_instances=1)
+            address = node.url.removeprefix("http://")
+            reference = await drain(relay, address, request)
+            async with relay.open(address, request) as tokens:
+                got = [await anext(tokens)]
+                began = time.monotonic()
+                shutdown = asyncio.create_task(node.runner.cleanup())
+                await asyncio.sleep(0.05)  # the node drains its channels
+                with pytest.raises(RelayFailed) as refused:
+                    await drain(relay, address)
+                assert refused.value.is_connect  # never started there: safe to place elsewhere
+                got += [token async for token in tokens]
+            await shutdown
+            assert got == reference  # the running stream ran to its end
+            assert time.monotonic() - began < 10  # the channel closed once idle, not at the shutdown timeout
     finally:
         await relay.close()

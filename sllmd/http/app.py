@@ -98,7 +98,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/metrics", metrics)
     openai_api.add_routes(app.router)
     admin_api.add_routes(app.router)
-    peer_api.add_routes(app.router)
+    peer_api.add_routes(app)
     app.cleanup_ctx.append(functools.partial(_running, node))
     return app
 

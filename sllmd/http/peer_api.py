@@ -1,8 +1,9 @@
 """Peer routes: what the nodes of a cluster ask of each other over HTTP.
 
-`POST GENERATE_PATH` (the internal generate hop, see `sllmd.serving.relay`) generates a request another
-node prepared (a `TokenRequest`: ids and sampling) on an instance here, and streams the ids back. It is
-served where it lands (one hop, no loops) and records no request metrics: the entry node does.
+`GET CHANNEL_PATH` opens a peer channel (a WebSocket, see `sllmd.serving.relay`): every request another
+node prepared (a `TokenRequest`: ids and sampling) and relays here is generated on an instance here, its
+ids streamed back. A request is served where it lands (one hop, no loops) and records no request metrics:
+the entry node does.
 
 `GET /internal/checkpoints/{id}/{file}` answers one file of store entry `id` (the manifest, a data
 partition or a side file), with HTTP Range support, so a peer fetches it exactly as it fetches a v1
@@ -14,20 +15,32 @@ the API keys like every other route (peers send the cluster's key).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from sllmd.checkpoint.store import PEER_PATH
 from sllmd.errors import NotFound, SllmdError
-from sllmd.http.keys import CONFIG, ROUTER, WORKER
+from sllmd.http.keys import CONFIG, PEER_CHANNELS, ROUTER, WORKER
 from sllmd.http.schemas import parse_json_object
-from sllmd.serving.relay import GENERATE_PATH, end_event, error_event, token_ids_event
+from sllmd.serving.relay import (
+    CANCEL,
+    CHANNEL_PATH,
+    MAX_FRAME_BYTES,
+    OPEN,
+    end_frame,
+    error_frame,
+    parse_frame,
+    tokens_frame,
+)
 from sllmd.serving.request import TokenRequest
 from sllmd.worker.probe import PROBE_DIR, PROBE_PATH
+
+if TYPE_CHECKING:
+    from sllmd.serving.pipeline import Router
 
 log = logging.getLogger(__name__)
 
@@ -42,56 +55,85 @@ class _SentFileResponse(web.FileResponse):
         return await super().prepare(request)
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post(GENERATE_PATH, generate)
-    router.add_get(PEER_PATH + "/{id}/{file}", checkpoint_file)
-    router.add_get(PROBE_PATH + "/{file}", probe_file)
+def add_routes(app: web.Application) -> None:
+    channels = app[PEER_CHANNELS] = PeerChannels()
+    app.router.add_get(CHANNEL_PATH, channels.serve)
+    app.router.add_get(PEER_PATH + "/{id}/{file}", checkpoint_file)
+    app.router.add_get(PROBE_PATH + "/{file}", probe_file)
+    app.on_shutdown.append(lambda app: channels.drain())
 
 
-async def generate(request: web.Request) -> web.StreamResponse:
-    """The token ids of a request another node prepared, generated on an instance here (waiting through a
-    cold start). An error before the stream answers its status with `{"error": error.to_wire()}`; one within
-    it is an error event (see `sllmd.serving.relay`)."""
-    try:
-        token_request = TokenRequest.from_wire(parse_json_object(await request.read()))
-        async with request.app[ROUTER].open_tokens(token_request) as tokens:
-            return await _stream_tokens(request, token_request, tokens)
-    except SllmdError as error:  # `_stream_tokens` keeps its own: this is before the status line went out
-        headers = {"Retry-After": str(error.retry_after_s)} if getattr(error, "retry_after_s", None) else {}
-        return web.json_response({"error": error.to_wire()}, status=error.status, headers=headers)
+class PeerChannels:
+    """The serving side of this node's peer channels (see `sllmd.serving.relay`): each OPEN runs as a task
+    that streams the ids an instance here generates (waiting through a cold start), until END or ERROR; a
+    CANCEL or the channel's end cancels it. `drain` (at shutdown) stops starting streams and closes each
+    channel once none of its streams runs."""
+
+    def __init__(self) -> None:
+        self.is_draining = False
+        self._streams: dict[web.WebSocketResponse, dict[int, asyncio.Task[None]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES)
+        await ws.prepare(request)
+        router = request.app[ROUTER]
+        streams = self._streams[ws] = {}
+        try:
+            async for message in ws:
+                if message.type is not WSMsgType.BINARY:
+                    break
+                stream_id, kind, payload = parse_frame(message.data)
+                if kind == OPEN and not self.is_draining:
+                    task = streams[stream_id] = asyncio.create_task(_serve_stream(ws, router, stream_id, payload))
+                    task.add_done_callback(functools.partial(self._ended, ws, stream_id))
+                elif kind == CANCEL and (task := streams.get(stream_id)) is not None:
+                    task.cancel()
+        except ValueError as exc:
+            log.warning("malformed peer channel frame; closing the channel", extra={"error": repr(exc)})
+        finally:
+            del self._streams[ws]
+            for task in streams.values():
+                task.cancel()
+            await asyncio.gather(*streams.values(), return_exceptions=True)
+        return ws
+
+    def _ended(self, ws: web.WebSocketResponse, stream_id: int, _: asyncio.Task[None]) -> None:
+        streams = self._streams.get(ws)
+        if streams is not None:
+            streams.pop(stream_id, None)
+            if self.is_draining and not streams:
+                self._close(ws)
+
+    def _close(self, ws: web.WebSocketResponse) -> None:
+        task = asyncio.create_task(ws.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def drain(self) -> None:
+        """Start no more streams; close each channel (with a close frame) once none of its streams runs."""
+        self.is_draining = True
+        for ws, streams in list(self._streams.items()):
+            if not streams:
+                self._close(ws)
 
 
-async def _stream_tokens(request: web.Request, token_request: TokenRequest, tokens: AsyncIterator[int]
-                         ) -> web.StreamResponse:
-    # The first token is on the entry node's critical path and the status line is not (the entry waits for
-    # the token either way): the engine takes the request before the response is prepared.
-    first = asyncio.ensure_future(anext(tokens, None))
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    try:
-        await asyncio.sleep(0)  # one turn: the request reaches the engine, whose queue it then waits on
-        await response.prepare(request)
-    except BaseException:
-        # The generator sees the cancellation (its instance drops the request) and must have stopped
-        # running before the caller closes it.
-        first.cancel()
-        with contextlib.suppress(BaseException):
-            await first
-        raise
+async def _serve_stream(ws: web.WebSocketResponse, router: Router, stream_id: int, payload: bytes) -> None:
     num_generated = 0
     try:
-        token = await first
-        while token is not None:
-            await response.write(token_ids_event((token,)))
-            num_generated += 1
-            token = await anext(tokens, None)
-        last = end_event(len(token_request.prompt_ids), num_generated)
-    except SllmdError as error:
-        log.warning("relayed stream failed", extra={"model": token_request.model, "error": error.message})
-        last = error_event(error)
-    # One write with the end of the body: the relay sees the stream complete as it reads [DONE], so its
-    # connection goes back to the pool rather than being closed mid-body.
-    await response.write_eof(last + b"data: [DONE]\n\n")
-    return response
+        try:
+            token_request = TokenRequest.from_wire(parse_json_object(payload))
+            async with router.open_tokens(token_request) as tokens:
+                async for token in tokens:
+                    await ws.send_bytes(tokens_frame(stream_id, (token,)))
+                    num_generated += 1
+            last = end_frame(stream_id, len(token_request.prompt_ids), num_generated)
+        except SllmdError as error:
+            log.warning("relayed stream failed", extra={"error": error.message})
+            last = error_frame(stream_id, error)
+        await ws.send_bytes(last)
+    except ConnectionError:
+        pass  # the channel closed: its handler cancels what runs on it
 
 
 async def probe_file(request: web.Request) -> web.StreamResponse:

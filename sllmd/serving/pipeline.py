@@ -4,7 +4,7 @@ context, get an instance (waiting through a cold start), generate, detokenise.
 Everything that can be rejected is rejected in `prepare` or while opening the stream, before the
 HTTP layer sends a status line, so errors keep their real status codes. `prepare` runs once, on the
 entry node (4xx are answered there); `open_stream` then takes token ids from a local instance or from
-the node that `scheduler.placement` picks (through the internal generate hop, `sllmd.serving.relay`),
+the node that `scheduler.placement` picks (over the peer channel, `sllmd.serving.relay`),
 and `_generate` turns them into text the same way for both sources: stop strings, finish reason, usage
 and the request's metrics (TTFT and latency from its arrival here, tokens) are decided on the entry
 node, once. The serving node of a relayed request only generates ids (`open_tokens`; one hop, no
