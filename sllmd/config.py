@@ -57,6 +57,8 @@ class ServingConfig:
     queue_timeout_s: float = 60.0
     max_start_wait_s: float = 600.0  # the longest a request waits through a start that is within its estimate
     torch_threads: int = 0  # 0: torch's default
+    max_batch_size: int = 32  # transformers backend: requests that decode together in one forward pass
+    max_batch_kv_gb: float = 2.0  # transformers backend: the decode batch's KV cache, at its longest possible
     migration_gap_tokens: int = 20  # catch-up ends once every moved request is at most this far behind
     migration_max_rounds: int = 8  # catch-up rounds before the cut-over happens anyway
     migration_step_timeout_s: float = 10.0  # longest wait for the destination's answer to one step
@@ -232,6 +234,8 @@ def _validate(config: Config) -> None:
         (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
         (v.max_start_wait_s >= v.queue_timeout_s, "serving.max_start_wait_s must be >= serving.queue_timeout_s"),
         (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
+        (1 <= v.max_batch_size <= 4096, "serving.max_batch_size must be in 1..4096"),
+        (v.max_batch_kv_gb > 0, "serving.max_batch_kv_gb must be > 0"),
         (v.migration_gap_tokens >= 0, "serving.migration_gap_tokens must be >= 0"),
         (v.migration_max_rounds >= 1, "serving.migration_max_rounds must be >= 1"),
         (v.migration_step_timeout_s > 0, "serving.migration_step_timeout_s must be > 0"),

@@ -77,6 +77,8 @@ class Node:
         slots = detect_slots(config.devices)  # all CUDA devices or all CPU slots
         device = DeviceKind.CUDA if any(slot.device.startswith("cuda") for slot in slots) else DeviceKind.CPU
         resources = EngineResources(dram_cache=open_dram_cache(config.store),
+                                    max_batch_size=config.serving.max_batch_size,
+                                    max_batch_kv_bytes=int(config.serving.max_batch_kv_gb * (1 << 30)),
                                     vllm_pool=EnginePool(config.serving.vllm_parked_engines),
                                     vllm_dir=config.data_dir / "vllm")
         worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,

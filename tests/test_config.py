@@ -230,6 +230,8 @@ OUT_OF_RANGE = [
     ("serving.queue_timeout_s", 0.0, "serving.queue_timeout_s must be > 0"),
     ("serving.max_start_wait_s", 30.0, "serving.max_start_wait_s must be >= serving.queue_timeout_s"),
     ("serving.torch_threads", -1, "serving.torch_threads must be >= 0"),
+    ("serving.max_batch_size", 0, "serving.max_batch_size must be in 1..4096"),
+    ("serving.max_batch_kv_gb", 0.0, "serving.max_batch_kv_gb must be > 0"),
     ("store.ssd_budget_gb", 0.0, "store.ssd_budget_gb must be > 0"),
     ("store.dram_budget_gb", -1.0, "store.dram_budget_gb must be >= 0"),
     ("store.fetch_connections", 0, "store.fetch_connections must be in 1..64"),

@@ -56,11 +56,13 @@ def check_model(backend: Backend, config: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class EngineResources:
-    """What a node lends the engines it creates: its DRAM cache of checkpoints (the transformers backend reads
-    through it), and for vLLM engines the pool of parked engines and the directory of shape directories and
-    compile cache (see `sllmd.engine.vllm`)."""
+    """What a node lends the engines it creates: its DRAM cache of checkpoints and its decode-batch limits (the
+    transformers backend reads through the one and batches within the others), and for vLLM engines the pool of
+    parked engines and the directory of shape directories and compile cache (see `sllmd.engine.vllm`)."""
 
     dram_cache: DramCache | None = None
+    max_batch_size: int = 32
+    max_batch_kv_bytes: int = 2 << 30
     vllm_pool: EnginePool | None = None
     vllm_dir: Path | None = None
 
@@ -82,4 +84,5 @@ def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *, dtype:
         return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, start_mode=start_mode,
                             pool=resources.vllm_pool, vllm_dir=resources.vllm_dir)
     return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len,
-                        dram_cache=resources.dram_cache)
+                        dram_cache=resources.dram_cache, max_batch_size=resources.max_batch_size,
+                        max_batch_kv_bytes=resources.max_batch_kv_bytes)

@@ -1,4 +1,5 @@
-"""Hugging Face causal LMs: which ones the transformers backend serves, and building one from loaded tensors.
+"""Hugging Face causal LMs: which ones the transformers backend serves, and loading one onto a device (from an
+sllmd v1 checkpoint through sllmd's loader, or from a Hugging Face directory).
 
 A checkpoint's tensor names are the names it was saved under, not always the names of the model class
 that reads it: a checkpoint saved from the base model lacks the `model.`/`transformer.` prefix (the Hub's
@@ -17,8 +18,10 @@ The architecture matrix tests (tests/test_architectures.py) hold this to `genera
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -29,7 +32,14 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as transformers_logging
 
+from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
+from sllmd.checkpoint.loader import load_checkpoint
+from sllmd.checkpoint.manifest import MANIFEST_FILE
 from sllmd.errors import UnsupportedArchitecture
+from sllmd.types import LoadReport
+
+if TYPE_CHECKING:
+    from sllmd.checkpoint.dram import DramCache
 
 
 def preload() -> None:
@@ -87,6 +97,35 @@ def check_architecture(config: dict[str, Any]) -> None:
         raise UnsupportedArchitecture(f"{model_type}: transformers cannot read this config.json ({exc})",
                                       backend="transformers") from None
     causal_lm_class(parsed)
+
+
+def load_model(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype, dram_cache: DramCache | None
+               ) -> tuple[PreTrainedModel, LoadReport]:
+    """The model of `checkpoint_dir` on `device`, computing in `dtype`, with `load_s` (bytes to the device) and
+    `init_s` (building and binding the model) measured. An sllmd v1 checkpoint (it has a manifest) is read by
+    sllmd's loader (through `dram_cache` if given) and bound without a copy (`build_model`); a Hugging Face
+    directory by `from_pretrained`. The single place a faster loader plugs in."""
+    if (checkpoint_dir / MANIFEST_FILE).is_file():
+        loaded = load_checkpoint(checkpoint_dir, device, dram_cache=dram_cache)
+        t0 = time.perf_counter()
+        try:
+            model = build_model(checkpoint_dir, loaded.tensors, device, dtype)
+        except BaseException:
+            loaded.release()
+            raise
+        # The model owns the load: when it is collected the DRAM-cache entry it views may be evicted.
+        model._sllmd_checkpoint = loaded
+        return model, dataclasses.replace(loaded.report, init_s=time.perf_counter() - t0)
+    # device_map= would load straight to the device but needs `accelerate`; .to() is a no-op on CPU.
+    t0 = time.perf_counter()
+    transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, config=config, dtype=dtype,
+                                                 **attention_kwargs(config)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # count asynchronous copies as loading, not init
+    num_bytes = sum(p.stat().st_size for p in checkpoint_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    return model, LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
 
 
 def build_model(checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: torch.device,

@@ -1,17 +1,26 @@
+# long: one job, the worker thread that owns the model and the request side it answers; split, their hand-over
+# protocol (per-request queues, the cancelled flag, release before the last item) would span files.
 """`TransformersEngine`: a Hugging Face causal LM behind the `Engine` contract.
 
 Concurrency model
 -----------------
 * One dedicated worker thread per engine owns the model and runs every forward pass, under
   `torch.inference_mode()`. Nothing else touches the model, so no locking around it is needed.
-* Each request keeps its own KV cache (`DynamicCache`). Requests are not batched: at the start of
-  each round the thread takes every newly arrived request, then gives every active request ONE step
-  in arrival order — a prefill (prompt -> first token) for a new one, a single-token decode for the
-  others. Concurrent streams therefore all progress at the same rate.
+* Continuous batching. Each round the thread prefills the requests that arrived, oldest first, while
+  the decode batch has room for them (`max_batch_size` requests, and `max_batch_kv_bytes` of KV cache for
+  the batch's longest possible padded length; a request that does not fit waits for the next round,
+  and one alone always fits). A prefilled request (prompt -> first token, in its own `DynamicCache`)
+  joins the decode batch (`kv_batch.DecodeBatch`), which then decodes ONE token for every member in one
+  forward pass; finished and cancelled requests leave it at the round's boundary. A model whose cache
+  has layers the batch cannot merge (`kv_batch.can_batch`) decodes each request in its own pass instead.
+  transformers' own continuous batching (`generate_batch`, its paged cache) is not used: it samples with
+  its own generator, while sllmd's token choice is keyed by (seed, position) for migration, and it
+  cannot take over a cache prefilled elsewhere (a migration's catch-up).
 * When no request is pending or active the thread blocks on a condition variable (no polling).
 * Tokens cross to asyncio through `loop.call_soon_threadsafe` into a per-request `asyncio.Queue`
   on the consumer's own loop, so they arrive in generation order. A model exception becomes an
-  `EngineFailed` raised from that request's generator; other requests carry on.
+  `EngineFailed` raised from that request's generator: a prefill's fails that request, a batched
+  decode step's every request in the batch; the others carry on.
 * Closing a generator early (`aclose()`, task cancelled) sets the request's `cancelled` flag; the
   thread drops the request and its KV cache before spending another step on it.
 
@@ -40,15 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
-from transformers.utils import logging as transformers_logging
+from transformers import DynamicCache, PreTrainedModel
 
 from sllmd.checkpoint.dram import DramCache
-from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
-from sllmd.checkpoint.loader import load_checkpoint
-from sllmd.checkpoint.manifest import MANIFEST_FILE
 from sllmd.engine.base import Engine, Prefill, check_request, check_token_ids
-from sllmd.engine.hf_model import attention_kwargs, build_model, check_architecture
+from sllmd.engine.hf_model import check_architecture, load_model
+from sllmd.engine.kv_batch import DecodeBatch, can_batch, kv_bytes
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import EngineFailed
 from sllmd.types import LoadReport, SamplingParams
@@ -114,17 +120,25 @@ class TransformersEngine(Engine):
     """
 
     def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
-                 max_model_len: int | None = None, dram_cache: DramCache | None = None):
+                 max_model_len: int | None = None, dram_cache: DramCache | None = None,
+                 max_batch_size: int = 32, max_batch_kv_bytes: int = 2 << 30):
         """`checkpoint_dir` is an sllmd v1 checkpoint (it has a manifest.json: loaded by the sllmd loader,
         through `dram_cache` if given) or a plain Hugging Face model directory (`from_pretrained`). The model
         computes in `dtype` (a serving dtype: weights stored otherwise are converted at load) and serves at
-        most `max_model_len` tokens of prompt + completion (None: its own context length)."""
+        most `max_model_len` tokens of prompt + completion (None: its own context length). At most
+        `max_batch_size` requests decode together, their KV cache within `max_batch_kv_bytes` (see above)."""
+        if max_batch_size < 1 or max_batch_kv_bytes < 0:
+            raise ValueError(f"bad batch limits: {max_batch_size} requests, {max_batch_kv_bytes} bytes")
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
         self.dtype: torch.dtype = getattr(torch, dtype)
         self.max_model_len = max_model_len
         self.dram_cache = dram_cache
+        self.max_batch_size = max_batch_size
+        self.max_batch_kv_bytes = max_batch_kv_bytes
         self.context_length = 0
+        self._kv_bytes_per_token = 0  # measured at warm-up
+        self._batchable = False  # whether the model's cache merges into a DecodeBatch; found at warm-up
         self._model: PreTrainedModel | None = None
         self._vocab_size = 0
         self._cond = threading.Condition()
@@ -147,33 +161,8 @@ class TransformersEngine(Engine):
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    def _load_weights(self) -> tuple[PreTrainedModel, LoadReport]:
-        """Checkpoint bytes -> model on `self.device`, with `load_s` (bytes to the device) and `init_s` (so far:
-        building and binding the model) measured. The single place a faster loader plugs in."""
-        if (self.checkpoint_dir / MANIFEST_FILE).is_file():
-            loaded = load_checkpoint(self.checkpoint_dir, self.device, dram_cache=self.dram_cache)
-            t0 = time.perf_counter()
-            try:
-                model = build_model(self.checkpoint_dir, loaded.tensors, self.device, self.dtype)
-            except BaseException:
-                loaded.release()
-                raise
-            # The model owns the load: when it is collected the DRAM-cache entry it views may be evicted.
-            model._sllmd_checkpoint = loaded
-            return model, dataclasses.replace(loaded.report, init_s=time.perf_counter() - t0)
-        # device_map= would load straight to the device but needs `accelerate`; .to() is a no-op on CPU.
-        t0 = time.perf_counter()
-        transformers_logging.disable_progress_bar()  # a daemon's log is no terminal
-        config = AutoConfig.from_pretrained(self.checkpoint_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, config=config, dtype=self.dtype,
-                                                     **attention_kwargs(config)).to(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # count asynchronous copies as loading, not init
-        num_bytes = sum(p.stat().st_size for p in self.checkpoint_dir.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        return model, LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
-
     def _load_and_init(self) -> LoadReport:
-        model, report = self._load_weights()
+        model, report = load_model(self.checkpoint_dir, self.device, self.dtype, self.dram_cache)
         t1 = time.perf_counter()
         model.eval()
         text_config = model.config.get_text_config()
@@ -182,7 +171,11 @@ class TransformersEngine(Engine):
             self.context_length = min(self.context_length, self.max_model_len)
         self._vocab_size = model.get_input_embeddings().num_embeddings
         with torch.inference_mode():  # warm-up: first-call kernel/allocator setup counts as init
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
+            cache = DynamicCache(config=model.config)
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), past_key_values=cache,
+                  use_cache=True)
+        self._batchable = can_batch(cache)
+        self._kv_bytes_per_token = kv_bytes(cache) if self._batchable else 0
         self._model = model
         return dataclasses.replace(report, init_s=report.init_s + time.perf_counter() - t1)
 
@@ -319,8 +312,55 @@ class TransformersEngine(Engine):
             error = EngineFailed("prefill handle was closed")
         _settle_threadsafe(job.future, error)
 
+    def _decode_step(self, batch: DecodeBatch[_Request]) -> list[int | BaseException]:
+        """One token for every request of `batch`, in one forward pass."""
+        assert self._model is not None
+        rows = batch.rows
+        try:
+            out = self._model(**batch.step_inputs([req.tokens[-1] for req in rows]), logits_to_keep=1)
+            logits = out.logits[:, -1].to("cpu")  # one device-to-host copy for the whole batch
+            tokens: list[int | BaseException] = []
+            for i, req in enumerate(rows):
+                req.tokens.append(choose_token(logits[i], req.params, len(req.prompt) + len(req.tokens), req.seed))
+                tokens.append(req.tokens[-1])
+            return tokens
+        except Exception as e:  # the batch's cache may be half-updated: every request in it fails
+            return [EngineFailed(f"generation failed: {e!r}")] * len(rows)
+
+    def _has_room(self, decoding: list[_Request], req: _Request) -> bool:
+        """Whether `req` may join the `decoding` requests now (see the module doc; one alone always may)."""
+        if not decoding:
+            return True
+        if len(decoding) >= self.max_batch_size:
+            return False
+        # Left-padded, every row is as long as the longest: bound the batch by its longest possible row.
+        longest = max(len(r.prompt) + r.params.max_tokens for r in (*decoding, req))
+        return (len(decoding) + 1) * longest * self._kv_bytes_per_token <= self.max_batch_kv_bytes
+
+    def _hand_over(self, req: _Request, item: int | BaseException | None) -> bool:
+        """Post `item` (None: the request was cancelled) to `req`'s consumer; whether `req` goes on. A request
+        that ends is released before its last item is handed over, so that num_active has already dropped
+        when the consumer sees its stream end."""
+        goes_on = isinstance(item, int) and not _is_last(req.params, len(req.tokens), item)
+        if not goes_on:
+            self._release(req)
+        if item is not None:
+            self._post(req, item)
+        return goes_on
+
+    def _prefill(self, req: _Request) -> int | BaseException | None:
+        """The first token of `req` (or, decoding alone, its next); None if it was cancelled."""
+        if req.cancelled:
+            return None
+        try:
+            return self._step(req)
+        except Exception as e:  # this request fails; the others carry on
+            return EngineFailed(f"generation failed: {e!r}")
+
     def _run(self) -> None:
-        active: list[_Request] = []
+        waiting: list[_Request] = []  # admitted, not prefilled yet: they join when there is room
+        batch: DecodeBatch[_Request] = DecodeBatch()
+        solo: list[_Request] = []  # decoding one per pass: a model whose cache the batch cannot merge
         reason = "engine stopped"
         try:
             if self.device.type == "cuda":
@@ -328,38 +368,47 @@ class TransformersEngine(Engine):
             with torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not (self._pending or self._prefills or active or self._stopping):
+                        while not (self._pending or self._prefills or waiting or batch.rows or solo
+                                   or self._stopping):
                             self._cond.wait()
                         if self._stopping:
                             return
-                        active.extend(self._pending)
+                        waiting.extend(self._pending)
                         self._pending.clear()
                         prefills, self._prefills = self._prefills, []
                     for job in prefills:
                         self._run_prefill(job)
-                    for req in list(active):
-                        if self._stopping:
-                            break
-                        item: int | BaseException | None = None
-                        if not req.cancelled:
-                            try:
-                                item = self._step(req)
-                            except Exception as e:  # this request fails; the others carry on
-                                item = EngineFailed(f"generation failed: {e!r}")
-                        if not isinstance(item, int) or _is_last(req.params, len(req.tokens), item):
-                            # Release before handing over the last item, so that num_active has
-                            # already dropped when the consumer sees its stream end.
-                            active.remove(req)
-                            self._release(req)
-                        if item is not None:
-                            self._post(req, item)
+                    for req in [r for r in waiting if r.cancelled]:
+                        waiting.remove(req)
+                        self._hand_over(req, None)
+                    cancelled = [r for r in batch.rows if r.cancelled]
+                    for req in cancelled:
+                        self._hand_over(req, None)
+                    batch.remove(cancelled)
+                    while waiting and not self._stopping and self._has_room([*batch.rows, *solo], waiting[0]):
+                        req = waiting.pop(0)
+                        if self._hand_over(req, self._prefill(req)):
+                            if self._batchable:
+                                assert req.cache is not None
+                                batch.add(req, req.cache)
+                                req.cache = None  # the batch's now
+                            else:
+                                solo.append(req)
+                    for req in list(solo):
+                        if not self._hand_over(req, self._prefill(req)):
+                            solo.remove(req)
+                    if batch.rows and not self._stopping:
+                        rows = list(batch.rows)
+                        items = self._decode_step(batch)
+                        batch.remove([req for req, item in zip(rows, items, strict=True)
+                                      if not self._hand_over(req, item)])
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
             reason = f"engine thread died: {e!r}"
             raise
         finally:
             with self._cond:
                 self._closed_reason = reason
-                leftover = active + self._pending
+                leftover = waiting + batch.rows + solo + self._pending
                 self._pending.clear()
                 jobs, self._prefills = self._prefills, []
             for req in leftover:
