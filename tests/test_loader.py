@@ -468,6 +468,8 @@ def test_cuda_copier_returns_a_buffer_only_after_its_copy_event(ckpt: Path, refe
 
 
 # ---- recycled host memory (HostMemoryPool) ----------------------------------------------------------
+# These loads read (io_mode="direct"): the files a test just wrote are in the page cache, and a checkpoint the
+# page cache holds whole is mapped, not read into the pool's memory (see the mapped loads below).
 
 
 def test_recycled_memory_is_reused_only_once_no_view_remains(ckpt: Path, reference: dict[str, torch.Tensor],
@@ -475,21 +477,21 @@ def test_recycled_memory_is_reused_only_once_no_view_remains(ckpt: Path, referen
     other = make_checkpoint(tmp_path, seed=1)
     other_reference = read_tensors(other)
     pool = HostMemoryPool(10 << 20)
-    first = load_checkpoint(ckpt, "cpu", host_pool=pool)
+    first = load_checkpoint(ckpt, "cpu", io_mode="direct", host_pool=pool)
     assert_same(first, reference)
     address = first.buffer.data_ptr()
     held = first.tensors["layers.2.big"]  # one view outlives the load
     del first
     gc.collect()
     assert pool.num_free == 0  # still viewed: not back
-    second = load_checkpoint(other, "cpu", host_pool=pool)
+    second = load_checkpoint(other, "cpu", io_mode="direct", host_pool=pool)
     assert second.buffer.data_ptr() != address and pool.num_fresh == 2 and pool.num_reused == 0
     assert same_bits(held, reference["layers.2.big"])  # the held view was not overwritten
     assert_same(second, other_reference)
     del held
     gc.collect()
     assert pool.num_free == 1  # the last view died: the mapping is idle, still mapped and touched
-    third = load_checkpoint(other, "cpu", host_pool=pool)
+    third = load_checkpoint(other, "cpu", io_mode="direct", host_pool=pool)
     assert third.buffer.data_ptr() == address  # no new mapping: the first load's pages
     assert pool.num_fresh == 2 and pool.num_reused == 1
     assert_same(third, other_reference)
@@ -501,7 +503,7 @@ def test_dram_cache_recycles_an_evicted_entry_and_unseals_it(ckpt: Path, tmp_pat
     size = read_manifest(ckpt).total_bytes
     assert read_manifest(other).total_bytes == size
     cache = DramCache(size + size // 2)  # room for one
-    first = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    first = load_checkpoint(ckpt, "cpu", io_mode="direct", dram_cache=cache)
     address = first.buffer.data_ptr()
     if os.path.exists("/proc/self/maps"):
         assert region_permissions(address).startswith("r-")  # sealed while cached
@@ -510,7 +512,7 @@ def test_dram_cache_recycles_an_evicted_entry_and_unseals_it(ckpt: Path, tmp_pat
     gc.collect()
     # Loading `other` evicts the entry (unleased, unviewed): its pages become the new buffer, writable again
     # for the readers (a sealed page would fault), then sealed again as the new entry.
-    second = load_checkpoint(other, "cpu", dram_cache=cache)
+    second = load_checkpoint(other, "cpu", io_mode="direct", dram_cache=cache)
     assert second.report.source_tier == "ssd" and second.buffer.data_ptr() == address
     assert cache.host_pool.num_reused == 1 and cache.num_evictions == 1
     assert_same(second, read_tensors(other))
@@ -523,7 +525,7 @@ def test_dram_cache_recycles_an_evicted_entry_and_unseals_it(ckpt: Path, tmp_pat
     second.release()
     del second
     gc.collect()
-    third = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    third = load_checkpoint(ckpt, "cpu", io_mode="direct", dram_cache=cache)
     assert third.buffer.data_ptr() != address and cache.host_pool.num_fresh == 2
     assert same_bits(held, read_tensors(other)["layers.2.big"])
     del held, third
@@ -576,12 +578,12 @@ def test_dram_budget_covers_cached_entries_and_idle_memory(ckpt: Path, reference
     a, b = (copy_checkpoint(ckpt, tmp_path / name) for name in "ab")
     cache = DramCache(2 * size + size // 2)
     for path in (a, b):
-        load_checkpoint(path, "cpu", dram_cache=cache).release()
+        load_checkpoint(path, "cpu", io_mode="direct", dram_cache=cache).release()
     gc.collect()
     assert cache.used_bytes == 2 * size and cache.host_pool.free_bytes == 0
     cache.clear()
     assert cache.used_bytes == 0 and cache.host_pool.num_free == 2  # evicted pages kept, within the budget
-    loaded = load_checkpoint(a, "cpu", dram_cache=cache)
+    loaded = load_checkpoint(a, "cpu", io_mode="direct", dram_cache=cache)
     assert cache.host_pool.num_reused == 1 and cache.host_pool.num_fresh == 2
     assert_same(loaded, reference)
     assert cache.used_bytes == size and cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes
@@ -591,11 +593,11 @@ def test_prefaulted_pool_serves_the_first_load(ckpt: Path, reference: dict[str, 
     pool = HostMemoryPool(10 << 20)
     assert pool.prefault(read_manifest(ckpt).total_bytes)
     assert not HostMemoryPool(PAGE_BYTES).prefault(2 * PAGE_BYTES)  # over the limit: nothing mapped
-    loaded = load_checkpoint(ckpt, "cpu", host_pool=pool)
+    loaded = load_checkpoint(ckpt, "cpu", io_mode="direct", host_pool=pool)
     assert pool.num_fresh == 0 and pool.num_reused == 1
     assert_same(loaded, reference)
     with pytest.raises(ValueError, match="host_pool"):
-        load_checkpoint(ckpt, "cpu", host_pool=pool, dram_cache=DramCache(10 << 20))
+        load_checkpoint(ckpt, "cpu", io_mode="direct", host_pool=pool, dram_cache=DramCache(10 << 20))
 
 
 def test_dram_cache_can_prefault_at_start(ckpt: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -603,7 +605,74 @@ def test_dram_cache_can_prefault_at_start(ckpt: Path, reference: dict[str, torch
     size = read_manifest(ckpt).total_bytes
     cache = DramCache(10 << 20, prefault_bytes=size)
     assert cache.host_pool.free_bytes == size
-    loaded = load_checkpoint(ckpt, "cpu", dram_cache=cache)
+    loaded = load_checkpoint(ckpt, "cpu", io_mode="direct", dram_cache=cache)
     assert cache.host_pool.num_fresh == 0 and cache.host_pool.num_reused == 1
     assert_same(loaded, reference)
     assert cache.used_bytes + cache.host_pool.free_bytes <= cache.budget_bytes
+
+
+# ---- mapped loads: a checkpoint the page cache holds, on CPU ------------------------------------------------
+
+
+def mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (None: anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    raise AssertionError("address not mapped")
+
+
+def evict(path: Path) -> bool:
+    """Drop the checkpoint's data files from the page cache; whether the kernel did (tmpfs cannot)."""
+    for part in read_manifest(path).partitions:
+        fd = os.open(path / part.file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return reader_module.resident_fraction(path) < 1.0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_checkpoint_in_the_page_cache_is_mapped_not_copied(ckpt: Path, reference: dict[str, torch.Tensor],
+                                                             tmp_path: Path) -> None:
+    path = copy_checkpoint(ckpt, tmp_path / "warm")
+    for part in read_manifest(path).partitions:
+        (path / part.file).read_bytes()  # in the page cache now
+    loaded = load_checkpoint(path, "cpu", verify=True)
+    assert_same(loaded, reference)
+    assert loaded.report.source_tier == "ssd"
+    manifest = read_manifest(path)
+    for part, base in zip(manifest.partitions, manifest.partition_offsets(), strict=True):
+        assert mapped_file(loaded.buffer.data_ptr() + base) == str(path / part.file)  # its pages, in place
+    # Private: a write gets its own copy of the page; the file and later loads never see it.
+    loaded.tensors["layers.2.big"][0] = 12345.0
+    assert loaded.tensors["layers.2.big"][0] == 12345.0
+    assert_same(load_checkpoint(path, "cpu"), reference)
+    assert same_bits(read_tensors(path)["layers.2.big"], reference["layers.2.big"])
+    # Cached in DRAM, the mapping is the entry: sealed, shared by every hit.
+    cache = DramCache(10 << 20)
+    first = load_checkpoint(path, "cpu", dram_cache=cache)
+    hit = load_checkpoint(path, "cpu", dram_cache=cache)
+    assert hit.report.source_tier == "dram" and hit.buffer.data_ptr() == first.buffer.data_ptr()
+    assert mapped_file(hit.buffer.data_ptr()) == str(path / manifest.partitions[0].file)
+    assert region_permissions(hit.buffer.data_ptr()).startswith("r-")
+    assert_same(hit, reference)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_checkpoint_not_wholly_in_the_page_cache_is_read(ckpt: Path, reference: dict[str, torch.Tensor],
+                                                          tmp_path: Path) -> None:
+    path = copy_checkpoint(ckpt, tmp_path / "cold")
+    if not evict(path):
+        pytest.skip("this filesystem keeps its files in memory (tmpfs)")
+    loaded = load_checkpoint(path, "cpu")
+    assert mapped_file(loaded.buffer.data_ptr()) is None  # read into anonymous memory
+    assert_same(loaded, reference)
+    for options in ({"io_mode": "direct"}, {"io_mode": "buffered"}):  # the modes that force a way of reading
+        for part in read_manifest(path).partitions:
+            (path / part.file).read_bytes()
+        assert mapped_file(load_checkpoint(path, "cpu", **options).buffer.data_ptr()) is None

@@ -2,9 +2,10 @@
 
 Pipelines (`load_checkpoint` picks one):
 
-* **CPU target, direct**: `num_readers` threads take fixed `chunk_bytes` pieces of the data files in file
-  order and `preadv` them straight into their final place in one page-aligned host buffer. No pool, no
-  second copy; the buffer's pages fault in inside the readers, overlapping other readers' I/O.
+* **CPU target, the whole checkpoint in the page cache** ("auto" mode): mapped, not copied
+  (`mapped.map_checkpoint`): the tensors view the files' pages, private and copy-on-write.
+* **CPU target, direct**: `num_readers` threads `preadv` fixed `chunk_bytes` pieces of the data files, in
+  file order, straight into their place in one page-aligned host buffer (no pool, no second copy).
 * **CUDA target (and `staged=True` on CPU, the same pipeline with CPU copies, for tests)**: readers fill
   buffers from a bounded pool of pinned, pre-faulted host buffers; the calling thread, as the copier, issues
   `non_blocking` copies on a dedicated CUDA stream into the device allocation, and a buffer returns to the
@@ -17,10 +18,9 @@ Pipelines (`load_checkpoint` picks one):
   readers copy out of the cached host buffer instead of the files (copy-only).
 
 How a piece is read (`io_mode`): "auto" (default) copies a piece from the page cache when all of it is
-there (so a model still in the page cache loads at memory speed) and reads any other piece with O_DIRECT
-(no page-cache copy, no readahead guessing, no eviction of other data); filesystems that refuse O_DIRECT
-(EINVAL, e.g. tmpfs) fall back to buffered reads. "direct" and "buffered" force one way, for measurements
-(`reader.PartitionFiles`). Defaults: `scripts/bench_loader.py --sweep` (see DEFAULT_*).
+there and reads any other with O_DIRECT (no page-cache copy, no readahead guessing, no eviction of other
+data); filesystems that refuse O_DIRECT (tmpfs) fall back to buffered reads. "direct" and "buffered" force
+one way and never map (`reader.PartitionFiles`). Defaults: `scripts/bench_loader.py --sweep` (DEFAULT_*).
 
 Integrity: `convert` and `fetch` verify; the loader does not re-hash unless `verify=True`, which hashes each
 chunk as its bytes land (xxh3-128), raising `ChecksumMismatch`; missing or short files: `CorruptCheckpoint`.
@@ -43,6 +43,7 @@ import xxhash
 from sllmd.checkpoint.dram import CacheKey, CacheLease, DramCache, cache_key
 from sllmd.checkpoint.errors import ChecksumMismatch
 from sllmd.checkpoint.manifest import ALIGNMENT, Manifest
+from sllmd.checkpoint.mapped import can_map, map_checkpoint
 from sllmd.checkpoint.pool import (
     BufferPool,
     CudaCopier,
@@ -53,20 +54,17 @@ from sllmd.checkpoint.pool import (
     host_buffer,
     seal_read_only,
 )
-from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes
+from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes, resident_fraction
 from sllmd.checkpoint.tensors import tensor_views
 from sllmd.checkpoint.threads import run_threads, start_threads
 from sllmd.types import LoadReport
 
 log = logging.getLogger(__name__)
 
-# Chosen by measurement on the 2-core development VM (scripts/bench_loader.py --sweep, 1 GB, 5 interleaved
-# runs, page cache dropped; the O_DIRECT limit there is ~2.4 GB/s): 1 reader 0.9 GB/s, 2 readers 1.5, 4 readers
-# 1.4-1.7, 8 readers 1.5-1.7 (no better than 4); O_DIRECT beats buffered reads cold (1.66 vs 1.36 GB/s with 4
-# readers, 0.95 vs 0.46 with 1). Pieces of 4, 16 or 64 MiB are within the noise of each other; into a
-# pre-faulted destination 4 readers x 16 MiB reach 98% (direct) and 99.8% (staged pool) of the O_DIRECT
-# limit, so what is left on a CPU target is faulting in the fresh destination, not the reads. 16 MiB keeps
-# the staging pool fine-grained (the copier starts after one piece). Re-measure on GPU nodes (--device cuda).
+# Measured on the 2-core development VM (bench_loader.py --sweep, 1 GB cold, O_DIRECT limit ~2.4 GB/s): 1 reader
+# 0.9 GB/s, 2: 1.5, 4: 1.4-1.7, 8: no better; O_DIRECT beats buffered reads cold (1.66 vs 1.36 GB/s). 4, 16 and
+# 64 MiB pieces are alike; into pre-faulted memory 4 x 16 MiB reach 98% (direct) and 99.8% (staged) of the
+# limit. 16 MiB keeps the staging pool fine-grained. Re-measure on GPU nodes (--device cuda).
 DEFAULT_NUM_READERS = 4
 DEFAULT_CHUNK_BYTES = 16 << 20
 
@@ -121,10 +119,6 @@ class LoadedCheckpoint:
     def __post_init__(self) -> None:
         if self._lease is not None:
             weakref.finalize(self, self._lease.release)
-
-    @property
-    def gbps(self) -> float:
-        return self.report.num_bytes / max(self.report.load_s, 1e-9) / 1e9
 
     def release(self) -> None:
         if self._lease is not None:
@@ -279,10 +273,15 @@ class _Load:
         return tuple(_Piece(partition, off, min(self.chunk_bytes, hi - off), base + off)
                      for off in range(lo, hi, self.chunk_bytes))
 
-    # ---- pipelines --------------------------------------------------------------------------------
-
     def direct(self) -> torch.Tensor:
-        """CPU target: every piece straight into its place in one page-aligned host buffer (fresh or recycled)."""
+        """CPU target: a checkpoint the page cache holds whole ("auto" mode) is mapped, not copied (`mapped`);
+        otherwise every piece goes straight into its place in one page-aligned host buffer (fresh or recycled)."""
+        if (self.out is None and self.io_mode == "auto" and can_map(self.manifest)
+                and resident_fraction(self.path) == 1.0):
+            buffer = map_checkpoint(self.path, self.manifest)
+            if self.verify:
+                self.verify_memory(buffer)
+            return buffer
         buffer = self.alloc(self.manifest.total_bytes) if self.out is None else self.out
         whole = memoryview(buffer.numpy())
         files = PartitionFiles(self.path, self.manifest, self.io_mode)

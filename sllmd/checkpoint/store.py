@@ -138,9 +138,6 @@ class CheckpointStore:
     def contains(self, id: str) -> bool:
         return id in self._entries
 
-    def entry(self, id: str) -> StoreEntry | None:
-        return self._entries.get(id)
-
     def entries(self) -> list[StoreEntry]:
         """Every entry, least recently used first."""
         return sorted(self._entries.values(), key=lambda e: (e.last_used, e.id))

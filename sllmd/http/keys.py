@@ -10,7 +10,6 @@ if TYPE_CHECKING:
     from sllmd.cluster.replicated import ReplicatedStateMachine
     from sllmd.config import Config
     from sllmd.control.deployments import DeploymentService
-    from sllmd.http.peer_api import PeerChannels
     from sllmd.metrics import Metrics
     from sllmd.serving.pipeline import Router
     from sllmd.serving.relay import Relay
@@ -24,6 +23,5 @@ ROUTER: web.AppKey[Router] = web.AppKey("router")  # the serving pipeline
 DEPLOYMENTS: web.AppKey[DeploymentService] = web.AppKey("deployments")
 MIGRATIONS: web.AppKey[MigrationService] = web.AppKey("migrations")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")  # this node's client to the others
-PEER_CHANNELS: web.AppKey[PeerChannels] = web.AppKey("peer_channels")  # the others' channels to this node
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 STARTED_AT: web.AppKey[float] = web.AppKey("started_at")  # time.time() when the node started

@@ -24,7 +24,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from sllmd.checkpoint.store import PEER_PATH
 from sllmd.errors import NotFound, SllmdError
-from sllmd.http.keys import CONFIG, PEER_CHANNELS, ROUTER, WORKER
+from sllmd.http.keys import CONFIG, ROUTER, WORKER
 from sllmd.http.schemas import parse_json_object
 from sllmd.serving.relay import (
     CANCEL,
@@ -56,7 +56,7 @@ class _SentFileResponse(web.FileResponse):
 
 
 def add_routes(app: web.Application) -> None:
-    channels = app[PEER_CHANNELS] = PeerChannels()
+    channels = PeerChannels()
     app.router.add_get(CHANNEL_PATH, channels.serve)
     app.router.add_get(PEER_PATH + "/{id}/{file}", checkpoint_file)
     app.router.add_get(PROBE_PATH + "/{file}", probe_file)

@@ -1,3 +1,5 @@
+# long: one job, the discrete-event loop; its handlers read and write the same simulated cluster, clock and event
+# heap, so split by event kind the invariants (one GPU per instance, one load at a time per server) would span files.
 """The discrete-event engine of `sllmd simulate`: a heap of events on a simulated clock (no asyncio, no
 sleeping). It plays one trace against one placement policy on a simulated cluster and returns what
 happened; the policy (`simpolicies`) only decides where a new instance the router asks for starts and
