@@ -51,12 +51,15 @@ def _parse_deploy(values: list[str], parser: argparse.ArgumentParser) -> list[tu
     """NAME=SOURCE pairs; a relative path that exists becomes absolute. URLs pass through, and so does text
     shaped like a Hub id (org/model) that names no local path."""
     from sllmd.checkpoint.hub_ref import parse_hub_ref
+    from sllmd.types import model_name_problem
 
     pairs = []
     for value in values:
         name, sep, source = value.partition("=")
         if not sep or not name or not source:
             parser.error(f"--deploy expects NAME=SOURCE, got {value!r}")
+        if (problem := model_name_problem(name)) is not None:
+            parser.error(f"--deploy {name!r}: the name {problem}")
         try:
             is_hub_id = parse_hub_ref(source) is not None
         except ValueError as exc:

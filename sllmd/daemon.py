@@ -114,14 +114,19 @@ async def serve(config: Config, ensure_deployed: Sequence[tuple[str, str]] = ())
 
 async def _probe(node: Node) -> None:
     """Measure this node's load bandwidths before it reports them (a failed probe keeps the defaults)."""
-    from sllmd.worker.probe import probe_calibration
+    from sllmd.worker.probe import probe_bytes, probe_calibration
 
     worker, store = node.worker, node.config.store
     if not worker.slots.slots:
         return  # a node without device slots serves no model: nothing of its own to time
+    num_bytes = probe_bytes(node.config.data_dir, store.probe_mb << 20)
+    if not num_bytes:
+        log.warning("too little free disk for the load bandwidth probe; estimates start from defaults",
+                    extra={"data_dir": str(node.config.data_dir)})
+        return
     try:
         calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.slots.slots[0].device,
-                                              store.probe_mb << 20, worker.estimates.calibration)
+                                              num_bytes, worker.estimates.calibration)
     except (OSError, SllmdError) as exc:
         log.warning("load bandwidth probe failed; estimates start from defaults", extra={"error": repr(exc)})
         return

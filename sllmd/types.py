@@ -59,6 +59,33 @@ class LoadReport:
     reused_engine: bool = False  # the start took a running (parked) engine: only its weights were loaded
 
 
+MAX_MODEL_NAME_LENGTH = 128
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a deployment, or None if it can. The one rule wherever a name enters (the admin
+    API, `--deploy`, a config): 1-128 printable characters (no control or separator characters such as NUL,
+    newline or tab), no surrounding spaces, no slash (a name is one path segment of the admin API and of
+    instance ids), and not `.` or `..`."""
+    if not name or len(name) > MAX_MODEL_NAME_LENGTH:
+        return f"must be 1-{MAX_MODEL_NAME_LENGTH} characters"
+    if not name.isprintable():
+        return "must be printable (no control characters)"
+    if name != name.strip():
+        return "must not begin or end with a space"
+    if "/" in name:
+        return "must not contain a slash"
+    if name in (".", ".."):
+        return "must not be . or .."
+    return None
+
+
+# Upper bounds of a deployment's autoscaling fields: finite, and far beyond any real cluster.
+MAX_INSTANCES = 4096
+MAX_TARGET_CONCURRENCY = 1 << 20
+MAX_KEEP_ALIVE_S = 30 * 24 * 3600.0  # 30 days; an instance that should never stop is a pin (min_instances)
+
+
 @dataclass(frozen=True, slots=True)
 class AutoscalingPolicy:
     """A deployment's scaling bounds and target; `sllmd.scheduler.autoscale` holds the decisions."""
@@ -71,16 +98,16 @@ class AutoscalingPolicy:
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every violated bound; empty when valid."""
         found = []
-        if self.min_instances < 0:
-            found.append(("min_instances", "must be >= 0"))
-        if self.max_instances < 1:
-            found.append(("max_instances", "must be >= 1"))
+        if not 0 <= self.min_instances <= MAX_INSTANCES:
+            found.append(("min_instances", f"must be in 0..{MAX_INSTANCES}"))
+        if not 1 <= self.max_instances <= MAX_INSTANCES:
+            found.append(("max_instances", f"must be in 1..{MAX_INSTANCES}"))
         if self.min_instances > self.max_instances:
             found.append(("min_instances", "must be <= max_instances"))
-        if self.target_concurrency < 1:
-            found.append(("target_concurrency", "must be >= 1"))
-        if self.keep_alive_s < 0:
-            found.append(("keep_alive_s", "must be >= 0"))
+        if not 1 <= self.target_concurrency <= MAX_TARGET_CONCURRENCY:
+            found.append(("target_concurrency", f"must be in 1..{MAX_TARGET_CONCURRENCY}"))
+        if not 0 <= self.keep_alive_s <= MAX_KEEP_ALIVE_S:  # NaN fails too
+            found.append(("keep_alive_s", f"must be in 0..{MAX_KEEP_ALIVE_S:g} seconds"))
         return found
 
 

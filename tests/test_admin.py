@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
+
 import aiohttp
 import pytest
 import pytest_asyncio
@@ -41,7 +45,17 @@ async def post(served: RunningNode, path: str, body, method: str = "POST") -> tu
     ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"keep_alive_s": "1"}}, "autoscaling.keep_alive_s"),
     ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"warm": True}}, "autoscaling.warm"),
     ({"name": "m", "checkpoint": "/tmp", "replicas": 3}, "replicas"),
+    ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"max_instances": 1e9}}, "autoscaling.max_instances"),
+    ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"keep_alive_s": 1e308}}, "autoscaling.keep_alive_s"),
+    ({"name": "m", "checkpoint": "/tmp", "autoscaling": {"target_concurrency": 1 << 40}},
+     "autoscaling.target_concurrency"),
     ({"name": "a/b", "checkpoint": "/tmp"}, "name"),
+    ({"name": "..", "checkpoint": "/tmp"}, "name"),
+    ({"name": ".", "checkpoint": "/tmp"}, "name"),
+    ({"name": "a\u0000b", "checkpoint": "/tmp"}, "name"),
+    ({"name": "line\nbreak", "checkpoint": "/tmp"}, "name"),
+    ({"name": " padded", "checkpoint": "/tmp"}, "name"),
+    ({"name": "x" * 129, "checkpoint": "/tmp"}, "name"),
 ])
 async def test_bad_deployments_are_400_naming_the_field(served, body, param):
     status, reply = await post(served, "/admin/models", body)
@@ -109,3 +123,21 @@ async def test_oversized_body_is_413_with_an_error_body(served):
     assert status == 413 and reply["error"]["code"] == "body_too_large"
     status, _ = await post(served, "/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 2})
     assert status == 200
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_cannot_be_decoded_is_400(served, encoding):
+    async def post_raw(path: str, data: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+        # A fresh connection each: the server closes one whose body it could not read.
+        async with aiohttp.ClientSession(headers=served.http.headers) as http, http.post(
+                f"{served.url}{path}", data=data, headers={"Content-Type": "application/json", **headers}) as response:
+            return response.status, await response.json()
+
+    for path in ("/v1/completions", "/admin/models"):
+        status, reply = await post_raw(path, b'{"model": "demo"} not compressed', {"Content-Encoding": encoding})
+        assert status == 400, reply
+        assert reply["error"]["code"] == "undecodable_body" and reply["error"]["type"] == "invalid_request_error"
+    body = json.dumps({"model": "demo", "prompt": "x", "max_tokens": 2}).encode()
+    compressed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    status, reply = await post_raw("/v1/completions", compressed, {"Content-Encoding": encoding})
+    assert status == 200, reply  # a body that is what it says decodes as before

@@ -238,11 +238,13 @@ OUT_OF_RANGE = [
     ("store.fetch_request_mb", 0, "store.fetch_request_mb must be in 1..4096"),
     ("store.fetch_timeout_s", 0.0, "store.fetch_timeout_s must be > 0"),
     ("store.fetch_retries", -1, "store.fetch_retries must be in 0..100"),
-    ("autoscaling.min_instances", -1, "autoscaling.min_instances must be >= 0"),
+    ("autoscaling.min_instances", -1, "autoscaling.min_instances must be in 0..4096"),
     ("autoscaling.min_instances", 2, "autoscaling.min_instances must be <= max_instances"),
-    ("autoscaling.max_instances", 0, "autoscaling.max_instances must be >= 1"),
-    ("autoscaling.target_concurrency", 0, "autoscaling.target_concurrency must be >= 1"),
-    ("autoscaling.keep_alive_s", -1.0, "autoscaling.keep_alive_s must be >= 0"),
+    ("autoscaling.max_instances", 0, "autoscaling.max_instances must be in 1..4096"),
+    ("autoscaling.max_instances", 10**9, "autoscaling.max_instances must be in 1..4096"),
+    ("autoscaling.target_concurrency", 0, "autoscaling.target_concurrency must be in 1..1048576"),
+    ("autoscaling.keep_alive_s", -1.0, "autoscaling.keep_alive_s must be in 0..2.592e+06 seconds"),
+    ("autoscaling.keep_alive_s", 1e308, "autoscaling.keep_alive_s must be in 0..2.592e+06 seconds"),
 ]
 
 

@@ -111,6 +111,7 @@ def test_notify_ready_then_graceful_stop_then_restart_serves_the_same_deployment
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--deploy", "nodir"], "--deploy expects NAME=SOURCE"),
+    (["--deploy", "..=/tmp"], "--deploy '..': the name must not be . or .."),
     (["--port", "0"], "sllmd: config error: server.port must be in 1..65535"),
     (["--join", "leader"], "sllmd: config error: server.join must be HOST:PORT"),
 ])

@@ -626,13 +626,7 @@ def mapped_file(address: int) -> str | None:
 
 def evict(path: Path) -> bool:
     """Drop the checkpoint's data files from the page cache; whether the kernel did (tmpfs cannot)."""
-    for part in read_manifest(path).partitions:
-        fd = os.open(path / part.file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    reader_module.drop_from_page_cache(path)
     return reader_module.resident_fraction(path) < 1.0
 
 

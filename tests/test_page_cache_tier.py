@@ -12,24 +12,12 @@ import pytest
 
 from sllmd.checkpoint.convert import convert
 from sllmd.checkpoint.errors import CheckpointNotFound
-from sllmd.checkpoint.reader import read_manifest, resident_fraction
+from sllmd.checkpoint.reader import drop_from_page_cache, read_manifest, resident_fraction
 from sllmd.checkpoint.store import checkpoint_id
 from sllmd.types import Tier
 from sllmd.worker.warming import read_into_page_cache
 from tests.nodes import RunningNode, running_node
 from tests.test_replicated import wait_until
-
-
-def evict_page_cache(checkpoint_dir: Path) -> None:
-    """Drop the page-cache pages of the checkpoint's data files (no root needed). Written-back pages only
-    can be dropped, so each file is synced first."""
-    for part in read_manifest(checkpoint_dir).partitions:
-        fd = os.open(checkpoint_dir / part.file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @pytest.fixture
@@ -49,7 +37,7 @@ def checkpoint_dir(demo_model_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_resident_fraction_follows_the_page_cache(checkpoint_dir: Path) -> None:
-    evict_page_cache(checkpoint_dir)
+    drop_from_page_cache(checkpoint_dir)
     assert resident_fraction(checkpoint_dir) == 0.0
     first = read_manifest(checkpoint_dir).partitions[0]
     assert first.nbytes >= 64 << 10
@@ -63,13 +51,13 @@ def test_resident_fraction_follows_the_page_cache(checkpoint_dir: Path) -> None:
     assert read_into_page_cache(checkpoint_dir) == read_manifest(checkpoint_dir).total_bytes
     assert resident_fraction(checkpoint_dir) == 1.0
     assert resident_fraction(checkpoint_dir, num_samples=64) == 1.0
-    evict_page_cache(checkpoint_dir)
+    drop_from_page_cache(checkpoint_dir)
     assert resident_fraction(checkpoint_dir) == 0.0
     assert resident_fraction(checkpoint_dir, num_samples=64) == 0.0
 
 
 def test_sampled_residency_estimates_the_exact_fraction(checkpoint_dir: Path) -> None:
-    evict_page_cache(checkpoint_dir)
+    drop_from_page_cache(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
     for part in manifest.partitions:  # the first half of every file, without readahead past it
         fd = os.open(checkpoint_dir / part.file, os.O_RDONLY)
@@ -106,7 +94,7 @@ async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_mod
         cid = checkpoint_id(deployment.checkpoint)
         stored = worker.store.path_of(cid)
         budget = worker.dram_cache.budget_bytes
-        evict_page_cache(stored)  # the deploy's conversion wrote the files: the page cache holds them
+        drop_from_page_cache(stored)  # the deploy's conversion wrote the files: the page cache holds them
         assert worker.estimates.checkpoint_tier(deployment) is Tier.SSD
         assert await _dram_cached(running) == ([], budget)
 
@@ -119,7 +107,7 @@ async def test_warming_a_vllm_deployment_makes_its_store_files_resident(demo_mod
         assert worker.warmer.plan() == []  # resident now
         assert await _dram_cached(running) == ([cid], budget - deployment.checkpoint_bytes)
 
-        evict_page_cache(stored)  # what the kernel may do at any time: the node sees the model on SSD again
+        drop_from_page_cache(stored)  # what the kernel may do at any time: the node sees the model on SSD again
         assert worker.estimates.checkpoint_tier(deployment) is Tier.SSD
         assert await _dram_cached(running) == ([], budget)
         assert worker.warmer.plan() == ["demo-vllm"]
@@ -135,7 +123,7 @@ async def test_page_cache_warming_stays_within_the_dram_budget(demo_model_dir: P
         worker = running.node.worker
         for name, source in (("first", demo_model_dir), ("second", copy)):
             await running.deploy(name, source, backend="vllm", keep_alive_s=600)
-            evict_page_cache(worker.store.path_of(checkpoint_id(worker.runtimes[name].deployment.checkpoint)))
+            drop_from_page_cache(worker.store.path_of(checkpoint_id(worker.runtimes[name].deployment.checkpoint)))
         for _ in range(3):
             worker.warmer.note_request("first")
         worker.warmer.note_request("second")

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from sllmd.checkpoint.convert import convert
+from sllmd.checkpoint.reader import drop_from_page_cache
 from sllmd.engine.base import Prefill
 from sllmd.engine.sampling import choose_token
 from sllmd.engine.vllm import VllmEngine
 from sllmd.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
 from sllmd.types import LoadReport, SamplingParams
 from sllmd.worker.warming import read_into_page_cache
-from tests.test_page_cache_tier import evict_page_cache
 
 pytestmark = pytest.mark.vllm
 
@@ -31,7 +31,7 @@ def checkpoint_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     """The demo model as an sllmd v1 checkpoint, not in the page cache (so the first start reads the SSD)."""
     out = tmp_path_factory.mktemp("vllm") / "demo-sllmd"
     convert(demo_model_dir, out)
-    evict_page_cache(out)
+    drop_from_page_cache(out)
     return out
 
 

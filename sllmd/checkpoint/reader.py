@@ -239,6 +239,19 @@ def resident_fraction(path: Path, *, num_samples: int | None = None) -> float:
     return num_resident / num_pages if num_pages else 1.0
 
 
+def drop_from_page_cache(path: Path) -> None:
+    """Drop the page-cache pages of checkpoint `path`'s data files (no root needed), so the next load reads the
+    disk. Only written-back pages can be dropped, so each file is synced first. A filesystem that keeps its
+    files in memory (tmpfs) keeps them."""
+    for part in read_manifest(path).partitions:
+        fd = open_partition(path, part)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 class PartitionFiles:
     """The open data files of one load: a buffered fd per partition, and an O_DIRECT fd where allowed.
     Shared by the readers (`preadv` is positional, so fds need no locking).

@@ -29,12 +29,11 @@ from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, Sl
 from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
-from sllmd.types import AutoscalingPolicy, Backend, Tier
+from sllmd.types import AutoscalingPolicy, Backend, Tier, model_name_problem
 from sllmd.worker.manager import Worker
 
 log = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +148,8 @@ class DeploymentService:
         load its tokenizer, then commit. Every problem with the checkpoint is an InvalidRequest, raised before
         anything is registered. While it runs, `preparing[spec.name]` tells how far it got; `show_progress`
         also draws download and conversion bars on stderr (the CLI's `--deploy`)."""
-        if not spec.name or len(spec.name) > MAX_NAME_LENGTH or spec.name != spec.name.strip() or "/" in spec.name:
-            raise InvalidRequest(f"name must be 1-{MAX_NAME_LENGTH} characters, no slash or surrounding spaces",
-                                 param="name")
+        if (problem := model_name_problem(spec.name)) is not None:
+            raise InvalidRequest(f"name {problem}", param="name", code="invalid_model_name")
         if self.state.deployment(spec.name) is not None:  # before any fetch; the commit checks again
             raise Conflict(f"model '{spec.name}' is already deployed", param="name", code="model_exists")
         if spec.name in self.preparing:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sllmd.errors import InvalidRequest, NotFound, SllmdError, Unauthorized
 from sllmd.http import admin_api, keys, openai_api, peer_api
@@ -35,6 +36,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except SllmdError as error:
         response = error_response(error)
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip over a body that is not gzip
+        cause = exc.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) and cause.message else str(cause or exc)
+        response = error_response(InvalidRequest(f"the request body cannot be decoded: {reason}",
+                                                 code="undecodable_body"))
     except web.HTTPRequestEntityTooLarge as exc:
         response = error_response(InvalidRequest(f"request body too large ({exc.text})", code="body_too_large"))
         response.set_status(413)

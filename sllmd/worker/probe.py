@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from sllmd.checkpoint.dram import DramCache
 from sllmd.checkpoint.fetch import FetchReport, fetch
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.checkpoint.manifest import MANIFEST_FILE
+from sllmd.checkpoint.reader import drop_from_page_cache
 from sllmd.checkpoint.url_fetch import FetchSettings
 from sllmd.fsutil import publish_dir
 from sllmd.scheduler.estimate import BYTES_PER_GB, Calibration
@@ -44,11 +44,22 @@ TENSOR_BYTES = 16 << 20  # several tensors, like a model, so the loader's per-te
 MAX_PROBE_GBPS = 1000.0  # a CPU DRAM hit hands over a buffer without copying: cap the "bandwidth" it implies
 
 
+def probe_bytes(data_dir: Path, num_bytes: int) -> int:
+    """The probe checkpoint's size on this disk: `num_bytes`, or less where the disk's free space is short (at most
+    a quarter of it, whole tensors); 0 when not even one tensor fits (no probe)."""
+    size_file = Path(data_dir) / PROBE_DIR / "size"
+    size = size_file.read_text() if size_file.is_file() else ""
+    built = int(size) if size.isdigit() else 0  # the probe already built: its bytes count as free
+    room = (shutil.disk_usage(data_dir).free + built) // 4
+    return min(num_bytes, room) // TENSOR_BYTES * TENSOR_BYTES
+
+
 def probe_calibration(data_dir: Path, device: str, num_bytes: int, base: Calibration) -> Calibration:
-    """`base` with its DRAM and SSD load bandwidths replaced by ones measured now on `device`."""
+    """`base` with its DRAM and SSD load bandwidths replaced by ones measured now on `device` with a probe
+    checkpoint of `num_bytes` (at least TENSOR_BYTES; see `probe_bytes`)."""
     path = _probe_checkpoint(Path(data_dir) / PROBE_DIR, num_bytes)
     total = sum(f.stat().st_size for f in path.iterdir() if f.name != MANIFEST_FILE)
-    _evict_page_cache(path)
+    drop_from_page_cache(path)  # the first load reads the disk, not the page cache (which it would map)
     cache = DramCache(2 * total)
     rates = {}
     for expected in (Tier.SSD, Tier.DRAM):
@@ -92,27 +103,23 @@ def _probe_checkpoint(path: Path, num_bytes: int) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     work = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
-    (work / "hf").mkdir(parents=True)
-    from safetensors.torch import save_file
+    try:
+        (work / "hf").mkdir(parents=True)
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
 
-    generator = torch.Generator().manual_seed(0)
-    num_tensors = max(1, num_bytes // TENSOR_BYTES)
-    tensors = {f"probe.{i}.weight": torch.randint(0, 256, (TENSOR_BYTES,), dtype=torch.uint8, generator=generator)
-               for i in range(num_tensors)}
-    save_file(tensors, work / "hf" / "model.safetensors")
-    convert(work / "hf", work / "v1")
-    (work / "v1" / "config.json").write_text('{"model_type": "sllmd-probe"}')  # what a fetch requires
-    (work / "v1" / "size").write_text(str(num_bytes))
-    publish_dir(work / "v1", path)
-    shutil.rmtree(work, ignore_errors=True)
-    return path
-
-
-def _evict_page_cache(path: Path) -> None:
-    """Drop the files' cached pages (no root needed), so the first load reads the disk."""
-    for file in path.iterdir():
-        fd = os.open(file, os.O_RDONLY)
+        generator = torch.Generator().manual_seed(0)
+        num_tensors = max(1, num_bytes // TENSOR_BYTES)
+        tensors = {f"probe.{i}.weight": torch.randint(0, 256, (TENSOR_BYTES,), dtype=torch.uint8,
+                                                      generator=generator) for i in range(num_tensors)}
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+            save_file(tensors, work / "hf" / "model.safetensors")
+        except SafetensorError as exc:  # its I/O errors (a full disk) are no OSError
+            raise OSError(f"cannot write the probe checkpoint: {exc}") from None
+        convert(work / "hf", work / "v1")
+        (work / "v1" / "config.json").write_text('{"model_type": "sllmd-probe"}')  # what a fetch requires
+        (work / "v1" / "size").write_text(str(num_bytes))
+        publish_dir(work / "v1", path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a failed build (a full disk) leaves nothing behind
+    return path
