@@ -10,8 +10,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sllmd.checkpoint.dram import open_dram_cache
 from sllmd.checkpoint.errors import CheckpointError
-from sllmd.checkpoint.store import checkpoint_id, open_dram_cache, open_store, peer_url, reads_store
+from sllmd.checkpoint.store import checkpoint_id, open_store, peer_url, reads_store
 from sllmd.cluster.membership import ALIVE_WINDOW_S
 from sllmd.cluster.placer import Placer
 from sllmd.cluster.replicated import ReplicatedStateMachine

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from sllmd.checkpoint.store import (
 from sllmd.types import Tier
 
 KIB = 1024
+REPO = Path(__file__).resolve().parent.parent
 SIZE = 64 * KIB  # data bytes of each test checkpoint
 
 
@@ -94,9 +98,10 @@ async def test_pinned_entries_are_not_evicted(sources, tmp_path):
 
 async def test_a_checkpoint_bigger_than_the_budget_is_refused(sources, tmp_path):
     store = CheckpointStore(tmp_path / "store", SIZE // 2)
-    with pytest.raises(StoreFull, match="more than the whole store budget"):
+    with pytest.raises(StoreFull, match="more than this node's store can hold") as refused:
         await store.ensure(sources[0])
     assert store.entries() == [] and store.used_bytes == 0
+    assert refused.value.status == 503 and str(tmp_path) not in refused.value.message  # no server path
 
 
 async def test_crash_leftovers_are_cleaned_at_start(sources, tmp_path):
@@ -178,3 +183,49 @@ async def test_refresh_fetches_a_changed_source_again_unless_in_use(sources, tmp
     store.release(lease)
     assert await store.ensure(sources[0], refresh=True) == (path, Tier.REPOSITORY)
     assert json.loads((path / "config.json").read_text()) == {"seed": 42}
+
+
+SMALL_DISK_SCRIPT = """
+import asyncio, shutil, sys
+from pathlib import Path
+from sllmd.checkpoint.store import CheckpointStore, StoreFull
+from tests.test_store import write_v1
+
+async def main(root: Path, repo: Path) -> None:
+    sources = [str(write_v1(repo / f"m{i}", nbytes=3 << 20, seed=i)) for i in range(8)]  # 24 MiB in all
+    store = CheckpointStore(root / "store", 100 << 30)  # a budget far beyond the 16 MiB disk
+    for source in sources:
+        await store.ensure(source)  # fits only by evicting what the disk cannot hold with it
+    print("kept", len(store.entries()), "limit", store.limit_bytes(), "free", shutil.disk_usage(root).free)
+    assert store.used_bytes <= store.limit_bytes() <= 16 << 20
+    leases = [await store.acquire(e.source) for e in store.entries()]  # every entry in use: nothing to evict
+    try:
+        await store.ensure(sources[0])
+    except StoreFull as exc:
+        assert str(root) not in exc.message and exc.status == 503, exc.message
+        print("refused:", exc.message)
+    else:
+        raise AssertionError("a checkpoint that cannot fit was stored")
+    for lease in leases:
+        store.release(lease)
+
+asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+"""
+
+
+def test_the_store_fits_the_disk_it_is_on(tmp_path):
+    """On a 16 MiB disk (a tmpfs in a private mount namespace) with a 100 GiB budget, the store evicts for the
+    disk's real space, and refuses with a 503 naming no path when it cannot make room."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    disk, repo = tmp_path / "disk", tmp_path / "repo"
+    disk.mkdir()
+    command = (f"mount -t tmpfs -o size=16m tmpfs {disk} && cd {REPO} && "
+               f"{sys.executable} -c '{SMALL_DISK_SCRIPT}' {disk} {repo}")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "mount" in result.stderr and "kept" not in result.stdout:
+        pytest.skip(f"no private tmpfs mount here: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = int(result.stdout.split()[1])
+    assert 2 <= kept < 8 and "refused:" in result.stdout

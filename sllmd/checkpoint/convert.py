@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from sllmd.checkpoint.errors import ConversionError
+from sllmd.checkpoint.errors import ConversionError, StoreFull
 from sllmd.checkpoint.hf_source import is_weight_file, read_model
 from sllmd.checkpoint.layout import PartitionHasher, plan_layout
 from sllmd.checkpoint.manifest import (
@@ -128,9 +128,9 @@ def convert(src: Path, dst: Path, *, progress: bool = False, progress_stream: Te
     Manifest(entries, [PartitionEntry(partition_file(i), size, placeholder, (placeholder,) * -(-size // chunk_bytes))
                        for i, size in enumerate(sizes)], aliases, chunk_bytes, metadata)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(dst.parent).free < sum(sizes):
-        raise ConversionError(f"{dst.parent}: {human_bytes(sum(sizes))} needed, "
-                              f"{human_bytes(shutil.disk_usage(dst.parent).free)} free")
+    if shutil.disk_usage(dst.parent).free < sum(sizes):  # no path in the message: it may reach an API client
+        raise StoreFull(f"converting the checkpoint needs {human_bytes(sum(sizes))} of disk, "
+                        f"{human_bytes(shutil.disk_usage(dst.parent).free)} free")
     stream = progress_stream if progress_stream is not None else (
         sys.stderr if progress and sys.stderr.isatty() else None)
     bar = ProgressBar(sum(e.nbytes for e in entries), stream, callback=on_progress)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from sllmd.checkpoint.pool import HostMemoryPool
+from sllmd.config import StoreConfig
 
 CacheKey = tuple[str, str]  # (resolved checkpoint path, manifest digest)
 
@@ -204,3 +205,11 @@ class DramCache:
         del self._entries[entry.key]
         self._used -= entry.nbytes
         self.num_evictions += 1
+
+
+def open_dram_cache(config: StoreConfig) -> DramCache | None:
+    """The node's DRAM cache of loaded checkpoints, or None when `dram_budget_gb` is 0 (every load then
+    reads the SSD store)."""
+    if config.dram_budget_gb <= 0:
+        return None
+    return DramCache(int(config.dram_budget_gb * 2**30))

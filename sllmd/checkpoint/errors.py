@@ -8,6 +8,8 @@ maps to an HTTP error body.
 
 from __future__ import annotations
 
+import errno
+
 from sllmd.errors import SllmdError
 
 
@@ -33,6 +35,28 @@ class ChecksumMismatch(CorruptCheckpoint):
     def __init__(self, partition: str, start: int, end: int) -> None:
         super().__init__(f"checksum mismatch in {partition} bytes [{start}, {end})")
         self.partition, self.start, self.end = partition, start, end
+
+
+class StoreFull(CheckpointError):
+    """A checkpoint does not fit this node's store: its budget or its disk's free space, even after evicting every
+    checkpoint no instance uses. A capacity condition of the node, not a fault of the request: 503."""
+
+    status = 503
+    error_type = "server_error"
+    retry_after_s = 30  # checkpoints in use are released as their instances stop
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="store_full")
+
+
+def as_store_full(exc: BaseException) -> StoreFull | None:
+    """`exc` as the capacity condition it is, or None: a StoreFull itself, or an OSError saying the disk is full
+    (whose message, naming a file of the store, is not for clients)."""
+    if isinstance(exc, StoreFull):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull("this node's disk is full")
+    return None
 
 
 class ConversionError(CheckpointError):

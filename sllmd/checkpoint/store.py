@@ -29,11 +29,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import xxhash
 
-from sllmd.checkpoint.errors import CheckpointError
+from sllmd.checkpoint.errors import CheckpointError, StoreFull
 from sllmd.checkpoint.fetch import (
     FetchReport,
     Progress,
@@ -49,12 +48,10 @@ from sllmd.checkpoint.url_fetch import FetchSettings
 from sllmd.config import StoreConfig
 from sllmd.types import Backend, Tier
 
-if TYPE_CHECKING:
-    from sllmd.checkpoint.dram import DramCache
-
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+DISK_RESERVE_BYTES = 1 << 30  # disk space the store leaves free for everything else (5% of a small disk)
 PEER_PATH = "/internal/checkpoints"  # + "/{id}": where a node serves its store's entries to its peers
 
 
@@ -64,12 +61,12 @@ def reads_store(backend: Backend, source: str) -> bool:
     return backend is not Backend.DUMMY or not is_local_dir(source)
 
 
-class StoreFull(CheckpointError):
-    """A checkpoint does not fit the store's budget, even after evicting every unpinned entry."""
-
-
 class CheckpointInUse(CheckpointError):
     """The operation needs an entry that a running instance has pinned."""
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
 
 
 def checkpoint_id(source: str) -> str:
@@ -289,22 +286,31 @@ class CheckpointStore:
             await self._make_room(0, for_id=cid)
         return report
 
+    def limit_bytes(self) -> int:
+        """What the store may hold now: its budget, or less where its disk is smaller: the entries' bytes plus
+        the disk's free space, less a reserve (5% of the disk, at most DISK_RESERVE_BYTES) for everything else."""
+        disk = shutil.disk_usage(self.root)
+        on_disk = sum(e.num_bytes for e in self._entries.values())
+        return max(0, min(self.budget_bytes, on_disk + disk.free - min(DISK_RESERVE_BYTES, disk.total // 20)))
+
     async def _make_room(self, need: int, *, for_id: str) -> None:
-        """Evict least recently used unpinned entries until `need` more bytes fit the budget."""
-        if need > self.budget_bytes:
-            raise StoreFull(f"checkpoint needs {need / 2**30:.2f} GiB, more than the whole store budget "
-                            f"({self.budget_bytes / 2**30:.2f} GiB, store.ssd_budget_gb)")
-        while self.used_bytes + need > self.budget_bytes:
+        """Evict least recently used unpinned entries until `need` more bytes fit `limit_bytes`."""
+        limit = self.limit_bytes()
+        if need > limit:
+            raise StoreFull(f"checkpoint needs {_gib(need)}, more than this node's store can hold ({_gib(limit)}: "
+                            f"store.ssd_budget_gb is {_gib(self.budget_bytes)}, less where the disk is smaller)")
+        while self.used_bytes + need > limit:
             candidates = [e for e in self.entries() if not self.is_pinned(e.id) and e.id != for_id]
             if not candidates:
                 pinned = sum(e.num_bytes for e in self._entries.values() if self.is_pinned(e.id))
-                raise StoreFull(f"checkpoint needs {need / 2**30:.2f} GiB; the store budget is "
-                                f"{self.budget_bytes / 2**30:.2f} GiB, {pinned / 2**30:.2f} GiB of it pinned by "
-                                f"running instances and {sum(self._reserved.values()) / 2**30:.2f} GiB being fetched")
+                raise StoreFull(f"checkpoint needs {_gib(need)}; the store can hold {_gib(limit)}, {_gib(pinned)} "
+                                f"of it pinned by running instances and {_gib(sum(self._reserved.values()))} being "
+                                "fetched")
             victim = candidates[0]
             log.info("evicting checkpoint from the store", extra={"checkpoint": victim.id, "bytes": victim.num_bytes,
                                                                    "for": for_id})
             await self._delete(victim.id)
+            limit = self.limit_bytes()  # the disk may hold more now
 
     async def _delete(self, cid: str) -> None:
         """Forget the entry at once (so nothing new uses it), then move it aside and delete it."""
@@ -387,12 +393,3 @@ def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = Non
                            dataclasses.replace(settings, bearer_token=api_key, retries=1),
                            peer_sources=peer_sources, on_fetched=on_fetched)
 
-
-def open_dram_cache(config: StoreConfig) -> DramCache | None:
-    """The node's DRAM cache of loaded checkpoints, or None when `dram_budget_gb` is 0 (every load then
-    reads the SSD store)."""
-    if config.dram_budget_gb <= 0:
-        return None
-    from sllmd.checkpoint.dram import DramCache
-
-    return DramCache(int(config.dram_budget_gb * 2**30))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sllmd.checkpoint.errors import CheckpointError
+from sllmd.checkpoint.errors import CheckpointError, as_store_full
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES, SourceInfo, SourceKind, describe, normalize_source, source_kind
 from sllmd.checkpoint.manifest import FLOATING_DTYPES, Manifest, torch_name
 from sllmd.checkpoint.reader import read_manifest
@@ -103,12 +103,16 @@ def resolve_dtype(requested: str, config: dict[str, Any], weight_dtypes: list[st
 
 def _bad_checkpoint(source: str, exc: BaseException) -> SllmdError:
     """The client's error for a checkpoint that could not be had: a 400 naming what is wrong with it, or a 503
-    when its repository (a URL, the Hub) cannot be reached now, which a later attempt may get past."""
+    when its repository (a URL, the Hub) cannot be reached now or this node's store cannot hold it now, which a
+    later attempt may get past."""
+    if (full := as_store_full(exc)) is not None:
+        return full
     if isinstance(exc, RepositoryNotFound):
         return InvalidRequest(f"checkpoint {source}: {exc}", param="checkpoint", code="checkpoint_not_found")
     if isinstance(exc, RepositoryUnreachable):
         return Overloaded(f"checkpoint {source}: {exc}", retry_after_s=10, code="repository_unreachable")
-    return InvalidRequest(f"checkpoint {source}: {exc}", param="checkpoint")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # no path of this node's
+    return InvalidRequest(f"checkpoint {source}: {reason}", param="checkpoint")
 
 
 @dataclass

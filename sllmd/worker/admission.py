@@ -16,8 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
+from sllmd.checkpoint.errors import as_store_full
 from sllmd.config import ServingConfig
-from sllmd.errors import EngineFailed, ModelNotFound, Overloaded
+from sllmd.errors import EngineFailed, ModelNotFound, Overloaded, SllmdError
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import cold_start_wait_s, pick_instance
 from sllmd.state.models import InstanceState
@@ -99,7 +100,7 @@ class Admission:
                 if picked is not None:
                     return picked
                 if runtime.start_error is not None and not runtime.num_starting():
-                    return EngineFailed(f"model '{name}' failed to start: {runtime.start_error}")
+                    return start_failure(name, runtime.start_error)
                 return None
 
             async with runtime.changed:
@@ -146,3 +147,13 @@ def _describe_starts(starts: list[tuple[float, float]]) -> str:
         return "no instance of it is starting here"
     return "; ".join(f"its start, estimated at {estimated_s:.1f}s, has run {running_s:.1f}s"
                      for estimated_s, running_s in starts)
+
+
+def start_failure(model: str, error: BaseException) -> SllmdError:
+    """The client's error for a start of `model` that failed with `error`: a capacity condition of the node (its
+    store is full) is itself (503, retry later); any other is a 500 naming the cause without a server path."""
+    if (full := as_store_full(error)) is not None:
+        return full
+    # An OSError's str() names the file it failed on: the client gets only what went wrong.
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return EngineFailed(f"model '{model}' failed to start: {reason}")
