@@ -54,7 +54,7 @@ from sllmd.checkpoint.pool import (
     host_buffer,
     seal_read_only,
 )
-from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes, resident_fraction
+from sllmd.checkpoint.reader import IoMode, PartitionFiles, manifest_digest, read_manifest_bytes
 from sllmd.checkpoint.tensors import tensor_views
 from sllmd.checkpoint.threads import run_threads, start_threads
 from sllmd.types import LoadReport
@@ -276,16 +276,16 @@ class _Load:
     def direct(self) -> torch.Tensor:
         """CPU target: a checkpoint the page cache holds whole ("auto" mode) is mapped, not copied (`mapped`);
         otherwise every piece goes straight into its place in one page-aligned host buffer (fresh or recycled)."""
-        if (self.out is None and self.io_mode == "auto" and can_map(self.manifest)
-                and resident_fraction(self.path) == 1.0):
-            buffer = map_checkpoint(self.path, self.manifest)
-            if self.verify:
-                self.verify_memory(buffer)
-            return buffer
-        buffer = self.alloc(self.manifest.total_bytes) if self.out is None else self.out
-        whole = memoryview(buffer.numpy())
         files = PartitionFiles(self.path, self.manifest, self.io_mode)
         try:
+            if self.out is None and files.is_all_cached() and can_map(self.manifest):
+                buffer = map_checkpoint(self.path, self.manifest)
+                if self.verify:
+                    self.verify_memory(buffer)
+                return buffer
+            buffer = self.alloc(self.manifest.total_bytes) if self.out is None else self.out
+            whole = memoryview(buffer.numpy())
+
             def work(segment: _Segment, cancel: threading.Event) -> None:
                 hasher = xxhash.xxh3_128() if segment.digest else None
                 for piece in segment.pieces:

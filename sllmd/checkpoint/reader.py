@@ -257,8 +257,9 @@ class PartitionFiles:
     Shared by the readers (`preadv` is positional, so fds need no locking).
 
     In "auto" mode a piece whose pages are all in the page cache (asked once per file, at open) is copied
-    from there; any other piece is read with O_DIRECT. (Probing with `preadv2(RWF_NOWAIT)` instead was
-    measured 25% slower cold: a refused non-blocking read still starts readahead, so the disk reads twice.)
+    from there (`is_all_cached`: every piece is); any other piece is read with O_DIRECT. (Probing with
+    `preadv2(RWF_NOWAIT)` instead was measured 25% slower cold: a refused non-blocking read still starts
+    readahead, so the disk reads twice.)
     """
 
     def __init__(self, root: Path, manifest: Manifest, io_mode: IoMode) -> None:
@@ -278,8 +279,7 @@ class PartitionFiles:
                 else:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 self._direct.append(direct)
-                self._resident.append(_resident_pages(fd, part.nbytes)
-                                      if io_mode == "auto" and direct is not None else None)
+                self._resident.append(_resident_pages(fd, part.nbytes) if io_mode == "auto" else None)
         except BaseException:
             self.close()
             raise
@@ -299,6 +299,10 @@ class PartitionFiles:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+    def is_all_cached(self) -> bool:
+        """Whether the page cache held every page of every file at open ("auto" mode only; else False)."""
+        return all(resident is not None and all(resident) for resident in self._resident)
 
     def _is_cached(self, partition: int, offset: int, nbytes: int) -> bool:
         resident = self._resident[partition]

@@ -44,6 +44,7 @@ from sllmd.checkpoint.fetch import (
     source_kind,
 )
 from sllmd.checkpoint.manifest import MANIFEST_FILE
+from sllmd.checkpoint.progress import human_bytes
 from sllmd.checkpoint.url_fetch import FetchSettings
 from sllmd.config import StoreConfig
 from sllmd.types import Backend, Tier
@@ -63,10 +64,6 @@ def reads_store(backend: Backend, source: str) -> bool:
 
 class CheckpointInUse(CheckpointError):
     """The operation needs an entry that a running instance has pinned."""
-
-
-def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB"
 
 
 def checkpoint_id(source: str) -> str:
@@ -297,15 +294,17 @@ class CheckpointStore:
         """Evict least recently used unpinned entries until `need` more bytes fit `limit_bytes`."""
         limit = self.limit_bytes()
         if need > limit:
-            raise StoreFull(f"checkpoint needs {_gib(need)}, more than this node's store can hold ({_gib(limit)}: "
-                            f"store.ssd_budget_gb is {_gib(self.budget_bytes)}, less where the disk is smaller)")
+            raise StoreFull(f"checkpoint needs {human_bytes(need)}, more than this node's store can hold "
+                            f"({human_bytes(limit)}: store.ssd_budget_gb is {human_bytes(self.budget_bytes)}, "
+                            "less where the disk is smaller)")
         while self.used_bytes + need > limit:
             candidates = [e for e in self.entries() if not self.is_pinned(e.id) and e.id != for_id]
             if not candidates:
                 pinned = sum(e.num_bytes for e in self._entries.values() if self.is_pinned(e.id))
-                raise StoreFull(f"checkpoint needs {_gib(need)}; the store can hold {_gib(limit)}, {_gib(pinned)} "
-                                f"of it pinned by running instances and {_gib(sum(self._reserved.values()))} being "
-                                "fetched")
+                fetching = sum(self._reserved.values())
+                raise StoreFull(f"checkpoint needs {human_bytes(need)}; the store can hold {human_bytes(limit)}, "
+                                f"{human_bytes(pinned)} of it pinned by running instances and "
+                                f"{human_bytes(fetching)} being fetched")
             victim = candidates[0]
             log.info("evicting checkpoint from the store", extra={"checkpoint": victim.id, "bytes": victim.num_bytes,
                                                                    "for": for_id})

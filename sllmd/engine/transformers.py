@@ -348,8 +348,9 @@ class TransformersEngine(Engine):
             self._post(req, item)
         return goes_on
 
-    def _prefill(self, req: _Request) -> int | BaseException | None:
-        """The first token of `req` (or, decoding alone, its next); None if it was cancelled."""
+    def _own_step(self, req: _Request) -> int | BaseException | None:
+        """`req`'s next token from a pass of its own (its prefill, or a decode step of a model that cannot
+        batch); the error if that failed; None if it was cancelled."""
         if req.cancelled:
             return None
         try:
@@ -387,7 +388,7 @@ class TransformersEngine(Engine):
                     batch.remove(cancelled)
                     while waiting and not self._stopping and self._has_room([*batch.rows, *solo], waiting[0]):
                         req = waiting.pop(0)
-                        if self._hand_over(req, self._prefill(req)):
+                        if self._hand_over(req, self._own_step(req)):
                             if self._batchable:
                                 assert req.cache is not None
                                 batch.add(req, req.cache)
@@ -395,7 +396,7 @@ class TransformersEngine(Engine):
                             else:
                                 solo.append(req)
                     for req in list(solo):
-                        if not self._hand_over(req, self._prefill(req)):
+                        if not self._hand_over(req, self._own_step(req)):
                             solo.remove(req)
                     if batch.rows and not self._stopping:
                         rows = list(batch.rows)

@@ -86,7 +86,7 @@ def parse_frame(data: bytes) -> tuple[int, int, bytes]:
 
 
 def tokens_frame(stream_id: int, token_ids: Sequence[int]) -> bytes:
-    return _HEADER.pack(stream_id, TOKENS) + struct.pack(f"<{len(token_ids)}I", *token_ids)
+    return frame(stream_id, TOKENS, struct.pack(f"<{len(token_ids)}I", *token_ids))
 
 
 def end_frame(stream_id: int, num_prompt_tokens: int, num_generated: int) -> bytes:
