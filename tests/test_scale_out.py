@@ -89,7 +89,9 @@ def test_a_saturated_node_without_room_scales_out_onto_another_node(tmp_path, de
         assert n1.post("/admin/models", {"name": "demo", "checkpoint": str(demo_model_dir),
                                          "autoscaling": policy}).status_code == 201
         wait_until(lambda: "demo" in n2.models(), 5, "the model on n2", cluster)
-        reader = Stream(n1, "demo", 300)
+        # Long enough to keep n1's one instance busy through the second request's scale-out, also on a loaded
+        # machine (300 tokens could end first, and n1 then served the second request itself).
+        reader = Stream(n1, "demo", 1000)
         reader.start()
         assert reader.progressed.wait(60)
         assert instance_nodes(cluster, "demo") == ["n1"]  # n1's one slot, busy at its target concurrency
