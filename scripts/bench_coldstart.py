@@ -32,7 +32,7 @@ zero), drops the store's pages from the page cache, and measures:
   cold_over_hf_ssd, rewarm_over_hf_dram  sllmd's cold TTFT over the baseline of the same tier
 
 `--relayed` measures, instead, a request that enters a node which does not serve the model: a second daemon
-joins the first with no device slot (`devices.cpu_slots` 0), so every request sent to it is relayed:
+joins the first with no device (`devices.cpu_slots` 0), so every request sent to it is relayed:
   relayed_cold_ttft_s   first request, sent to the entry node, no instance anywhere (placement, start, relay)
   relayed_warm_ttft_s   the same request again, the instance warm on the serving node
   local_warm_ttft_s     the same request sent to the serving node itself
@@ -283,7 +283,7 @@ async def one_run(index: int, tmp: Path, checkpoint: Path, say) -> dict[str, Any
 
 async def relayed_run(index: int, tmp: Path, checkpoint: Path, backend: str, warm_requests: int, say
                       ) -> dict[str, Any]:
-    """One relayed-case run (see the module docstring): two fresh daemons, the entry one without slots."""
+    """One relayed-case run (see the module docstring): two fresh daemons, the entry one without devices."""
     run_dir = tmp / f"relayed{index}"
     run_dir.mkdir()
     deploy = [(MODEL, checkpoint)] if backend == "transformers" else []

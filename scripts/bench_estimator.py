@@ -7,7 +7,7 @@ under `--cache-dir`, with the demo model's tokenizer so requests work) on a real
 0.5 so every instance stops between rounds. Each round, for each model (smallest first, so the init fit
 sees every size): evict the store files' page cache (posix_fadvise DONTNEED, no root tricks), read the
 node's calibration from /metrics, send one completion (max_tokens 1) that starts an instance from zero,
-wait until the instance has stopped and its slot is free. One daemon per `--tiers` entry:
+wait until the instance has stopped and its memory is free. One daemon per `--tiers` entry:
 
 * ssd:  `[store] dram_budget_gb = 0`: every start reads the SSD store.
 * dram: a DRAM cache big enough for all models: a model's first start reads the SSD and fills the cache,
@@ -152,28 +152,24 @@ def ensure_models(cache_dir: Path, sizes_gb: list[float]) -> dict[str, Path]:
 # ---- one daemon ---------------------------------------------------------------------------------------------
 
 _METRIC = re.compile(
-    r'^(sllmd_estimator|sllmd_free_slots)(?:\{engine_kind="([^"]*)",quantity="([^"]*)",tier="([^"]*)"\})? (\S+)$')
+    r'^(sllmd_estimator)(?:\{engine_kind="([^"]*)",quantity="([^"]*)",tier="([^"]*)"\})? (\S+)$')
 KIND = EngineKind.TRANSFORMERS  # the engine every model here runs on
 
 
-async def read_metrics(session: aiohttp.ClientSession, url: str) -> tuple[Calibration, int]:
-    """(the node's calibration as its sllmd_estimator gauges show it, sllmd_free_slots)."""
+async def read_calibration(session: aiohttp.ClientSession, url: str) -> Calibration:
+    """The node's calibration as its sllmd_estimator gauges show it."""
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
     gauges: dict[tuple[str, str, str], float] = {}
-    free_slots = -1
     for line in text.splitlines():
         if m := _METRIC.match(line):
-            if m[1] == "sllmd_free_slots":
-                free_slots = int(float(m[5]))
-            else:
-                gauges[(m[3], m[4], m[2])] = float(m[5])
+            gauges[(m[3], m[4], m[2])] = float(m[5])
     calibration = Calibration(
         load_gbps={t: gauges[("load_gbps", str(t), "")] for t in (Tier.DRAM, Tier.SSD)},
         fetch_gbps={t: gauges[("fetch_gbps", str(t), "")] for t in (Tier.PEER, Tier.REPOSITORY)},
         init={k: LinearFit(gauges[("init_slope_s", "", k)], gauges[("init_intercept_s", "", k)]) for k in EngineKind},
         migration=LinearFit(gauges[("migration_slope_s", "", "")], gauges[("migration_intercept_s", "", "")]))
-    return calibration, free_slots
+    return calibration
 
 
 async def request_json(session: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> Any:
@@ -185,11 +181,12 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, bo
 
 
 async def wait_stopped(session: aiohttp.ClientSession, url: str, model: str) -> None:
-    """Until `model` has no instance and every slot is free again (its engine stopped, memory returned)."""
+    """Until `model` has no instance and every device's memory is free again (its engine stopped)."""
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline:
         view = await request_json(session, "GET", f"{url}/admin/models/{model}")
-        if not view["instances"] and (await read_metrics(session, url))[1] == NUM_CPU_SLOTS:
+        (node,) = (await request_json(session, "GET", f"{url}/admin/cluster"))["nodes"]
+        if not view["instances"] and all(d["free_bytes"] == d["budget_bytes"] for d in node["devices"]):
             return
         await asyncio.sleep(POLL_S)
     raise RuntimeError(f"{model}: instance not stopped {STOP_TIMEOUT_S:.0f}s after keep-alive")
@@ -246,7 +243,7 @@ async def run_daemon(daemon_tier: str, models: dict[str, Path], rounds: int,
             for round_index in range(rounds):
                 for name in models:
                     evict_page_cache(work / "data" / "store")
-                    calibrations.append((await read_metrics(session, url))[0])
+                    calibrations.append(await read_calibration(session, url))
                     began = time.perf_counter()
                     answer = await request_json(session, "POST", url + "/v1/completions", {
                         "model": name, "prompt": "Hello, my name is", "max_tokens": 1, "temperature": 0})
@@ -255,7 +252,7 @@ async def run_daemon(daemon_tier: str, models: dict[str, Path], rounds: int,
                     requests.append((name, time.perf_counter() - began))
                     await wait_stopped(session, url, name)
                 log(f"[{daemon_tier}] round {round_index + 1}/{rounds} done")
-            final = (await read_metrics(session, url))[0]
+            final = await read_calibration(session, url)
     except ChildError:
         raise
     except Exception as exc:

@@ -7,12 +7,12 @@
 # The GPU machine has Python 3.12, torch (CUDA), transformers, safetensors and aiohttp, and no network; what
 # else sllmd imports travels as wheels (.whl/, ignored by git: name it in the device tool's `carry`).
 # Checks, each writing its output under $OUT (or ./gpu-check-out) and going on when one fails:
-#   1. tests that take the CUDA path when a GPU is visible: the architecture matrix served from CUDA slots and
+#   1. tests that take the CUDA path when a GPU is visible: the architecture matrix served from CUDA devices and
 #      compared with transformers' generate(), the loader's pinned pool and device copies, migration between
-#      engines, the transformers engine;
+#      engines, the transformers engine, two instances sharing one GPU within their memory budgets;
 #   2. scripts/bench_loader.py --device cuda: SSD -> pinned pool -> GPU, and a DRAM-cache hit, against the disk
 #      and the host-to-device copy limits;
-#   3. scripts/bench_coldstart.py: a daemon's cold start on a CUDA slot (SSD tier, then DRAM tier after
+#   3. scripts/bench_coldstart.py: a daemon's cold start on a CUDA device (SSD tier, then DRAM tier after
 #      scale-to-zero) and the warm TTFT;
 #   4. the vLLM backend's GPU start path and sleep/wake (scripts/bench_vllm_start.py): only where vLLM imports;
 #      otherwise the summary says it was not verified.
@@ -59,7 +59,8 @@ run_check() {  # name, timeout seconds, command...
 }
 
 run_check tests 180 $PY -m pytest -q -x -p no:cacheprovider -m "not vllm" \
-    tests/test_architectures.py tests/test_loader.py tests/test_migration_engine.py tests/test_engine_transformers.py
+    tests/test_architectures.py tests/test_loader.py tests/test_migration_engine.py tests/test_engine_transformers.py \
+    tests/test_capacity.py
 run_check loader 100 $PY scripts/bench_loader.py --device cuda --size-gb 2 --runs 3 --json
 run_check coldstart 100 $PY scripts/bench_coldstart.py --json --runs 2
 if $PY -c 'import vllm' 2> /dev/null; then

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("sllmd.tools.verify", "re-hash every chunk of an sllmd checkpoint directory"),
     "cluster-keys": ("sllmd.tools.cluster_keys", "print a fresh CurveZMQ key pair for [cluster] as TOML lines"),
     "simulate": ("sllmd.sim.simulate", "compare cold-start placement policies on a simulated cluster"),
+    "ps": ("sllmd.tools.ps", "list the model instances running in the cluster (--url, --json)"),
+    "ls": ("sllmd.tools.ls", "list the deployed models: sizes, cached tiers, pins, instances (--url, --json)"),
 }
 
 
@@ -96,7 +98,7 @@ def run_daemon(argv: list[str]) -> int:
     from sllmd.daemon import StartupError, serve
     from sllmd.errors import SllmdError
     from sllmd.logs import configure_logging
-    from sllmd.worker.slots import DeviceConfigError
+    from sllmd.worker.devices import DeviceConfigError
 
     configure_logging(config.server.log_level, config.server.log_format)
     try:

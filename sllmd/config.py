@@ -45,10 +45,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DevicesConfig:
-    kind: str = "auto"  # auto: every visible CUDA device if any, else CPU slots
+    kind: str = "auto"  # auto: every visible CUDA device if any, else CPU devices
     cuda_devices: tuple[int, ...] = ()  # empty: all visible
-    cpu_slots: int = 2
-    cpu_slot_memory_gb: float = 4.0
+    cpu_slots: int = 2  # CPU devices
+    cpu_slot_memory_gb: float = 4.0  # memory budget of each CPU device
+    gpu_memory_reserve_gb: float = 1.0  # left free on each CUDA device (kernels' workspaces, fragmentation)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class ServingConfig:
     max_start_wait_s: float = 600.0  # the longest a request waits through a start that is within its estimate
     torch_threads: int = 0  # 0: torch's default
     max_batch_size: int = 32  # transformers backend: requests that decode together in one forward pass
-    max_batch_kv_gb: float = 2.0  # transformers backend: the decode batch's KV cache, at its longest possible
+    max_batch_kv_gb: float = 2.0  # an instance's KV cache at most (the memory it asks for, and its engine's cap)
+    pinned_memory_share: float = 0.5  # of each node's device memory, what min_instances' instances may hold
     migration_gap_tokens: int = 20  # catch-up ends once every moved request is at most this far behind
     migration_max_rounds: int = 8  # catch-up rounds before the cut-over happens anyway
     migration_step_timeout_s: float = 10.0  # longest wait for the destination's answer to one step
@@ -229,13 +231,15 @@ def _validate(config: Config) -> None:
         (not s.join or is_host_port(s.join), "server.join must be HOST:PORT"),
         (d.kind in ("auto", "cpu", "cuda"), "devices.kind must be auto|cpu|cuda"),
         (0 <= d.cpu_slots <= 1024, "devices.cpu_slots must be in 0..1024"),
-        (d.cpu_slot_memory_gb > 0, "devices.cpu_slot_memory_gb must be > 0"),
+        (0 < d.cpu_slot_memory_gb <= 1 << 20, "devices.cpu_slot_memory_gb must be in (0, 1048576]"),
+        (0 <= d.gpu_memory_reserve_gb <= 1024, "devices.gpu_memory_reserve_gb must be in 0..1024"),
         (v.max_queue_per_model >= 1, "serving.max_queue_per_model must be >= 1"),
         (v.queue_timeout_s > 0, "serving.queue_timeout_s must be > 0"),
         (v.max_start_wait_s >= v.queue_timeout_s, "serving.max_start_wait_s must be >= serving.queue_timeout_s"),
         (v.torch_threads >= 0, "serving.torch_threads must be >= 0"),
         (1 <= v.max_batch_size <= 4096, "serving.max_batch_size must be in 1..4096"),
         (v.max_batch_kv_gb > 0, "serving.max_batch_kv_gb must be > 0"),
+        (0 <= v.pinned_memory_share <= 1, "serving.pinned_memory_share must be in 0..1"),
         (v.migration_gap_tokens >= 0, "serving.migration_gap_tokens must be >= 0"),
         (v.migration_max_rounds >= 1, "serving.migration_max_rounds must be >= 1"),
         (v.migration_step_timeout_s > 0, "serving.migration_step_timeout_s must be > 0"),

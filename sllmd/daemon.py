@@ -117,15 +117,15 @@ async def _probe(node: Node) -> None:
     from sllmd.worker.probe import probe_bytes, probe_calibration
 
     worker, store = node.worker, node.config.store
-    if not worker.slots.slots:
-        return  # a node without device slots serves no model: nothing of its own to time
+    if not worker.devices.devices:
+        return  # a node without devices serves no model: nothing of its own to time
     num_bytes = probe_bytes(node.config.data_dir, store.probe_mb << 20)
     if not num_bytes:
         log.warning("too little free disk for the load bandwidth probe; estimates start from defaults",
                     extra={"data_dir": str(node.config.data_dir)})
         return
     try:
-        calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.slots.slots[0].device,
+        calibration = await asyncio.to_thread(probe_calibration, node.config.data_dir, worker.devices.devices[0].name,
                                               num_bytes, worker.estimates.calibration)
     except (OSError, SllmdError) as exc:
         log.warning("load bandwidth probe failed; estimates start from defaults", extra={"error": repr(exc)})
@@ -147,7 +147,8 @@ async def _serve_http(runner: web.AppRunner, node: Node) -> None:
         loop.add_signal_handler(signum, stop.set)
     log.info("serving", extra={"node_id": node.node_id, "http": f"{server.host}:{server.port}",
                                "peer": f"{server.host}:{server.peer_port}", "leader": node.state.leader_id,
-                               "slots": [s.device for s in node.worker.slots.slots]})
+                               "devices": [f"{d.name} {d.budget_bytes >> 20} MiB"
+                                           for d in node.worker.devices.devices]})
     notify_systemd("READY=1")
     await stop.wait()
     notify_systemd("STOPPING=1")

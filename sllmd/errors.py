@@ -82,6 +82,19 @@ class Overloaded(SllmdError):
         self.retry_after_s = retry_after_s
 
 
+class QueueFull(Overloaded):
+    """A model's requests in flight and waiting are at their bound: the client sends too many at once, so 429,
+    with OpenAI's rate-limit shape (the SDKs raise `RateLimitError` and back off by `Retry-After`)."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, model: str, capacity: int, *, retry_after_s: int = 1) -> None:
+        super().__init__(f"model '{model}' is at its bound of {capacity} requests in flight or waiting (ready "
+                         "instances x target_concurrency + serving.max_queue_per_model); retry later",
+                         retry_after_s=retry_after_s, code="queue_full")
+
+
 class EngineFailed(SllmdError):
     """An engine could not start or died while generating."""
 

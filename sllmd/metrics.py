@@ -52,7 +52,8 @@ class Metrics:
                                ["quantity", "tier", "engine_kind"], registry=r)
         self.instances = Gauge("sllmd_instances", "Instances on this node by state", ["model", "state"], registry=r)
         self.queued = Gauge("sllmd_queued_requests", "Requests waiting for an instance", ["model"], registry=r)
-        self.free_slots = Gauge("sllmd_free_slots", "Device slots not held by an instance", registry=r)
+        self.device_free_bytes = Gauge("sllmd_device_free_bytes", "Device memory budget not held by an instance",
+                                       ["device"], registry=r)
 
     def forget_model(self, model: str) -> None:
         """Drop the gauges of a removed model (counters and histograms keep its history)."""

@@ -23,7 +23,7 @@ from sllmd.engine.vllm_pool import EnginePool
 from sllmd.metrics import Metrics
 from sllmd.scheduler.estimate import Calibration, DeviceKind
 from sllmd.scheduler.placement import Migration, min_instances_share, plan_checkpoint_homes
-from sllmd.scheduler.status import InstanceStatus, NodeStatus, QueueStatus, SlotStatus
+from sllmd.scheduler.status import DeviceStatus, InstanceStatus, NodeStatus, QueueStatus
 from sllmd.serving.pipeline import Router
 from sllmd.serving.relay import READ_SLACK_S, Relay
 from sllmd.serving.tokenizers import Tokenizers
@@ -32,10 +32,10 @@ from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.tasks import TaskSet
 from sllmd.types import Tier
+from sllmd.worker.devices import DevicePool, detect_devices
 from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
 from sllmd.worker.manager import Worker
 from sllmd.worker.migration.source import MigrationService
-from sllmd.worker.slots import SlotPool, detect_slots, free_device_memory
 from sllmd.worker.warming import dram_cache_ids, page_cached_checkpoints
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,16 @@ class Node:
         api_key = next(iter(config.server.api_keys), None)
         checkpoints = open_store(config.data_dir, config.store, api_key=api_key,
                                  peer_sources=lambda cid: node._peer_sources(cid),
-                                 on_fetched=lambda tier, report: node.worker.on_fetched(tier, report))
-        slots = detect_slots(config.devices)  # all CUDA devices or all CPU slots
-        device = DeviceKind.CUDA if any(slot.device.startswith("cuda") for slot in slots) else DeviceKind.CPU
+                                 on_fetched=lambda tier, report: node.worker.on_fetched(tier, report),
+                                 eviction_cost=lambda cid, size: node.worker.checkpoint_eviction_cost(cid, size))
+        devices = detect_devices(config.devices)  # all CUDA devices or all CPU devices
+        device = DeviceKind.CUDA if any(d.name.startswith("cuda") for d in devices) else DeviceKind.CPU
         resources = EngineResources(dram_cache=open_dram_cache(config.store),
                                     max_batch_size=config.serving.max_batch_size,
                                     max_batch_kv_bytes=int(config.serving.max_batch_kv_gb * (1 << 30)),
                                     vllm_pool=EnginePool(config.serving.vllm_parked_engines),
                                     vllm_dir=config.data_dir / "vllm")
-        worker = Worker(node_id, SlotPool(slots), state, config.serving, metrics, checkpoints, engine_factory,
+        worker = Worker(node_id, DevicePool(devices), state, config.serving, metrics, checkpoints, engine_factory,
                         resources=resources,
                         calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps),
                         instances_elsewhere=lambda model: node._instances_elsewhere(model),
@@ -91,9 +92,11 @@ class Node:
         relay = Relay(node_id, api_key=api_key, read_timeout_s=config.serving.max_start_wait_s + READ_SLACK_S)
         migrations = MigrationService(state.cluster, worker, config.serving, on_migrated=lambda result: (
             worker.estimates.observe_migration(result.num_tokens, result.duration_s)))
-        placer = Placer(state, migrate=lambda migration: node._migrate_for_plan(migration))
+        placer = Placer(state, migrate=lambda migration: node._migrate_for_plan(migration),
+                        memory_need=lambda deployment: worker.estimates.memory_need(deployment).total_bytes)
         router = Router(state, worker, tokenizers, metrics, relay, placer)
-        deployments = DeploymentService(state, worker, tokenizers, checkpoints)
+        deployments = DeploymentService(state, worker, tokenizers, checkpoints,
+                                        cluster_budgets=lambda: node._cluster_budgets())
         node = cls(config, node_id, store, state, worker, router, deployments, metrics, relay, migrations)
         return node
 
@@ -220,28 +223,34 @@ class Node:
 
         self._tasks.spawn(fetch())
 
+    def _cluster_budgets(self) -> list[tuple[int, ...]]:
+        """The device budgets of this node and of every alive peer that reported its status."""
+        own = tuple(d.budget_bytes for d in self.worker.devices.devices)
+        return [own, *(tuple(d.budget_bytes for d in peer.status.devices) for peer in self.state.peers()
+                       if peer.is_alive and peer.status is not None)]
+
     def _soft_state(self) -> NodeStatus:
-        """This node's status, sent to every node in NODE_STATUS: slots with their free memory, checkpoints in
+        """This node's status, sent to every node in NODE_STATUS: devices with their free memory, checkpoints in
         DRAM (store ids: the DRAM cache's, and vLLM deployments' wholly in the page cache), per-model queue and
         in-flight counts, the estimator constants, the estimated seconds of starts under way, every instance
         with its requests in flight, and the DRAM budget's bytes free for warming and free SSD-store bytes:
         the scheduler's view of this node."""
-        worker, slots = self.worker, self.worker.slots
+        worker, devices = self.worker, self.worker.devices
         in_dram_cache = dram_cache_ids(worker.dram_cache)
         in_page_cache = page_cached_checkpoints(worker.store, (r.deployment for r in worker.runtimes.values()))
         pool = worker.resources.vllm_pool
+        kept, now = worker.kept_instances(), time.monotonic()
         return NodeStatus(
-            slots=tuple(SlotStatus(s.index, s.device, s.memory_bytes,
-                                   free_device_memory(s) if slots.holder(s) is None else 0, slots.holder(s))
-                        for s in slots.slots),
-            num_free_slots=slots.num_free,
+            devices=tuple(DeviceStatus(d.index, d.name, d.budget_bytes, devices.free_bytes(d))
+                          for d in devices.devices),
             dram_cached=(*in_dram_cache, *sorted(in_page_cache - set(in_dram_cache))),
             ssd_cached=tuple(entry.id for entry in worker.store.entries()),
             queues={name: QueueStatus(runtime.num_waiting, runtime.num_in_flight())
                     for name, runtime in worker.runtimes.items()},
             calibration=worker.estimates.calibration,
             pending_load_s=round(worker.pending_load_s(), 4),
-            instances=tuple(InstanceStatus(i.id, name, i.state, i.in_flight, i.num_tokens)
+            instances=tuple(InstanceStatus(i.id, name, i.state, i.in_flight, i.num_tokens, i.device.index,
+                                           i.memory_bytes, i in kept, round(runtime.request_rate.per_s(now), 6))
                             for name, runtime in worker.runtimes.items() for i in runtime.instances),
             free_dram_bytes=worker.warmer.free_bytes() if worker.warmer is not None else 0,
             free_ssd_bytes=max(0, worker.store.budget_bytes - worker.store.used_bytes),

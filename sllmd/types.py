@@ -57,6 +57,7 @@ class LoadReport:
     init_s: float  # everything else the engine did before it could serve
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase of the start, where the engine tells
     reused_engine: bool = False  # the start took a running (parked) engine: only its weights were loaded
+    weights_bytes: int = 0  # device memory its weights hold once loaded, where the engine can tell; 0: unknown
 
 
 MAX_MODEL_NAME_LENGTH = 128

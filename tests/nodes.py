@@ -52,6 +52,23 @@ class RunningNode:
             return await response.json()
 
 
+# A CPU device budget (devices.cpu_slot_memory_gb) that holds one instance of the demo model and not two: one
+# asks ~130 MiB (1.8 MB of weights, 64 MiB of KV budget: 32 requests at its 1024 tokens, 64 MiB of overhead).
+# ONE_DEMO_DEVICE: running_node settings for one such device.
+ONE_DEMO_INSTANCE_GB = 0.2
+ONE_DEMO_DEVICE = {"devices__cpu_slots": 1, "devices__cpu_slot_memory_gb": ONE_DEMO_INSTANCE_GB}
+
+
+def device_free_bytes(running: RunningNode) -> list[int]:
+    """Free memory of each of the node's devices, as its worker accounts it."""
+    return list(running.node.worker.devices.free_by_device())
+
+
+def all_devices_free(running: RunningNode) -> bool:
+    pool = running.node.worker.devices
+    return all(pool.free_bytes(d) == d.budget_bytes for d in pool.devices)
+
+
 @asynccontextmanager
 async def running_node(data_dir: Path, engine_factory: EngineFactory = default_engine_factory, *,
                        shutdown_timeout_s: float = 1.0, **settings: Any) -> AsyncIterator[RunningNode]:

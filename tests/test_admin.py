@@ -102,7 +102,7 @@ async def test_cluster_view(served):
         cluster = await response.json()
     (node,) = cluster["nodes"]
     assert cluster["leader"] == node["id"] and node["role"] == "leader" and node["alive"]
-    assert [slot["device"] for slot in node["slots"]] == ["cpu", "cpu"]
+    assert [(device["name"], device["budget_bytes"]) for device in node["devices"]] == [("cpu", 4 << 30)] * 2
 
 
 async def test_api_keys_guard_everything_but_health_and_metrics(served):

@@ -18,7 +18,7 @@ from sllmd.state.machine import SOFT_OPS
 from sllmd.state.models import InstanceState
 from sllmd.types import EngineKind
 from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
-from tests.nodes import RunningNode, running_node
+from tests.nodes import ONE_DEMO_DEVICE, ONE_DEMO_INSTANCE_GB, RunningNode, all_devices_free, running_node
 
 
 async def wait_until(predicate, timeout_s: float = 5.0) -> None:
@@ -38,7 +38,9 @@ async def long_stream(running: RunningNode, model: str, started: asyncio.Event, 
     body = {"model": model, "prompt": "Hello", "max_tokens": 1000, "temperature": 0, "stream": True}
     async with running.http.post(f"{running.url}/v1/completions", json=body) as response:
         assert response.status == 200
-        await response.content.readline()
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                break  # in flight on an instance (the comments before tell how its start goes)
         started.set()
         await release.wait()
 
@@ -47,7 +49,7 @@ async def test_scale_from_zero_then_keep_alive_scale_down(demo_model_dir, tmp_pa
     async with running_node(tmp_path) as running:
         await running.deploy("demo", demo_model_dir, keep_alive_s=0.3)
         assert num_instances(running, "demo") == 0  # nothing runs before the first request
-        assert running.node.worker.slots.num_free == 2
+        assert all_devices_free(running)
         status, body = await running.complete("demo")
         assert status == 200 and body["choices"][0]["text"]
         assert num_instances(running, "demo") == 1
@@ -55,7 +57,7 @@ async def test_scale_from_zero_then_keep_alive_scale_down(demo_model_dir, tmp_pa
         await wait_until(lambda: [(i.model, i.state) for i in running.node.state.instances()]
                          == [("demo", InstanceState.READY)])
         await wait_until(lambda: num_instances(running, "demo") == 0, timeout_s=3)
-        await wait_until(lambda: running.node.worker.slots.num_free == 2)
+        await wait_until(lambda: all_devices_free(running))
         await wait_until(lambda: running.node.state.instances() == [])
         status, _ = await running.complete("demo")  # and back up from zero
         assert status == 200
@@ -64,8 +66,9 @@ async def test_scale_from_zero_then_keep_alive_scale_down(demo_model_dir, tmp_pa
         assert 'sllmd_cold_starts_total{model="demo",tier="dram"} 1.0' in metrics  # the scale-down kept it in DRAM
 
 
-async def test_scale_out_across_two_slots_and_no_further(demo_model_dir, tmp_path):
-    async with running_node(tmp_path, devices__cpu_slots=2) as running:
+async def test_scale_out_across_two_devices_and_no_further(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, devices__cpu_slots=2,
+                            devices__cpu_slot_memory_gb=ONE_DEMO_INSTANCE_GB) as running:
         await running.deploy("demo", demo_model_dir, max_instances=4, target_concurrency=1, keep_alive_s=60)
         release = asyncio.Event()
         started = [asyncio.Event() for _ in range(4)]
@@ -73,8 +76,9 @@ async def test_scale_out_across_two_slots_and_no_further(demo_model_dir, tmp_pat
         for event in started:
             await asyncio.wait_for(event.wait(), 10)
         runtime = running.node.worker.runtimes["demo"]
-        await wait_until(lambda: len(runtime.ready()) == 2)  # demand 4 wanted 4; two slots cap it
-        assert len(runtime.instances) == 2 and running.node.worker.slots.num_free == 0
+        await wait_until(lambda: len(runtime.ready()) == 2)  # demand 4 wanted 4; two devices' memory caps it
+        assert len(runtime.instances) == 2
+        assert [i.device.index for i in runtime.instances] in ([0, 1], [1, 0])
         # Waiters took the first instance that became ready; the next request goes to the idle one.
         assert sum(i.in_flight for i in runtime.ready()) == 4
         fifth = asyncio.Event()
@@ -101,7 +105,7 @@ async def test_min_instances_start_at_deploy_and_patch_scales_down(demo_model_di
 
 
 async def test_idle_instance_of_another_model_is_evicted_for_a_cold_start(demo_model_dir, tmp_path):
-    async with running_node(tmp_path, devices__cpu_slots=1) as running:
+    async with running_node(tmp_path, **ONE_DEMO_DEVICE) as running:
         await running.deploy("a", demo_model_dir, keep_alive_s=600)
         await running.deploy("b", demo_model_dir, keep_alive_s=600)
         assert (await running.complete("a"))[0] == 200
@@ -110,7 +114,7 @@ async def test_idle_instance_of_another_model_is_evicted_for_a_cold_start(demo_m
 
 
 async def test_waiting_for_a_busy_node_times_out_with_503_and_retry_after(demo_model_dir, tmp_path):
-    async with running_node(tmp_path, devices__cpu_slots=1, serving__queue_timeout_s=0.3,
+    async with running_node(tmp_path, **ONE_DEMO_DEVICE, serving__queue_timeout_s=0.3,
                             serving__max_queue_per_model=1) as running:
         await running.deploy("a", demo_model_dir, keep_alive_s=600)
         await running.deploy("b", demo_model_dir, keep_alive_s=600)
@@ -122,11 +126,11 @@ async def test_waiting_for_a_busy_node_times_out_with_503_and_retry_after(demo_m
         await wait_until(lambda: running.node.worker.runtimes["b"].num_waiting == 1)
         async with running.http.post(f"{running.url}/v1/completions",
                                      json={"model": "b", "prompt": "x"}) as response:
-            assert response.status == 503
+            assert response.status == 429
             assert response.headers["Retry-After"] == "1"
             assert (await response.json())["error"]["code"] == "queue_full"
         status, body = await waiting
-        assert status == 503 and body["error"]["code"] == "cold_start_timeout"
+        assert status == 503 and body["error"]["code"] == "no_capacity"  # nothing starting: memory is the cause
         release.set()
         await holder
         assert (await running.complete("a"))[0] == 200  # still serving
@@ -175,17 +179,17 @@ async def test_a_start_slower_than_the_queue_timeout_but_within_its_estimate_is_
         assert instance.estimated_start_s >= 3.0
 
 
-async def test_a_start_that_begins_while_a_request_waits_for_a_slot_extends_its_wait(demo_model_dir, tmp_path):
-    async with node_with_slow_starts(tmp_path, {"b": 1.5}, init_s=3.0, devices__cpu_slots=1,
+async def test_a_start_that_begins_while_a_request_waits_for_memory_extends_its_wait(demo_model_dir, tmp_path):
+    async with node_with_slow_starts(tmp_path, {"b": 1.5}, init_s=3.0, **ONE_DEMO_DEVICE,
                                      serving__queue_timeout_s=0.5) as running:
         await running.deploy("a", demo_model_dir, keep_alive_s=0.2)
         await running.deploy("b", demo_model_dir)
         started, release = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(long_stream(running, "a", started, release))
         await asyncio.wait_for(started.wait(), 10)
-        waiting = asyncio.create_task(timed_complete(running, "b"))  # no slot: waits with nothing starting
+        waiting = asyncio.create_task(timed_complete(running, "b"))  # no room: waits with nothing starting
         await wait_until(lambda: running.node.worker.runtimes["b"].num_waiting == 1)
-        release.set()  # a idles out 0.2 s later, and b's slow start takes its slot
+        release.set()  # a idles out 0.2 s later, and b's slow start takes its memory
         await holder
         status, body, took_s = await waiting
         assert status == 200 and took_s > 1.5, body
@@ -202,27 +206,27 @@ async def test_a_start_that_never_ends_fails_its_waiters_after_the_bound_naming_
         message = body["error"]["message"]
         assert "did not become ready within 1.0s" in message and "estimated at 3." in message, message
         assert "has run 1." in message, message
-        # The start carries on (a slow one would still serve); it holds its slot meanwhile.
+        # The start carries on (a slow one would still serve); it holds its memory meanwhile.
         assert [i.state for i in running.node.worker.runtimes["hung"].instances] == [InstanceState.STARTING]
 
 
-async def test_a_model_that_fails_to_start_gets_500_and_frees_its_slot(demo_model_dir, tmp_path):
+async def test_a_model_that_fails_to_start_gets_500_and_frees_its_memory(demo_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(demo_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
     config["num_hidden_layers"] += 1  # converts fine; the engine finds a layer without weights
     (broken / "config.json").write_text(json.dumps(config))
-    async with running_node(tmp_path / "data", devices__cpu_slots=1) as running:
+    async with running_node(tmp_path / "data", **ONE_DEMO_DEVICE) as running:
         await running.deploy("broken", broken)
         await running.deploy("demo", demo_model_dir)
         status, body = await running.complete("broken")
         assert status == 500 and "failed to start" in body["error"]["message"]
-        assert running.node.worker.slots.num_free == 1
+        assert all_devices_free(running)
         assert (await running.complete("demo"))[0] == 200
 
 
 async def test_deleting_a_model_fails_its_waiters_with_404(demo_model_dir, tmp_path):
-    async with running_node(tmp_path, devices__cpu_slots=1) as running:
+    async with running_node(tmp_path, **ONE_DEMO_DEVICE) as running:
         await running.deploy("a", demo_model_dir)
         await running.deploy("b", demo_model_dir)
         started, release = asyncio.Event(), asyncio.Event()
@@ -253,8 +257,8 @@ async def test_deployments_survive_a_restart_and_stale_instances_are_cleared(dem
         assert restarted.node.worker.runtimes["demo"].instances[0].state is InstanceState.READY
 
 
-async def test_a_warm_model_at_capacity_answers_503(demo_model_dir, tmp_path):
-    async with running_node(tmp_path, devices__cpu_slots=1, serving__max_queue_per_model=1) as running:
+async def test_a_warm_model_at_capacity_answers_429(demo_model_dir, tmp_path):
+    async with running_node(tmp_path, **ONE_DEMO_DEVICE, serving__max_queue_per_model=1) as running:
         await running.deploy("demo", demo_model_dir, max_instances=1, target_concurrency=1)
         release = asyncio.Event()
         started = [asyncio.Event(), asyncio.Event()]
@@ -264,7 +268,7 @@ async def test_a_warm_model_at_capacity_answers_503(demo_model_dir, tmp_path):
             holders.append(asyncio.create_task(long_stream(running, "demo", event, release)))
             await asyncio.wait_for(event.wait(), 10)
         status, body = await running.complete("demo")
-        assert status == 503 and body["error"]["code"] == "queue_full"
+        assert status == 429 and body["error"]["code"] == "queue_full"
         release.set()
         await asyncio.gather(*holders)
         assert (await running.complete("demo"))[0] == 200
@@ -284,9 +288,11 @@ async def test_cluster_view_reports_soft_state_after_loads(demo_model_dir, tmp_p
         assert node["pending_load_s"] == 0 and len(node["ssd_cached"]) == 1
         assert [(i["model"], i["requests"], i["state"]) for i in node["instances"]] == [("demo", 0, "ready")]
         assert len(node["dram_cached"]) == 1  # ... and its buffer stays in the DRAM cache
-        held = [slot for slot in node["slots"] if slot["instance"]]
-        assert len(held) == 1 and held[0]["free_memory_bytes"] == 0
-        assert all(slot["free_memory_bytes"] == slot["memory_bytes"] for slot in node["slots"] if not slot["instance"])
+        (instance,) = node["instances"]
+        need = running.node.worker.estimates.memory_need(running.node.state.deployment("demo")).total_bytes
+        assert instance["memory_bytes"] == need and instance["kept"] is False
+        held = {d["index"]: d["budget_bytes"] - d["free_bytes"] for d in node["devices"]}
+        assert held == {instance["device"]: need, 1 - instance["device"]: 0}
 
 
 async def test_a_node_whose_instance_records_were_dropped_records_them_again(demo_model_dir, tmp_path):

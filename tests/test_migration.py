@@ -1,5 +1,5 @@
 """Live migration between two real `sllmd` processes: requests moved mid-stream keep one uninterrupted SSE
-stream with the tokens of an unmigrated run; slots end up held once; the admin route's errors; a
+stream with the tokens of an unmigrated run; device memory ends up held once; the admin route's errors; a
 destination that dies before the cut-over leaves the requests running on the source; a source that dies
 after the cut-over leaves nothing held on the destination."""
 
@@ -74,12 +74,16 @@ def instance_id(member: Member) -> str:
     return instance["id"]
 
 
-def held_slots(member: Member) -> list[str]:
+def holders(member: Member) -> list[str]:
+    """The instances holding device memory on `member`, as its own status says; their holds must be all the
+    memory its devices have lent."""
     (view,) = [n for n in member.get("/admin/cluster")["nodes"] if n["id"] == member.node_id]
-    return [slot["instance"] for slot in view["slots"] if slot["instance"]]
+    held = sum(device["budget_bytes"] - device["free_bytes"] for device in view["devices"])
+    assert held == sum(instance["memory_bytes"] for instance in view["instances"]), view
+    return [instance["id"] for instance in view["instances"]]
 
 
-def test_requests_move_mid_stream_with_identical_output_and_one_slot_held(pair):
+def test_requests_move_mid_stream_with_identical_output_and_memory_held_once(pair):
     source, destination = pair
     expected, _ = run(source, 150)
     moved_id = instance_id(source)
@@ -96,10 +100,10 @@ def test_requests_move_mid_stream_with_identical_output_and_one_slot_held(pair):
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
         assert text_of(events) == text_of(reference)
         assert events[-2]["usage"] == reference[-2]["usage"]
-    # The source's slot is free; the destination holds exactly one, for the new instance.
-    assert held_slots(source) == [] and source.get("/admin/models/demo")["instances"] == []
+    # The source's memory is free; the destination's holds exactly the new instance.
+    assert holders(source) == [] and source.get("/admin/models/demo")["instances"] == []
     (new_instance,) = destination.get("/admin/models/demo")["instances"]
-    wait_until(lambda: held_slots(destination) == [new_instance["id"]], 5, "d's slot", pair)
+    wait_until(lambda: holders(destination) == [new_instance["id"]], 5, "d's one instance", pair)
     assert new_instance["in_flight"] == 0 and new_instance["num_tokens"] == 0
 
 
@@ -139,7 +143,7 @@ def test_destination_dying_before_the_cut_over_leaves_the_requests_on_the_source
     assert reply.json()["outcome"] == "aborted" and "silent" in reply.json()["reason"]
     for events, reference in zip(got, expected, strict=True):
         assert events[-1] == "[DONE]" and text_of(events) == text_of(reference)
-    assert instance_id(source) == moved_id and held_slots(source) == [moved_id]
+    assert instance_id(source) == moved_id and holders(source) == [moved_id]
     assert source.get("/admin/models/demo")["instances"][0]["in_flight"] == 0
 
 
@@ -165,4 +169,4 @@ def test_source_dying_after_the_cut_over_frees_the_destination(pair):
                "d dropping the orphaned requests", [destination])
     print(f"d dropped the requests {time.monotonic() - began:.2f}s after s died")
     (instance,) = destination.get("/admin/models/demo")["instances"]
-    assert held_slots(destination) == [instance["id"]]
+    assert holders(destination) == [instance["id"]]

@@ -18,15 +18,16 @@ from sllmd.scheduler.placement import (
 from sllmd.types import EngineKind, Tier
 
 GB = 10**9
+DEVICE = 80 * GB  # a device's memory; every instance here asks for a whole one
 HF = EngineKind.TRANSFORMERS
 CAL = Calibration.defaults()
-SPEC = InstanceSpec("m", HF, 2 * GB, max_instances=2)
+SPEC = InstanceSpec("m", HF, 2 * GB, 2, DEVICE)
 SSD_S = load_time_s(HF, 2 * GB, Tier.SSD, CAL)
 
 
 def node(node_id: str, *, alive: bool = True, free: int = 1, ssd: bool = True, dram: bool = False,
          pending: float = 0.0, live: int = 0) -> NodeState:
-    return NodeState(node_id, is_alive=alive, num_free_slots=free, calibration=CAL,
+    return NodeState(node_id, is_alive=alive, free_memory=(DEVICE,) * free, calibration=CAL,
                      ssd_models=frozenset({"m"} if ssd else ()), dram_models=frozenset({"m"} if dram else ()),
                      pending_load_s=pending, loads={"m": ModelLoad(num_ready=live)} if live else {})
 
@@ -38,7 +39,8 @@ def plan(states, reservations=(), *, asked_by: str | None = None, now: float = 1
 def test_a_new_instance_goes_where_it_serves_soonest_and_is_reserved():
     placement, reservations = plan([node("a"), node("b", dram=True)])
     assert placement is not None and placement.node_id == "b" and placement.start.tier is Tier.DRAM
-    assert reservations == (Reservation("m", "b", placement.start.estimated_s, 0.0, 100.0, 0),)  # DRAM: no transfer
+    # DRAM: no transfer; the instance's memory on device 0 is held.
+    assert reservations == (Reservation("m", "b", placement.start.estimated_s, 0.0, 100.0, 0, 0, DEVICE),)
     placement, (reservation,) = plan([node("a"), node("b", pending=10.0)])
     assert placement.node_id == "a"
     assert reservation.transfer_s == pytest.approx(transfer_time_s(2 * GB, Tier.SSD, CAL))
@@ -71,7 +73,7 @@ def test_a_reservation_holds_the_slot_and_counts_against_max_instances():
 
 
 def test_a_reserved_transfer_queues_later_starts_on_that_node_while_it_lasts():
-    other = InstanceSpec("x", HF, 2 * GB, 4)  # in no node's store: fetched from the repository
+    other = InstanceSpec("x", HF, 2 * GB, 4, DEVICE)  # in no node's store: fetched from the repository
     _, (reservation,) = plan([node("a"), node("b", pending=5.0)], spec=other)
     assert reservation.node_id == "a"
     assert reservation.transfer_s == pytest.approx(transfer_time_s(2 * GB, Tier.REPOSITORY, CAL))
@@ -82,15 +84,16 @@ def test_a_reserved_transfer_queues_later_starts_on_that_node_while_it_lasts():
 
 
 def test_a_reservation_ends_when_its_start_shows_or_after_its_estimate_and_the_slack():
-    _, (reservation,) = plan([node("a")], spec=InstanceSpec("m", HF, 2 * GB, 1))
+    _, (reservation,) = plan([node("a")], spec=InstanceSpec("m", HF, 2 * GB, 1, DEVICE))
     shown = [node("a", free=0, live=1)]
     assert plan(shown, (reservation,), now=100.1)[1] == ()
-    placement, held = plan([node("a")], (reservation,), now=100.1, spec=InstanceSpec("m", HF, 2 * GB, 1))
+    placement, held = plan([node("a")], (reservation,), now=100.1, spec=InstanceSpec("m", HF, 2 * GB, 1, DEVICE))
     assert placement == Placement("a") and held == (reservation,)  # not shown yet: held, at max_instances
     expired_at = 100.0 + reservation.estimated_s + RESERVATION_SLACK_S + 0.01
-    placement, held = plan([node("a")], (reservation,), now=expired_at, spec=InstanceSpec("m", HF, 2 * GB, 1))
+    placement, held = plan([node("a")], (reservation,), now=expired_at,
+                           spec=InstanceSpec("m", HF, 2 * GB, 1, DEVICE))
     assert placement.start is not None and held == (Reservation("m", "a", placement.start.estimated_s,
-                                                                reservation.transfer_s, expired_at, 0),)
+                                                                reservation.transfer_s, expired_at, 0, 0, DEVICE),)
 
 
 @pytest.mark.parametrize(("entry_pending", "expected"), [

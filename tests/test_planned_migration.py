@@ -1,7 +1,8 @@
 """The leader's startup-time placement migrates a running instance when that starts a cold model soonest.
 
-Two real `sllmd` processes with one device slot each. Node n1 holds a ~1 GB checkpoint on its SSD and
-its only slot is busy streaming the demo model; n2 has a free slot but would first have to fetch the
+Two real `sllmd` processes with one device each, whose memory holds one instance of either model but not
+both. Node n1 holds a ~1 GB checkpoint on its SSD and its device is busy streaming the demo model; n2 has
+room but would first have to fetch the
 checkpoint from n1 over a link configured as slow (0.1 GB/s: ~10 s for the big model, against ~3 s for
 a migration and a load from n1's SSD, so the choice does not hinge on this machine's timing). A request
 for the big model entering at n2 is placed on n1, the demo model's running instance migrates to n2 (its
@@ -54,15 +55,18 @@ def big_model(demo_model_dir: Path, dst: Path) -> Path:
 
 def home_on(node_id: str, nodes: list[str], prefix: str) -> str:
     """A model name whose single checkpoint home (rendezvous hashing) is `node_id`."""
-    states = [NodeState(n, True, 0, Calibration.defaults(), free_ssd_bytes=1 << 40) for n in nodes]
+    states = [NodeState(n, True, (), Calibration.defaults(), free_ssd_bytes=1 << 40) for n in nodes]
     return next(name for name in (f"{prefix}-{i}" for i in range(100))
                 if plan_checkpoint_homes(name, 0, states, 1) == [node_id])
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[Member]]:
-    # No probes: the slow link must not be measured away.
-    env = {"SLLMD_DEVICES_CPU_SLOTS": "1", "SLLMD_CLUSTER_CHECKPOINT_COPIES": "1",
+    # No probes: the slow link must not be measured away. With a KV budget of 0.05 GiB, an instance of the
+    # big model asks 1.00 GiB (0.88 of weights, 0.05 of KV, 0.06 of overhead) and the demo's 0.11 GiB: a
+    # device of 1.06 GiB holds one of either, not both.
+    env = {"SLLMD_DEVICES_CPU_SLOTS": "1", "SLLMD_DEVICES_CPU_SLOT_MEMORY_GB": "1.06",
+           "SLLMD_SERVING_MAX_BATCH_KV_GB": "0.05", "SLLMD_CLUSTER_CHECKPOINT_COPIES": "1",
            "SLLMD_CLUSTER_PEER_LINK_GBPS": "0.1", "SLLMD_STORE_PROBE_MB": "0"}
     with running_cluster(tmp_path, ["n1", "n2"], env=env) as members:
         yield members
@@ -72,7 +76,7 @@ def instance_nodes(members: list[Member], model: str) -> list[str]:
     return [m.node_id for m in members for _ in m.get(f"/admin/models/{model}")["instances"]]
 
 
-def test_a_busy_slot_holding_the_fast_copy_is_freed_by_migrating_its_instance(cluster, demo_model_dir, tmp_path):
+def test_a_busy_device_beside_the_fast_copy_is_freed_by_migrating_its_instance(cluster, demo_model_dir, tmp_path):
     n1, n2 = cluster
     names = [m.node_id for m in cluster]
     small, big = home_on("n1", names, "small"), home_on("n1", names, "big")
@@ -84,7 +88,7 @@ def test_a_busy_slot_holding_the_fast_copy_is_freed_by_migrating_its_instance(cl
     # Long enough (~8 s here) that the placement below happens while it streams.
     body = {"model": small, "prompt": "Once upon", "max_tokens": 800, "temperature": 0, "stream": True}
     reference = n1.post("/v1/completions", {**body, "stream": False}, timeout_s=120).json()["choices"][0]["text"]
-    assert instance_nodes(cluster, small) == ["n1"]  # n1's one slot
+    assert instance_nodes(cluster, small) == ["n1"]  # on n1's one device
     wait_until(lambda: any(n["id"] == "n1" and n["instances"] for n in n2.get("/admin/cluster")["nodes"]), 5,
                "n1's instance in n2's view", cluster)
 

@@ -9,17 +9,20 @@ from sllmd.scheduler.routing import AskLeader, RelayTo, ServeHere, has_room, rou
 from sllmd.types import AutoscalingPolicy, EngineKind
 
 POLICY = AutoscalingPolicy(max_instances=4, target_concurrency=2)
+DEVICE = 80 * 10**9  # what one instance asks
 HERE = ServeHere()
 
 
 def node(node_id: str, *, alive: bool = True, free: int = 0, ready: int = 0, starting: int = 0, requests: int = 0,
          idle_other: bool = False, kept_other: bool = False) -> NodeState:
-    """A node with `ready`/`starting` instances of model "m" and `requests` for it; `idle_other`/`kept_other`:
-    an idle instance of another model, evictable or kept for min_instances."""
-    instances = tuple(RunningInstance(f"{node_id}-x", "x", EngineKind.TRANSFORMERS, 0, 0, is_kept=kept_other)
+    """A node with `ready`/`starting` instances of model "m" and `requests` for it, and room for `free` more on
+    its first device; `idle_other`/`kept_other`: an idle instance of another model filling a second device,
+    evictable or kept for min_instances."""
+    instances = tuple(RunningInstance(f"{node_id}-x", "x", EngineKind.TRANSFORMERS, 0, 0, is_kept=kept_other,
+                                      device=1, memory_bytes=DEVICE)
                       for _ in range(idle_other or kept_other))
     loads = {"m": ModelLoad(ready, starting, requests)} if ready or starting or requests else {}
-    return NodeState(node_id, is_alive=alive, num_free_slots=free, instances=instances, loads=loads)
+    return NodeState(node_id, is_alive=alive, free_memory=(free * DEVICE, 0), instances=instances, loads=loads)
 
 
 def ask(fallback: ServeHere | RelayTo, *eligible: str) -> AskLeader:
@@ -36,8 +39,9 @@ def ask(fallback: ServeHere | RelayTo, *eligible: str) -> AskLeader:
     ([node("a", starting=1), node("b", ready=1, requests=1)], RelayTo("b")),
     ([node("a", free=2), node("b", starting=1)], RelayTo("b")),
     ([node("a", starting=1), node("b", starting=1)], HERE),
-    # No instance anywhere: ask the leader; without an answer, here if it can start one (a free slot or an
-    # evictable instance), else the alive node with the most free slots, else here, queued.
+    # No instance anywhere: ask the leader; without an answer, here if it can start one (room on a device, or
+    # after evicting an idle instance), else the alive node with the most memory free on one device, else
+    # here, queued.
     ([node("a", free=1), node("b", free=8)], ask(HERE, "a", "b")),
     ([node("a", idle_other=True), node("b", free=8)], ask(HERE, "a", "b")),
     ([node("a", kept_other=True), node("b", free=1), node("c", free=3)], ask(RelayTo("c"), "a", "b", "c")),
@@ -56,28 +60,28 @@ def ask(fallback: ServeHere | RelayTo, *eligible: str) -> AskLeader:
     ([node("a", alive=False, ready=1), node("b", ready=1)], HERE),
 ])
 def test_route(nodes, expected):
-    assert route("m", POLICY, nodes, local_id="a") == expected
+    assert route("m", POLICY, nodes, local_id="a", memory_bytes=DEVICE) == expected
 
 
 def test_nodes_a_relay_failed_to_lately_count_as_dead():
     nodes = [node("a", free=1), node("b", ready=1), node("c", ready=1, requests=1)]
-    assert route("m", POLICY, nodes, local_id="a") == RelayTo("b")
-    assert route("m", POLICY, nodes, local_id="a", avoid={"b"}) == RelayTo("c")
-    assert route("m", POLICY, nodes, local_id="a", avoid={"b", "c"}) == ask(HERE, "a")
+    assert route("m", POLICY, nodes, local_id="a", memory_bytes=DEVICE) == RelayTo("b")
+    assert route("m", POLICY, nodes, local_id="a", memory_bytes=DEVICE, avoid={"b"}) == RelayTo("c")
+    assert route("m", POLICY, nodes, local_id="a", memory_bytes=DEVICE, avoid={"b", "c"}) == ask(HERE, "a")
 
 
 def test_requests_relayed_there_count_when_its_status_lags():
     nodes = [node("a"), node("b", ready=1), node("c", ready=1, requests=1)]
-    assert route("m", POLICY, nodes, local_id="a", num_relayed={"b": 2}) == RelayTo("c")
-    assert route("m", POLICY, [node("a"), node("b", ready=1)], local_id="a", num_relayed={"b": 2}) == ask(
-        RelayTo("b"), "a", "b")
+    assert route("m", POLICY, nodes, local_id="a", memory_bytes=DEVICE, num_relayed={"b": 2}) == RelayTo("c")
+    assert route("m", POLICY, [node("a"), node("b", ready=1)], local_id="a", memory_bytes=DEVICE,
+                 num_relayed={"b": 2}) == ask(RelayTo("b"), "a", "b")
 
 
 def test_ties_break_by_node_id_whatever_the_order():
     for peers in ([node("c", ready=1), node("b", ready=1)], [node("b", ready=1), node("c", ready=1)]):
-        assert route("m", POLICY, [node("a"), *peers], local_id="a") == RelayTo("b")
+        assert route("m", POLICY, [node("a"), *peers], local_id="a", memory_bytes=DEVICE) == RelayTo("b")
     for peers in ([node("c", free=2), node("b", free=2)], [node("b", free=2), node("c", free=2)]):
-        assert route("m", POLICY, [node("z"), *peers], local_id="z").fallback == RelayTo("b")
+        assert route("m", POLICY, [node("z"), *peers], local_id="z", memory_bytes=DEVICE).fallback == RelayTo("b")
 
 
 @pytest.mark.parametrize(("placed", "expected"), [

@@ -67,11 +67,11 @@ def serving_node(members: list[Member], model: str) -> Member:
 
 
 def wait_known_everywhere(members: list[Member], model: str, serving: Member) -> None:
-    """Until every node's view shows `serving` holding a slot for `model` (its status messages, which are
+    """Until every node's view shows `serving` holding an instance of `model` (its status messages, which are
     what routing reads of other nodes)."""
     def holds(observer: Member) -> bool:
         node = next(n for n in observer.get("/admin/cluster")["nodes"] if n["id"] == serving.node_id)
-        return any((slot["instance"] or "").startswith(f"{model}-") for slot in node["slots"])
+        return any(instance["model"] == model for instance in node["instances"])
 
     wait_until(lambda: all(holds(m) for m in members), 5, f"{model} instance known everywhere", members)
 
@@ -323,7 +323,7 @@ async def test_relay_maps_peer_errors_and_broken_streams():
     seen: list[tuple[int, int, bytes]] = []
 
     async def overloaded(request: web.Request, ws: web.WebSocketResponse, stream_id: int, payload: bytes) -> None:
-        await ws.send_bytes(error_frame(stream_id, Overloaded("busy", retry_after_s=7, code="queue_full")))
+        await ws.send_bytes(error_frame(stream_id, Overloaded("busy", retry_after_s=7, code="cold_start_timeout")))
 
     async def broken(request: web.Request, ws: web.WebSocketResponse, stream_id: int, payload: bytes) -> None:
         await ws.send_bytes(tokens_frame(stream_id, (5, 17)))
@@ -338,7 +338,7 @@ async def test_relay_maps_peer_errors_and_broken_streams():
                 await drain(relay, address)
         error = raised.value  # the serving node's error as it was: class, body fields, retry hint
         assert (error.status, error.retry_after_s, error.to_body()) == (503, 7, {"error": {
-            "message": "busy", "type": "overloaded_error", "param": None, "code": "queue_full"}})
+            "message": "busy", "type": "overloaded_error", "param": None, "code": "cold_start_timeout"}})
         [(_, kind, payload)] = seen
         assert kind == OPEN and json.loads(payload) == {
             "model": "m", "prompt_ids": [1, 2], "generated": [], "max_tokens": 4, "temperature": 0.0,

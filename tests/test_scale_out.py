@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sllmd.node import MIN_INSTANCES_CHECK_S
+from tests.nodes import ONE_DEMO_INSTANCE_GB
 from tests.test_cluster import Member, running_cluster, wait_until
 
 
@@ -42,7 +43,9 @@ class Stream(threading.Thread):
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[Member]]:
-    with running_cluster(tmp_path, ["n1", "n2"], env={"SLLMD_CLUSTER_CHECKPOINT_COPIES": "2"},
+    # Each device holds one demo instance, so the nodes have room for 3 and 1.
+    with running_cluster(tmp_path, ["n1", "n2"], env={"SLLMD_CLUSTER_CHECKPOINT_COPIES": "2",
+                                                      "SLLMD_DEVICES_CPU_SLOT_MEMORY_GB": str(ONE_DEMO_INSTANCE_GB)},
                          node_env={"n1": {"SLLMD_DEVICES_CPU_SLOTS": "3"}, "n2": {"SLLMD_DEVICES_CPU_SLOTS": "1"}}
                          ) as members:
         yield members
@@ -54,8 +57,12 @@ def test_the_leader_places_every_new_instance_and_max_instances_holds_cluster_wi
     assert n1.post("/admin/models", {"name": "demo", "checkpoint": str(demo_model_dir),
                                      "autoscaling": policy}).status_code == 201
     wait_until(lambda: "demo" in n2.models(), 5, "the model on n2", cluster)
-    wait_until(lambda: all(sorted((n["id"], n["free_slots"]) for n in m.get("/admin/cluster")["nodes"])
-                           == [("n1", 3), ("n2", 1)] for m in cluster), 5, "each node's slots in every view", cluster)
+    def free_devices(node: dict) -> int:
+        return sum(device["free_bytes"] == device["budget_bytes"] for device in node["devices"])
+
+    wait_until(lambda: all(sorted((n["id"], free_devices(n)) for n in m.get("/admin/cluster")["nodes"])
+                           == [("n1", 3), ("n2", 1)] for m in cluster), 5, "each node's devices in every view",
+               cluster)
     streams = []
 
     def stream(member: Member, max_tokens: int) -> None:
@@ -70,7 +77,7 @@ def test_the_leader_places_every_new_instance_and_max_instances_holds_cluster_wi
     stream(n1, 700)  # n2 is at its target and full: the second instance goes to n1
     stream(n1, 500)  # n1's instance is at its target, n1 has room: still placed by the leader (n1)
     assert instance_nodes(cluster, "demo") == ["n1", "n1", "n2"]
-    # At max_instances: n1 has a free slot and local demand over target, yet no fourth instance.
+    # At max_instances: n1 has a free device and local demand over target, yet no fourth instance.
     reply = n1.post("/v1/completions", {"model": "demo", "prompt": "Hi", "max_tokens": 3}, timeout_s=120)
     assert reply.status_code == 200, reply.text
     assert instance_nodes(cluster, "demo") == ["n1", "n1", "n2"]
@@ -83,7 +90,9 @@ def test_the_leader_places_every_new_instance_and_max_instances_holds_cluster_wi
 
 
 def test_a_saturated_node_without_room_scales_out_onto_another_node(tmp_path, demo_model_dir):
-    with running_cluster(tmp_path, ["n1", "n2"], env={"SLLMD_DEVICES_CPU_SLOTS": "1"}) as cluster:
+    with running_cluster(tmp_path, ["n1", "n2"], env={"SLLMD_DEVICES_CPU_SLOTS": "1",
+                                                      "SLLMD_DEVICES_CPU_SLOT_MEMORY_GB": str(ONE_DEMO_INSTANCE_GB)}
+                         ) as cluster:
         n1, n2 = cluster
         policy = {"max_instances": 2, "target_concurrency": 1, "keep_alive_s": 300}
         assert n1.post("/admin/models", {"name": "demo", "checkpoint": str(demo_model_dir),
@@ -94,7 +103,7 @@ def test_a_saturated_node_without_room_scales_out_onto_another_node(tmp_path, de
         reader = Stream(n1, "demo", 1000)
         reader.start()
         assert reader.progressed.wait(60)
-        assert instance_nodes(cluster, "demo") == ["n1"]  # n1's one slot, busy at its target concurrency
+        assert instance_nodes(cluster, "demo") == ["n1"]  # n1's one instance, busy at its target concurrency
         reply = n1.post("/v1/completions", {"model": "demo", "prompt": "Hi", "max_tokens": 2}, timeout_s=60)
         assert reply.status_code == 200, reply.text
         assert instance_nodes(cluster, "demo") == ["n1", "n2"]  # the second instance went where there was room

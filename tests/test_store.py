@@ -80,6 +80,19 @@ async def test_lru_eviction_stays_under_budget(sources, tmp_path):
     assert store.used_bytes <= store.budget_bytes
 
 
+async def test_eviction_goes_by_cost_before_recency(sources, tmp_path):
+    # a is asked for and slow to fetch again; b and c cost nothing to lose (no model asks for them lately).
+    costly = {checkpoint_id(sources[0]): 5.0}
+    store = CheckpointStore(tmp_path / "store", budget_for(2, sources),
+                            eviction_cost=lambda cid, num_bytes: costly.get(cid, 0.0))
+    for source in sources[:3]:
+        await store.ensure(source)
+    assert [e.source for e in store.entries()] == [sources[0], sources[2]]  # b went, though a was older
+    costly[checkpoint_id(sources[2])] = 10.0
+    await store.ensure(sources[3])  # now a is the cheaper of the two to lose
+    assert [e.source for e in store.entries()] == [sources[2], sources[3]]
+
+
 async def test_pinned_entries_are_not_evicted(sources, tmp_path):
     store = CheckpointStore(tmp_path / "store", budget_for(2, sources))
     lease = await store.acquire(sources[0])

@@ -7,8 +7,9 @@ size, fingerprint and last use (wall-clock seconds), so LRU order survives resta
 An entry's id is derived from its normalised source (`checkpoint_id`), so every node, and every
 restart, finds a deployment's checkpoint from the deployment alone. Entries appear only complete: the
 fetcher builds them under a hidden name and renames them into place. The store keeps the bytes of its
-entries plus those being fetched within `budget_bytes`, evicting the least recently used entries that
-no instance has pinned.
+entries plus those being fetched within `budget_bytes` (less where the disk is smaller), evicting entries that
+no instance has pinned: the least valuable first by the node's `eviction_cost` (expected seconds of fetching
+again per second, per byte), then the least recently used.
 
 Not thread-safe: every method runs on the event loop. Blocking work (fetches, deletions) runs in
 threads; `ensure` of one id by many callers fetches once.
@@ -96,12 +97,14 @@ class CheckpointStore:
     def __init__(self, root: Path, budget_bytes: int, settings: FetchSettings | None = None,
                  peer_settings: FetchSettings | None = None, *,
                  peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: (),
-                 on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None) -> None:
+                 on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None,
+                 eviction_cost: Callable[[str, int], float] = lambda checkpoint_id, num_bytes: 0.0) -> None:
         """Open (creating) the store at `root`: remove crash leftovers, reconcile the index with the
         directories, evict down to `budget_bytes`. Blocking; call before the event loop is busy.
 
         `peer_sources(checkpoint id)`: base URLs (`peer_url`) of other nodes holding it, best first.
-        `on_fetched(tier, report)`: called after every completed fetch (the node's estimators learn from it)."""
+        `on_fetched(tier, report)`: called after every completed fetch (the node's estimators learn from it).
+        `eviction_cost(checkpoint id, bytes)`: what dropping that entry costs (see the module docstring)."""
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         self.root = Path(root)
@@ -110,6 +113,7 @@ class CheckpointStore:
         self.peer_settings = peer_settings or self.settings  # carries the cluster's API key, if any
         self.peer_sources = peer_sources
         self.on_fetched = on_fetched
+        self.eviction_cost = eviction_cost
         self._pins: Counter[str] = Counter()
         self._reserved: dict[str, int] = {}  # id -> bytes being fetched
         self._jobs: dict[str, asyncio.Task[tuple[Tier, FetchReport]]] = {}
@@ -181,9 +185,10 @@ class CheckpointStore:
         lease = await self._ensure(source, refresh=refresh, pin=False, progress=progress, show_bars=show_bars)
         return lease.path, lease.tier
 
-    async def acquire(self, source: str) -> CheckpointLease:
-        """`ensure` and `pin` in one step (no eviction can come between): for an instance's lifetime."""
-        return await self._ensure(source, refresh=False, pin=True)
+    async def acquire(self, source: str, *, progress: Progress | None = None) -> CheckpointLease:
+        """`ensure` and `pin` in one step (no eviction can come between): for an instance's lifetime. `progress`
+        hears the repository fetch this call starts, if any, as in `ensure`."""
+        return await self._ensure(source, refresh=False, pin=True, progress=progress)
 
     def release(self, lease: CheckpointLease) -> None:
         self.unpin(lease.id)
@@ -291,7 +296,7 @@ class CheckpointStore:
         return max(0, min(self.budget_bytes, on_disk + disk.free - min(DISK_RESERVE_BYTES, disk.total // 20)))
 
     async def _make_room(self, need: int, *, for_id: str) -> None:
-        """Evict least recently used unpinned entries until `need` more bytes fit `limit_bytes`."""
+        """Evict unpinned entries, least valuable first, until `need` more bytes fit `limit_bytes`."""
         limit = self.limit_bytes()
         if need > limit:
             raise StoreFull(f"checkpoint needs {human_bytes(need)}, more than this node's store can hold "
@@ -305,7 +310,8 @@ class CheckpointStore:
                 raise StoreFull(f"checkpoint needs {human_bytes(need)}; the store can hold {human_bytes(limit)}, "
                                 f"{human_bytes(pinned)} of it pinned by running instances and "
                                 f"{human_bytes(fetching)} being fetched")
-            victim = candidates[0]
+            victim = min(candidates, key=lambda e: (self.eviction_cost(e.id, e.num_bytes) / max(1, e.num_bytes),
+                                                    e.last_used, e.id))
             log.info("evicting checkpoint from the store", extra={"checkpoint": victim.id, "bytes": victim.num_bytes,
                                                                    "for": for_id})
             await self._delete(victim.id)
@@ -381,14 +387,16 @@ def peer_url(http_address: str, id: str) -> str:
 
 def open_store(data_dir: Path, config: StoreConfig, *, api_key: str | None = None,
                peer_sources: Callable[[str], Sequence[str]] = lambda checkpoint_id: (),
-               on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None) -> CheckpointStore:
+               on_fetched: Callable[[Tier, FetchReport], None] = lambda tier, report: None,
+               eviction_cost: Callable[[str, int], float] = lambda checkpoint_id, num_bytes: 0.0) -> CheckpointStore:
     """The node's store at `<data_dir>/store`, with the configured budget and fetch settings; `api_key`
-    authenticates its fetches from peers (`peer_sources`, `on_fetched`: see `CheckpointStore`)."""
+    authenticates its fetches from peers (`peer_sources`, `on_fetched`, `eviction_cost`: see
+    `CheckpointStore`)."""
     settings = FetchSettings(connections=config.fetch_connections, request_bytes=config.fetch_request_mb << 20,
                              timeout_s=config.fetch_timeout_s, retries=config.fetch_retries,
                              hub_endpoint=config.hub_endpoint or None)
     return CheckpointStore(Path(data_dir) / "store", int(config.ssd_budget_gb * 2**30), settings,
                            # One retry: a peer that fails is skipped for the repository, not waited for.
                            dataclasses.replace(settings, bearer_token=api_key, retries=1),
-                           peer_sources=peer_sources, on_fetched=on_fetched)
+                           peer_sources=peer_sources, on_fetched=on_fetched, eviction_cost=eviction_cost)
 

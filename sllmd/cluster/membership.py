@@ -21,7 +21,7 @@
   node record, so placement stops routing to it. The node re-registers what it runs when it restarts.
   REMOVE_NODE deletes a member's records for good.
 - Soft state: every STATUS_INTERVAL_S each node sends NODE_STATUS {role, status} to the others, `status`
-  being its `soft_state()` (a `scheduler.status.NodeStatus`: slots and their free memory, cache contents,
+  being its `soft_state()` (a `scheduler.status.NodeStatus`: devices and their free memory, cache contents,
   queues, calibration, instances) in wire form, or None on a node that has none (no worker). A status that
   does not decode is dropped whole. A node is "alive" if any message from it arrived within ALIVE_WINDOW_S.
   Approximate. `view()` is the cluster as this node sees it; `peers()` the others alone, which computes

@@ -3,7 +3,7 @@
 A node whose request needs a new instance (none of the model anywhere, or every one saturated) asks the
 leader with PLACE {id, model}; the leader answers PLACED {id, node} or {id} alone for "no node can take it
 now". The decision is `scheduler.placement.plan_new_instance` over every node's latest status (NODE_STATUS:
-free slots, DRAM and SSD contents, calibration, loads under way, running instances) and the replicated
+free device memory, DRAM and SSD contents, calibration, loads under way, running instances) and the replicated
 instance records, so it picks the node where the model will be serving soonest, migrating a running
 instance of another model away when that pays: the leader sends MIGRATE {instance, to} to the instance's
 node, whose `migrate` hook carries it out (or runs the hook itself when the instance is its own). The
@@ -32,6 +32,7 @@ from sllmd.checkpoint.store import checkpoint_id, reads_store
 from sllmd.scheduler.placement import InstanceSpec, Migration, NodeState, Reservation, plan_new_instance
 from sllmd.scheduler.status import PeerInfo
 from sllmd.scheduler.view import node_states
+from sllmd.state.models import Deployment
 from sllmd.tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -50,11 +51,13 @@ class PlacementMessage(enum.StrEnum):
 
 
 class Placer:
-    def __init__(self, state: ReplicatedStateMachine, *, migrate: Callable[[Migration], Awaitable[Any]] | None = None
-                 ) -> None:
-        """`migrate` carries out a planned migration of an instance on this node; None: plans never migrate."""
+    def __init__(self, state: ReplicatedStateMachine, *, migrate: Callable[[Migration], Awaitable[Any]] | None = None,
+                 memory_need: Callable[[Deployment], int] = lambda deployment: 0) -> None:
+        """`migrate` carries out a planned migration of an instance on this node; None: plans never migrate.
+        `memory_need(d)`: the device memory an instance of `d` asks for (this node's estimate, taken for all)."""
         self.state = state
         self.migrate = migrate
+        self.memory_need = memory_need
         self._reservations: tuple[Reservation, ...] = ()
         self._ids = itertools.count(1)
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -95,7 +98,7 @@ class Placer:
         if deployment is None:
             return None
         spec = InstanceSpec(model, deployment.engine_kind, deployment.checkpoint_bytes,
-                            deployment.autoscaling.max_instances)
+                            deployment.autoscaling.max_instances, self.memory_need(deployment))
         placement, self._reservations = plan_new_instance(
             spec, self.node_states(self.state.cluster_view().nodes), self._reservations, asked_by=asked_by,
             now=time.monotonic(), allow_migration=self.migrate is not None)

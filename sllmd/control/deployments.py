@@ -13,19 +13,21 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sllmd.checkpoint.errors import CheckpointError, as_store_full
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES, SourceInfo, SourceKind, describe, normalize_source, source_kind
-from sllmd.checkpoint.manifest import FLOATING_DTYPES, Manifest, torch_name
+from sllmd.checkpoint.manifest import DTYPE_SIZES, FLOATING_DTYPES, Manifest, torch_name
 from sllmd.checkpoint.reader import read_manifest
 from sllmd.checkpoint.store import CheckpointInUse, CheckpointStore, reads_store
 from sllmd.checkpoint.url_fetch import RepositoryNotFound, RepositoryUnreachable
 from sllmd.engine import check_model
 from sllmd.engine.base import AUTO_DTYPE, serving_dtype
 from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, SllmdError
+from sllmd.scheduler.memory import kv_bytes_per_token, pins_problem, weights_bytes
 from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
@@ -140,11 +142,14 @@ class DeployProgress:
 
 class DeploymentService:
     def __init__(self, state: LocalStateMachine, worker: Worker, tokenizers: Tokenizers,
-                 store: CheckpointStore) -> None:
+                 store: CheckpointStore, *, cluster_budgets: Callable[[], list[tuple[int, ...]]] | None = None) -> None:
+        """`cluster_budgets()`: the device memory budgets of every node of the cluster that serves models, this
+        one's included (default: this node's alone)."""
         self.state = state
         self.worker = worker
         self.tokenizers = tokenizers
         self.store = store
+        self.cluster_budgets = cluster_budgets or (lambda: [tuple(d.budget_bytes for d in worker.devices.devices)])
         self.preparing: dict[str, DeployProgress] = {}  # name -> a deploy of this node not yet committed
 
     async def deploy(self, spec: DeploySpec, *, show_progress: bool = False) -> Deployment:
@@ -171,19 +176,17 @@ class DeploymentService:
             await self._check_model(spec, config, source)
         if spec.backend is not Backend.DUMMY and num_bytes == 0:
             raise InvalidRequest(f"{source} holds no weight files", param="checkpoint")
-        largest = self.worker.slots.largest_slot_bytes
-        if spec.backend is not Backend.DUMMY and num_bytes > largest:
-            raise InvalidRequest(
-                f"checkpoint needs {num_bytes / 2**30:.2f} GiB, more than any device slot here "
-                f"({largest / 2**30:.2f} GiB)", param="checkpoint")
-        weight_dtypes: list[str] = []
+        if spec.backend is not Backend.DUMMY:  # before fetching: its weights alone must fit some device
+            self._check_fits(spec.name, num_bytes, "its checkpoint")
+        manifest: Manifest | None = None
         if reads_store(spec.backend, source):
             path, manifest = await self._fetch(source, progress, show_progress)
-            num_bytes, weight_dtypes = manifest.total_bytes, [t.dtype for t in manifest.tensors]
+            num_bytes = manifest.total_bytes
             if config is None:
                 config, _ = inspect_checkpoint(path)
                 await self._check_model(spec, config, source)
         assert config is not None
+        dtype = resolve_dtype(spec.dtype, config, [t.dtype for t in manifest.tensors] if manifest else [])
         progress.advance("register", progress.bytes_done, progress.bytes_total)
         try:
             await self.tokenizers.get(source)
@@ -198,10 +201,15 @@ class DeploymentService:
                                                   spec.max_model_len),
             checkpoint_bytes=0 if spec.backend is Backend.DUMMY else num_bytes,
             created_at=time.time(),
-            dtype=resolve_dtype(spec.dtype, config, weight_dtypes),
+            dtype=dtype,
             origin_node=self.worker.node_id if reads_store(spec.backend, source) else "",
             start_mode=spec.start_mode,
+            weights_bytes=0 if manifest is None or spec.backend is Backend.DUMMY else weights_bytes(
+                [(t.shape, t.dtype in FLOATING_DTYPES, DTYPE_SIZES[t.dtype]) for t in manifest.tensors], dtype),
+            kv_bytes_per_token=kv_bytes_per_token(config, dtype),
         )
+        self._check_fits(spec.name, self.worker.estimates.memory_need(deployment).total_bytes, "an instance")
+        self._check_pins(deployment)
         # Committing adopts it into every node's worker, this one's before propose returns (Node._adopt).
         await self.state.propose({"op": Op.DEPLOY, "deployment": deployment.to_wire()})
         return deployment
@@ -245,11 +253,32 @@ class DeploymentService:
                                                "bytes": manifest.total_bytes})
         return path, manifest
 
+    def _check_fits(self, name: str, num_bytes: int, what: str) -> None:
+        """InvalidRequest unless `num_bytes` fit the memory budget of some device of the cluster."""
+        largest = max((budget for budgets in self.cluster_budgets() for budget in budgets), default=0)
+        if num_bytes > largest:
+            raise InvalidRequest(
+                f"model '{name}' cannot be served: {what} needs {num_bytes / 2**30:.2f} GiB of device memory, more "
+                f"than any device of the cluster has ({largest / 2**30:.2f} GiB; devices.cpu_slot_memory_gb on CPU "
+                "nodes, less max_model_len or serving.max_batch_kv_gb shrink the KV cache)",
+                param="checkpoint", code="model_too_large")
+
+    def _check_pins(self, deployment: Deployment) -> None:
+        """InvalidRequest unless the min_instances of every deployment, `deployment` as given, fit the cluster's
+        pinned share of memory (`scheduler.memory.pins_problem`)."""
+        deployments = {**self.state.deployments(), deployment.name: deployment}
+        pins = {name: (d.autoscaling.min_instances, self.worker.estimates.memory_need(d).total_bytes)
+                for name, d in deployments.items()}
+        problem = pins_problem(pins, self.cluster_budgets(), self.worker.serving.pinned_memory_share)
+        if problem is not None:
+            raise InvalidRequest(problem, param="autoscaling.min_instances", code="pins_exceed_share")
+
     async def update_autoscaling(self, name: str, policy: AutoscalingPolicy) -> Deployment:
         current = self.state.deployment(name)
         if current is None:
             raise ModelNotFound(name)
         updated = current.with_autoscaling(policy)
+        self._check_pins(updated)
         await self.state.propose({"op": Op.UPDATE_DEPLOYMENT, "deployment": updated.to_wire()})
         return updated
 

@@ -56,9 +56,11 @@ def check_model(backend: Backend, config: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class EngineResources:
-    """What a node lends the engines it creates: its DRAM cache of checkpoints and its decode-batch limits (the
-    transformers backend reads through the one and batches within the others), and for vLLM engines the pool of
-    parked engines and the directory of shape directories and compile cache (see `sllmd.engine.vllm`)."""
+    """What a node lends the engines it creates: its DRAM cache of checkpoints, its decode-batch limits (the
+    transformers backend reads through the one and batches within the others) and the instance's KV-cache
+    budget (`max_batch_kv_bytes`: the transformers batch's cap, a vLLM engine's KV-cache size), and for vLLM
+    engines the pool of parked engines and the directory of shape directories and compile cache (see
+    `sllmd.engine.vllm`)."""
 
     dram_cache: DramCache | None = None
     max_batch_size: int = 32
@@ -82,7 +84,8 @@ def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *, dtype:
         return engine_class(checkpoint_dir, max_model_len=max_model_len)
     if backend is Backend.VLLM:
         return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, start_mode=start_mode,
-                            pool=resources.vllm_pool, vllm_dir=resources.vllm_dir)
+                            pool=resources.vllm_pool, vllm_dir=resources.vllm_dir,
+                            kv_cache_bytes=resources.max_batch_kv_bytes)
     return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len,
                         dram_cache=resources.dram_cache, max_batch_size=resources.max_batch_size,
                         max_batch_kv_bytes=resources.max_batch_kv_bytes)

@@ -155,3 +155,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def num_active(self) -> int:
         """Requests currently generating on this engine."""
+
+    @property
+    def has_died(self) -> bool:
+        """The engine ended on its own, not by `stop` (its worker thread or process died): it serves nothing
+        more, and its instance should be stopped to free what it holds."""
+        return False

@@ -169,3 +169,15 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes `model`'s parameters and buffers hold, each storage once (tied weights share one)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

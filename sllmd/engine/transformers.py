@@ -53,7 +53,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from sllmd.checkpoint.dram import DramCache
 from sllmd.engine.base import Engine, Prefill, check_request, check_token_ids
-from sllmd.engine.hf_model import check_architecture, load_model
+from sllmd.engine.hf_model import check_architecture, load_model, resident_bytes
 from sllmd.engine.kv_batch import DecodeBatch, can_batch, kv_bytes
 from sllmd.engine.sampling import choose_token
 from sllmd.errors import EngineFailed
@@ -154,6 +154,10 @@ class TransformersEngine(Engine):
         check_architecture(config)
 
     @property
+    def has_died(self) -> bool:
+        return self._closed_reason is not None and not self._stopping
+
+    @property
     def num_active(self) -> int:
         """Requests admitted and not yet released by the worker. A finished request is released
         before its last token is handed over; a closed one within one step of closing."""
@@ -177,7 +181,8 @@ class TransformersEngine(Engine):
         self._batchable = can_batch(cache)
         self._kv_bytes_per_token = kv_bytes(cache) if self._batchable else 0
         self._model = model
-        return dataclasses.replace(report, init_s=report.init_s + time.perf_counter() - t1)
+        return dataclasses.replace(report, init_s=report.init_s + time.perf_counter() - t1,
+                                   weights_bytes=resident_bytes(model))
 
     async def start(self) -> LoadReport:
         if self._thread is not None:

@@ -133,9 +133,9 @@ class VllmEngine(Engine):
         `start_mode`: "compiled" or "eager" (`enforce_eager`). `pool`: parked engines to take one from and park
         this one in (None: start fresh, shut down at stop). `vllm_dir`: where shape directories and the compile
         cache live (None: vLLM reads `checkpoint_dir` itself and keeps its default cache). `kv_cache_bytes`: KV
-        cache size; None lets vLLM size it (GPU memory utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which
-        also overrides this). The node's DRAM cache is no use here: vLLM's worker process cannot see it (see the
-        module docstring)."""
+        cache size (a node gives each engine its instance's KV budget); None lets vLLM size it (GPU memory
+        utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this). The node's DRAM cache is
+        no use here: vLLM's worker process cannot see it (see the module docstring)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype
@@ -173,17 +173,23 @@ class VllmEngine(Engine):
         return self._num_active
 
     @property
+    def has_died(self) -> bool:
+        return self._llm is not None and self._llm.errored
+
+    @property
     def _on_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
     def _host_bytes(self) -> int:
         """Host memory the engine holds parked: its weights (offloaded to host memory by sleep, on a GPU), and on
-        CPU its KV cache too (vLLM's `VLLM_CPU_KVCACHE_SPACE` GiB unless `kv_cache_bytes` says)."""
+        CPU its KV cache too: `VLLM_CPU_KVCACHE_SPACE` GiB where that is set (vLLM's CPU platform lets it
+        override the engine's setting), else `kv_cache_bytes`, else vLLM's CPU default of 4 GiB."""
         weights = sum(f.stat().st_size for f in self.checkpoint_dir.glob("data-*.bin")) or sum(
             f.stat().st_size for f in self.checkpoint_dir.glob("*.safetensors"))
         if self._on_gpu:
             return weights
-        kv = self.kv_cache_bytes or int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * 2**30)
+        space_gib = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        kv = int(float(space_gib) * 2**30) if space_gib else self.kv_cache_bytes or 4 * 2**30
         return weights + kv
 
     # ---- lifecycle -------------------------------------------------------------------------------

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
 
+from sllmd.checkpoint.store import checkpoint_id, reads_store
 from sllmd.control.deployments import DeploySpec
 from sllmd.engine.base import AUTO_DTYPE, DTYPE_ALIASES, SERVING_DTYPES, START_MODES, serving_dtype
 from sllmd.errors import EngineFailed, InvalidRequest, ModelNotFound
 from sllmd.http.keys import CONFIG, DEPLOYMENTS, MIGRATIONS, RELAY, STATE, WORKER
 from sllmd.http.schemas import parse_json_object
+from sllmd.scheduler.memory import MemoryNeed
+from sllmd.scheduler.status import PeerInfo
 from sllmd.serving.relay import RelayFailed
 from sllmd.state.machine import Op
-from sllmd.state.models import Deployment
+from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.types import AutoscalingPolicy, Backend
+from sllmd.worker.instance import Instance, ModelRuntime
 from sllmd.worker.manager import Worker
 
 DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len", "start_mode"})
@@ -33,6 +39,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/admin/models/{name}", get_model)
     router.add_patch("/admin/models/{name}", patch_model)
     router.add_delete("/admin/models/{name}", delete_model)
+    router.add_get("/admin/instances", list_instances)
     router.add_get("/admin/cluster", cluster)
     router.add_delete("/admin/cluster/nodes/{id}", remove_node)
     router.add_post("/admin/instances/{id}/migrate", migrate_instance)
@@ -96,26 +103,108 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
                       max_model_len, start_mode)
 
 
-def deployment_view(worker: Worker, deployment: Deployment) -> dict[str, Any]:
-    """A deployment and this node's instances of it (each node reports its own)."""
-    view = deployment.to_wire() | {"status": "deployed", "max_model_len": deployment.context_length}
+def deployment_view(worker: Worker, deployment: Deployment, nodes: Sequence[PeerInfo]) -> dict[str, Any]:
+    """A deployment, the nodes holding its checkpoint (`checkpoint_tiers`, from `nodes`: the cluster view's)
+    and this node's instances of it (each node reports its own; `GET /admin/instances` lists every node's)."""
+    view = deployment.to_wire() | {"status": "deployed", "max_model_len": deployment.context_length,
+                                   "checkpoint_tiers": checkpoint_tiers(deployment, nodes),
+                                   "memory": _memory_view(worker.estimates.memory_need(deployment))}
     runtime = worker.runtimes.get(deployment.name)
-    instances = []
-    for instance in runtime.instances if runtime else []:
-        report = instance.load_report
-        instances.append({
-            "id": instance.id,
-            "node_id": worker.node_id,
-            "device": instance.slot.device,
-            "state": instance.state.value,
-            "in_flight": instance.in_flight,
-            "num_tokens": instance.num_tokens,
-            "started_at": instance.started_at,
-            "load": dataclasses.asdict(report) if report else None,
-        })
-    view["instances"] = instances
+    now = time.monotonic()
+    # "progress": how far a starting instance's start has come (`StartView`); None once it is ready.
+    view["instances"] = [instance_view(worker, runtime, i, now) | {"progress": _start_progress(i)}
+                         for i in runtime.instances] if runtime else []
     view["queued"] = runtime.num_waiting if runtime else 0
     return view
+
+
+def _memory_view(need: MemoryNeed) -> dict[str, int]:
+    """What one instance asks of a device on this node, by what for."""
+    return dataclasses.asdict(need) | {"total_bytes": need.total_bytes}
+
+
+def _start_progress(instance: Instance) -> dict[str, Any] | None:
+    return instance.progress.view().to_wire() if instance.state is InstanceState.STARTING else None
+
+
+def checkpoint_tiers(deployment: Deployment, nodes: Sequence[PeerInfo]) -> dict[str, list[str]]:
+    """The ids of the nodes whose DRAM cache (or page cache, whole) and whose SSD store hold `deployment`'s
+    checkpoint, as their latest statuses say: {"dram": [...], "ssd": [...]}, in node id order. Both are empty
+    for a deployment read where it is (the dummy backend on a local directory)."""
+    tiers: dict[str, list[str]] = {"dram": [], "ssd": []}
+    if not reads_store(deployment.backend, deployment.checkpoint):
+        return tiers
+    stored_as = checkpoint_id(deployment.checkpoint)
+    for node in nodes:
+        if node.status is not None:
+            if stored_as in node.status.dram_cached:
+                tiers["dram"].append(node.id)
+            if stored_as in node.status.ssd_cached:
+                tiers["ssd"].append(node.id)
+    return tiers
+
+
+def instance_view(worker: Worker, runtime: ModelRuntime, instance: Instance, now: float) -> dict[str, Any]:
+    """One of this node's instances; `now` is time.monotonic(). `idle_s`: seconds since its last request
+    ended (since it was created, if it has served none); None unless it is ready with no request in flight.
+    `unload_in_s`: the seconds its keep-alive leaves it; None unless it is idle and spare (not one of this
+    node's share of min_instances). `memory_bytes`: what it holds on its device."""
+    is_idle = instance.state is InstanceState.READY and instance.in_flight == 0
+    idle_s = now - instance.idle_since if is_idle else None
+    is_spare = len(runtime.instances) > worker.min_instances_here(runtime.deployment)
+    unload_in_s = None
+    if idle_s is not None and is_spare:
+        unload_in_s = max(0.0, runtime.deployment.autoscaling.keep_alive_s - idle_s)
+    report = instance.load_report
+    return {
+        "id": instance.id,
+        "model": runtime.deployment.name,
+        "node_id": worker.node_id,
+        "device": instance.device.name,
+        "memory_bytes": instance.memory_bytes,
+        "state": instance.state.value,
+        "in_flight": instance.in_flight,
+        "num_tokens": instance.num_tokens,
+        "started_at": instance.started_at,
+        "idle_s": idle_s,
+        "unload_in_s": unload_in_s,
+        "load": dataclasses.asdict(report) if report else None,
+    }
+
+
+def remote_instance_views(records: Iterable[InstanceRecord], nodes: Sequence[PeerInfo], local_node_id: str
+                          ) -> list[dict[str, Any]]:
+    """The live instances of the nodes other than `local_node_id`, as this node knows them: each shows up in
+    the replicated records or in its node's latest status, whichever has it first (records are written in the
+    background; while the cluster has no leader only statuses arrive). The status's state and requests win.
+    A field neither tells is None: always `idle_s`, `unload_in_s` and `load`; `device` and `started_at` while
+    only the status has it; `in_flight`, `num_tokens` and `memory_bytes` while only the record has it."""
+    views: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.is_live and record.node_id != local_node_id:
+            views[record.id] = _unknown_instance(record.id, record.model, record.node_id) | {
+                "device": record.device, "state": record.state.value, "started_at": record.started_at}
+    for node in nodes:
+        if node.id == local_node_id or node.status is None:
+            continue
+        for status in node.status.instances:
+            if status.state is InstanceState.STOPPING:
+                continue
+            view = views.setdefault(status.id, _unknown_instance(status.id, status.model, node.id))
+            view |= {"node_id": node.id, "state": status.state.value, "in_flight": status.num_requests,
+                     "num_tokens": status.num_tokens, "memory_bytes": status.memory_bytes}
+    return list(views.values())
+
+
+def _unknown_instance(instance_id: str, model: str, node_id: str) -> dict[str, Any]:
+    """An instance view with only its identity known (the keys and order of `instance_view`)."""
+    return {"id": instance_id, "model": model, "node_id": node_id, "device": None, "memory_bytes": None,
+            "state": None, "in_flight": None, "num_tokens": None, "started_at": None, "idle_s": None,
+            "unload_in_s": None, "load": None}
+
+
+def _view(request: web.Request, deployment: Deployment) -> dict[str, Any]:
+    return deployment_view(request.app[WORKER], deployment, request.app[STATE].cluster_view().nodes)
 
 
 def _deployment(request: web.Request, name: str) -> Deployment:
@@ -128,13 +217,14 @@ def _deployment(request: web.Request, name: str) -> Deployment:
 async def deploy(request: web.Request) -> web.Response:
     spec = parse_deploy(parse_json_object(await request.read()), request.app[CONFIG].autoscaling)
     deployment = await request.app[DEPLOYMENTS].deploy(spec)
-    return web.json_response(deployment_view(request.app[WORKER], deployment), status=201)
+    return web.json_response(_view(request, deployment), status=201)
 
 
 async def list_models(request: web.Request) -> web.Response:
     """Every deployment, then those this node is still preparing (status "deploying", with progress)."""
     deployed = request.app[STATE].deployments()
-    views = [deployment_view(request.app[WORKER], d) for d in deployed.values()]
+    nodes = request.app[STATE].cluster_view().nodes
+    views = [deployment_view(request.app[WORKER], d, nodes) for d in deployed.values()]
     views += [p.to_wire() for name, p in request.app[DEPLOYMENTS].preparing.items() if name not in deployed]
     return web.json_response({"models": views})
 
@@ -146,7 +236,7 @@ async def get_model(request: web.Request) -> web.Response:
     preparing = request.app[DEPLOYMENTS].preparing.get(name)
     if preparing is not None and request.app[STATE].deployment(name) is None:
         return web.json_response(preparing.to_wire())
-    return web.json_response(deployment_view(request.app[WORKER], _deployment(request, name)))
+    return web.json_response(_view(request, _deployment(request, name)))
 
 
 async def patch_model(request: web.Request) -> web.Response:
@@ -159,13 +249,26 @@ async def patch_model(request: web.Request) -> web.Response:
                              param=field)
     policy = parse_policy(body.get("autoscaling", {}), current.autoscaling)
     updated = await request.app[DEPLOYMENTS].update_autoscaling(current.name, policy)
-    return web.json_response(deployment_view(request.app[WORKER], updated))
+    return web.json_response(_view(request, updated))
 
 
 async def delete_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await request.app[DEPLOYMENTS].remove(name)
     return web.json_response({"deleted": name})
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    """Every live instance in the cluster, ordered by model, node and id: this node's as it knows them
+    (`instance_view`), the other nodes' from the replicated records and their statuses
+    (`remote_instance_views`). One call answers for the whole cluster; no other node is asked."""
+    state, worker = request.app[STATE], request.app[WORKER]
+    now = time.monotonic()
+    views = [instance_view(worker, runtime, instance, now)
+             for runtime in worker.runtimes.values() for instance in runtime.instances]
+    views += remote_instance_views(state.instances(), state.cluster_view().nodes, worker.node_id)
+    views.sort(key=lambda view: (view["model"], view["node_id"], view["id"]))
+    return web.json_response({"instances": views})
 
 
 async def cluster(request: web.Request) -> web.Response:

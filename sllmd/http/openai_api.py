@@ -9,6 +9,7 @@ import json
 import logging
 import secrets
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from sllmd.http.schemas import parse_chat_request, parse_completion_request, par
 from sllmd.serving.pipeline import Finished, PreparedRequest, TextDelta
 from sllmd.serving.request import GenerationRequest
 from sllmd.state.models import Deployment
+from sllmd.worker.start_progress import StartView, StartWatch, describe_wait
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +122,10 @@ async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bo
     router = request.app[ROUTER]
     prepared = await router.prepare(parsed)
     shape = _Shape(parsed, is_chat)
-    # Opening the stream waits through a cold start; its errors (503, 500) still get real statuses.
+    if parsed.stream:
+        return await _stream(request, prepared, shape)
+    # Opening the stream waits through a cold start; its errors (429, 503, 500) still get real statuses.
     async with router.open_stream(prepared) as events:
-        if parsed.stream:
-            return await _stream(request, prepared, shape, events)
         parts: list[str] = []
         async for event in events:
             if isinstance(event, TextDelta):
@@ -133,26 +135,42 @@ async def _serve(request: web.Request, parsed: GenerationRequest, *, is_chat: bo
     raise AssertionError("event stream ended without Finished")  # pragma: no cover
 
 
-async def _stream(request: web.Request, prepared: PreparedRequest, shape: _Shape, events) -> web.StreamResponse:
+async def _stream(request: web.Request, prepared: PreparedRequest, shape: _Shape) -> web.StreamResponse:
+    """The SSE answer. Errors raised before anything went out keep their real status (the middleware answers
+    them); once the request waits for an instance to start, the headers go out and SSE comments say how the
+    start goes, so a later error arrives as an error event."""
     response = _event_stream()
-    await response.prepare(request)
+    watch = StartWatch()
 
     async def send(payload: dict[str, Any] | str) -> None:
         await response.write(_sse(payload))
 
-    is_first = True
+    async def show_wait(start: StartView | None) -> None:
+        if not response.prepared:
+            await response.prepare(request)
+        # A comment: clients and the SDKs skip it; proxies see the connection alive, people see it move.
+        await response.write(f": {describe_wait(shape.model, start)}\n\n".encode())
+
     try:
-        async for event in events:
-            if isinstance(event, TextDelta):
-                await send(shape.chunk(event.text, None, is_first=is_first))
-                is_first = False
-                continue
-            if is_first and shape.is_chat:
-                await send(shape.chunk("", None, is_first=True))
-            await send(shape.chunk(None if shape.is_chat else "", event.finish_reason))
-            if prepared.request.include_usage:
-                await send(shape.usage_chunk(_usage(event)))
+        async with AsyncExitStack() as source:
+            async with watch.reporting(show_wait):
+                events = await source.enter_async_context(request.app[ROUTER].open_stream(prepared, watch))
+            if not response.prepared:
+                await response.prepare(request)
+            is_first = True
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    await send(shape.chunk(event.text, None, is_first=is_first))
+                    is_first = False
+                    continue
+                if is_first and shape.is_chat:
+                    await send(shape.chunk("", None, is_first=True))
+                await send(shape.chunk(None if shape.is_chat else "", event.finish_reason))
+                if prepared.request.include_usage:
+                    await send(shape.usage_chunk(_usage(event)))
     except SllmdError as error:
+        if not response.prepared:
+            raise
         # The status line is gone; the error travels as an SSE event the SDKs raise on.
         log.warning("stream failed", extra={"model": shape.model, "error": error.message})
         await send(error.to_body())

@@ -2,8 +2,8 @@
 
 `GET CHANNEL_PATH` opens a peer channel (a WebSocket, see `sllmd.serving.relay`): every request another
 node prepared (a `TokenRequest`: ids and sampling) and relays here is generated on an instance here, its
-ids streamed back. A request is served where it lands (one hop, no loops) and records no request metrics:
-the entry node does.
+ids streamed back (and before them, while it waits for an instance, how that instance's start goes). A
+request is served where it lands (one hop, no loops) and records no request metrics: the entry node does.
 
 `GET /internal/checkpoints/{id}/{file}` answers one file of store entry `id` (the manifest, a data
 partition or a side file), with HTTP Range support, so a peer fetches it exactly as it fetches a v1
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
@@ -34,10 +35,12 @@ from sllmd.serving.relay import (
     end_frame,
     error_frame,
     parse_frame,
+    progress_frame,
     tokens_frame,
 )
 from sllmd.serving.request import TokenRequest
 from sllmd.worker.probe import PROBE_DIR, PROBE_PATH
+from sllmd.worker.start_progress import StartView, StartWatch
 
 if TYPE_CHECKING:
     from sllmd.serving.pipeline import Router
@@ -120,10 +123,17 @@ class PeerChannels:
 
 async def _serve_stream(ws: web.WebSocketResponse, router: Router, stream_id: int, payload: bytes) -> None:
     num_generated = 0
+
+    async def send_progress(start: StartView | None) -> None:
+        await ws.send_bytes(progress_frame(stream_id, start))
+
     try:
         try:
             token_request = TokenRequest.from_wire(parse_json_object(payload))
-            async with router.open_tokens(token_request) as tokens:
+            watch = StartWatch()
+            async with AsyncExitStack() as stack:
+                async with watch.reporting(send_progress):  # while it waits for an instance, if it does
+                    tokens = await stack.enter_async_context(router.open_tokens(token_request, watch))
                 async for token in tokens:
                     await ws.send_bytes(tokens_frame(stream_id, (token,)))
                     num_generated += 1

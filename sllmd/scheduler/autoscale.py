@@ -33,9 +33,9 @@ def num_instances_to_start(
     """How many new instances to start now on one node.
 
     `demand` and `num_live` (instances starting or ready) are the node's own; `num_startable` is how many
-    more slots the model could get there (free slots plus ones that evicting idle instances of other
-    models would free); `num_elsewhere` counts its instances on other nodes, which `max_instances`
-    bounds together with this node's.
+    more instances of the model could start there (in free memory, or memory that evicting idle instances
+    of other models would free; a caller that finds out as it goes passes a large number); `num_elsewhere`
+    counts its instances on other nodes, which `max_instances` bounds together with this node's.
     """
     missing = min(num_instances_wanted(policy, demand), policy.max_instances - num_elsewhere) - num_live
     return max(0, min(missing, num_startable))

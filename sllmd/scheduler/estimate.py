@@ -40,7 +40,7 @@ FETCH_TIERS = (Tier.PEER, Tier.REPOSITORY)  # sources of a copy into this node's
 
 
 class DeviceKind(enum.StrEnum):
-    """What a node's slots are, which sets its engine-init defaults."""
+    """What a node's devices are, which sets its engine-init defaults."""
 
     CPU = "cpu"
     CUDA = "cuda"

@@ -18,10 +18,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sllmd.scheduler.estimate import Calibration, load_time_s, migration_time_s, transfer_time_s
+from sllmd.scheduler.eviction import EvictionCandidate, EvictionPlan, EvictionRule, plan_evictions
 from sllmd.types import EngineKind, Tier
 
 # The asking (entry) node gets the start when its estimate is this close to the best: no relay hop, and the
@@ -35,8 +36,9 @@ class RunningInstance:
     """A ready instance. `engine_kind`: its model's (how its reload at a migration's destination inits).
     `num_tokens`: prompt + generated tokens of its in-flight requests (what a migration moves). `num_bytes`:
     its model's checkpoint size; 0 means unknown, and such an instance is never migrated (its reload cost at
-    the destination could not be estimated). `is_kept`: idle but kept for its model's min_instances, so never
-    evicted (known for the node's own instances only)."""
+    the destination could not be estimated). `device` and `memory_bytes`: the device it runs on (an index into
+    its node's `free_memory`) and the memory it holds there. `is_kept`: kept for its model's min_instances, so
+    never evicted. `request_rate`: its model's recent requests/s on the node (what evicting it costs)."""
 
     id: str
     model: str
@@ -45,6 +47,9 @@ class RunningInstance:
     num_tokens: int
     num_bytes: int = 0
     is_kept: bool = False
+    device: int = 0
+    memory_bytes: int = 0
+    request_rate: float = 0.0
 
     @property
     def is_evictable(self) -> bool:
@@ -68,15 +73,16 @@ class ModelLoad:
 
 @dataclass(frozen=True, slots=True)
 class NodeState:
-    """One node as placement sees it. Byte counts are free cache space; `pending_load_s` is the estimated
+    """One node as placement sees it. `free_memory`: each device's memory not held by an instance (starting
+    ones included). The other byte counts are free cache space; `pending_load_s` is the estimated
     seconds its SSD and network stay busy with loads already queued or in progress there: a new load that
     reads the SSD or fetches from a peer or the repository waits behind them, one from DRAM does not (each GPU
-    has its own PCIe link). `instances` are its ready instances (starting ones hold slots but are not listed);
+    has its own PCIe link). `instances` are its ready instances (starting ones hold memory but are not listed);
     `loads` holds, per model, its live instances and requests (a model absent has none)."""
 
     id: str
     is_alive: bool
-    num_free_slots: int
+    free_memory: tuple[int, ...] = ()
     calibration: Calibration = field(default_factory=Calibration.defaults)
     dram_models: frozenset[str] = frozenset()
     ssd_models: frozenset[str] = frozenset()
@@ -90,10 +96,24 @@ class NodeState:
     def load(self, model: str) -> ModelLoad:
         return self.loads.get(model, ModelLoad())
 
-    def can_start(self, model: str) -> bool:
-        """A start of `model` could take a slot here now: a free one, or one an evictable instance of another
-        model holds."""
-        return self.num_free_slots > 0 or any(i.is_evictable and i.model != model for i in self.instances)
+    def can_start(self, model: str, num_bytes: int) -> bool:
+        """A start of `model` needing `num_bytes` of device memory could begin here now: one device has them
+        free, or would after evicting idle instances of other models."""
+        return self.eviction_plan(model, num_bytes, lambda instance: 0.0) is not None
+
+    def eviction_plan(self, model: str, num_bytes: int, reload_s: Callable[[RunningInstance], float],
+                      rule: EvictionRule = EvictionRule.COST) -> EvictionPlan | None:
+        """The device a start of `model` needing `num_bytes` would run on, and the idle instances of other
+        models to evict for it (`eviction.plan_evictions` by `rule`; `reload_s(i)`: seconds to start `i` again
+        here); None when no device can make the room."""
+        candidates = [EvictionCandidate(i.id, i.device, i.memory_bytes, reload_s(i), i.request_rate, 0.0, 0.0)
+                      for i in self.instances if i.is_evictable and i.model != model]
+        return plan_evictions(candidates, dict(enumerate(self.free_memory)), num_bytes, rule)
+
+    @property
+    def most_free_memory(self) -> int:
+        """The most memory one device has free (what the largest new instance could get without evicting)."""
+        return max(self.free_memory, default=0)
 
     def start_kind(self, model: str, engine_kind: EngineKind) -> EngineKind:
         """How a start of `model` here would init: on a parked engine where one of its shape waits."""
@@ -103,7 +123,7 @@ class NodeState:
 @dataclass(frozen=True, slots=True)
 class Migration:
     """Move running instance `instance_id` (of `model`) from `from_node` to `to_node`, after stopping
-    `evictions` (idle instance ids on `to_node`) to free a slot there."""
+    `evictions` (idle instance ids on `to_node`) to make room there."""
 
     instance_id: str
     model: str
@@ -115,8 +135,9 @@ class Migration:
 
 @dataclass(frozen=True, slots=True)
 class StartPlan:
-    """Start `model` on `node_id` from `tier`: first stop `evictions` (idle instance ids on `node_id`) and
-    complete `migrations` (which free the slot), then load. `estimated_s`: seconds until it serves."""
+    """Start `model` on device `device` of `node_id` from `tier`: first stop `evictions` (idle instance ids on
+    `node_id`) and complete `migrations` (which free the memory), then load. `estimated_s`: seconds until it
+    serves."""
 
     model: str
     node_id: str
@@ -124,6 +145,7 @@ class StartPlan:
     estimated_s: float
     migrations: tuple[Migration, ...] = ()
     evictions: tuple[str, ...] = ()
+    device: int = 0
 
 
 def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
@@ -147,27 +169,28 @@ def estimated_start_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, node:
 
 
 def plan_start(
-    model: str, engine_kind: EngineKind, num_bytes: int, nodes: Sequence[NodeState], *, allow_migration: bool = True
+    model: str, engine_kind: EngineKind, num_bytes: int, memory_bytes: int, nodes: Sequence[NodeState], *,
+    allow_migration: bool = True
 ) -> StartPlan | None:
-    """The plan that has a new instance of `model` (an `engine_kind` engine on `num_bytes` of checkpoint)
-    serving soonest, or None when no alive node can take one.
+    """The plan that has a new instance of `model` (an `engine_kind` engine on `num_bytes` of checkpoint, asking
+    `memory_bytes` of one device) serving soonest, or None when no alive node can take one.
 
     The start on node N is estimated by `estimated_start_s` from N's best tier. Candidates:
-    - N with a free slot;
-    - N with an evictable instance (idle, not kept) of another model, evicted first (the lowest id; eviction
-      costs ~0);
-    - with `allow_migration`, N whose slot is freed by migrating ONE running instance of another model to
-      its best other alive node D that has a free slot or an evictable instance of a third model
-      (`_best_migration`). The instance must load at D and move its tokens (migration_time_s at D's
-      calibration) before N's slot is free, so `model`'s load on N starts only then. D is never N, so no
-      slot is counted twice.
+    - N with a device that has the memory free, or would after evicting idle (not kept) instances of other
+      models: `NodeState.eviction_plan` by the cost rule (eviction itself costs ~0 now; what it costs later is
+      the rule's business);
+    - with `allow_migration`, N where migrating ONE running instance of another model away frees enough on
+      its device, to its best other alive node D that has room for it, possibly after evictions there of a
+      third model's idle instances (`_best_migration`). The instance must load at D and move its tokens
+      (migration_time_s at D's calibration) before N's memory is free, so `model`'s load on N starts only
+      then. D is never N, so no memory is counted twice.
     The minimum wins; on equal estimates a plan without migration, then without eviction, then the lower
     node id, then the lower instance id. Dead nodes are never chosen, nor used as migration destinations.
     """
     alive = sorted((n for n in nodes if n.is_alive), key=lambda n: n.id)
     best: tuple[tuple[float, int, int, str, str], StartPlan] | None = None
     for node in alive:
-        for plan in _plans_on(model, engine_kind, num_bytes, node, alive, allow_migration):
+        for plan in _plans_on(model, engine_kind, num_bytes, memory_bytes, node, alive, allow_migration):
             victim = plan.evictions[0] if plan.evictions else plan.migrations[0].instance_id if plan.migrations else ""
             key = (plan.estimated_s, len(plan.migrations), len(plan.evictions), node.id, victim)
             if best is None or key < best[0]:
@@ -175,52 +198,58 @@ def plan_start(
     return None if best is None else best[1]
 
 
-def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, node: NodeState, alive: Sequence[NodeState],
-              allow_migration: bool) -> list[StartPlan]:
+def reload_estimate(node: NodeState, alive: Sequence[NodeState]) -> Callable[[RunningInstance], float]:
+    """Seconds to start instance `i` of `node` again there, from the tier its checkpoint would load from."""
+    def reload_s(instance: RunningInstance) -> float:
+        tier = best_tier(instance.model, node, alive)
+        return load_time_s(node.start_kind(instance.model, instance.engine_kind), instance.num_bytes, tier,
+                           node.calibration)
+    return reload_s
+
+
+def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, memory_bytes: int, node: NodeState,
+              alive: Sequence[NodeState], allow_migration: bool) -> list[StartPlan]:
     tier = best_tier(model, node, alive)
     engine_kind = node.start_kind(model, engine_kind)
     start_s = estimated_start_s(engine_kind, num_bytes, tier, node)
-    if node.num_free_slots > 0:
-        return [StartPlan(model, node.id, tier, start_s)]
-    others = sorted((i for i in node.instances if i.model != model), key=lambda i: i.id)
-    idle = [i for i in others if i.is_evictable]
-    if idle:
-        return [StartPlan(model, node.id, tier, start_s, evictions=(idle[0].id,))]
+    room = node.eviction_plan(model, memory_bytes, reload_estimate(node, alive))
+    if room is not None:
+        return [StartPlan(model, node.id, tier, start_s, evictions=room.evictions, device=room.device)]
     if not allow_migration:
         return []
     plans = []
-    for instance in others:
+    for instance in sorted((i for i in node.instances if i.model != model), key=lambda i: i.id):
+        if node.free_memory[instance.device] + instance.memory_bytes < memory_bytes:
+            continue  # moving it away would not make room
         migration = _best_migration(instance, model, node, alive)
         if migration is not None:
             seconds = estimated_start_s(engine_kind, num_bytes, tier, node, after_s=migration.estimated_s)
-            plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,)))
+            plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,), device=instance.device))
     return plans
 
 
 def _best_migration(instance: RunningInstance, cold_model: str, source: NodeState, alive: Sequence[NodeState]
                     ) -> Migration | None:
     """Where `instance` (running on `source`) is serving again soonest: an alive node other than `source`
-    with a free slot, or else with an evictable instance (lowest id) of a model other than the instance's and
-    `cold_model` to evict. None when its size is unknown or no node qualifies. Ties keep the lower node id."""
+    with room for its memory, or room after evicting idle instances of models other than the instance's and
+    `cold_model` (by the cost rule). None when its size is unknown or no node qualifies. Ties keep the lower
+    node id."""
     if instance.num_bytes <= 0:
         return None
     best: Migration | None = None
     for dest in alive:
         if dest.id == source.id:
             continue
-        evictions: tuple[str, ...] = ()
-        if dest.num_free_slots <= 0:
-            idle = sorted(i.id for i in dest.instances
-                          if i.is_evictable and i.model not in (instance.model, cold_model))
-            if not idle:
-                continue
-            evictions = (idle[0],)
+        others = dataclasses.replace(dest, instances=tuple(i for i in dest.instances if i.model != cold_model))
+        room = others.eviction_plan(instance.model, instance.memory_bytes, reload_estimate(dest, alive))
+        if room is None:
+            continue
         tier = best_tier(instance.model, dest, alive)
         move_s = migration_time_s(instance.num_tokens, dest.calibration)
         seconds = estimated_start_s(dest.start_kind(instance.model, instance.engine_kind), instance.num_bytes, tier,
                                     dest) + move_s
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
-            best = Migration(instance.id, instance.model, source.id, dest.id, seconds, evictions)
+            best = Migration(instance.id, instance.model, source.id, dest.id, seconds, room.evictions)
     return best
 
 
@@ -232,13 +261,15 @@ class InstanceSpec:
     engine_kind: EngineKind
     num_bytes: int  # its checkpoint's
     max_instances: int  # its live instances cluster-wide, at most
+    memory_bytes: int = 0  # what an instance asks of its device (`scheduler.memory`)
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A start `plan_new_instance` placed, which its node's state may not show yet: its slot is not offered
-    again and its transfer counts as queued on the node. It ends once the node has more live instances of
-    the model than `num_live_before` (the start shows), or RESERVATION_SLACK_S after its estimate ran out."""
+    """A start `plan_new_instance` placed, which its node's state may not show yet: its memory on its device
+    is not offered again and its transfer counts as queued on the node. It ends once the node has more live
+    instances of the model than `num_live_before` (the start shows), or RESERVATION_SLACK_S after its estimate
+    ran out."""
 
     model: str
     node_id: str
@@ -246,6 +277,8 @@ class Reservation:
     transfer_s: float  # of which the node's SSD or network is busy (what other starts there queue behind)
     made_at: float  # the `now` it was made at
     num_live_before: int  # the model's live instances on the node when it was made
+    device: int = 0
+    memory_bytes: int = 0
 
     def remaining_transfer_s(self, now: float) -> float:
         return max(0.0, self.transfer_s - (now - self.made_at))
@@ -269,8 +302,8 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
     """The leader's answer for a request of `spec.model` that entered at node `asked_by` (None: no entry node)
     and wants a new instance, and the reservations it holds afterwards. None: no alive node can take it now.
 
-    1. Reservations that ended (see `Reservation`) are dropped; the others take their slot out of their
-       node's free slots and add their remaining transfer to its `pending_load_s`.
+    1. Reservations that ended (see `Reservation`) are dropped; the others take their memory out of their
+       device's free memory and add their remaining transfer to its node's `pending_load_s`.
     2. With `max_instances` live or reserved instances of the model (dead nodes' count, their records stand
        until the leader drops them), no new one: the alive node with the fewest of them (then the lowest id)
        takes the request.
@@ -292,13 +325,14 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
     if live.total() >= spec.max_instances:
         serving = sorted((live[s.id], s.id) for s in states if s.is_alive and live[s.id] > 0)
         return (Placement(serving[0][1]) if serving else None), held
-    plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, states, allow_migration=allow_migration)
+    plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, spec.memory_bytes, states,
+                      allow_migration=allow_migration)
     if plan is None:
         return None, held
     if asked_by is not None and plan.node_id != asked_by:
-        only_entry = [s if s.id == asked_by else dataclasses.replace(s, num_free_slots=0, instances=())
+        only_entry = [s if s.id == asked_by else dataclasses.replace(s, free_memory=(), instances=())
                       for s in states]
-        entry_plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, only_entry,
+        entry_plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, spec.memory_bytes, only_entry,
                                 allow_migration=allow_migration)
         relative, absolute = ENTRY_PREFERENCE
         if entry_plan is not None and entry_plan.estimated_s <= plan.estimated_s * (1 + relative) + absolute:
@@ -306,20 +340,21 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
     node = by_id[plan.node_id]
     transfer_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(spec.num_bytes, plan.tier, node.calibration)
     reservation = Reservation(spec.model, plan.node_id, plan.estimated_s, transfer_s, now,
-                              num_live(plan.node_id, spec.model))
+                              num_live(plan.node_id, spec.model), plan.device, spec.memory_bytes)
     return Placement(plan.node_id, plan), (*held, reservation)
 
 
 def _with_reservations(states: Sequence[NodeState], reservations: Sequence[Reservation], now: float
                        ) -> list[NodeState]:
-    """Reserved slots taken out of `num_free_slots`, their remaining transfers added to `pending_load_s`."""
-    num_held = collections.Counter(r.node_id for r in reservations)
+    """Reserved memory taken out of its device's free memory, remaining transfers added to `pending_load_s`."""
+    held: collections.defaultdict[tuple[str, int], int] = collections.defaultdict(int)
     queued_s: collections.defaultdict[str, float] = collections.defaultdict(float)
     for r in reservations:
+        held[r.node_id, r.device] += r.memory_bytes
         queued_s[r.node_id] += r.remaining_transfer_s(now)
-    return [dataclasses.replace(s, num_free_slots=max(0, s.num_free_slots - num_held[s.id]),
-                                pending_load_s=s.pending_load_s + queued_s[s.id]) if s.id in num_held else s
-            for s in states]
+    return [dataclasses.replace(
+        s, free_memory=tuple(max(0, free - held[s.id, device]) for device, free in enumerate(s.free_memory)),
+        pending_load_s=s.pending_load_s + queued_s[s.id]) if s.id in queued_s else s for s in states]
 
 
 def plan_checkpoint_homes(model: str, num_bytes: int, nodes: Sequence[NodeState], k: int) -> list[str]:

@@ -1,6 +1,6 @@
 """What each node reports of itself, and the cluster as one node sees it. Pure values, no I/O.
 
-`NodeStatus` is a node's soft state: the facts that change too often for the Raft log (slots and their free
+`NodeStatus` is a node's soft state: the facts that change too often for the Raft log (devices and their free
 memory, cache contents, queues, calibration, starts under way, instances with their requests). Every node
 sends its own to the others in NODE_STATUS (`to_wire`) every `membership.STATUS_INTERVAL_S`; a receiver
 decodes it with `from_wire`, which accepts exactly the fields written here, each of its type, and raises
@@ -28,12 +28,11 @@ class StatusError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class SlotStatus:
+class DeviceStatus:
     index: int
-    device: str  # "cuda:0", "cpu"
-    memory_bytes: int
-    free_memory_bytes: int  # 0 while an instance holds the slot
-    instance: str | None  # the id of the instance holding it
+    name: str  # "cuda:0", "cpu"
+    budget_bytes: int  # what instances may hold on it
+    free_bytes: int  # of the budget, not held by an instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +54,10 @@ class InstanceStatus:
     state: InstanceState
     num_requests: int  # in flight on it
     num_tokens: int  # prompt + generated tokens of those requests (what a migration would move)
+    device: int  # index into the node's devices
+    memory_bytes: int  # held on that device
+    is_kept: bool  # kept for its model's min_instances: never evicted
+    request_rate: float  # its model's recent requests/s on the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +67,7 @@ class NodeStatus:
     an engine of their shape parked there. `pending_load_s`: estimated seconds its SSD and network stay busy
     with the starts under way."""
 
-    slots: tuple[SlotStatus, ...]
-    num_free_slots: int
+    devices: tuple[DeviceStatus, ...]
     dram_cached: tuple[str, ...]
     ssd_cached: tuple[str, ...]
     queues: Mapping[str, QueueStatus]
@@ -80,9 +82,8 @@ class NodeStatus:
     def to_wire(self) -> dict[str, Any]:
         """A plain dict (msgpack- and JSON-safe); also the node fields of GET /admin/cluster."""
         return {
-            "slots": [{"index": s.index, "device": s.device, "memory_bytes": s.memory_bytes,
-                       "free_memory_bytes": s.free_memory_bytes, "instance": s.instance} for s in self.slots],
-            "free_slots": self.num_free_slots,
+            "devices": [{"index": d.index, "name": d.name, "budget_bytes": d.budget_bytes, "free_bytes": d.free_bytes}
+                        for d in self.devices],
             "dram_cached": list(self.dram_cached),
             "ssd_cached": list(self.ssd_cached),
             "queues": {model: {"waiting": q.num_waiting, "in_flight": q.num_in_flight}
@@ -90,7 +91,8 @@ class NodeStatus:
             "calibration": self.calibration.to_wire(),
             "pending_load_s": self.pending_load_s,
             "instances": [{"id": i.id, "model": i.model, "state": i.state.value, "requests": i.num_requests,
-                           "tokens": i.num_tokens} for i in self.instances],
+                           "tokens": i.num_tokens, "device": i.device, "memory_bytes": i.memory_bytes,
+                           "kept": i.is_kept, "request_rate": i.request_rate} for i in self.instances],
             "free_dram_bytes": self.free_dram_bytes,
             "free_ssd_bytes": self.free_ssd_bytes,
             "parked_models": list(self.parked_models),
@@ -107,8 +109,7 @@ class NodeStatus:
         except ValueError as exc:
             raise StatusError(f"calibration: {exc}") from None
         return cls(
-            slots=tuple(_list(fields["slots"], "slots", _slot)),
-            num_free_slots=_count(fields["free_slots"], "free_slots"),
+            devices=tuple(_list(fields["devices"], "devices", _device)),
             dram_cached=tuple(_list(fields["dram_cached"], "dram_cached", _str)),
             ssd_cached=tuple(_list(fields["ssd_cached"], "ssd_cached", _str)),
             queues=_queues(fields["queues"]),
@@ -147,7 +148,7 @@ class ClusterView:
 
 # ------------------------------------------------------------------------------------------ decoding
 
-_STATUS_FIELDS = frozenset({"slots", "free_slots", "dram_cached", "ssd_cached", "queues", "calibration",
+_STATUS_FIELDS = frozenset({"devices", "dram_cached", "ssd_cached", "queues", "calibration",
                             "pending_load_s", "instances", "free_dram_bytes", "free_ssd_bytes", "parked_models",
                             "parked_host_bytes"})
 
@@ -183,13 +184,17 @@ def _seconds(value: Any, name: str) -> float:
     return float(value)
 
 
-def _slot(value: Any, name: str) -> SlotStatus:
-    f = _fields(value, name, frozenset({"index", "device", "memory_bytes", "free_memory_bytes", "instance"}))
-    instance = f["instance"]
-    return SlotStatus(_count(f["index"], f"{name}.index"), _str(f["device"], f"{name}.device"),
-                      _count(f["memory_bytes"], f"{name}.memory_bytes"),
-                      _count(f["free_memory_bytes"], f"{name}.free_memory_bytes"),
-                      None if instance is None else _str(instance, f"{name}.instance"))
+def _device(value: Any, name: str) -> DeviceStatus:
+    f = _fields(value, name, frozenset({"index", "name", "budget_bytes", "free_bytes"}))
+    return DeviceStatus(_count(f["index"], f"{name}.index"), _str(f["name"], f"{name}.name"),
+                        _count(f["budget_bytes"], f"{name}.budget_bytes"),
+                        _count(f["free_bytes"], f"{name}.free_bytes"))
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise StatusError(f"{name} must be a boolean")
+    return value
 
 
 def _queues(value: Any) -> dict[str, QueueStatus]:
@@ -205,10 +210,13 @@ def _queues(value: Any) -> dict[str, QueueStatus]:
 
 
 def _instance(value: Any, name: str) -> InstanceStatus:
-    f = _fields(value, name, frozenset({"id", "model", "state", "requests", "tokens"}))
+    f = _fields(value, name, frozenset({"id", "model", "state", "requests", "tokens", "device", "memory_bytes",
+                                        "kept", "request_rate"}))
     try:
         state = InstanceState(f["state"])
     except ValueError:
         raise StatusError(f"{name}.state must be one of {[s.value for s in InstanceState]}") from None
     return InstanceStatus(_str(f["id"], f"{name}.id"), _str(f["model"], f"{name}.model"), state,
-                          _count(f["requests"], f"{name}.requests"), _count(f["tokens"], f"{name}.tokens"))
+                          _count(f["requests"], f"{name}.requests"), _count(f["tokens"], f"{name}.tokens"),
+                          _count(f["device"], f"{name}.device"), _count(f["memory_bytes"], f"{name}.memory_bytes"),
+                          _bool(f["kept"], f"{name}.kept"), _seconds(f["request_rate"], f"{name}.request_rate"))

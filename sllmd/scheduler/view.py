@@ -23,9 +23,9 @@ def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment]
 
     - Alive: the node is alive and has an HTTP address (nothing could be relayed to it otherwise); the local
       node counts as alive whatever the view says.
-    - A node without a status yet has no free slots, nothing cached, and the default calibration.
+    - A node without a status yet has no devices, nothing cached, and the default calibration.
     - `instances`: its READY instances of deployed models, as its status lists them (a starting one holds
-      its slot, not in `free_slots`, but serves nothing).
+      its memory, out of its device's free bytes, but serves nothing).
     - `loads`: per model, its live instances, and the requests its status reports waiting or in flight. An
       instance counts once it is in the replicated records or in the node's status, whichever shows it first:
       records are written in the background, and while the cluster has no leader only statuses arrive.
@@ -48,17 +48,19 @@ def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment]
                  for m in models}
         is_alive = (node.is_alive and node.http is not None) or node.id == local_node_id
         if status is None:
-            states.append(NodeState(node.id, is_alive, num_free_slots=0, ssd_models=in_place, loads=loads))
+            states.append(NodeState(node.id, is_alive, ssd_models=in_place, loads=loads))
             continue
 
         states.append(NodeState(
-            node.id, is_alive, num_free_slots=status.num_free_slots, calibration=status.calibration,
+            node.id, is_alive, free_memory=tuple(d.free_bytes for d in status.devices),
+            calibration=status.calibration,
             dram_models=named(status.dram_cached), ssd_models=named(status.ssd_cached) | in_place,
             free_dram_bytes=status.free_dram_bytes, free_ssd_bytes=status.free_ssd_bytes,
             pending_load_s=status.pending_load_s,
             instances=tuple(
                 RunningInstance(i.id, i.model, deployments[i.model].engine_kind, i.num_requests, i.num_tokens,
-                                deployments[i.model].checkpoint_bytes)
+                                deployments[i.model].checkpoint_bytes, is_kept=i.is_kept, device=i.device,
+                                memory_bytes=i.memory_bytes, request_rate=i.request_rate)
                 for i in status.instances if i.state is InstanceState.READY and i.model in deployments),
             parked_models=frozenset(m for m in status.parked_models if m in deployments),
             loads=loads))

@@ -42,6 +42,7 @@ from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.models import Deployment
 from sllmd.types import SamplingParams
 from sllmd.worker.migration.movable import MovableRequest
+from sllmd.worker.start_progress import StartWatch
 
 if TYPE_CHECKING:  # the pipeline drives them; importing them would pull the worker's device code in here
     from sllmd.cluster.placer import Placer
@@ -126,28 +127,33 @@ class Router:
         return PreparedRequest(request, deployment, tokenizer, prompt_ids, params, arrived_at)
 
     @asynccontextmanager
-    async def open_stream(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    async def open_stream(self, prepared: PreparedRequest, watch: StartWatch | None = None
+                          ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
         """Holds a token source for the request (an instance here or, through a relay, on the serving
         node) while the caller consumes the yielded text events. Errors raised on entry come before any
-        output; a relayed source that breaks off mid-stream is resumed elsewhere when configured."""
+        output; a relayed source that breaks off mid-stream is resumed elsewhere when configured. `watch`
+        hears when entering waits for an instance, here or on the serving node, and sees the start it waits for."""
         if self.worker.warmer is not None:
             self.worker.warmer.note_request(prepared.deployment.name)
         async with AsyncExitStack() as source:
-            tokens = await source.enter_async_context(self._source(prepared, ()))
+            tokens = await source.enter_async_context(self._source(prepared, (), watch))
             async with aclosing(self._generate(prepared, self._resuming(prepared, tokens, source))) as events:
                 yield events
 
     @asynccontextmanager
-    async def open_tokens(self, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+    async def open_tokens(self, request: TokenRequest, watch: StartWatch | None = None
+                          ) -> AsyncIterator[AsyncIterator[int]]:
         """A request another node prepared and relayed here: its generated token ids, from an instance on
-        this node (the entry node detokenises them and records the request's metrics)."""
+        this node (the entry node detokenises them and records the request's metrics). `watch` as for
+        `open_stream`."""
         if self.state.deployment(request.model) is None:
             raise ModelNotFound(request.model)
-        async with self._local(request) as tokens:
+        async with self._local(request, watch) as tokens:
             yield tokens
 
     @asynccontextmanager
-    async def _source(self, prepared: PreparedRequest, generated: tuple[int, ...]) -> AsyncIterator[AsyncIterator[int]]:
+    async def _source(self, prepared: PreparedRequest, generated: tuple[int, ...], watch: StartWatch | None = None
+                      ) -> AsyncIterator[AsyncIterator[int]]:
         """The request's tokens after `generated`, from the node placement picks now. A relay that
         could not connect is placed again; errors raised on entry come before any token."""
         async with AsyncExitStack() as stack:
@@ -156,7 +162,8 @@ class Router:
                 if target is None or target[0] == self.worker.node_id:
                     break
                 try:
-                    tokens = await stack.enter_async_context(self._relayed(*target, prepared.tokens(generated)))
+                    tokens = await stack.enter_async_context(
+                        self._relayed(*target, prepared.tokens(generated), watch))
                 except RelayFailed as exc:
                     if not exc.is_connect:
                         raise
@@ -164,7 +171,7 @@ class Router:
                     continue
                 yield tokens
                 return
-            yield await stack.enter_async_context(self._local(prepared.tokens(generated)))
+            yield await stack.enter_async_context(self._local(prepared.tokens(generated), watch))
 
     async def _resuming(self, prepared: PreparedRequest, tokens: AsyncIterator[int], source: AsyncExitStack
                         ) -> AsyncIterator[int]:
@@ -203,6 +210,7 @@ class Router:
         now = time.monotonic()
         decision = route(model, policy, [self._local_state(model), *self.placer.node_states(peers)],
                          local_id=self.worker.node_id,
+                         memory_bytes=self.worker.estimates.memory_need(deployment).total_bytes,
                          num_relayed=self._num_relayed,
                          avoid={node_id for node_id, until in self._suspect_until.items() if until > now})
         if isinstance(decision, AskLeader):
@@ -215,23 +223,25 @@ class Router:
     def _local_state(self, model: str) -> NodeState:
         """This node from its worker (exact, no replication lag), with the load of `model`."""
         worker = self.worker
-        evictable = {instance.id for _, instance in worker.eviction_candidates(exclude=None)}
+        kept, now = worker.kept_instances(), time.monotonic()
         instances = tuple(
             RunningInstance(i.id, name, runtime.deployment.engine_kind, i.in_flight, i.num_tokens,
-                            runtime.deployment.checkpoint_bytes, is_kept=i.in_flight == 0 and i.id not in evictable)
+                            runtime.deployment.checkpoint_bytes, is_kept=i in kept, device=i.device.index,
+                            memory_bytes=i.memory_bytes, request_rate=runtime.request_rate.per_s(now))
             for name, runtime in worker.runtimes.items() for i in runtime.ready())
         runtime = worker.runtimes.get(model)
         loads = {} if runtime is None else {model: _load(runtime)}
-        return NodeState(worker.node_id, is_alive=True, num_free_slots=worker.slots.num_free,
+        return NodeState(worker.node_id, is_alive=True, free_memory=worker.devices.free_by_device(),
                          calibration=worker.estimates.calibration, instances=instances, loads=loads)
 
     @asynccontextmanager
-    async def _relayed(self, node_id: str, address: str, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+    async def _relayed(self, node_id: str, address: str, request: TokenRequest, watch: StartWatch | None
+                       ) -> AsyncIterator[AsyncIterator[int]]:
         log.debug("relaying", extra={"model": request.model, "node": node_id, "http": address})
         self._num_relayed[node_id] += 1
         try:
             async with (
-                self.relay.open(address, request) as tokens,
+                self.relay.open(address, request, watch) as tokens,
                 aclosing(self._watch(node_id, tokens)) as watched,
             ):
                 yield watched
@@ -260,10 +270,10 @@ class Router:
         self._suspect_until[node_id] = now + SUSPECT_S
 
     @asynccontextmanager
-    async def _local(self, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+    async def _local(self, request: TokenRequest, watch: StartWatch | None) -> AsyncIterator[AsyncIterator[int]]:
         """`request`'s tokens from an instance on this node (waiting through a cold start); once a migration
         moved the request, from its destination (see `sllmd.worker.migration.movable`)."""
-        async with self.worker.lease(request.model) as instance:
+        async with self.worker.lease(request.model, watch) as instance:
             movable = MovableRequest(instance, request.sequence(), request.remaining_params())
             try:
                 async with aclosing(movable.stream()) as tokens:

@@ -21,8 +21,13 @@ channel), a 1-byte kind, then the payload.
     serving -> entry   TOKENS  generated ids, in order, as little-endian uint32 (one or more)
                        END     {"prompt_tokens": P, "completion_tokens": N} as JSON: N ids were sent in all
                        ERROR   SllmdError.to_wire() as JSON: the stream failed
+                       PROGRESS {"start": StartView.to_wire() or null} as JSON: the request waits for an
+                               instance, for that start (null: none is starting); sent when the wait begins,
+                               on each phase change and every second while it lasts
 
-A stream is OPEN, then TOKENS frames, then END or ERROR. Errors keep their identity: the serving node's
+A stream is OPEN, then PROGRESS frames while it waits for an instance, then TOKENS frames, then END or ERROR.
+The entry node shows PROGRESS to a streaming client (`StartWatch`); each one also proves the serving node alive
+through a cold start longer than the read timeout. Errors keep their identity: the serving node's
 error is raised on the entry node as the same class with the same fields (`errors.error_from_wire`) —
 when entering `Relay.open` if no id came before it, else while iterating.
 
@@ -50,13 +55,14 @@ import aiohttp
 
 from sllmd.errors import EngineFailed, SllmdError, error_from_wire
 from sllmd.serving.request import TokenRequest
+from sllmd.worker.start_progress import StartView, StartWatch
 
 CHANNEL_PATH = "/internal/channel"
 CONNECT_TIMEOUT_S = 2.0
 READ_SLACK_S = 30.0  # beyond the longest a serving node waits for a cold start, before a silent peer counts as dead
 MAX_FRAME_BYTES = 64 << 20  # an OPEN frame carries a whole prompt's ids
 
-OPEN, CANCEL, TOKENS, END, ERROR = 1, 2, 3, 4, 5
+OPEN, CANCEL, TOKENS, END, ERROR, PROGRESS = 1, 2, 3, 4, 5, 6
 _HEADER = struct.Struct(">IB")
 _NEVER_STARTED = -1  # queued to a stream unanswered when its channel closed cleanly
 _BROKEN = -2  # queued to every stream when its channel broke
@@ -96,6 +102,11 @@ def end_frame(stream_id: int, num_prompt_tokens: int, num_generated: int) -> byt
 
 def error_frame(stream_id: int, error: SllmdError) -> bytes:
     return frame(stream_id, ERROR, json.dumps(error.to_wire(), separators=(",", ":")).encode())
+
+
+def progress_frame(stream_id: int, start: StartView | None) -> bytes:
+    wire = {"start": None if start is None else start.to_wire()}
+    return frame(stream_id, PROGRESS, json.dumps(wire, separators=(",", ":")).encode())
 
 
 class _Channel:
@@ -140,16 +151,35 @@ class _Channel:
 class _Stream:
     """One relayed request on a channel, from the entry side."""
 
-    def __init__(self, channel: _Channel, read_timeout_s: float) -> None:
+    def __init__(self, channel: _Channel, read_timeout_s: float, watch: StartWatch | None) -> None:
         self.channel = channel
         self.read_timeout_s = read_timeout_s
+        self.watch = watch
+        self.start: StartView | None = None  # what the last PROGRESS frame said
         self.stream_id = next(channel.stream_ids)
         self.queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.is_ended = False  # END or ERROR came: the serving node sends nothing more
         channel.streams[self.stream_id] = self.queue
 
     async def next(self) -> tuple[int, bytes]:
-        """The next frame's (kind, payload); RelayFailed when the channel broke or nothing came in time."""
+        """The next frame's (kind, payload), PROGRESS frames aside (they go to the watch); RelayFailed when the
+        channel broke, nothing came in time or a PROGRESS frame was malformed."""
+        kind, payload = await self._receive()
+        while kind == PROGRESS:
+            self._progressed(payload)
+            kind, payload = await self._receive()
+        return kind, payload
+
+    def _progressed(self, payload: bytes) -> None:
+        try:
+            start = json.loads(payload)["start"]
+            self.start = None if start is None else StartView.from_wire(start)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RelayFailed(f"node at {self.channel.address} sent a malformed frame: {exc!r}") from None
+        if self.watch is not None:
+            self.watch.waiting(lambda: self.start)
+
+    async def _receive(self) -> tuple[int, bytes]:
         if self.queue.empty():
             try:
                 async with asyncio.timeout(self.read_timeout_s):
@@ -249,11 +279,13 @@ class Relay:
             return channel
 
     @asynccontextmanager
-    async def open(self, address: str, request: TokenRequest) -> AsyncIterator[AsyncIterator[int]]:
+    async def open(self, address: str, request: TokenRequest, watch: StartWatch | None = None
+                   ) -> AsyncIterator[AsyncIterator[int]]:
         """The token ids the serving node at `address` generates for `request`. Entering waits for the first
         frame and raises the serving node's error when no id came before it; iterating may raise
-        SllmdError. Leaving before the end cancels the request there."""
-        stream = _Stream(await self._channel(address), self.read_timeout_s)
+        SllmdError. Leaving before the end cancels the request there. `watch` hears when the request waits
+        for an instance there, and sees that start as the serving node last told it."""
+        stream = _Stream(await self._channel(address), self.read_timeout_s, watch)
         try:
             try:
                 await stream.channel.ws.send_bytes(frame(stream.stream_id, OPEN, json.dumps(

@@ -26,6 +26,8 @@ class Deployment:
     dtype: str = "float32"  # records written before dtypes were a setting were served in float32
     origin_node: str = ""  # the node that deployed it, which held its checkpoint in its store when it did
     start_mode: str = "compiled"  # vLLM: "compiled" (torch.compile, faster decoding) or "eager" (faster start)
+    weights_bytes: int = 0  # its weights once loaded in `dtype` (estimated at deploy); 0: as checkpoint_bytes
+    kv_bytes_per_token: int = 0  # KV cache one token takes in `dtype`; 0: unknown
 
     @property
     def engine_kind(self) -> EngineKind:

@@ -18,38 +18,46 @@ from contextlib import asynccontextmanager
 
 from sllmd.checkpoint.errors import as_store_full
 from sllmd.config import ServingConfig
-from sllmd.errors import EngineFailed, ModelNotFound, Overloaded, SllmdError
+from sllmd.errors import EngineFailed, ModelNotFound, Overloaded, QueueFull, SllmdError
 from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import cold_start_wait_s, pick_instance
 from sllmd.state.models import InstanceState
 from sllmd.worker.instance import Instance, ModelRuntime
+from sllmd.worker.start_progress import StartView, StartWatch
 
 
 class Admission:
     def __init__(self, runtimes: Mapping[str, ModelRuntime], serving: ServingConfig, metrics: Metrics, *,
-                 scale: Callable[[ModelRuntime], None], keep_alive: Callable[[ModelRuntime, Instance], None]) -> None:
+                 scale: Callable[[ModelRuntime], None], keep_alive: Callable[[ModelRuntime, Instance], None],
+                 engine_died: Callable[[ModelRuntime, Instance], None]) -> None:
         """`runtimes`: the worker's, by model name (the worker adds and removes them). `scale(runtime)` starts
         the instances the model's demand calls for; `keep_alive(runtime, instance)` arms the keep-alive timer
-        of an instance that just went idle."""
+        of an instance that just went idle; `engine_died(runtime, instance)` stops an instance whose engine
+        died under a request."""
         self.runtimes = runtimes
         self.serving = serving
         self.metrics = metrics
         self.scale = scale
         self.keep_alive = keep_alive
+        self.engine_died = engine_died
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[Instance]:
+    async def lease(self, model: str, watch: StartWatch | None = None) -> AsyncIterator[Instance]:
         """A ready instance of `model` for one request, held until the block exits. ModelNotFound for a
-        model not deployed (or removed while waiting), Overloaded when the queue is full or the wait ran out,
-        EngineFailed when the start it waited for failed."""
+        model not deployed (or removed while waiting), QueueFull (429) when the queue is full, Overloaded
+        when the wait ran out, EngineFailed when the start it waited for failed. `watch` hears when the
+        request begins to wait, and sees the start it waits for."""
         runtime = self.runtimes.get(model)
         if runtime is None:
             raise ModelNotFound(model)
         if runtime.start_error is not None and not runtime.num_starting():
             runtime.start_error = None  # a new request earns a new attempt; waiters of the failed one got the error
+        runtime.request_rate.observe(time.monotonic())
         self._admit(runtime)
         instance = self._pick(runtime)
         if instance is None:
+            if watch is not None:
+                watch.waiting(lambda: _first_start(runtime))
             instance = await self._wait_for_instance(runtime)
         async with self.hold(runtime, instance):
             yield instance
@@ -65,7 +73,9 @@ class Admission:
             yield instance
         finally:
             instance.in_flight -= 1
-            if instance.in_flight == 0 and instance.state is InstanceState.READY:
+            if instance.state is InstanceState.READY and instance.engine is not None and instance.engine.has_died:
+                self.engine_died(runtime, instance)  # its requests failed; the next ones get a new instance
+            elif instance.in_flight == 0 and instance.state is InstanceState.READY:
                 instance.idle_since = time.monotonic()
                 self.keep_alive(runtime, instance)
 
@@ -75,14 +85,17 @@ class Admission:
             return None
         return ready[pick_instance([i.in_flight for i in ready], runtime.deployment.autoscaling.target_concurrency)]
 
+    @property
+    def _retry_after_s(self) -> int:
+        return max(1, round(self.serving.queue_timeout_s / 4))
+
     def _admit(self, runtime: ModelRuntime) -> None:
         """Bound a model's load: its ready instances at target concurrency, plus `max_queue_per_model`
-        more (waiting through a cold start, or over target on a ready instance). Beyond that: 503."""
+        more (waiting through a cold start, or over target on a ready instance). Beyond that: 429."""
         policy = runtime.deployment.autoscaling
         capacity = len(runtime.ready()) * policy.target_concurrency + self.serving.max_queue_per_model
         if runtime.demand() >= capacity:
-            raise Overloaded(f"model '{runtime.deployment.name}' is at capacity ({capacity} requests)",
-                             retry_after_s=1, code="queue_full")
+            raise QueueFull(runtime.deployment.name, capacity)
 
     async def _wait_for_instance(self, runtime: ModelRuntime) -> Instance:
         name = runtime.deployment.name
@@ -101,6 +114,10 @@ class Admission:
                     return picked
                 if runtime.start_error is not None and not runtime.num_starting():
                     return start_failure(name, runtime.start_error)
+                if runtime.no_room is not None and not runtime.no_room.will_free and not _starts(runtime, 0.0):
+                    # Only instances nobody may evict hold the memory: waiting would not change that.
+                    return Overloaded(f"model '{name}' cannot start: {runtime.no_room.reason}",
+                                      retry_after_s=self._retry_after_s, code="no_capacity")
                 return None
 
             async with runtime.changed:
@@ -115,9 +132,12 @@ class Admission:
                         # corrects its engine kind's estimate; stopping it would not (the next start would be
                         # as slow and stopped again), nor could it end a start hung inside its engine (a stop
                         # waits for the start).
+                        if not starts and runtime.no_room is not None:
+                            raise Overloaded(f"model '{name}' could not start within {bound_s:.1f}s: "
+                                             f"{runtime.no_room.reason}", retry_after_s=self._retry_after_s,
+                                             code="no_capacity")
                         raise Overloaded(f"model '{name}' did not become ready within {bound_s:.1f}s: "
-                                         + _describe_starts(starts),
-                                         retry_after_s=max(1, round(self.serving.queue_timeout_s / 4)),
+                                         + _describe_starts(starts), retry_after_s=self._retry_after_s,
                                          code="cold_start_timeout")
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(bound_s - waited_s):
@@ -139,6 +159,13 @@ def _starts(runtime: ModelRuntime, now: float) -> list[tuple[float, float]]:
         estimated_s, began = runtime.prestarting
         starts.append((estimated_s, now - began))
     return starts
+
+
+def _first_start(runtime: ModelRuntime) -> StartView | None:
+    """The progress of the start a waiter of `runtime` most likely gets first, its oldest; None when none of
+    its instances is starting here."""
+    starting = [i for i in runtime.instances if i.state is InstanceState.STARTING]
+    return min(starting, key=lambda i: i.progress.began).progress.view() if starting else None
 
 
 def _describe_starts(starts: list[tuple[float, float]]) -> str:

@@ -1,4 +1,5 @@
-"""This node's start-time estimates: its calibration, where a deployment's checkpoint is, and learning.
+"""This node's start-time and memory estimates: its calibration, where a deployment's checkpoint is, what an
+instance of it asks of a device, and learning.
 
 `NodeEstimates` owns the node's `Calibration` (probed at start, see `probe.py`, then corrected by every
 completed load, store fetch and outgoing migration), shows it in `/metrics`, and answers the two questions
@@ -15,6 +16,7 @@ from sllmd.checkpoint.fetch import FetchReport
 from sllmd.checkpoint.store import CheckpointStore, checkpoint_id, reads_store
 from sllmd.metrics import Metrics
 from sllmd.scheduler.estimate import LOAD_TIERS, Calibration, load_time_s, transfer_time_s
+from sllmd.scheduler.memory import MemoryNeed, instance_memory
 from sllmd.state.models import Deployment
 from sllmd.types import EngineKind, LoadReport, Tier
 from sllmd.worker.warming import is_in_dram
@@ -25,12 +27,35 @@ if TYPE_CHECKING:
 
 class NodeEstimates:
     def __init__(self, store: CheckpointStore, dram_cache: DramCache | None, metrics: Metrics,
-                 calibration: Calibration) -> None:
+                 calibration: Calibration, *, max_batch_size: int = 32, max_kv_bytes: int = 2 << 30,
+                 on_gpu: bool = False) -> None:
+        """`max_batch_size`, `max_kv_bytes`: the serving settings an instance's KV budget follows; `on_gpu`:
+        whether this node's devices are GPUs (engine overheads differ)."""
         self.store = store
         self.dram_cache = dram_cache
         self.metrics = metrics
         self.calibration = calibration
+        self.max_batch_size = max_batch_size
+        self.max_kv_bytes = max_kv_bytes
+        self.on_gpu = on_gpu
+        # (checkpoint, dtype, backend) -> bytes of weights an engine of it held here
+        self._measured_weights: dict[tuple[str, str, str], int] = {}
         metrics.show_calibration(calibration)
+
+    def memory_need(self, deployment: Deployment) -> MemoryNeed:
+        """What an instance of `deployment` asks of a device here: its weights as measured by an earlier start
+        of its checkpoint and dtype here, else as estimated at deploy, plus its KV budget and engine overhead."""
+        weights = (self._measured_weights.get(_weights_key(deployment))
+                   or deployment.weights_bytes or deployment.checkpoint_bytes)
+        return instance_memory(deployment.backend, weights_bytes=weights,
+                               kv_bytes_per_token=deployment.kv_bytes_per_token,
+                               context_length=deployment.context_length, max_batch_size=self.max_batch_size,
+                               max_kv_bytes=self.max_kv_bytes, on_gpu=self.on_gpu)
+
+    def observe_memory(self, deployment: Deployment, report: LoadReport) -> None:
+        """A start of `deployment` here completed: remember the weights its engine really holds, when it says."""
+        if report.weights_bytes > 0:
+            self._measured_weights[_weights_key(deployment)] = report.weights_bytes
 
     def set_calibration(self, calibration: Calibration) -> None:
         self.calibration = calibration
@@ -73,3 +98,7 @@ class NodeEstimates:
     def observe_migration(self, num_tokens: int, seconds: float) -> None:
         """A migration from this node moved requests holding `num_tokens`: learn its a·tokens + b."""
         self.set_calibration(self.calibration.observe_migration(num_tokens, seconds))
+
+
+def _weights_key(deployment: Deployment) -> tuple[str, str, str]:
+    return deployment.checkpoint, deployment.dtype, deployment.backend.value

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sllmd.engine.base import Engine
+from sllmd.scheduler.eviction import RequestRate
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.types import LoadReport
-from sllmd.worker.slots import Slot
+from sllmd.worker.devices import Device
+from sllmd.worker.start_progress import StartProgress
 
 
 class RunningRequest(Protocol):
@@ -30,7 +32,8 @@ class RunningRequest(Protocol):
 class Instance:
     id: str
     deployment: Deployment
-    slot: Slot
+    device: Device
+    memory_bytes: int  # held on `device` from its start until its stop ends
     engine: Engine | None = None  # created off the event loop when the start begins
     state: InstanceState = InstanceState.STARTING
     in_flight: int = 0
@@ -41,9 +44,10 @@ class Instance:
     estimated_transfer_s: float = 0.0  # ... of which moving bytes over the SSD or the network
     idle_timer: asyncio.TimerHandle | None = None
     starting: asyncio.Task | None = None
-    stopped: asyncio.Task | None = None  # set once stopping begins; done when the slot can be reused
+    stopped: asyncio.Task | None = None  # set once stopping begins; done when its memory is free again
     requests: set[RunningRequest] = field(default_factory=set)  # generating on this instance's engine now
     is_draining: bool = False  # a migration is cutting its requests over: take no new ones
+    progress: StartProgress = field(default_factory=StartProgress)  # how far its start has come
 
     @property
     def num_tokens(self) -> int:
@@ -58,7 +62,17 @@ class Instance:
 
     def to_record(self, node_id: str) -> InstanceRecord:
         """The replicated record of this instance as it is now, on node `node_id`."""
-        return InstanceRecord(self.id, self.deployment.name, node_id, self.slot.device, self.state, self.started_at)
+        return InstanceRecord(self.id, self.deployment.name, node_id, self.device.name, self.state, self.started_at)
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoom:
+    """Why no instance of a model can start on this node now: `reason` names the memory it needs, what the
+    devices have free and what holds the rest; `will_free` says whether busy (or starting) instances hold some
+    of it, which their requests' end frees, or only instances nobody may evict (kept for min_instances)."""
+
+    reason: str
+    will_free: bool
 
 
 @dataclass(eq=False)
@@ -74,6 +88,8 @@ class ModelRuntime:
     # An engine prestarting for it (`Worker.prestart`): (estimated seconds, time.time() it began). Its first
     # instance waits for it and takes the engine it parks.
     prestarting: tuple[float, float] | None = None
+    request_rate: RequestRate = field(default_factory=RequestRate)  # arrivals here (what evicting it costs)
+    no_room: NoRoom | None = None  # why its last scaling could not start an instance it wanted; None: it could
 
     def ready(self) -> list[Instance]:
         return [i for i in self.instances if i.state is InstanceState.READY and not i.is_draining]

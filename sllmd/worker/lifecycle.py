@@ -1,9 +1,10 @@
 """Starting and stopping this node's instances, and prestarting vLLM engines to park.
 
 A start pins the checkpoint's store copy (fetched again if it was evicted since deploy), builds the engine
-off the event loop and loads it; a stop ends the engine, then frees (or hands over) the slot and the pin.
-When to start or stop, and in which slot, is the caller's decision (`Worker`'s scaling); `Lifecycle`
-carries it out and reports back through `on_ready` and `on_capacity_freed`.
+off the event loop and loads it; a stop ends the engine, then frees the memory it held on its device (unless
+a new instance took it over) and the pin. When to start or stop, and on which device, is the caller's
+decision (`Worker`'s scaling); `Lifecycle` carries it out and reports back through `on_ready` and
+`on_capacity_freed`.
 
 Every state change of an instance is written to the replicated state with `record_soon`: queued in order
 and never awaited, so no consensus round lies between "engine loaded" and "first token" (the leader's
@@ -31,9 +32,10 @@ from sllmd.state.machine import Op
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.tasks import TaskSet
 from sllmd.types import Backend, LoadReport, Tier
+from sllmd.worker.devices import DevicePool
 from sllmd.worker.estimates import NodeEstimates
 from sllmd.worker.instance import Instance, ModelRuntime
-from sllmd.worker.slots import SlotPool
+from sllmd.worker.start_progress import StartPhase
 from sllmd.worker.warming import DramWarmer
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class Lifecycle:
     def __init__(
         self,
         node_id: str,
-        slots: SlotPool,
+        devices: DevicePool,
         records: InstanceRecords,
         metrics: Metrics,
         store: CheckpointStore,
@@ -75,9 +77,9 @@ class Lifecycle:
         on_capacity_freed: Callable[[], None],
     ) -> None:
         """`on_ready(runtime, instance)` runs once an instance is ready, before its waiters wake;
-        `on_capacity_freed()` once a stop or a prestart gave its slot back."""
+        `on_capacity_freed()` once a stop or a prestart gave its memory back."""
         self.node_id = node_id
-        self.slots = slots
+        self.devices = devices
         self.records = records
         self.metrics = metrics
         self.store = store
@@ -94,15 +96,18 @@ class Lifecycle:
     # -- instances -----------------------------------------------------------------------------
 
     def start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
-        """Begin starting `instance`, already in `runtime.instances` and holding its slot (or to be handed
-        it by the stop `evicting`). It becomes READY and its waiters wake; or, if it fails,
+        """Begin starting `instance`, already in `runtime.instances` and holding its memory (freed for it by
+        the evictions `evicting`, when not None). It becomes READY and its waiters wake; or, if it fails,
         `runtime.start_error` is set, the waiters wake to it and the instance is stopped."""
+        # Estimated and shown before the task runs, so a waiter looking at once sees the start as it will go.
+        instance.estimated_start_s, instance.estimated_transfer_s = self.estimates.estimate(
+            runtime.deployment, parked=self.has_parked_engine(runtime.deployment))
+        instance.progress.begin(self.estimates.checkpoint_tier(runtime.deployment),
+                                runtime.deployment.checkpoint_bytes, instance.estimated_start_s)
         instance.starting = self._tasks.spawn(self._start(runtime, instance, evicting))
 
     async def _start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
         began = time.monotonic()
-        instance.estimated_start_s, instance.estimated_transfer_s = self.estimates.estimate(
-            runtime.deployment, parked=self.has_parked_engine(runtime.deployment))
         try:
             if evicting is not None:
                 await evicting
@@ -110,16 +115,24 @@ class Lifecycle:
             deployment = runtime.deployment
             checkpoint_dir, fetched_from = Path(deployment.checkpoint), None
             if reads_store(deployment.backend, deployment.checkpoint):
+                instance.progress.enter(StartPhase.FETCHING)  # passed at once when the store has it
                 # Pinned until the instance stops; fetched again if it was evicted since deploy.
-                lease = self._leases[instance.id] = await self.store.acquire(deployment.checkpoint)
+                lease = self._leases[instance.id] = await self.store.acquire(deployment.checkpoint,
+                                                                             progress=instance.progress.count)
                 checkpoint_dir = lease.path
                 fetched_from = None if lease.tier == Tier.SSD else lease.tier
+            instance.progress.enter(StartPhase.CREATING, tier=fetched_from)
             instance.engine = await asyncio.to_thread(
-                self.engine_factory, deployment, checkpoint_dir, instance.slot.device, self.resources)
+                self.engine_factory, deployment, checkpoint_dir, instance.device.name, self._resources_for(deployment))
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
+            instance.progress.enter(StartPhase.LOADING)
             report = await instance.engine.start()
-            self.estimates.observe_load(runtime.deployment, report)
+            self.estimates.observe_load(deployment, report)
+            self.estimates.observe_memory(deployment, report)
+            # What it really holds from now on (the measured weights replace the estimate).
+            instance.memory_bytes = self.estimates.memory_need(deployment).total_bytes
+            self.devices.resize(instance.id, instance.memory_bytes)
             if fetched_from is not None:  # the bytes came from a peer or the repository on this start
                 report = dataclasses.replace(report, source_tier=fetched_from)
             instance.load_report = report
@@ -149,15 +162,17 @@ class Lifecycle:
         self.metrics.start_estimate_error.labels(tier).observe(abs(start_s - instance.estimated_start_s))
         log.info(
             "instance ready",
-            extra={"instance": instance.id, "device": instance.slot.device, "tier": tier,
+            extra={"instance": instance.id, "device": instance.device.name, "memory_bytes": instance.memory_bytes,
+                   "tier": tier,
                    "bytes": report.num_bytes, "load_s": round(report.load_s, 4), "init_s": round(report.init_s, 4),
                    "start_s": round(start_s, 4), "estimated_s": round(instance.estimated_start_s, 4)},
         )
 
-    def stop(self, runtime: ModelRuntime, instance: Instance, hand_slot_to: str | None = None) -> asyncio.Task:
-        """Begin stopping `instance` (idempotent); the returned task finishes when its slot is reusable.
+    def stop(self, runtime: ModelRuntime, instance: Instance, *, is_evicted: bool = False) -> asyncio.Task:
+        """Begin stopping `instance` (idempotent); the returned task finishes when its memory is free.
 
-        With `hand_slot_to`, the slot passes to that instance id at once instead of becoming free.
+        `is_evicted`: a new instance took its memory over already (`DevicePool.take_over`), so its end frees
+        nothing for anyone else.
         """
         if instance.stopped is not None:
             return instance.stopped
@@ -165,8 +180,6 @@ class Lifecycle:
         instance.disarm_idle_timer()
         if instance in runtime.instances:
             runtime.instances.remove(instance)
-        if hand_slot_to is not None:
-            self.slots.transfer(instance.slot, hand_slot_to)
 
         async def stop() -> None:
             if instance.starting is not None:
@@ -174,10 +187,9 @@ class Lifecycle:
             try:
                 if instance.engine is not None:
                     await instance.engine.stop()
-            except Exception as exc:  # a failed stop must still free the slot
+            except Exception as exc:  # a failed stop must still free the memory
                 log.error("engine stop failed", extra={"instance": instance.id, "error": repr(exc)})
-            if hand_slot_to is None:
-                self.slots.release(instance.slot)
+            self.devices.release(instance.id)
             if (lease := self._leases.pop(instance.id, None)) is not None:
                 self.store.release(lease)
             self.records.record_soon({"op": Op.DELETE_INSTANCE, "id": instance.id})
@@ -185,7 +197,7 @@ class Lifecycle:
                 self.warmer.consider()  # the model left the device: keep it (or a more popular one) one copy away
             self.update_gauges(runtime)
             await runtime.notify()
-            if hand_slot_to is None:
+            if not is_evicted:
                 self.on_capacity_freed()
 
         instance.stopped = self._tasks.spawn(stop())
@@ -200,13 +212,17 @@ class Lifecycle:
         name = runtime.deployment.name
         for state in (InstanceState.STARTING, InstanceState.READY):
             self.metrics.instances.labels(name, state.value).set(sum(1 for i in runtime.instances if i.state is state))
-        self.metrics.free_slots.set(self.slots.num_free)
+        self.show_free_memory()
+
+    def show_free_memory(self) -> None:
+        for device in self.devices.devices:
+            self.metrics.device_free_bytes.labels(str(device.index)).set(self.devices.free_bytes(device))
 
     # -- parked engines ------------------------------------------------------------------------
 
     def prestart(self, runtime: ModelRuntime) -> None:
         """In the background, start an engine for `runtime`'s deployment and park it, unless an instance of it
-        starts anyway. It holds a free slot while it starts (none free: no prestart) and its store copy
+        starts anyway. It holds an instance's memory while it starts (no room: no prestart) and its store copy
         pinned; the model's first instance waits for it (`runtime.prestarting`)."""
         self._tasks.spawn(self._prestart(runtime))
 
@@ -214,8 +230,9 @@ class Lifecycle:
         deployment = runtime.deployment
         if runtime.is_removed or runtime.instances:
             return
-        slot = self.slots.acquire(f"{deployment.name}-prestart-{uuid.uuid4().hex[:8]}", deployment.checkpoint_bytes)
-        if slot is None:
+        holder = f"{deployment.name}-prestart-{uuid.uuid4().hex[:8]}"
+        device = self.devices.acquire(holder, self.estimates.memory_need(deployment).total_bytes)
+        if device is None:
             return
         estimated_s, _ = self.estimates.estimate(deployment, parked=self.has_parked_engine(deployment))
         runtime.prestarting = (estimated_s, time.time())
@@ -223,8 +240,8 @@ class Lifecycle:
         try:
             lease = await self.store.acquire(deployment.checkpoint)
             try:
-                engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, slot.device,
-                                                 self.resources)
+                engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, device.name,
+                                                 self._resources_for(deployment))
                 report = await engine.start()
                 self.estimates.observe_load(deployment, report)  # a new engine's start, timed like any other
                 await engine.stop()  # parks it
@@ -235,8 +252,8 @@ class Lifecycle:
             log.warning("could not prestart an engine", extra={"model": deployment.name, "error": repr(exc)})
         finally:
             runtime.prestarting = None
-            self.slots.release(slot)
-            self.metrics.free_slots.set(self.slots.num_free)
+            self.devices.release(holder)
+            self.show_free_memory()
             self.on_capacity_freed()
 
     def has_parked_engine(self, deployment: Deployment) -> bool:
@@ -252,8 +269,14 @@ class Lifecycle:
             # An engine's key depends on the model's config.json: read it once per deployment (revision).
             key = self._engine_keys[deployment] = engine_key_of(
                 self.store.path_of(cid), dtype=deployment.dtype, max_model_len=deployment.context_length,
-                device=self.slots.slots[0].device, start_mode=deployment.start_mode)
+                device=self.devices.devices[0].name, start_mode=deployment.start_mode,
+                kv_cache_bytes=self._resources_for(deployment).max_batch_kv_bytes)
         return pool.has(key)
+
+    def _resources_for(self, deployment: Deployment) -> EngineResources:
+        """The node's resources, with the KV budget of an instance of `deployment` as its engine's KV cap."""
+        return dataclasses.replace(self.resources,
+                                   max_batch_kv_bytes=self.estimates.memory_need(deployment).kv_bytes)
 
     async def close(self) -> None:
         """Wait for every start, stop and prestart under way."""

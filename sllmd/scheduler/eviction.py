@@ -1,0 +1,118 @@
+"""Which idle instances to stop when a new one needs memory on a device. Pure: the caller (a node's worker,
+the leader's placement, the simulator) describes the candidates; no clock, no I/O.
+
+The cost rule (`EvictionRule.COST`): evicting an instance costs, in expectation, its model's next cold start:
+the seconds to load it again from the tier that will hold its checkpoint (`reload_s`) times how often the
+model is asked for (`request_rate`, requests/s). Per byte freed, the cheapest go first. The baselines the
+simulator compares against: LRU (longest idle first) and Ollama's rule (the idle instance whose keep-alive
+runs out soonest first).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class EvictionRule(enum.StrEnum):
+    COST = "cost"  # lowest reload seconds × request rate per byte freed first
+    LRU = "lru"  # longest idle first
+    SHORTEST_KEEP_ALIVE = "keep-alive"  # Ollama's: the one whose keep-alive ends soonest first
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionCandidate:
+    """An idle instance that may be stopped (never a busy one, nor one kept for min_instances)."""
+
+    id: str
+    device: int
+    num_bytes: int  # memory it frees
+    reload_s: float  # seconds to start it again, from the tier its checkpoint stays in
+    request_rate: float  # its model's recent requests per second
+    idle_s: float  # seconds since its last request ended
+    keep_alive_left_s: float  # seconds until its keep-alive would stop it anyway
+
+    @property
+    def cost(self) -> float:
+        """Expected seconds of cold start per second that evicting it causes."""
+        return self.reload_s * self.request_rate
+
+
+def _order_key(candidate: EvictionCandidate, rule: EvictionRule) -> tuple[float, ...]:
+    if rule is EvictionRule.COST:
+        return (candidate.cost / max(1, candidate.num_bytes), -candidate.num_bytes, -candidate.idle_s)
+    if rule is EvictionRule.LRU:
+        return (-candidate.idle_s,)
+    return (candidate.keep_alive_left_s, -candidate.idle_s)
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionPlan:
+    device: int
+    evictions: tuple[str, ...]  # instance ids, in the order chosen
+    cost: float  # the cost rule's total for them (for every rule, so plans can be compared)
+
+
+def plan_evictions(candidates: Sequence[EvictionCandidate], free_bytes: Mapping[int, int], needed_bytes: int,
+                   rule: EvictionRule = EvictionRule.COST) -> EvictionPlan | None:
+    """The instances to evict so that one device has `needed_bytes` free, or None when no device can get there.
+
+    `free_bytes`: each device's free bytes now (devices absent from it are not considered). A device that has
+    room already needs no eviction (the plan is empty). Otherwise, per device, candidates are taken in the
+    rule's order until enough is free; then any taken one whose bytes turn out not to be needed (the larger
+    ones taken later cover it) is given back, most costly first. Among devices, the plan with the lowest
+    cost-rule total wins under COST; under the baselines, the one whose first victim comes first in the
+    rule's order; then fewer evictions, then the lower device index. A device with room always wins.
+    """
+    best: tuple[tuple[float, ...], EvictionPlan] | None = None
+    for device in sorted(free_bytes):
+        free = free_bytes[device]
+        if free >= needed_bytes:
+            plan = EvictionPlan(device, (), 0.0)
+            key: tuple[float, ...] = (0, device)  # room already: before any plan that evicts
+        else:
+            on_device = sorted((c for c in candidates if c.device == device),
+                               key=lambda c: (*_order_key(c, rule), c.id))
+            taken: list[EvictionCandidate] = []
+            for candidate in on_device:
+                if free >= needed_bytes:
+                    break
+                taken.append(candidate)
+                free += candidate.num_bytes
+            if free < needed_bytes:
+                continue
+            for candidate in sorted(taken, key=lambda c: (-c.cost, c.id)):
+                if free - candidate.num_bytes >= needed_bytes:
+                    taken.remove(candidate)
+                    free -= candidate.num_bytes
+            cost = sum(c.cost for c in taken)
+            plan = EvictionPlan(device, tuple(c.id for c in taken), cost)
+            first = _order_key(taken[0], rule) if rule is not EvictionRule.COST else (cost,)
+            key = (1, *first, len(taken), device)
+        if best is None or key < best[0]:
+            best = (key, plan)
+    return None if best is None else best[1]
+
+
+@dataclass
+class RequestRate:
+    """A model's recent request rate: arrivals decayed exponentially with `half_life_s`. Time comes from the
+    caller (monotonic seconds), so the simulator and tests drive it."""
+
+    half_life_s: float = 300.0
+    _weight: float = 0.0  # decayed count of arrivals, as of `_at`
+    _at: float = 0.0
+
+    def observe(self, now: float, count: int = 1) -> None:
+        self._weight = self._decayed(now) + count
+        self._at = now
+
+    def per_s(self, now: float) -> float:
+        """Arrivals per second: the decayed count over the decay's mean lifetime (half-life / ln 2)."""
+        return self._decayed(now) * 0.6931471805599453 / self.half_life_s
+
+    def _decayed(self, now: float) -> float:
+        if self._weight == 0.0:
+            return 0.0
+        return self._weight * 0.5 ** (max(0.0, now - self._at) / self.half_life_s)
