@@ -49,6 +49,21 @@ async def test_two_models_share_one_device_and_their_memory_returns_to_zero(demo
         assert float(line.split()[-1]) == device.budget_bytes
 
 
+async def test_a_cold_start_evicts_the_idle_instance_whose_loss_costs_least_not_the_longest_idle(
+        demo_model_dir, tmp_path):
+    # A 0.3 GiB device holds two demo instances (0.13 GiB each), not three.
+    async with running_node(tmp_path, devices__cpu_slots=1, devices__cpu_slot_memory_gb=0.3) as running:
+        for name in ("popular", "rare", "new"):
+            await running.deploy(name, demo_model_dir, keep_alive_s=600)
+        for _ in range(5):
+            assert (await running.complete("popular"))[0] == 200
+        assert (await running.complete("rare"))[0] == 200  # the most recently used, and asked for once
+        assert (await running.complete("new"))[0] == 200
+        runtimes = running.node.worker.runtimes
+        # LRU would have stopped "popular" (idle longest); both reload from DRAM, "rare" is asked for 5x less.
+        assert [len(runtimes[name].instances) for name in ("popular", "rare", "new")] == [1, 0, 1]
+
+
 async def test_the_weights_an_engine_holds_replace_the_estimate(demo_model_dir, tmp_path):
     async with running_node(tmp_path) as running:
         view = await running.deploy("demo", demo_model_dir, keep_alive_s=600)

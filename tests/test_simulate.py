@@ -1,64 +1,173 @@
-"""`sllmd simulate`: the policy comparison on the built-in trace, determinism, CSV errors, GPU accounting."""
+"""`sllmd simulate`: the policy comparison on the built-in trace, capacity modes on many small models,
+determinism, CSV errors, memory accounting."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 
 import pytest
 
 from sllmd.cli import main
-from sllmd.sim.cluster import Hardware, LruCache, ModelSpec, catalogue
+from sllmd.sim.cluster import SMALL_BASE_MODELS, Capacity, Hardware, LruCache, ModelSpec, catalogue
 from sllmd.sim.engine import Simulation
 from sllmd.sim.policies import RayServe, Sllmd
-from sllmd.sim.simulate import AUTOSCALING, BUILTIN_WARMUP_S, NUM_MODEL_COPIES, builtin_trace, percentile, simulate
+from sllmd.sim.simulate import SETUPS, Workload, builtin_trace, compare_capacities, percentile, simulate
+from sllmd.sim.state import Decision, InstanceState
 from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 
-MODELS = {m.name for m in catalogue(NUM_MODEL_COPIES)}
+SERVERLESSLLM = SETUPS[Workload.SERVERLESSLLM]
+MODELS = {m.name for m in SERVERLESSLLM.models}
+POLICIES = {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
 
 
 @pytest.fixture(scope="module")
-def builtin_summaries() -> dict:
-    return simulate(builtin_trace(seed=0), seed=0, warmup_s=BUILTIN_WARMUP_S)
+def default_run() -> dict:
+    """`sllmd simulate` with no arguments: its output's last line, parsed (the built-in trace, seed 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["simulate"]) == 0
+    lines = out.getvalue().strip().splitlines()
+    assert lines[1].split()[0] == "policy"
+    return json.loads(lines[-1])
 
 
-def test_p99_startup_ratios_on_the_builtin_trace(builtin_summaries):
-    p99 = {name: s["p99_s"] for name, s in builtin_summaries.items()}
+def test_default_run_ends_with_json_of_every_policy(default_run):
+    assert default_run["workload"] == "serverlessllm" and default_run["capacity"] == "pack-cost"
+    assert default_run["seed"] == 0 and default_run["trace"] == "builtin" and default_run["warmup_s"] == 600
+    assert set(default_run["policies"]) == POLICIES
+
+
+def test_p99_startup_ratios_on_the_builtin_trace(default_run):
+    summaries = default_run["policies"]
+    p99 = {name: s["p99_s"] for name, s in summaries.items()}
     assert p99["ray-serve"] >= 10 * p99["sllmd"]
     assert p99["ray-serve-cache"] >= 3 * p99["sllmd"]
     assert p99["no-migration"] >= 1.2 * p99["sllmd"]
     # Every policy serves every request after the warm-up, and only sllmd migrates.
-    measured = sum(r.time_s >= BUILTIN_WARMUP_S for r in builtin_trace(seed=0))
-    assert {s["requests"] for s in builtin_summaries.values()} == {measured}
-    assert all(s["migrations"] == 0 for name, s in builtin_summaries.items() if name != "sllmd")
-    assert builtin_summaries["sllmd"]["migrations"] > 0
+    measured = sum(r.time_s >= SERVERLESSLLM.warmup_s for r in builtin_trace(seed=0))
+    assert {s["requests"] for s in summaries.values()} == {measured}
+    assert all(s["migrations"] == 0 for name, s in summaries.items() if name != "sllmd")
+    assert summaries["sllmd"]["migrations"] > 0
     # Migration turns peer fetches into local loads.
-    assert builtin_summaries["sllmd"]["cold_starts"]["peer"] < builtin_summaries["no-migration"]["cold_starts"]["peer"]
-    assert builtin_summaries["ray-serve"]["cold_starts"]["repository"] > 0
-    assert builtin_summaries["ray-serve"]["cold_starts"]["dram"] == 0
-    for summary in builtin_summaries.values():
+    assert summaries["sllmd"]["loads"]["peer"] < summaries["no-migration"]["loads"]["peer"]
+    assert summaries["ray-serve"]["loads"]["repository"] > 0
+    assert summaries["ray-serve"]["loads"]["dram"] == 0
+    for summary in summaries.values():
         assert {"p50_s", "p99_s", "mean_s", "e2e_p50_s", "e2e_p99_s", "e2e_mean_s", "gpu_s"} <= set(summary)
         assert summary["p50_s"] <= summary["p99_s"] <= summary["e2e_p99_s"]
+        assert 0 < summary["cold_starts"] <= sum(summary["loads"].values())
 
 
-def test_no_policy_ever_holds_more_gpus_than_a_server_has(builtin_summaries):
-    for summary in builtin_summaries.values():
-        used = summary["max_gpus_used"]
-        assert set(used) == {"s0", "s1", "s2", "s3"}
-        assert max(used.values()) == 4  # the trace does fill servers, and never past their 4 GPUs
+def test_no_policy_ever_holds_more_memory_than_a_server_has(default_run):
+    for summary in default_run["policies"].values():
+        shares = summary["max_memory_share"]
+        assert set(shares) == {"s0", "s1", "s2", "s3"}
+        assert all(0.9 < share <= 1 for share in shares.values())  # the trace fills servers, never past them
         assert summary["gpu_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def many_small() -> dict:
+    """The many-small workload's capacity modes on a short trace (20 min, seed 0), nothing left out."""
+    return compare_capacities(builtin_trace(0, workload=Workload.MANY_SMALL, duration_s=1200))
+
+
+def test_packing_memory_has_fewer_cold_starts_than_a_gpu_per_instance(many_small):
+    assert set(many_small) == {"per-device", "pack-lru", "pack-cost"}
+    per_device, cost = many_small["per-device"], many_small["pack-cost"]
+    assert cost["cold_starts"] < per_device["cold_starts"]
+    assert cost["p99_s"] < per_device["p99_s"]
+    assert sum(cost["loads"].values()) < sum(per_device["loads"].values())
+    assert all(s["evictions"] > 0 for s in many_small.values())  # memory runs out: idle instances make room
+    for summary in many_small.values():
+        assert all(0.9 < share <= 1 for share in summary["max_memory_share"].values())
+
+
+def test_one_instance_of_each_small_model_nearly_fills_the_cluster():
+    setup = SETUPS[Workload.MANY_SMALL]
+    assert len(setup.models) == 32
+    assert all(0.9e9 < m.num_bytes < 16.5e9 for m in setup.models)  # 0.5B to 8B at fp16
+    one_each = sum(m.memory_bytes for m in setup.models)
+    budget = setup.hardware.num_servers * setup.hardware.gpus_per_server * setup.hardware.gpu_bytes
+    assert 0.8 * budget < one_each < budget  # so hot models' scale-outs (up to 4 instances) overflow it
+
+
+def small_sim(capacity: Capacity) -> Simulation:
+    """One server with two GPUs, 16 small models, nothing played yet."""
+    return Simulation(Hardware(num_servers=1, gpus_per_server=2), catalogue(2, SMALL_BASE_MODELS),
+                      SETUPS[Workload.MANY_SMALL].autoscaling, Sllmd(), capacity=capacity, num_homes=1)
+
+
+def place(sim: Simulation, model: str, device: int, state: InstanceState, *, idle_since_s: float | None = None):
+    sim.start(sim.models[model], Decision(sim.servers[0], device))
+    instance = sim.servers[0].instances[-1]
+    instance.state, instance.idle_since_s = state, idle_since_s
+    return instance
+
+
+def test_make_room_takes_the_best_fitting_gpu():
+    sim = small_sim(Capacity.PACK_COST)
+    place(sim, "llama-3.1-8b-00", 1, InstanceState.READY, idle_since_s=0.0)
+    # A small model goes where the least memory that fits it is free, beside the 8B, not to the empty GPU.
+    assert sim.make_room(sim.servers[0], sim.models["qwen2.5-0.5b-00"]) == Decision(sim.servers[0], 1)
+    per_device = small_sim(Capacity.PER_DEVICE)
+    assert per_device.memory_bytes["qwen2.5-0.5b-00"] == per_device.hardware.gpu_bytes
+    place(per_device, "llama-3.1-8b-00", 1, InstanceState.READY, idle_since_s=0.0)
+    assert per_device.make_room(per_device.servers[0], per_device.models["qwen2.5-0.5b-00"]).device == 0
+
+
+@pytest.mark.parametrize(("capacity", "evicted"), [(Capacity.PACK_LRU, "often"), (Capacity.PACK_COST, "rarely")])
+def test_make_room_evicts_by_the_capacitys_rule(capacity, evicted):
+    sim = small_sim(capacity)
+    server = sim.servers[0]
+    sim.now = 1000.0
+    # GPU 0 has an instance idle long but asked for often; GPU 1 one idle lately but rarely asked for; both also
+    # hold a starting instance (never evicted), so neither has room for a 3B one.
+    idle = {"often": place(sim, "llama-3.1-8b-00", 0, InstanceState.READY, idle_since_s=100.0),
+            "rarely": place(sim, "mistral-7b-00", 1, InstanceState.READY, idle_since_s=900.0)}
+    for device in (0, 1):
+        place(sim, "llama-3.1-8b-01", device, InstanceState.LOADING)
+    for t in range(50):
+        sim._rate(server, "llama-3.1-8b-00").observe(950.0 + t)
+    decision = sim.make_room(server, sim.models["llama-3.2-3b-00"])
+    assert decision is not None and decision.evictions == (idle[evicted],)
+    assert decision.device == idle[evicted].device
+
+
+def test_a_start_past_a_gpus_budget_is_refused():
+    sim = small_sim(Capacity.PER_DEVICE)
+    sim.start(sim.models["qwen2.5-0.5b-00"], Decision(sim.servers[0], 0))
+    with pytest.raises(AssertionError, match="budget"):
+        sim.start(sim.models["qwen2.5-0.5b-01"], Decision(sim.servers[0], 0))
+
+
+def test_many_small_prints_a_row_per_capacity_then_json(tmp_path, capsys):
+    trace = tmp_path / "small.csv"
+    trace.write_text("".join(f"{t},{m.name},100,50\n" for t, m in enumerate(SETUPS[Workload.MANY_SMALL].models)))
+    assert main(["simulate", "--workload", "many-small", "--trace", str(trace)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["capacity", "per-device", "pack-lru", "pack-cost"]
+    result = json.loads(lines[-1])
+    assert result["workload"] == "many-small" and list(result["capacities"]) == ["per-device", "pack-lru", "pack-cost"]
+    assert all(s["requests"] == 32 and s["cold_starts"] >= 32 for s in result["capacities"].values())
+    assert main(["simulate", "--workload", "many-small", "--trace", str(trace), "--capacity", "pack-lru",
+                 "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["capacities"]) == ["pack-lru"]
 
 
 def test_same_seed_same_result_and_a_new_seed_changes_it():
     runs = [simulate(builtin_trace(seed, duration_s=1200), seed, warmup_s=600) for seed in (3, 3, 4)]
     assert runs[0] == runs[1] != runs[2]
-    assert set(runs[0]) == {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
+    assert set(runs[0]) == POLICIES
 
 
 def test_warmup_leaves_early_requests_out_of_the_latencies():
-    trace = builtin_trace(seed=1, duration_s=1200)
-    everything = simulate(trace, seed=1)["sllmd"]
-    later = simulate(trace, seed=1, warmup_s=600)["sllmd"]
+    trace = builtin_trace(seed=1, workload=Workload.MANY_SMALL, duration_s=1200)
+    everything = compare_capacities(trace, capacities=[Capacity.PACK_COST])["pack-cost"]
+    later = compare_capacities(trace, warmup_s=600, capacities=[Capacity.PACK_COST])["pack-cost"]
     assert everything["requests"] == len(trace) > later["requests"] == sum(r.time_s >= 600 for r in trace) > 0
     assert everything["gpu_s"] == later["gpu_s"]  # the same run, measured over fewer requests
 
@@ -83,9 +192,9 @@ def test_requests_entering_other_servers_are_routed_to_the_ready_instance(policy
     policy = policy()
     trace = [Request(0.0, "opt-6.7b-00", 100, 10), Request(30.0, "opt-6.7b-00", 100, 10),
              Request(30.5, "opt-6.7b-00", 100, 10)]
-    sim = Simulation(Hardware(), catalogue(1), AUTOSCALING, policy, num_homes=1)
+    sim = Simulation(Hardware(), catalogue(1), SERVERLESSLLM.autoscaling, policy, num_homes=1)
     outcome = sim.run(trace)
-    assert sum(outcome.cold_starts.values()) == 1
+    assert sum(outcome.loads.values()) == outcome.num_cold_starts == 1
     first, *later = outcome.requests
     assert first.instance is not None and all(r.instance is first.instance for r in later)
     if isinstance(policy, AskedSllmd):
@@ -101,10 +210,10 @@ def test_table_then_json_last_line_from_a_csv_trace(tmp_path, capsys):
     assert lines[1].split()[0] == "policy"
     result = json.loads(lines[-1])
     assert result["trace"] == str(trace) and result["seed"] == 0 and result["warmup_s"] == 0  # CSV: no warm-up
-    assert set(result["policies"]) == {"sllmd", "no-migration", "ray-serve", "ray-serve-cache", "random"}
+    assert set(result["policies"]) == POLICIES
     assert result["policies"]["sllmd"]["requests"] == 3
     # The first request is a cold start from an SSD home or DRAM, never the repository.
-    assert result["policies"]["sllmd"]["cold_starts"]["repository"] == 0
+    assert result["policies"]["sllmd"]["loads"]["repository"] == 0
     assert result["policies"]["ray-serve"]["p50_s"] > 60  # 26 GB at 0.2 GB/s
     assert main(["simulate", "--trace", str(trace), "--warmup", "10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["policies"]["sllmd"]["requests"] == 1

@@ -1,4 +1,5 @@
-"""The simulated cluster of `sllmd simulate`: hardware figures, the model catalogue, and per-server caches.
+"""The simulated cluster of `sllmd simulate`: hardware figures, the model catalogues, what an instance holds
+of a GPU's memory (`Capacity`, `ModelSpec.memory_bytes`), and per-server caches.
 
 Every figure is the simulation's ground truth, chosen from public hardware numbers (each says where it
 comes from). The estimators start from `Calibration.defaults()`, which are deliberately below these, and
@@ -7,11 +8,41 @@ learn the truth from completed simulated loads, as a real node would.
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from sllmd.scheduler.estimate import BYTES_PER_GB
-from sllmd.types import EngineKind, Tier
+from sllmd.scheduler.eviction import EvictionRule
+from sllmd.scheduler.memory import instance_memory
+from sllmd.sim.trace import MAX_CONTEXT_TOKENS
+from sllmd.types import Backend, EngineKind, Tier
+
+# An instance's KV-cache budget, sized as the daemon sizes it (`scheduler.memory.instance_memory`): KV_BATCH_SIZE
+# requests at the trace's full context, capped at KV_CAP_BYTES but never below one such request. 32 is
+# `serving.max_batch_size`'s default; 16 GiB is `serving.max_batch_kv_gb = 16`, a setting for 80 GB GPUs (the
+# default, 2, is for small devices). So a 7B model with full multi-head attention (0.5 MiB of KV per token) asks
+# 13 + 17 GB, a grouped-query 0.5B one 1 + 1.6 GB.
+KV_BATCH_SIZE = 32
+KV_CAP_BYTES = 16 << 30
+
+
+class Capacity(enum.StrEnum):
+    """How a server's GPUs hold instances, and which idle ones its worker stops to make room for a new one."""
+
+    PER_DEVICE = "per-device"  # sllmd before memory: an instance takes a whole GPU; the longest idle goes first
+    PACK_LRU = "pack-lru"  # GPUs are memory budgets instances share; the longest idle goes first
+    PACK_COST = "pack-cost"  # shared, the daemon's rule: the least reload seconds × request rate per byte first
+    # Ollama's rule (the keep-alive that ends soonest first) is no mode of its own: every simulated model has the
+    # same keep-alive, under which it orders idle instances exactly as LRU does.
+
+    @property
+    def rule(self) -> EvictionRule:
+        return EvictionRule.COST if self is Capacity.PACK_COST else EvictionRule.LRU
+
+    def memory_bytes(self, model: ModelSpec, hardware: Hardware) -> int:
+        """What an instance of `model` holds on its GPU: all of it per device, else its `memory_bytes`."""
+        return hardware.gpu_bytes if self is Capacity.PER_DEVICE else model.memory_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +51,7 @@ class Hardware:
 
     num_servers: int = 4
     gpus_per_server: int = 4  # the ServerlessLLM paper's test bed: 4 servers × 4 GPUs
-    gpu_bytes: int = 80 * 10**9  # A100/H100 80 GB; every catalogue model fits one GPU
+    gpu_bytes: int = 80 * 10**9  # A100/H100 80 GB: each GPU's memory budget; every catalogue model fits one
     pcie_gbps: float = 25.0  # PCIe 4.0 x16 moves ~25 GB/s from pinned host memory
     ssd_gbps: float = 6.0  # one PCIe 4.0 NVMe drive: 3–7 GB/s sequential read
     network_gbps: float = 1.25  # 10 Gbps Ethernet between servers (the low end of 10–25 Gbps)
@@ -62,14 +93,23 @@ class Hardware:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One deployed checkpoint (fp16: 2 bytes per parameter)."""
+    """One deployed checkpoint (fp16: 2 bytes per parameter). `kv_bytes_per_token`: its architecture's, at fp16
+    (2 × layers × KV heads × head size × 2 bytes)."""
 
     name: str
     num_params: float
+    kv_bytes_per_token: int
 
     @property
     def num_bytes(self) -> int:
         return int(2 * self.num_params)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What an instance holds on its GPU: weights, KV budget (see KV_BATCH_SIZE) and engine overhead."""
+        return instance_memory(Backend.TRANSFORMERS, weights_bytes=self.num_bytes,
+                               kv_bytes_per_token=self.kv_bytes_per_token, context_length=MAX_CONTEXT_TOKENS,
+                               max_batch_size=KV_BATCH_SIZE, max_kv_bytes=KV_CAP_BYTES, on_gpu=True).total_bytes
 
     def prefill_s(self, num_tokens: int, hardware: Hardware) -> float:
         return 2 * self.num_params * num_tokens / hardware.prefill_flops
@@ -78,21 +118,37 @@ class ModelSpec:
         return hardware.decode_overhead_s + self.num_bytes / BYTES_PER_GB / hardware.hbm_gbps
 
 
-# Real model sizes. OPT-66B (132 GB) and Llama-2-70B (138 GB) need two 80 GB GPUs; sllmd's slots are
-# one GPU each, so they are left out rather than modelled wrongly.
+def _kv_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * 2
+
+
+# Real model sizes and shapes (their Hugging Face configs). OPT-66B (132 GB) and Llama-2-70B (138 GB) need two
+# 80 GB GPUs; an sllmd instance runs on one device, so they are left out rather than modelled wrongly.
 BASE_MODELS = (
-    ("opt-6.7b", 6.7e9),
-    ("llama-2-7b", 6.74e9),
-    ("opt-13b", 12.9e9),
-    ("llama-2-13b", 13.0e9),
-    ("opt-30b", 30.0e9),
+    ("opt-6.7b", 6.7e9, _kv_per_token(32, 32, 128)),
+    ("llama-2-7b", 6.74e9, _kv_per_token(32, 32, 128)),
+    ("opt-13b", 12.9e9, _kv_per_token(40, 40, 128)),
+    ("llama-2-13b", 13.0e9, _kv_per_token(40, 40, 128)),
+    ("opt-30b", 30.0e9, _kv_per_token(48, 56, 128)),
+)
+# Small models of today, grouped-query attention: 0.5B to 8B (1–16 GB at fp16).
+SMALL_BASE_MODELS = (
+    ("qwen2.5-0.5b", 0.494e9, _kv_per_token(24, 2, 64)),
+    ("llama-3.2-1b", 1.24e9, _kv_per_token(16, 8, 64)),
+    ("qwen2.5-1.5b", 1.54e9, _kv_per_token(28, 2, 128)),
+    ("qwen2.5-3b", 3.09e9, _kv_per_token(36, 2, 128)),
+    ("llama-3.2-3b", 3.21e9, _kv_per_token(28, 8, 128)),
+    ("qwen2.5-7b", 7.62e9, _kv_per_token(28, 4, 128)),
+    ("mistral-7b", 7.25e9, _kv_per_token(32, 8, 128)),
+    ("llama-3.1-8b", 8.03e9, _kv_per_token(32, 8, 128)),
 )
 
 
-def catalogue(num_copies: int) -> list[ModelSpec]:
-    """`num_copies` deployments of each base model ("opt-13b-02"): many models contending for few GPUs,
-    as serverless fleets host many fine-tunes of a few architectures."""
-    return [ModelSpec(f"{name}-{i:02d}", params) for i in range(num_copies) for name, params in BASE_MODELS]
+def catalogue(num_copies: int, bases: tuple[tuple[str, float, int], ...] = BASE_MODELS) -> list[ModelSpec]:
+    """`num_copies` deployments of each base model ("opt-13b-02"), copy by copy (so a Zipf ranking over the
+    list mixes sizes): many models contending for few GPUs, as serverless fleets host many fine-tunes of a
+    few architectures."""
+    return [ModelSpec(f"{name}-{i:02d}", params, kv) for i in range(num_copies) for name, params, kv in bases]
 
 
 class LruCache:

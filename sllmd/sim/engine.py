@@ -1,9 +1,10 @@
 # long: one job, the discrete-event loop; its handlers read and write the same simulated cluster, clock and event
-# heap, so split by event kind the invariants (one GPU per instance, one load at a time per server) would span files.
+# heap, so split by event kind the invariants (no GPU holds past its memory budget, one load at a time per server)
+# would span files.
 """The discrete-event engine of `sllmd simulate`: a heap of events on a simulated clock (no asyncio, no
 sleeping). It plays one trace against one placement policy on a simulated cluster and returns what
 happened; the policy (`simpolicies`) only decides where a new instance the router asks for starts and
-where the bytes of a cold start come from.
+where the bytes of a cold start come from, and the `Capacity` how GPUs hold instances.
 
 Mechanics, mirroring the daemon's request pipeline and worker:
 - Request i enters at server i mod N (round robin). There the daemon's router, `routing.route`, decides over
@@ -12,23 +13,29 @@ Mechanics, mirroring the daemon's request pipeline and worker:
   when no server can take one now.
 - On the server it goes to, a request takes a ready instance of its model there (`pick_instance`: packing,
   over target when all are at target), else it waits there for one. Either way that server's autoscaler
-  (`num_instances_to_start`, as the worker's) may start more instances of the model there, in free GPUs
-  or by evicting idle instances of other models there (longest idle first); so does every GPU freed or
-  instance gone idle on it while requests wait there. A request left waiting where its model has no
-  instance (no server could take one) is routed again whenever a GPU frees or an instance goes idle: a
-  client's retry, without the daemon's wait bound (the simulator rejects nothing).
-- An instance holds one GPU from the moment it is placed until it stops. Each server loads one
-  checkpoint at a time, in order (loads share its SSD, NIC and PCIe): a load waits behind the server's
-  queue, then fetches (peer / repository → SSD), loads (SSD or DRAM → GPU) and initialises, all at the
-  true figures of `Hardware`. Every completed load and migration is fed to that server's `Calibration`.
+  (`num_instances_to_start`, as the worker's) may start more instances of the model there, each where
+  `make_room` says (as the worker's `_make_room`): the GPU with the least free memory that has the
+  instance's need free, else the GPU where evicting idle instances of other models there makes room, chosen
+  by `plan_evictions` under the capacity's rule. So does any memory freed or instance gone idle on it
+  while requests wait there. A request left waiting where its model has no instance (no server could take
+  one) is routed again whenever memory frees or an instance goes idle: a client's retry, without the
+  daemon's wait bound (the simulator rejects nothing).
+- An instance holds its memory (`Capacity.memory_bytes`: a whole GPU per device, else its weights, KV budget
+  and engine overhead) on one GPU from the moment it is placed until it stops; a GPU never holds more than
+  its budget (asserted at every placement). Each server tracks every model's request rate there
+  (`RequestRate`, over the requests admitted there), which the cost rule and the leader's view read.
+- Each server loads one checkpoint at a time, in order (loads share its SSD, NIC and PCIe): a load waits
+  behind the server's queue, then fetches (peer / repository → SSD), loads (SSD or DRAM → GPU) and
+  initialises, all at the true figures of `Hardware`. Every completed load and migration is fed to that
+  server's `Calibration`.
 - Loaded checkpoints stay in the server's DRAM cache (LRU) when the policy has one; fetched ones stay in
   its SSD cache when the policy keeps them.
-- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once by a placement, and
-  whenever one goes idle the models whose requests wait for a GPU are offered it (oldest first).
-- A migration (instance I of model A from N to D, to free N's GPU for model B): D takes a GPU (evicting
-  an idle instance there if the policy says so) and loads A; the tokens of I's requests are re-prefilled
-  on D (`migration_base_s` + prefill time) while I keeps decoding; at cut-over I's requests continue on
-  D, I stops and B's load on N starts.
+- An instance idle for `keep_alive_s` stops; idle instances may be evicted at once to make room, and
+  whenever one goes idle the models whose requests wait for memory are offered it (oldest first).
+- A migration (instance I of model A from N to D, to free memory on I's GPU of N for model B): D makes room
+  for A (`make_room`) and loads A, while B's instance holds the part of its need that I will not free; the
+  tokens of I's requests are re-prefilled on D (`migration_base_s` + prefill time) while I keeps decoding;
+  at cut-over I's requests continue on D, I stops and B's load on N starts.
 - Decode time per token is constant per model (batch 1: weights read from HBM plus a fixed per-token
   cost, see `Hardware`); prefill is compute bound.
 - With `has_checkpoint_homes`, each checkpoint is put on `num_homes` servers' SSDs before the trace
@@ -46,7 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sllmd.scheduler.autoscale import num_instances_to_start, pick_instance
-from sllmd.scheduler.estimate import transfer_time_s
+from sllmd.scheduler.estimate import load_time_s, transfer_time_s
+from sllmd.scheduler.eviction import EvictionCandidate, RequestRate, plan_evictions
 from sllmd.scheduler.placement import (
     ModelLoad,
     NodeState,
@@ -55,7 +63,7 @@ from sllmd.scheduler.placement import (
     plan_dram_warming,
 )
 from sllmd.scheduler.routing import AskLeader, ServeHere, route
-from sllmd.sim.cluster import Hardware, LruCache, ModelSpec
+from sllmd.sim.cluster import Capacity, Hardware, LruCache, ModelSpec
 from sllmd.sim.state import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
 from sllmd.sim.trace import Request
 from sllmd.types import AutoscalingPolicy, Tier
@@ -67,10 +75,14 @@ RATE_WINDOW_S = 600.0
 @dataclass
 class Outcome:
     requests: list[SimRequest]
+    # Memory held × seconds, in whole GPUs (an instance holding half a GPU for 2 s counts 1); a migration's heir
+    # counts from its cut-over.
     gpu_s: float
-    cold_starts: Counter[str]
+    loads: Counter[str]  # instance loads (scale-outs and migrations' copies too) by the tier they read from
+    num_cold_starts: int  # loads that requests waited for (they found no ready instance of their model)
     num_migrations: int
-    max_slots_used: dict[str, int]
+    num_evictions: int  # idle instances stopped to make room (keep-alive expiries are not counted)
+    max_memory_share: dict[str, float]  # per server, the largest share of its GPUs' memory held at once
 
 
 class Policy:
@@ -101,11 +113,15 @@ class Policy:
 
 class Simulation:
     def __init__(self, hardware: Hardware, models: list[ModelSpec], autoscaling: AutoscalingPolicy,
-                 policy: Policy, *, num_homes: int = 2) -> None:
-        self.hardware, self.autoscaling, self.policy = hardware, autoscaling, policy
+                 policy: Policy, *, capacity: Capacity = Capacity.PACK_COST, num_homes: int = 2) -> None:
+        self.hardware, self.autoscaling, self.policy, self.capacity = hardware, autoscaling, policy, capacity
         self.models = {m.name: m for m in models}
+        self.memory_bytes = {m.name: capacity.memory_bytes(m, hardware) for m in models}
+        too_big = sorted(name for name, num_bytes in self.memory_bytes.items() if num_bytes > hardware.gpu_bytes)
+        if too_big:
+            raise ValueError(f"an instance of {too_big[0]} needs more memory than a GPU has")
         self.servers = [
-            SimServer(f"s{i}", hardware.gpus_per_server, LruCache(hardware.ssd_cache_bytes),
+            SimServer(f"s{i}", (hardware.gpu_bytes,) * hardware.gpus_per_server, LruCache(hardware.ssd_cache_bytes),
                       LruCache(hardware.dram_cache_bytes) if policy.has_dram_cache else None)
             for i in range(hardware.num_servers)
         ]
@@ -116,9 +132,12 @@ class Simulation:
         self._num_events = 0
         self._num_instances = 0
         self._gpu_s = 0.0
-        self._cold_starts: Counter[str] = Counter()
+        self._loads: Counter[str] = Counter()
+        self._num_cold_starts = 0
         self._num_migrations = 0
-        self._max_slots_used = {s.id: 0 for s in self.servers}
+        self._num_evictions = 0
+        self._max_memory_share = {s.id: 0.0 for s in self.servers}
+        self._rates: dict[tuple[str, str], RequestRate] = {}  # by (server id, model)
         self._arrivals: deque[tuple[float, str]] = deque()
         self._last_arrival_s = 0.0
         if policy.has_checkpoint_homes:
@@ -126,17 +145,18 @@ class Simulation:
                 for home in plan_checkpoint_homes(model.name, model.num_bytes, self.node_states(), num_homes):
                     self._by_id[home].ssd.add(model.name, model.num_bytes, pin=True)
 
-    def node_states(self) -> list[NodeState]:
-        """The cluster as the leader's scheduler would see it now (all servers alive)."""
+    def node_states(self, model: str | None = None) -> list[NodeState]:
+        """The cluster as the leader's scheduler would see it now (all servers alive); with `model`, only that
+        model's loads (all that routing reads of them, and the most costly part to build)."""
         return [
             NodeState(
-                s.id, is_alive=True, num_free_slots=s.num_free_slots, calibration=s.calibration,
+                s.id, is_alive=True, free_memory=s.free_memory(), calibration=s.calibration,
                 dram_models=s.dram.models() if s.dram is not None else frozenset(), ssd_models=s.ssd.models(),
                 free_dram_bytes=s.dram.free_bytes if s.dram is not None else 0, free_ssd_bytes=s.ssd.free_bytes,
                 pending_load_s=s.pending_load_s(self.now),
                 instances=tuple(self._running(i) for i in s.instances
                                 if i.state is InstanceState.READY and i.migrating_to is None),
-                loads=_loads(s),
+                loads=_loads(s, model),
             )
             for s in self.servers
         ]
@@ -145,7 +165,12 @@ class Simulation:
         decode_s = instance.spec.decode_s_per_token(self.hardware)
         num_tokens = sum(r.num_tokens(self.now, decode_s) for r in instance.requests)
         return RunningInstance(instance.id, instance.spec.name, self.hardware.engine_kind, len(instance.requests),
-                               num_tokens, instance.spec.num_bytes)
+                               num_tokens, instance.spec.num_bytes, device=instance.device,
+                               memory_bytes=instance.memory_bytes,
+                               request_rate=self._rate(instance.server, instance.spec.name).per_s(self.now))
+
+    def _rate(self, server: SimServer, model: str) -> RequestRate:
+        return self._rates.setdefault((server.id, model), RequestRate())
 
     # -- the clock -------------------------------------------------------------------------------
 
@@ -163,7 +188,8 @@ class Simulation:
         while self._events:
             self.now, _, handler, arg = heapq.heappop(self._events)
             handler(arg)
-        return Outcome(requests, self._gpu_s, self._cold_starts, self._num_migrations, self._max_slots_used)
+        return Outcome(requests, self._gpu_s, self._loads, self._num_cold_starts, self._num_migrations,
+                       self._num_evictions, self._max_memory_share)
 
     # -- requests and scaling --------------------------------------------------------------------
 
@@ -197,7 +223,8 @@ class Simulation:
         """Send `request`, entered at `entry`, where `routing.route` (and the policy, for `AskLeader`) says;
         the server it went to."""
         model = request.request.model
-        decision = route(model, self.autoscaling, self.node_states(), local_id=entry.id)
+        decision = route(model, self.autoscaling, self.node_states(model), local_id=entry.id,
+                         memory_bytes=self.memory_bytes[model])
         if isinstance(decision, AskLeader):
             decision = decision.then(self.policy.place(self.models[model], self, asked_by=entry.id),
                                      local_id=entry.id)
@@ -209,6 +236,7 @@ class Simulation:
         """`request` on `server`, as its worker takes it: a ready instance there, else it waits there (in
         arrival order, so one routed again keeps its place); then the server's autoscaler runs."""
         model = request.request.model
+        self._rate(server, model).observe(self.now)
         if _ready(server, model):
             self._dispatch(request, server)
         else:
@@ -220,7 +248,7 @@ class Simulation:
         instance = ready[pick_instance([len(i.requests) for i in ready], self.autoscaling.target_concurrency)]
         instance.requests.add(request)
         instance.idle_since_s = None
-        request.instance = instance
+        request.instance, request.dispatched_s = instance, self.now
         spec = instance.spec
         request.first_token_s = self.now + spec.prefill_s(request.request.prompt_tokens, self.hardware)
         decode_s = spec.decode_s_per_token(self.hardware)
@@ -238,25 +266,53 @@ class Simulation:
 
     def _scale(self, server: SimServer, model: str) -> None:
         """`server`'s autoscaler for `model`, as the worker's `_scale`: the instances its demand there calls
-        for, in free GPUs or else in place of idle instances of other models there (longest idle first).
-        `max_instances` bounds them with the model's instances elsewhere, except the server's first one (the
-        leader placed it, or the request was sent here with no new instance possible)."""
+        for, each where `make_room` says, until one finds no room. `max_instances` bounds them with the model's
+        instances elsewhere, except the server's first one (the leader placed it, or the request was sent here
+        with no new instance possible)."""
         here = [i for i in server.instances if i.spec.name == model]
         live = [i for i in here if i.migrating_to is None]  # a migrating pair counts once, at its destination
         demand = len(server.waiting.get(model, ())) + sum(len(i.requests) for i in here)
-        victims = sorted((i for i in server.instances if self.is_evictable(i) and i.spec.name != model),
-                         key=lambda i: (i.idle_since_s, i.id))
         elsewhere = sum(i.spec.name == model and i.migrating_to is None
                         for s in self.servers if s is not server for i in s.instances)
         wanted = num_instances_to_start(self.autoscaling, demand=demand, num_live=len(live),
-                                        num_startable=server.num_free_slots + len(victims),
+                                        num_startable=self.autoscaling.max_instances,  # found out as it goes
                                         num_elsewhere=elsewhere if live else 0)
+        spec = self.models[model]
         for _ in range(wanted):
-            evictions = () if server.num_free_slots > 0 else (victims.pop(0),)
-            self.start(self.models[model], Decision(server, evictions))
+            decision = self.make_room(server, spec)
+            if decision is None:
+                return
+            self.start(spec, decision)
+
+    def make_room(self, server: SimServer, spec: ModelSpec) -> Decision | None:
+        """Where `server`'s worker puts a new instance of `spec`, as the daemon's `_make_room`: the GPU with the
+        least free memory that has the instance's need free (best fit: large holes stay for large models; the
+        lowest index on ties), else the GPU where stopping idle instances of other models makes room, by
+        `plan_evictions` under the capacity's rule. None: no GPU there can."""
+        need = self.memory_bytes[spec.name]
+        free = server.free_memory()
+        fitting = [(num_free, device) for device, num_free in enumerate(free) if num_free >= need]
+        if fitting:
+            return Decision(server, min(fitting)[1])
+        idle = {i.id: i for i in server.instances if self.is_evictable(i) and i.spec.name != spec.name}
+        plan = plan_evictions([self._candidate(i) for i in idle.values()], dict(enumerate(free)), need,
+                              self.capacity.rule)
+        return None if plan is None else Decision(server, plan.device, tuple(idle[i] for i in plan.evictions))
+
+    def _candidate(self, instance: SimInstance) -> EvictionCandidate:
+        """An idle instance as the eviction rule sees it, at the server's own estimates (as the worker's are):
+        the seconds to start it again from where its checkpoint is now, its model's request rate there."""
+        server, spec = instance.server, instance.spec
+        tier = self.policy.source_tier(server, spec, self)
+        reload_s = load_time_s(self.hardware.engine_kind, spec.num_bytes, tier, server.calibration)
+        assert instance.idle_since_s is not None
+        idle_s = self.now - instance.idle_since_s
+        return EvictionCandidate(instance.id, instance.device, instance.memory_bytes, reload_s,
+                                 self._rate(server, spec.name).per_s(self.now), idle_s,
+                                 max(0.0, self.autoscaling.keep_alive_s - idle_s))
 
     def _retry_waiting(self, server: SimServer) -> None:
-        """A GPU was freed or an instance went idle on `server`: the models whose requests wait there, oldest
+        """Memory was freed or an instance went idle on `server`: the models whose requests wait there, oldest
         request first, may start there now. Then every request stranded on a server (waiting where no instance
         of its model is live: no server could take one when it was routed) is routed again from there, oldest
         first; once one is stranded again, no server can take a new instance of any model, so only those whose
@@ -282,35 +338,44 @@ class Simulation:
     def is_evictable(instance: SimInstance) -> bool:
         return instance.state is InstanceState.READY and not instance.requests and instance.migrating_to is None
 
-    def _new_instance(self, spec: ModelSpec, server: SimServer, state: InstanceState) -> SimInstance:
+    def _new_instance(self, spec: ModelSpec, server: SimServer, device: int, state: InstanceState, *,
+                      waiting_for: SimInstance | None = None) -> SimInstance:
         self._num_instances += 1
-        instance = SimInstance(f"i{self._num_instances:05d}", spec, server, state, self.now)
+        instance = SimInstance(f"i{self._num_instances:05d}", spec, server, device, self.memory_bytes[spec.name],
+                               state, self.now, waiting_for=waiting_for)
         server.instances.append(instance)
-        self._note_slots_used(server)
+        self._check_memory(server)
         return instance
 
-    def _note_slots_used(self, server: SimServer) -> None:
-        used = server.num_gpus - server.num_free_slots
-        self._max_slots_used[server.id] = max(self._max_slots_used[server.id], used)
+    def _check_memory(self, server: SimServer) -> None:
+        """The invariant: no GPU of `server` holds more than its budget. Runs whenever a hold grows."""
+        free = server.free_memory()
+        assert min(free) >= 0, f"{server.id} holds past a GPU's budget: free {free}"
+        share = 1 - sum(free) / sum(server.gpu_bytes)
+        self._max_memory_share[server.id] = max(self._max_memory_share[server.id], share)
 
     def start(self, spec: ModelSpec, decision: Decision) -> None:
         """Start an instance of `spec` as `decision` says."""
-        for victim in decision.evictions:
-            assert self.is_evictable(victim) and victim.server is decision.server
-            self._stop(victim, retry=False)
+        self._evict(decision)
         if decision.migrate is None:
-            self._enqueue_load(self._new_instance(spec, decision.server, InstanceState.LOADING))
+            self._enqueue_load(self._new_instance(spec, decision.server, decision.device, InstanceState.LOADING))
             return
-        source, dest_server = decision.migrate, decision.migrate_to
-        for victim in decision.migrate_to_evictions:
-            assert self.is_evictable(victim) and victim.server is dest_server
-            self._stop(victim, retry=False)
-        assert dest_server is not None and dest_server is not decision.server and dest_server.num_free_slots > 0
-        copy = self._new_instance(source.spec, dest_server, InstanceState.MIGRATING_IN)
+        source, dest = decision.migrate, decision.migrate_to
+        assert dest is not None and dest.server is not decision.server and source.device == decision.device
+        self._evict(dest)
+        copy = self._new_instance(source.spec, dest.server, dest.device, InstanceState.MIGRATING_IN)
         source.migrating_to, copy.migrating_from = copy, source
-        self._new_instance(spec, decision.server, InstanceState.WAITING_FOR_SLOT).waiting_for = source
+        self._new_instance(spec, decision.server, decision.device, InstanceState.WAITING_FOR_MEMORY,
+                           waiting_for=source)
         self._num_migrations += 1
         self._enqueue_load(copy)
+
+    def _evict(self, decision: Decision) -> None:
+        for victim in decision.evictions:
+            assert self.is_evictable(victim) and victim.server is decision.server
+            assert victim.device == decision.device
+            self._stop(victim, retry=False)
+            self._num_evictions += 1
 
     def _arm_keep_alive(self, instance: SimInstance) -> None:
         instance.idle_since_s = self.now
@@ -322,7 +387,7 @@ class Simulation:
             self._stop(instance, retry=True)
 
     def _stop(self, instance: SimInstance, *, retry: bool) -> None:
-        self._gpu_s += self.now - instance.slot_since_s
+        self._gpu_s += (self.now - instance.held_since_s) * instance.memory_bytes / self.hardware.gpu_bytes
         instance.state = InstanceState.STOPPED
         instance.server.instances.remove(instance)
         if retry:
@@ -331,6 +396,7 @@ class Simulation:
     def _became_ready(self, instance: SimInstance) -> None:
         instance.state = InstanceState.READY
         waiting = instance.server.waiting.get(instance.spec.name, deque())
+        self._num_cold_starts += bool(waiting)
         while waiting:
             self._dispatch(waiting.popleft(), instance.server)
         if not instance.requests:
@@ -362,7 +428,7 @@ class Simulation:
     def _load(self, instance: SimInstance, tier: Tier) -> float:
         """Start loading `instance` from `tier` at the true figures; the seconds its SSD/NIC use take."""
         spec = instance.spec
-        self._cold_starts[str(tier)] += 1
+        self._loads[str(tier)] += 1
         fetch_s = self.hardware.fetch_s(spec.num_bytes, tier) if tier in (Tier.PEER, Tier.REPOSITORY) else 0.0
         source = Tier.DRAM if tier is Tier.DRAM else Tier.SSD
         load_s = self.hardware.load_s(spec.num_bytes, source)
@@ -403,8 +469,8 @@ class Simulation:
         copy.migrating_from = source.migrating_to = None
         self._stop(source, retry=False)
         heir = next(i for i in source.server.instances if i.waiting_for is source)
-        heir.waiting_for, heir.state, heir.slot_since_s = None, InstanceState.LOADING, self.now
-        self._note_slots_used(heir.server)
+        heir.waiting_for, heir.state, heir.held_since_s = None, InstanceState.LOADING, self.now
+        self._check_memory(heir.server)
         self._enqueue_load(heir)
         self._became_ready(copy)
 
@@ -419,14 +485,17 @@ def _ready(server: SimServer, model: str) -> list[SimInstance]:
             if i.spec.name == model and i.state is InstanceState.READY and i.migrating_to is None]
 
 
-def _loads(server: SimServer) -> dict[str, ModelLoad]:
-    """Per model, the server's live instances (a migrating pair counts once, as its copy) and its requests:
-    on its instances, or waiting there for one."""
+def _loads(server: SimServer, model: str | None) -> dict[str, ModelLoad]:
+    """Per model (`model` only, unless None), the server's live instances (a migrating pair counts once, as its
+    copy) and its requests: on its instances, or waiting there for one."""
     ready: Counter[str] = Counter()
     starting: Counter[str] = Counter()
-    requests: Counter[str] = Counter({name: len(queue) for name, queue in server.waiting.items() if queue})
+    requests: Counter[str] = Counter({name: len(queue) for name, queue in server.waiting.items()
+                                      if queue and model in (None, name)})
     for instance in server.instances:
         name = instance.spec.name
+        if model not in (None, name):
+            continue
         requests[name] += len(instance.requests)
         if instance.migrating_to is None:
             (ready if instance.state is InstanceState.READY else starting)[name] += 1

@@ -1,15 +1,18 @@
-"""The placement policies `sllmd simulate` compares. Each answers the router's `AskLeader` (where a new
-instance starts, and so where the request goes) and says where a cold start reads its checkpoint from; the
-engine (`simengine`) does everything else the same way, routing included.
+"""The placement policies `sllmd simulate` compares. Each answers the router's `AskLeader` (which server a
+new instance starts on, and so where the request goes) and says where a cold start reads its checkpoint from;
+the engine (`simengine`) does everything else the same way, routing included, and the server chosen makes
+room as its worker does (`Simulation.make_room`: the best-fit GPU, else evictions by the capacity's rule).
 
 - `sllmd`: the daemon's own leader decision, `plan_new_instance` (max_instances, reservations, `plan_start`:
-  calibrated estimators, checkpoint locality, queued loads, eviction of idle instances, migration of one
-  running instance, the entry node preferred within ENTRY_PREFERENCE) over the engine's `node_states()`.
+  calibrated estimators, checkpoint locality, queued loads, room after evicting idle instances, migration of
+  one running instance, the entry node preferred within ENTRY_PREFERENCE) over the engine's `node_states()`.
+  As in the daemon, the plan's evictions are its estimate only: the node's worker makes its own room.
 - `no-migration`: the same, `allow_migration=False`.
-- `random`: a uniformly random free GPU (else a random idle instance of another model is evicted), the
-  same node tiers as sllmd (DRAM cache, SSD homes, peer fetch).
-- `ray-serve`: locality-unaware (the server with the most free GPUs; else the longest-idle instance is
-  evicted), and every cold start downloads the checkpoint from the repository. No DRAM or SSD cache.
+- `random`: a uniformly random GPU with room (else a random server where evicting makes room), the same
+  node tiers as sllmd (DRAM cache, SSD homes, peer fetch).
+- `ray-serve`: locality-unaware (of the servers with a GPU that has room, the one with the most free memory;
+  else the server of the longest-idle instance, if evicting makes room there), and every cold start
+  downloads the checkpoint from the repository. No DRAM or SSD cache.
 - `ray-serve-cache`: the same placement, but each server's SSD keeps checkpoints (the deploy-time homes
   and every download, LRU): a cold start reads the local SSD when it holds the model. No DRAM cache, no
   peer fetch.
@@ -22,7 +25,7 @@ import random
 from sllmd.scheduler.placement import InstanceSpec, Reservation, StartPlan, plan_new_instance
 from sllmd.sim.cluster import ModelSpec
 from sllmd.sim.engine import Policy, Simulation
-from sllmd.sim.state import Decision, SimInstance, SimServer
+from sllmd.sim.state import Decision, SimServer
 from sllmd.types import Tier
 
 
@@ -48,28 +51,31 @@ class Sllmd(NodeTiers):
         self.reservations: tuple[Reservation, ...] = ()
 
     def place(self, model: ModelSpec, sim: Simulation, *, asked_by: str) -> str | None:
-        spec = InstanceSpec(model.name, sim.hardware.engine_kind, model.num_bytes, sim.autoscaling.max_instances)
+        spec = InstanceSpec(model.name, sim.hardware.engine_kind, model.num_bytes, sim.autoscaling.max_instances,
+                            sim.memory_bytes[model.name])
         placement, self.reservations = plan_new_instance(spec, sim.node_states(), self.reservations,
                                                          asked_by=asked_by, now=sim.now,
                                                          allow_migration=self.allow_migration)
         if placement is None:
             return None
         if placement.start is not None:  # None: the model has max_instances, the request joins them
-            sim.start(model, _decision(placement.start, sim))
+            decision = _decision(placement.start, model, sim)
+            if decision is not None:  # None: the request waits there, for the server's autoscaler
+                sim.start(model, decision)
         return placement.node_id
 
 
-def _decision(plan: StartPlan, sim: Simulation) -> Decision:
-    """`plan` on the simulation's servers and instances."""
+def _decision(plan: StartPlan, model: ModelSpec, sim: Simulation) -> Decision | None:
+    """`plan` on the simulation's servers and instances. Its node, and its migration's destination, make their
+    own room (`Simulation.make_room`), as the daemon's workers do; a migration frees memory on the GPU of the
+    instance it moves, which is the plan's device."""
     servers = {s.id: s for s in sim.servers}
-    server = servers[plan.node_id]
-    instances = {i.id: i for s in sim.servers for i in s.instances}
-    evictions = tuple(instances[i] for i in plan.evictions)
     if not plan.migrations:
-        return Decision(server, evictions)
+        return sim.make_room(servers[plan.node_id], model)
     (migration,) = plan.migrations
-    return Decision(server, evictions, instances[migration.instance_id], servers[migration.to_node],
-                    tuple(instances[i] for i in migration.evictions))
+    instance = next(i for i in servers[migration.from_node].instances if i.id == migration.instance_id)
+    copy = sim.make_room(servers[migration.to_node], instance.spec)
+    return None if copy is None else Decision(servers[plan.node_id], plan.device, migrate=instance, migrate_to=copy)
 
 
 class RandomGpu(NodeTiers):
@@ -79,14 +85,13 @@ class RandomGpu(NodeTiers):
         self.rng = random.Random(seed)
 
     def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
-        free_gpus = [s for s in sim.servers for _ in range(s.num_free_slots)]
-        if free_gpus:
-            return Decision(self.rng.choice(free_gpus))
-        idle = _idle_of_other_models(model, sim)
-        if not idle:
-            return None
-        victim = self.rng.choice(idle)
-        return Decision(victim.server, (victim,))
+        need = sim.memory_bytes[model.name]
+        with_room = [Decision(s, device) for s in sim.servers for device, free in enumerate(s.free_memory())
+                     if free >= need]
+        if with_room:
+            return self.rng.choice(with_room)
+        after_evictions = [d for d in (sim.make_room(s, model) for s in sim.servers) if d is not None]
+        return self.rng.choice(after_evictions) if after_evictions else None
 
 
 class RayServe(Policy):
@@ -97,14 +102,16 @@ class RayServe(Policy):
         self.keeps_fetched = self.has_checkpoint_homes = ssd_cache
 
     def decide(self, model: ModelSpec, sim: Simulation) -> Decision | None:
-        free = [s for s in sim.servers if s.num_free_slots > 0]
-        if free:
-            return Decision(max(free, key=lambda s: s.num_free_slots))  # max keeps the first (lowest id) on ties
-        idle = _idle_of_other_models(model, sim)
-        if not idle:
-            return None
-        victim = min(idle, key=lambda i: (i.idle_since_s, i.id))
-        return Decision(victim.server, (victim,))
+        need = sim.memory_bytes[model.name]
+        with_room = [s for s in sim.servers if max(s.free_memory()) >= need]
+        if with_room:  # max keeps the first (lowest id) on ties
+            return sim.make_room(max(with_room, key=lambda s: sum(s.free_memory())), model)
+        idle = [i for s in sim.servers for i in s.instances if sim.is_evictable(i) and i.spec.name != model.name]
+        for victim in sorted(idle, key=lambda i: (i.idle_since_s, i.id)):
+            decision = sim.make_room(victim.server, model)
+            if decision is not None:
+                return decision
+        return None
 
     def source_tier(self, server: SimServer, model: ModelSpec, sim: Simulation) -> Tier:
         return Tier.SSD if self.keeps_fetched and model.name in server.ssd else Tier.REPOSITORY
@@ -112,10 +119,6 @@ class RayServe(Policy):
 
 def _holds(server: SimServer, model: ModelSpec) -> bool:
     return model.name in server.ssd or (server.dram is not None and model.name in server.dram)
-
-
-def _idle_of_other_models(model: ModelSpec, sim: Simulation) -> list[SimInstance]:
-    return [i for s in sim.servers for i in s.instances if sim.is_evictable(i) and i.spec.name != model.name]
 
 
 def all_policies(seed: int) -> list[Policy]:

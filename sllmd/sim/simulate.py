@@ -1,87 +1,153 @@
-"""`sllmd simulate`: the real routing, placement, estimators and autoscaler on a simulated cluster, against
-the placements users get today, on one trace. Prints a table, then (last line) JSON.
+"""`sllmd simulate`: the real routing, placement, estimators, autoscaler and eviction rule on a simulated
+cluster, against the placements and capacity rules users get today, on one trace. Prints a table, then (last
+line) JSON.
 
-Setup (`simcluster`, `trace`), the regime of the ServerlessLLM paper (OSDI'24 §7): many models, few GPUs,
-GPUs busy with long-running inference, each checkpoint local on one server only. 4 servers × 4 80 GB GPUs;
-40 models (8 deployments each of OPT-6.7B, Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at fp16, 13–60 GB,
-1.1 TB in all); each checkpoint on ONE server's SSD (`plan_checkpoint_homes`, k=1); per server a 160 GB DRAM
-cache (2–12 checkpoints) and a 500 GB SSD checkpoint cache (under half the catalogue); DRAM→GPU 25 GB/s
-(PCIe 4.0 x16), SSD→GPU 6 GB/s (one NVMe drive), peer→SSD 1.25 GB/s (10 Gbps), repository 0.2 GB/s.
-Autoscaling: up to 4 instances per model at a target of 4 concurrent requests, 60 s keep-alive. Requests
-enter the servers in turn and go where the daemon's `routing.route` sends them, for every policy alike
-(`simengine`). The built-in trace: 2 h of Azure-Functions-like arrivals (Gamma, CV 8, Zipf-skewed rates, 1.5
-req/s in all) with ShareGPT-like lengths (median ~200 output tokens, a tail in the thousands) decoded at
-batch 1 (24 ms/token for 7B … 55 ms for 30B), so a request runs for seconds to minutes and the GPUs holding
-a model's local copy are often all busy when it cold-starts. Requests arriving in the first BUILTIN_WARMUP_S
-(600 s, every model's first cold start at once) are played but not measured, for every policy alike. Startup
-latency is arrival → first token; end-to-end is arrival → last token; GPU-seconds count every GPU from
-placement to stop, over the whole run.
+Capacity (`simcluster.Capacity`, `--capacity`): `per-device`, an instance takes a whole GPU whatever its size
+(sllmd before memory); `pack-lru` and `pack-cost`, each GPU is an 80 GB memory budget that instances share
+while they fit, an instance holding its weights, a KV budget (`simcluster.KV_BATCH_SIZE`: 32 requests at the
+full 4096-token context, capped at 16 GiB) and engine overhead; to make room, idle instances are evicted
+longest idle first, or by the daemon's cost rule (reload seconds × request rate per byte freed, cheapest
+first). In every mode a cold start is a load that a request waited for (it found no ready instance of its
+model); loads count every instance load, scale-outs beside a ready instance and migrations' copies too.
+Startup latency is arrival → first token; end-to-end is arrival → last token; GPU-seconds count each
+instance's memory × its time from placement to stop, in whole GPUs, over the whole run.
 
-What drives each difference (p99 startup latency, built-in trace; seeds 0 / 1 / 2):
-- sllmd: 20.9 / 18.7 / 35.2 s. Its tail is cold starts: requests that found no ready instance of their
+The serverlessllm workload (the default; rows are placement policies, all under `--capacity`, pack-cost
+unless given), the regime of the ServerlessLLM paper (OSDI'24 §7): many models, few GPUs, GPUs busy with
+long-running inference, each checkpoint local on one server only. 4 servers × 4 80 GB GPUs; 40 models (8
+deployments each of OPT-6.7B, Llama-2-7B, OPT-13B, Llama-2-13B and OPT-30B at fp16, 13–60 GB, 1.1 TB in all;
+an instance asks 31–77 GB, so at most two share a GPU); each checkpoint on ONE server's SSD
+(`plan_checkpoint_homes`, k=1); per server a 160 GB DRAM cache (2–12 checkpoints) and a 500 GB SSD checkpoint
+cache (under half the catalogue); DRAM→GPU 25 GB/s (PCIe 4.0 x16), SSD→GPU 6 GB/s (one NVMe drive),
+peer→SSD 1.25 GB/s (10 Gbps), repository 0.2 GB/s. Autoscaling: up to 4 instances per model at a target of 4
+concurrent requests, 60 s keep-alive. Requests enter the servers in turn and go where the daemon's
+`routing.route` sends them, for every policy alike (`simengine`). The built-in trace: 2 h of
+Azure-Functions-like arrivals (Gamma, CV 8, Zipf-skewed rates, 1.5 req/s in all) with ShareGPT-like lengths
+(median ~200 output tokens, a tail in the thousands) decoded at batch 1 (24 ms/token for 7B … 55 ms for 30B),
+so a request runs for seconds to minutes and the GPUs holding a model's local copy are often all busy when it
+cold-starts. Requests arriving in the first 600 s (every model's first cold start at once) are played but
+not measured, for every policy alike.
+
+What drives each difference (p99 startup latency, built-in trace, pack-cost; seeds 0 / 1 / 2):
+- sllmd: 15.0 / 13.5 / 35.5 s. Its tail is cold starts: requests that found no ready instance of their
   model (OPT-30B alone takes 13.3 s from its home SSD: 60 GB at 6 GB/s + 3.3 s init), or whose least
   loaded instance was at target, so routing asked for a new one and they wait for it.
-- `no-migration` (2.8× / 1.5× / 2.8×: 59 / 27 / 98 s): when the one server holding a model (its SSD home,
-  and mostly its DRAM) has all GPUs busy with running requests, it starts the model on another server,
+- `no-migration` (1.6× / 1.3× / 1.7×: 24 / 17 / 61 s): when the one server holding a model (its SSD home,
+  and mostly its DRAM) has no room left beside running requests, it starts the model on another server,
   fetched from that peer at 1.25 GB/s first (13B: 28 s, 30B: 61 s), and that fetch holds the other
-  server's NIC and SSD, so the loads queued behind it wait too, and its GPU serves nothing meanwhile. sllmd
-  instead migrates a running instance to a server with a free GPU where that instance's model loads fast
-  (DRAM/SSD there, a few seconds plus ~0.1–0.4 ms per moved token of re-prefill) and loads the cold model
-  from the local DRAM or SSD: ~110 migrations in 2 h cut peer fetches from ~210 to ~110 and raise DRAM
-  starts from ~750 to ~980. The gap needs the catalogue not to fit on every SSD: with a 1 TB SSD cache
-  (fetched copies then sit almost everywhere) both policies read local copies and the ratio is 1.0.
-- `ray-serve` (176× / 135× / 80×) and `ray-serve-cache` (64× / 80× / 57×): every cold start
-  downloads 13–60 GB from the repository at 0.2 GB/s (65–300 s; the cache version only when the chosen
-  server's SSD lacks it, which with placement by free GPUs alone is ~45% of its starts), one download at
-  a time per server. At 1.5 req/s that is more downloading than 2 h holds, so their queues grow all run
-  long and their p99 (~20–60 min) grows with the trace; the ratio is not a steady-state figure.
-- `random` (4.1× / 4.1× / 3.0×): the same tiers as sllmd, but it ignores where checkpoints are and
-  which loads are queued, so ~40% of its cold starts are peer fetches.
+  server's NIC and SSD, so the loads queued behind it wait too. sllmd instead migrates a running instance
+  to a server with room where that instance's model loads fast (DRAM/SSD there, a few seconds plus
+  ~0.1–0.4 ms per moved token of re-prefill) and loads the cold model from the local DRAM or SSD: 35–51
+  migrations in 2 h, peer fetches 103 / 99 / 125 against 106 / 138 / 155. Per device (a whole GPU each)
+  there is less room, sllmd migrates 87–132 times and the ratio is 4.1× / 1.1× / 2.9× (sllmd 15.0 / 25.0 /
+  27.3 s). The gap needs the catalogue not to fit on every SSD: with a 1 TB SSD cache (fetched copies then
+  sit almost everywhere) both policies read local copies and the ratio is 1.0.
+- `ray-serve` (500× / 195× / 186×) and `ray-serve-cache` (92× / 55× / 32×): every cold start downloads
+  13–60 GB from the repository at 0.2 GB/s (65–300 s; the cache version only when the chosen server's SSD
+  lacks it, which with placement by free memory alone is a third of its loads), one download at a time per
+  server. At 1.5 req/s that is more downloading than 2 h holds, so their queues grow all run long and their
+  p99 (12 min to 2 h) grows with the trace; the ratio is not a steady-state figure.
+- `random` (5.7× / 5.5× / 3.2×): the same tiers as sllmd, but it ignores where checkpoints are and
+  which loads are queued, so ~40% of its loads are peer fetches.
+
+The many-small workload (`--workload many-small`; rows are capacity modes, all with sllmd's placement): what
+sharing GPUs buys when models are small. 2 servers × 4 80 GB GPUs (640 GB); 32 models (4 fine-tunes each of
+Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-1.5B, Qwen2.5-3B, Llama-3.2-3B, Qwen2.5-7B, Mistral-7B and Llama-3.1-8B at
+fp16: 1–16 GB of weights, 260 GB in all; an instance asks 3–34 GB, 554 GB for one of each); the same caches,
+links and trace generator (1 h, 1 req/s, 600 s warm-up); up to 4 instances per model and a 15 min keep-alive,
+so hot models' scale-outs and idle instances fill memory (over 98% held at the peak) and idle instances are
+evicted to make room far more often than they time out. Seeds 0 / 1 / 2:
+- cold starts: per-device 259 / 315 / 304; pack-lru 112 / 126 / 120; pack-cost 110 / 115 / 125 (2.4× /
+  2.7× / 2.4× fewer than per-device). p99 startup: per-device 5.1 / 4.7 / 7.8 s; both packing modes 2.6–2.7 s
+  (an 8B model's load from DRAM). The eight GPUs hold eight instances per device, 50-odd packed.
+- pack-cost against pack-lru: cold starts within 10% either way; cost evicts 14% fewer instances (251 /
+  271 / 318 against 291 / 315 / 368) and loads 4–7% fewer, as per byte freed it prefers large, rarely asked
+  instances. They are close because a reload takes nearly the same 1.6–2.6 s at every size here (DRAM at
+  25 GB/s plus 1.5 s init), so the cost rule ranks by request rate per byte, and under Zipf arrivals recency
+  tracks rate. With 40 GB GPUs (more pressure) cost has 1–4% fewer cold starts; with a 5 min keep-alive
+  (Ollama's default) half the idle instances stop by the timer: 124 / 136 / 140 (cost), 122 / 141 / 128 (LRU).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sllmd.sim.cluster import Hardware, catalogue
+from sllmd.sim.cluster import SMALL_BASE_MODELS, Capacity, Hardware, ModelSpec, catalogue
 from sllmd.sim.engine import Outcome, Simulation
-from sllmd.sim.policies import all_policies
+from sllmd.sim.policies import Sllmd, all_policies
 from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
 from sllmd.types import AutoscalingPolicy, Tier
 
-NUM_MODEL_COPIES = 8
-NUM_CHECKPOINT_HOMES = 1
-AUTOSCALING = AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0)
-BUILTIN_DURATION_S = 7200.0
-BUILTIN_RATE = 1.5  # requests/s over all models
-BUILTIN_WARMUP_S = 600.0  # requests arriving earlier are played but not measured
+
+class Workload(enum.StrEnum):
+    SERVERLESSLLM = "serverlessllm"  # the paper's regime; rows are placement policies
+    MANY_SMALL = "many-small"  # 32 small models on 2 servers; rows are capacity modes
 
 
-def builtin_trace(seed: int, *, duration_s: float = BUILTIN_DURATION_S,
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """A workload's cluster, catalogue, autoscaling and built-in trace."""
+
+    hardware: Hardware
+    models: tuple[ModelSpec, ...]
+    autoscaling: AutoscalingPolicy
+    duration_s: float  # of the built-in trace
+    rate: float  # requests/s over all models
+    warmup_s: float  # requests arriving earlier are played but not measured
+    num_homes: int = 1  # SSD checkpoint homes per model
+
+
+SETUPS = {
+    Workload.SERVERLESSLLM: Setup(
+        Hardware(), tuple(catalogue(8)),
+        AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0),
+        duration_s=7200.0, rate=1.5, warmup_s=600.0),
+    # A keep-alive long enough (15 min) that memory pressure, not the timer, stops most idle instances.
+    Workload.MANY_SMALL: Setup(
+        Hardware(num_servers=2), tuple(catalogue(4, SMALL_BASE_MODELS)),
+        AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=900.0),
+        duration_s=3600.0, rate=1.0, warmup_s=600.0),
+}
+
+
+def builtin_trace(seed: int, *, workload: Workload = Workload.SERVERLESSLLM, duration_s: float | None = None,
                   lengths: TokenLengths = TokenLengths.SHAREGPT) -> list[Request]:
-    models = [m.name for m in catalogue(NUM_MODEL_COPIES)]
-    return azure_like_trace(models, duration_s=duration_s, total_rate=BUILTIN_RATE, seed=seed, lengths=lengths)
+    setup = SETUPS[workload]
+    return azure_like_trace([m.name for m in setup.models], duration_s=duration_s or setup.duration_s,
+                            total_rate=setup.rate, seed=seed, lengths=lengths)
 
 
-def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
-    """Per policy name, the summary of playing `trace` (see `summarise`); requests arriving before
-    `warmup_s` are played but left out of the latency figures."""
-    summaries = {}
-    for policy in all_policies(seed):
-        sim = Simulation(Hardware(), catalogue(NUM_MODEL_COPIES), AUTOSCALING, policy, num_homes=NUM_CHECKPOINT_HOMES)
-        summaries[policy.name] = summarise(sim.run(trace), warmup_s)
-    return summaries
+def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0,
+             capacity: Capacity = Capacity.PACK_COST) -> dict[str, dict[str, Any]]:
+    """Per placement policy, the summary of playing `trace` on the serverlessllm setup under `capacity` (see
+    `summarise`); requests arriving before `warmup_s` are played but left out of the latency figures."""
+    setup = SETUPS[Workload.SERVERLESSLLM]
+    return {policy.name: summarise(Simulation(setup.hardware, list(setup.models), setup.autoscaling, policy,
+                                              capacity=capacity, num_homes=setup.num_homes).run(trace), warmup_s)
+            for policy in all_policies(seed)}
+
+
+def compare_capacities(trace: list[Request], *, warmup_s: float = 0.0,
+                       capacities: Sequence[Capacity] = tuple(Capacity)) -> dict[str, dict[str, Any]]:
+    """Per capacity mode, the summary of playing `trace` on the many-small setup with sllmd's placement."""
+    setup = SETUPS[Workload.MANY_SMALL]
+    return {str(capacity): summarise(Simulation(setup.hardware, list(setup.models), setup.autoscaling, Sllmd(),
+                                                capacity=capacity, num_homes=setup.num_homes).run(trace), warmup_s)
+            for capacity in capacities}
 
 
 def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
-    """Latency percentiles over the requests arriving at or after `warmup_s` ("requests" counts them);
-    GPU-seconds, cold starts and migrations over the whole run."""
+    """Latency percentiles over the requests arriving at or after `warmup_s` ("requests" counts them, and
+    "cold_requests" those of them that waited for an instance to start); GPU-seconds, cold starts, loads,
+    evictions and migrations over the whole run; per server, the largest share of its GPU memory held at once."""
     measured = [r for r in outcome.requests if r.request.time_s >= warmup_s]
     startup = sorted(r.first_token_s - r.request.time_s for r in measured)  # type: ignore[operator]
     e2e = sorted(r.done_s - r.request.time_s for r in measured)  # type: ignore[operator]
@@ -89,9 +155,12 @@ def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
         "p50_s": percentile(startup, 50), "p99_s": percentile(startup, 99), "mean_s": _mean(startup),
         "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99), "e2e_mean_s": _mean(e2e),
         "gpu_s": round(outcome.gpu_s, 1),
-        "cold_starts": {str(t): outcome.cold_starts.get(str(t), 0) for t in Tier if t is not Tier.DEVICE},
+        "cold_starts": outcome.num_cold_starts,
+        "loads": {str(t): outcome.loads.get(str(t), 0) for t in Tier if t is not Tier.DEVICE},
+        "cold_requests": sum(r.dispatched_s > r.request.time_s for r in measured),  # type: ignore[operator]
+        "evictions": outcome.num_evictions,
         "migrations": outcome.num_migrations,
-        "max_gpus_used": outcome.max_slots_used,
+        "max_memory_share": {server: round(share, 3) for server, share in outcome.max_memory_share.items()},
         "requests": len(measured),
         "startup_s": startup,
     }
@@ -111,13 +180,15 @@ def _mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 3) if values else 0.0
 
 
-def table(summaries: dict[str, dict[str, Any]]) -> str:
-    head = f"{'policy':<16}{'p50 s':>8}{'p99 s':>9}{'mean s':>9}{'e2e p99 s':>11}{'GPU-s':>10}{'migr':>6}  cold starts"
+def table(summaries: dict[str, dict[str, Any]], row_name: str) -> str:
+    """One row per summary: latencies, GPU-seconds, cold starts, evictions, migrations, loads by tier."""
+    head = (f"{row_name:<16}{'p50 s':>8}{'p99 s':>9}{'mean s':>9}{'e2e p99 s':>11}{'GPU-s':>10}{'cold':>6}{'evict':>7}"
+            f"{'migr':>6}  loads")
     lines = [head]
     for name, s in summaries.items():
-        colds = " ".join(f"{tier}={n}" for tier, n in s["cold_starts"].items())
+        loads = " ".join(f"{tier}={n}" for tier, n in s["loads"].items())
         lines.append(f"{name:<16}{s['p50_s']:>8.2f}{s['p99_s']:>9.2f}{s['mean_s']:>9.2f}{s['e2e_p99_s']:>11.2f}"
-                     f"{s['gpu_s']:>10.0f}{s['migrations']:>6}  {colds}")
+                     f"{s['gpu_s']:>10.0f}{s['cold_starts']:>6}{s['evictions']:>7}{s['migrations']:>6}  {loads}")
     return "\n".join(lines)
 
 
@@ -141,30 +212,41 @@ def plot(summaries: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def load_trace(spec: str, seed: int, lengths: TokenLengths | None) -> list[Request]:
-    """The built-in trace (ShareGPT-like lengths unless `lengths`) or the CSV file at `spec` (token
-    counts it lacks drawn from `lengths`, GSM8K-like unless given)."""
+def load_trace(spec: str, seed: int, lengths: TokenLengths | None, workload: Workload) -> list[Request]:
+    """The workload's built-in trace (ShareGPT-like lengths unless `lengths`) or the CSV file at `spec` naming
+    the workload's models (token counts it lacks drawn from `lengths`, GSM8K-like unless given)."""
     if spec == "builtin":
-        return builtin_trace(seed, lengths=lengths or TokenLengths.SHAREGPT)
+        return builtin_trace(seed, workload=workload, lengths=lengths or TokenLengths.SHAREGPT)
     lengths = lengths or TokenLengths.GSM8K
     try:
         text = Path(spec).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"cannot read {spec}: {exc}") from None
-    return parse_csv(text, known_models={m.name for m in catalogue(NUM_MODEL_COPIES)}, lengths=lengths, seed=seed)
+    return parse_csv(text, known_models={m.name for m in SETUPS[workload].models}, lengths=lengths, seed=seed)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sllmd simulate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=[w.value for w in Workload], default=Workload.SERVERLESSLLM.value,
+                        help="serverlessllm: 40 models of 13-60 GB on 4 servers x 4 80 GB GPUs, one row per placement "
+                             "policy; many-small: 32 models of 1-16 GB on 2 servers x 4 80 GB GPUs, sllmd's "
+                             "placement, one row per capacity mode (default serverlessllm)")
+    parser.add_argument("--capacity", choices=[c.value for c in Capacity],
+                        help="how GPUs hold instances: per-device (an instance takes a whole GPU), pack-lru or "
+                             "pack-cost (GPUs are memory budgets that instances share while they fit; to make room "
+                             "the longest idle, or the cheapest to reload by reload seconds x request rate per byte, "
+                             "are evicted). Default: pack-cost (the daemon's) for serverlessllm, every mode for "
+                             "many-small")
     parser.add_argument("--trace", default="builtin",
-                        help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] (default builtin)")
+                        help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] naming the "
+                             "workload's models (default builtin)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the trace and the random policy (default 0)")
     parser.add_argument("--lengths", choices=[t.value for t in TokenLengths],
                         help="token lengths of generated requests (default: sharegpt for the built-in trace, "
                              "gsm8k for a CSV's rows without them)")
     parser.add_argument("--warmup", type=float, metavar="S",
-                        help=f"leave requests arriving in the first S seconds out of the latency figures "
-                             f"(default: {BUILTIN_WARMUP_S:.0f} for the built-in trace, 0 for a CSV)")
+                        help="leave requests arriving in the first S seconds out of the latency figures "
+                             "(default: 600 for the built-in trace, 0 for a CSV)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of the startup-latency CDFs")
     args = parser.parse_args(argv)
@@ -174,12 +256,14 @@ def main(argv: list[str]) -> int:
         except ImportError:
             print("sllmd simulate: --plot needs matplotlib (pip install 'sllmd[sim]')", file=sys.stderr)
             return 2
-    warmup_s = args.warmup if args.warmup is not None else BUILTIN_WARMUP_S if args.trace == "builtin" else 0.0
+    workload = Workload(args.workload)
+    warmup_s = (args.warmup if args.warmup is not None else SETUPS[workload].warmup_s if args.trace == "builtin"
+                else 0.0)
     if not (math.isfinite(warmup_s) and warmup_s >= 0):
         print(f"sllmd simulate: --warmup must be a finite number of seconds >= 0, got {args.warmup}", file=sys.stderr)
         return 2
     try:
-        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths) if args.lengths else None)
+        trace = load_trace(args.trace, args.seed, TokenLengths(args.lengths) if args.lengths else None, workload)
     except TraceError as exc:
         print(f"sllmd simulate: {exc}", file=sys.stderr)
         return 2
@@ -187,14 +271,24 @@ def main(argv: list[str]) -> int:
         print(f"sllmd simulate: every request arrives within the {warmup_s:g} s warm-up; lower --warmup",
               file=sys.stderr)
         return 2
-    summaries = simulate(trace, args.seed, warmup_s=warmup_s)
+    result: dict[str, Any] = {"workload": str(workload)}
+    if workload is Workload.SERVERLESSLLM:
+        capacity = Capacity(args.capacity or Capacity.PACK_COST)
+        summaries = simulate(trace, args.seed, warmup_s=warmup_s, capacity=capacity)
+        result |= {"capacity": str(capacity), "policies": summaries}
+        row_name, setting = "policy", f"capacity {capacity}"
+    else:
+        capacities = [Capacity(args.capacity)] if args.capacity else list(Capacity)
+        summaries = compare_capacities(trace, warmup_s=warmup_s, capacities=capacities)
+        result |= {"policy": "sllmd", "capacities": summaries}
+        row_name, setting = "capacity", "sllmd placement"
     if args.plot is not None:
         plot(summaries, args.plot)
     for summary in summaries.values():
         del summary["startup_s"]
     if not args.json:
-        print(f"{len(trace)} requests, trace {args.trace}, seed {args.seed}; latencies of the "
-              f"{summaries['sllmd']['requests']} arriving after {warmup_s:g} s")
-        print(table(summaries))
-    print(json.dumps({"policies": summaries, "seed": args.seed, "trace": args.trace, "warmup_s": warmup_s}))
+        print(f"{len(trace)} requests, workload {workload}, trace {args.trace}, seed {args.seed}, {setting}; "
+              f"latencies of the {next(iter(summaries.values()))['requests']} arriving after {warmup_s:g} s")
+        print(table(summaries, row_name))
+    print(json.dumps(result | {"seed": args.seed, "trace": args.trace, "warmup_s": warmup_s}))
     return 0

@@ -13,7 +13,7 @@ from sllmd.sim.trace import Request
 
 
 class InstanceState(enum.StrEnum):
-    WAITING_FOR_SLOT = "waiting_for_slot"  # its GPU is freed when a migration cuts over
+    WAITING_FOR_MEMORY = "waiting_for_memory"  # a migration's heir: its memory is freed when the migration cuts over
     LOADING = "loading"
     MIGRATING_IN = "migrating_in"  # the destination copy of a migrating instance
     READY = "ready"
@@ -24,6 +24,7 @@ class InstanceState(enum.StrEnum):
 class SimRequest:
     request: Request
     instance: SimInstance | None = None
+    dispatched_s: float | None = None  # when it got an instance: later than its arrival if it waited for a start
     first_token_s: float | None = None
     done_s: float | None = None
 
@@ -40,17 +41,25 @@ class SimInstance:
     id: str
     spec: ModelSpec
     server: SimServer
+    device: int  # the GPU of `server` it runs on
+    memory_bytes: int  # what it holds there (`Capacity.memory_bytes`)
     state: InstanceState
-    slot_since_s: float
+    held_since_s: float  # since when it holds all of `memory_bytes`
     requests: set[SimRequest] = field(default_factory=set)
     idle_since_s: float | None = None
     migrating_to: SimInstance | None = None  # set on the source of a migration
     migrating_from: SimInstance | None = None  # set on the destination copy
-    waiting_for: SimInstance | None = None  # the migrating source whose GPU this instance gets
+    waiting_for: SimInstance | None = None  # the migrating source (on the same GPU) whose memory this one takes
 
     @property
-    def holds_slot(self) -> bool:
-        return self.state in (InstanceState.LOADING, InstanceState.MIGRATING_IN, InstanceState.READY)
+    def held_bytes(self) -> int:
+        """Memory it holds on its GPU now: `memory_bytes` from placement until it stops. A migration's heir holds,
+        until the cut-over, the part of it the migrating instance will not free, so no other start takes that."""
+        if self.state is InstanceState.STOPPED:
+            return 0
+        if self.waiting_for is not None:
+            return max(0, self.memory_bytes - self.waiting_for.memory_bytes)
+        return self.memory_bytes
 
 
 @dataclass(eq=False)
@@ -62,7 +71,7 @@ class LoadJob:
 @dataclass(eq=False)
 class SimServer:
     id: str
-    num_gpus: int
+    gpu_bytes: tuple[int, ...]  # each GPU's memory budget
     ssd: LruCache
     dram: LruCache | None
     calibration: Calibration = field(default_factory=Calibration.defaults)
@@ -72,9 +81,12 @@ class SimServer:
     loading: LoadJob | None = None
     loading_since_s: float = 0.0
 
-    @property
-    def num_free_slots(self) -> int:
-        return self.num_gpus - sum(i.holds_slot for i in self.instances)
+    def free_memory(self) -> tuple[int, ...]:
+        """Each GPU's memory not held by an instance (negative if over budget, which the engine asserts never is)."""
+        free = list(self.gpu_bytes)
+        for instance in self.instances:
+            free[instance.device] -= instance.held_bytes
+        return tuple(free)
 
     def pending_load_s(self, now: float) -> float:
         """Estimated seconds before a load queued now would start (the SSD and network are free)."""
@@ -86,12 +98,12 @@ class SimServer:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where a policy starts an instance: on `server`, after stopping `evictions` (idle, on `server`) or
-    after migrating `migrate` (a ready instance on `server`) to `migrate_to`, which first stops
-    `migrate_to_evictions` (idle, on `migrate_to`)."""
+    """Where an instance starts: on GPU `device` of `server`, after stopping `evictions` (idle, there), which
+    leaves its memory free there; or, with `migrate` (a ready instance on that GPU), once `migrate` has moved to
+    where `migrate_to` says (a GPU of another server, after its own evictions)."""
 
     server: SimServer
+    device: int
     evictions: tuple[SimInstance, ...] = ()
     migrate: SimInstance | None = None
-    migrate_to: SimServer | None = None
-    migrate_to_evictions: tuple[SimInstance, ...] = ()
+    migrate_to: Decision | None = None
