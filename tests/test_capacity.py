@@ -7,19 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from sllmd.engine.hf_model import resident_bytes
 from sllmd.worker.lifecycle import default_engine_factory
 from tests.nodes import ONE_DEMO_DEVICE, RunningNode, all_devices_free, running_node
+from tests.small_disk import run_on_small_disk
 from tests.test_lifecycle import long_stream, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def memory_need(running: RunningNode, model: str) -> int:
@@ -213,19 +209,10 @@ def test_on_a_disk_smaller_than_the_store_budget_deploys_and_requests_make_room_
     """Twelve distinct 1.8 MB checkpoints on a 16 MiB data directory (a tmpfs in a private mount namespace)
     with the default 100 GB store budget: every deploy stores its checkpoint by evicting older ones no
     instance uses, and a request for a model whose copy was evicted fetches it again."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1)")
-    models = []
-    for i in range(12):
-        models.append(str(shutil.copytree(demo_model_dir, tmp_path / "repo" / f"m{i}")))
+    models = [str(shutil.copytree(demo_model_dir, tmp_path / "repo" / f"m{i}")) for i in range(12)]
     data = tmp_path / "data"
     data.mkdir()
-    command = (f"mount -t tmpfs -o size=16m tmpfs {data} && cd {REPO} && "
-               f"{sys.executable} -c '{SMALL_DISK_SCRIPT}' {data} {' '.join(models)}")
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and "mount" in result.stderr and "{" not in result.stdout:
-        pytest.skip(f"no private tmpfs mount here: {result.stderr.strip()[-200:]}")
+    result = run_on_small_disk(SMALL_DISK_SCRIPT, data, *models, timeout_s=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     statuses = json.loads(result.stdout.strip().splitlines()[-1])
     stored = statuses.pop("stored")

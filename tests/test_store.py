@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +21,9 @@ from sllmd.checkpoint.store import (
     checkpoint_id,
 )
 from sllmd.types import Tier
+from tests.small_disk import run_on_small_disk
 
 KIB = 1024
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 64 * KIB  # data bytes of each test checkpoint
 
 
@@ -229,16 +226,9 @@ asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
 def test_the_store_fits_the_disk_it_is_on(tmp_path):
     """On a 16 MiB disk (a tmpfs in a private mount namespace) with a 100 GiB budget, the store evicts for the
     disk's real space, and refuses with a 503 naming no path when it cannot make room."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1)")
     disk, repo = tmp_path / "disk", tmp_path / "repo"
     disk.mkdir()
-    command = (f"mount -t tmpfs -o size=16m tmpfs {disk} && cd {REPO} && "
-               f"{sys.executable} -c '{SMALL_DISK_SCRIPT}' {disk} {repo}")
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command],
-                            capture_output=True, text=True, timeout=120)
-    if result.returncode != 0 and "mount" in result.stderr and "kept" not in result.stdout:
-        pytest.skip(f"no private tmpfs mount here: {result.stderr.strip()[-200:]}")
+    result = run_on_small_disk(SMALL_DISK_SCRIPT, disk, str(repo))
     assert result.returncode == 0, result.stdout + result.stderr
     kept = int(result.stdout.split()[1])
     assert 2 <= kept < 8 and "refused:" in result.stdout

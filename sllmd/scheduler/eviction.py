@@ -26,8 +26,8 @@ class EvictionCandidate:
     """An idle instance that may be stopped (never a busy one, nor one kept for min_instances)."""
 
     id: str
-    device: int
-    num_bytes: int  # memory it frees
+    devices: tuple[int, ...]  # where it runs
+    num_bytes: int  # memory it frees on each of them
     reload_s: float  # seconds to start it again, from the tier its checkpoint stays in
     request_rate: float  # its model's recent requests per second
     idle_s: float  # seconds since its last request ended
@@ -49,50 +49,69 @@ def _order_key(candidate: EvictionCandidate, rule: EvictionRule) -> tuple[float,
 
 @dataclass(frozen=True, slots=True)
 class EvictionPlan:
-    device: int
+    devices: tuple[int, ...]  # where the new instance goes: one device, or a set for one spanning several
     evictions: tuple[str, ...]  # instance ids, in the order chosen
     cost: float  # the cost rule's total for them (for every rule, so plans can be compared)
 
 
 def plan_evictions(candidates: Sequence[EvictionCandidate], free_bytes: Mapping[int, int], needed_bytes: int,
-                   rule: EvictionRule = EvictionRule.COST) -> EvictionPlan | None:
-    """The instances to evict so that one device has `needed_bytes` free, or None when no device can get there.
+                   rule: EvictionRule = EvictionRule.COST, *, groups: Sequence[tuple[int, ...]] | None = None
+                   ) -> EvictionPlan | None:
+    """The instances to evict so that every device of one group has `needed_bytes` free, or None when no group
+    can get there.
 
-    `free_bytes`: each device's free bytes now (devices absent from it are not considered). A device that has
-    room already needs no eviction (the plan is empty). Otherwise, per device, candidates are taken in the
-    rule's order until enough is free; then any taken one whose bytes turn out not to be needed (the larger
-    ones taken later cover it) is given back, most costly first. Among devices, the plan with the lowest
-    cost-rule total wins under COST; under the baselines, the one whose first victim comes first in the
-    rule's order; then fewer evictions, then the lower device index. A device with room always wins.
+    `free_bytes`: each device's free bytes now. `groups`: the device sets a new instance may take, in order of
+    preference (for one spanning several devices, those close in the topology first); default: each device of
+    `free_bytes` alone, in index order. A group with room already needs no eviction (the plan is empty).
+    Otherwise candidates holding memory on a device of the group that is short are taken in the rule's order
+    until every device has enough (an instance spanning several devices frees its bytes on each); then any
+    taken one whose bytes turn out not to be needed is given back, most costly first. Among groups, the plan
+    with the lowest cost-rule total wins under COST; under the baselines, the one whose first victim comes first
+    in the rule's order; then fewer evictions, then the earlier group. A group with room always wins.
     """
+    if groups is None:
+        groups = [(device,) for device in sorted(free_bytes)]
     best: tuple[tuple[float, ...], EvictionPlan] | None = None
-    for device in sorted(free_bytes):
-        free = free_bytes[device]
-        if free >= needed_bytes:
-            plan = EvictionPlan(device, (), 0.0)
-            key: tuple[float, ...] = (0, device)  # room already: before any plan that evicts
+    for rank, group in enumerate(groups):
+        free = {device: free_bytes[device] for device in group}
+
+        def short() -> list[int]:
+            return [device for device in group if free[device] < needed_bytes]
+
+        if not short():
+            plan = EvictionPlan(group, (), 0.0)
+            key: tuple[float, ...] = (0, rank)  # room already: before any plan that evicts
         else:
-            on_device = sorted((c for c in candidates if c.device == device),
-                               key=lambda c: (*_order_key(c, rule), c.id))
             taken: list[EvictionCandidate] = []
-            for candidate in on_device:
-                if free >= needed_bytes:
+            for candidate in sorted((c for c in candidates if set(c.devices) & set(group)),
+                                    key=lambda c: (*_order_key(c, rule), c.id)):
+                missing = short()
+                if not missing:
                     break
-                taken.append(candidate)
-                free += candidate.num_bytes
-            if free < needed_bytes:
+                if set(candidate.devices) & set(missing):
+                    taken.append(candidate)
+                    _add(free, candidate, candidate.num_bytes)
+            if short():
                 continue
             for candidate in sorted(taken, key=lambda c: (-c.cost, c.id)):
-                if free - candidate.num_bytes >= needed_bytes:
+                _add(free, candidate, -candidate.num_bytes)
+                if short():
+                    _add(free, candidate, candidate.num_bytes)  # needed after all
+                else:
                     taken.remove(candidate)
-                    free -= candidate.num_bytes
             cost = sum(c.cost for c in taken)
-            plan = EvictionPlan(device, tuple(c.id for c in taken), cost)
+            plan = EvictionPlan(group, tuple(c.id for c in taken), cost)
             first = _order_key(taken[0], rule) if rule is not EvictionRule.COST else (cost,)
-            key = (1, *first, len(taken), device)
+            key = (1, *first, len(taken), rank)
         if best is None or key < best[0]:
             best = (key, plan)
     return None if best is None else best[1]
+
+
+def _add(free: dict[int, int], candidate: EvictionCandidate, num_bytes: int) -> None:
+    for device in candidate.devices:
+        if device in free:
+            free[device] += num_bytes
 
 
 @dataclass

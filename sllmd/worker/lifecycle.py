@@ -95,7 +95,7 @@ class Lifecycle:
 
     # -- instances -----------------------------------------------------------------------------
 
-    def start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
+    def start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Future | None) -> None:
         """Begin starting `instance`, already in `runtime.instances` and holding its memory (freed for it by
         the evictions `evicting`, when not None). It becomes READY and its waiters wake; or, if it fails,
         `runtime.start_error` is set, the waiters wake to it and the instance is stopped."""
@@ -106,7 +106,7 @@ class Lifecycle:
                                 runtime.deployment.checkpoint_bytes, instance.estimated_start_s)
         instance.starting = self._tasks.spawn(self._start(runtime, instance, evicting))
 
-    async def _start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Task | None) -> None:
+    async def _start(self, runtime: ModelRuntime, instance: Instance, evicting: asyncio.Future | None) -> None:
         began = time.monotonic()
         try:
             if evicting is not None:
