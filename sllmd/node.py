@@ -32,7 +32,7 @@ from sllmd.state.models import Deployment
 from sllmd.state.store import StateStore
 from sllmd.tasks import TaskSet
 from sllmd.types import Tier
-from sllmd.worker.devices import DevicePool, detect_devices
+from sllmd.worker.devices import DevicePool, detect_devices, read_topology
 from sllmd.worker.lifecycle import EngineFactory, default_engine_factory
 from sllmd.worker.manager import Worker
 from sllmd.worker.migration.source import MigrationService
@@ -83,8 +83,8 @@ class Node:
                                     max_batch_kv_bytes=int(config.serving.max_batch_kv_gb * (1 << 30)),
                                     vllm_pool=EnginePool(config.serving.vllm_parked_engines),
                                     vllm_dir=config.data_dir / "vllm")
-        worker = Worker(node_id, DevicePool(devices), state, config.serving, metrics, checkpoints, engine_factory,
-                        resources=resources,
+        worker = Worker(node_id, DevicePool(devices, read_topology(devices)), state, config.serving, metrics,
+                        checkpoints, engine_factory, resources=resources,
                         calibration=Calibration.defaults(device, peer_gbps=config.cluster.peer_link_gbps),
                         instances_elsewhere=lambda model: node._instances_elsewhere(model),
                         min_instances_here=lambda deployment: node._min_instances_here(deployment))
@@ -243,13 +243,15 @@ class Node:
         return NodeStatus(
             devices=tuple(DeviceStatus(d.index, d.name, d.budget_bytes, devices.free_bytes(d))
                           for d in devices.devices),
+            topology=devices.topology,
             dram_cached=(*in_dram_cache, *sorted(in_page_cache - set(in_dram_cache))),
             ssd_cached=tuple(entry.id for entry in worker.store.entries()),
             queues={name: QueueStatus(runtime.num_waiting, runtime.num_in_flight())
                     for name, runtime in worker.runtimes.items()},
             calibration=worker.estimates.calibration,
             pending_load_s=round(worker.pending_load_s(), 4),
-            instances=tuple(InstanceStatus(i.id, name, i.state, i.in_flight, i.num_tokens, i.device.index,
+            instances=tuple(InstanceStatus(i.id, name, i.state, i.in_flight, i.num_tokens,
+                                           tuple(d.index for d in i.devices),
                                            i.memory_bytes, i in kept, round(runtime.request_rate.per_s(now), 6))
                             for name, runtime in worker.runtimes.items() for i in runtime.instances),
             free_dram_bytes=worker.warmer.free_bytes() if worker.warmer is not None else 0,

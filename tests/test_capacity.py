@@ -30,7 +30,7 @@ async def test_two_models_share_one_device_and_their_memory_returns_to_zero(demo
             assert (await running.complete(name))[0] == 200
         worker = running.node.worker
         (a,), (b,) = worker.runtimes["a"].instances, worker.runtimes["b"].instances
-        assert a.device is b.device  # resident together: neither evicted the other
+        assert a.devices == b.devices  # resident together: neither evicted the other
         (device,) = worker.devices.devices
         assert worker.devices.free_bytes(device) == device.budget_bytes - a.memory_bytes - b.memory_bytes
         assert a.memory_bytes == memory_need(running, "a")
@@ -235,7 +235,7 @@ async def test_two_instances_share_one_gpu_each_within_its_budget(demo_model_dir
             assert status == 200, body
         worker = running.node.worker
         (a,), (b,) = worker.runtimes["a"].instances, worker.runtimes["b"].instances
-        assert a.device.name == b.device.name == "cuda:0"
+        assert [d.name for d in a.devices] == [d.name for d in b.devices] == ["cuda:0"]
         # What the engines really hold on the GPU stays within what they asked for, and the weights they hold are
         # the estimate's weights.
         peak = torch.cuda.max_memory_allocated(0) - before

@@ -11,6 +11,7 @@ from sllmd.scheduler.eviction import EvictionCandidate, EvictionRule, RequestRat
 from sllmd.scheduler.memory import (
     ENGINE_OVERHEAD_BYTES,
     MemoryNeed,
+    Pins,
     instance_memory,
     kv_bytes_per_token,
     pins_problem,
@@ -80,9 +81,10 @@ def test_a_vllm_engine_costs_more_overhead_than_a_transformers_one_and_a_dummy_n
 # ----------------------------------------------------------------------------------------------- eviction
 
 
-def candidate(instance_id: str, *, device: int = 0, gib: float = 1.0, reload_s: float = 1.0, rate: float = 0.0,
-              idle_s: float = 0.0, keep_alive_left_s: float = 0.0) -> EvictionCandidate:
-    return EvictionCandidate(instance_id, device, int(gib * GIB), reload_s, rate, idle_s, keep_alive_left_s)
+def candidate(instance_id: str, *, device: int | tuple[int, ...] = 0, gib: float = 1.0, reload_s: float = 1.0,
+              rate: float = 0.0, idle_s: float = 0.0, keep_alive_left_s: float = 0.0) -> EvictionCandidate:
+    devices = device if isinstance(device, tuple) else (device,)
+    return EvictionCandidate(instance_id, devices, int(gib * GIB), reload_s, rate, idle_s, keep_alive_left_s)
 
 
 @pytest.mark.parametrize(("candidates", "free", "needed_gib", "rule", "expected"), [
@@ -116,7 +118,7 @@ def candidate(instance_id: str, *, device: int = 0, gib: float = 1.0, reload_s: 
 ])
 def test_eviction_follows_the_rule(candidates, free, needed_gib, rule, expected):
     plan = plan_evictions(candidates, free, needed_gib * GIB, rule)
-    assert (None if plan is None else (plan.device, plan.evictions)) == expected
+    assert (None if plan is None else (plan.devices[0], plan.evictions)) == expected
 
 
 def test_the_request_rate_decays_with_its_half_life():
@@ -140,9 +142,11 @@ def test_the_request_rate_decays_with_its_half_life():
     ({"a": (2, GIB), "b": (1, GIB)}, [(4 * GIB,), (2 * GIB,)], 0.5, None),  # two nodes' shares
     ({"a": (1, 3 * GIB)}, [(4 * GIB,), (4 * GIB,)], 0.5, "one instance needs 3.00 GiB"),  # fits no node's share
     ({"a": (1, 3 * GIB)}, [(2 * GIB, 2 * GIB)], 1.0, "one instance needs 3.00 GiB"),  # ... nor any one device
+    ({"a": (1, 2 * GIB, 2)}, [(2 * GIB, 2 * GIB)], 1.0, None),  # ... but spans two
+    ({"a": (1, 2 * GIB, 3)}, [(2 * GIB, 2 * GIB)], 1.0, "one instance needs 6.00 GiB"),  # not three
 ])
 def test_pins_must_fit_the_clusters_pinned_share(pins, budgets, share, problem):
-    found = pins_problem(pins, budgets, share)
+    found = pins_problem({model: Pins(*pin) for model, pin in pins.items()}, budgets, share)
     assert found is None if problem is None else problem in found, found
 
 
@@ -151,11 +155,11 @@ def test_pins_must_fit_the_clusters_pinned_share(pins, budgets, share, problem):
 
 def test_the_device_pool_fits_best_takes_over_evicted_memory_and_resizes_to_measurements():
     pool = DevicePool([Device(0, "cuda:0", 10 * GIB), Device(1, "cuda:1", 10 * GIB)])
-    assert pool.acquire("a", 6 * GIB).index == 0
-    assert pool.acquire("b", 3 * GIB).index == 0  # best fit: the fuller device, so device 1 stays whole
-    assert pool.acquire("c", 8 * GIB).index == 1
+    assert pool.acquire("a", 6 * GIB)[0].index == 0
+    assert pool.acquire("b", 3 * GIB)[0].index == 0  # best fit: the fuller device, so device 1 stays whole
+    assert pool.acquire("c", 8 * GIB)[0].index == 1
     assert pool.acquire("d", 3 * GIB) is None and pool.free_by_device() == (GIB, 2 * GIB)
-    pool.take_over(pool.devices[0], "d", 7 * GIB, ["a"])  # a's 6 GiB + 1 free
+    pool.take_over(pool.devices[:1], "d", 7 * GIB, ["a"])  # a's 6 GiB + 1 free
     assert pool.hold_of("a") is None and pool.free_by_device() == (0, 2 * GIB)
     pool.release("a")  # an evicted instance's stop: nothing left to free
     assert pool.free_by_device() == (0, 2 * GIB)
@@ -171,7 +175,7 @@ def test_the_device_pool_fits_best_takes_over_evicted_memory_and_resizes_to_meas
 
 def instance(instance_id: str, model: str, *, device: int, gib: float, requests: int = 0,
              rate: float = 0.0) -> RunningInstance:
-    return RunningInstance(instance_id, model, EngineKind.TRANSFORMERS, requests, 0, num_bytes=GIB, device=device,
+    return RunningInstance(instance_id, model, EngineKind.TRANSFORMERS, requests, 0, num_bytes=GIB, devices=(device,),
                            memory_bytes=int(gib * GIB), request_rate=rate)
 
 
@@ -184,8 +188,8 @@ def test_small_models_pack_beside_each_other_and_a_big_one_evicts_the_cheapest_s
                                 instance("i4", "w", device=1, gib=16, rate=0.002)))
     # 8 GiB fits beside the others, on either device: nothing evicted.
     small = plan_start("m", EngineKind.TRANSFORMERS, GIB, 8 * GIB, [node])
-    assert small is not None and small.evictions == () and small.device in (0, 1)
+    assert small is not None and small.evictions == () and small.devices in ((0,), (1,))
     # 40 GiB: device 0's busy instance cannot go; on device 1, z and w (rarely asked) make room, not y.
     big = plan_start("m", EngineKind.TRANSFORMERS, GIB, 40 * GIB, [node], allow_migration=False)
-    assert big is not None and (big.device, sorted(big.evictions)) == (1, ["i3", "i4"])
+    assert big is not None and (big.devices, sorted(big.evictions)) == ((1,), ["i3", "i4"])
     assert plan_start("m", EngineKind.TRANSFORMERS, GIB, 81 * GIB, [node], allow_migration=False) is None

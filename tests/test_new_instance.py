@@ -40,7 +40,7 @@ def test_a_new_instance_goes_where_it_serves_soonest_and_is_reserved():
     placement, reservations = plan([node("a"), node("b", dram=True)])
     assert placement is not None and placement.node_id == "b" and placement.start.tier is Tier.DRAM
     # DRAM: no transfer; the instance's memory on device 0 is held.
-    assert reservations == (Reservation("m", "b", placement.start.estimated_s, 0.0, 100.0, 0, 0, DEVICE),)
+    assert reservations == (Reservation("m", "b", placement.start.estimated_s, 0.0, 100.0, 0, (0,), DEVICE),)
     placement, (reservation,) = plan([node("a"), node("b", pending=10.0)])
     assert placement.node_id == "a"
     assert reservation.transfer_s == pytest.approx(transfer_time_s(2 * GB, Tier.SSD, CAL))
@@ -93,7 +93,7 @@ def test_a_reservation_ends_when_its_start_shows_or_after_its_estimate_and_the_s
     placement, held = plan([node("a")], (reservation,), now=expired_at,
                            spec=InstanceSpec("m", HF, 2 * GB, 1, DEVICE))
     assert placement.start is not None and held == (Reservation("m", "a", placement.start.estimated_s,
-                                                                reservation.transfer_s, expired_at, 0, 0, DEVICE),)
+                                                                reservation.transfer_s, expired_at, 0, (0,), DEVICE),)
 
 
 @pytest.mark.parametrize(("entry_pending", "expected"), [

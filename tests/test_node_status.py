@@ -13,10 +13,11 @@ from sllmd.scheduler.status import DeviceStatus, InstanceStatus, NodeStatus, Que
 from sllmd.state.models import InstanceState
 
 STATUS = NodeStatus(
-    devices=(DeviceStatus(0, "cuda:0", 80 * 10**9, 60 * 10**9), DeviceStatus(1, "cuda:1", 80 * 10**9, 80 * 10**9)),
+    devices=(DeviceStatus(0, "cuda:0", 80 * 10**9, 60 * 10**9), DeviceStatus(1, "cuda:1", 80 * 10**9, 60 * 10**9)),
+    topology=((0, 10), (10, 0)),
     dram_cached=("ck-1",), ssd_cached=("ck-1", "ck-2"),
     queues={"demo": QueueStatus(2, 1)}, calibration=Calibration.defaults(DeviceKind.CPU), pending_load_s=1.25,
-    instances=(InstanceStatus("demo-1", "demo", InstanceState.READY, 1, 420, 0, 20 * 10**9, True, 0.5),),
+    instances=(InstanceStatus("demo-1", "demo", InstanceState.READY, 1, 420, (0, 1), 20 * 10**9, True, 0.5),),
     free_dram_bytes=10**9,
     free_ssd_bytes=5 * 10**9, parked_models=("vl",), parked_host_bytes=2 * 10**9)
 
@@ -30,7 +31,7 @@ def test_the_wire_form_is_what_admin_cluster_shows():
     wire = STATUS.to_wire()
     assert wire["queues"] == {"demo": {"waiting": 2, "in_flight": 1}}
     assert wire["instances"] == [{"id": "demo-1", "model": "demo", "state": "ready", "requests": 1, "tokens": 420,
-                                  "device": 0, "memory_bytes": 20 * 10**9, "kept": True, "request_rate": 0.5}]
+                                  "devices": [0, 1], "memory_bytes": 20 * 10**9, "kept": True, "request_rate": 0.5}]
     assert wire["devices"][0] == {"index": 0, "name": "cuda:0", "budget_bytes": 80 * 10**9, "free_bytes": 60 * 10**9}
 
 
@@ -58,6 +59,9 @@ def mutated(change) -> dict[str, Any]:
     mutated(lambda w: w["instances"][0].update(kept=1)),
     mutated(lambda w: w["instances"][0].update(request_rate=-0.5)),
     mutated(lambda w: w["instances"][0].pop("memory_bytes")),
+    mutated(lambda w: w["instances"][0].update(devices=[0, -1])),
+    mutated(lambda w: w.update(topology=[[0, "near"]])),
+    mutated(lambda w: w.update(topology=7)),
     mutated(lambda w: w["devices"][0].update(name=3)),
     mutated(lambda w: w["devices"][0].pop("index")),
     mutated(lambda w: w.update(parked_models=[{"vl": 1}])),

@@ -30,7 +30,7 @@ def state(node_id: str, *, alive: bool = True, free: int = 0, dram: tuple[str, .
           instances: tuple[RunningInstance, ...] = (), pending: float = 0.0, free_dram: int = 0,
           free_ssd: int = 0) -> NodeState:
     """`free` devices with room for one instance; each of `instances` fills one more device."""
-    placed = tuple(dataclasses.replace(i, device=free + k, memory_bytes=DEVICE) for k, i in enumerate(instances))
+    placed = tuple(dataclasses.replace(i, devices=(free + k,), memory_bytes=DEVICE) for k, i in enumerate(instances))
     return NodeState(node_id, is_alive=alive, free_memory=(DEVICE,) * free + (0,) * len(instances), calibration=CAL,
                      dram_models=frozenset(dram), ssd_models=frozenset(ssd), free_dram_bytes=free_dram,
                      free_ssd_bytes=free_ssd, pending_load_s=pending, instances=placed)
@@ -89,7 +89,7 @@ def test_evicts_an_idle_instance_of_another_model_but_not_busy_ones():
     nodes = [state("a", dram=("m",), instances=(idle("i2", "x", rate=0.5), idle("i1", "y", rate=0.001),
                                                 busy("i0", "z")))]
     plan = plan_start("m", HF, 26 * GB, DEVICE, nodes)
-    assert (plan.node_id, plan.evictions, plan.migrations, plan.device) == ("a", ("i1",), (), 1)
+    assert (plan.node_id, plan.evictions, plan.migrations, plan.devices) == ("a", ("i1",), (), (1,))
     # A free device elsewhere at equal cost beats killing a warm instance.
     nodes = [state("a", dram=("m",), instances=(idle("i1", "y"),)), state("b", free=1, dram=("m",))]
     assert plan_start("m", HF, 26 * GB, DEVICE, nodes).node_id == "b"

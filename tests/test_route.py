@@ -19,7 +19,7 @@ def node(node_id: str, *, alive: bool = True, free: int = 0, ready: int = 0, sta
     its first device; `idle_other`/`kept_other`: an idle instance of another model filling a second device,
     evictable or kept for min_instances."""
     instances = tuple(RunningInstance(f"{node_id}-x", "x", EngineKind.TRANSFORMERS, 0, 0, is_kept=kept_other,
-                                      device=1, memory_bytes=DEVICE)
+                                      devices=(1,), memory_bytes=DEVICE)
                       for _ in range(idle_other or kept_other))
     loads = {"m": ModelLoad(ready, starting, requests)} if ready or starting or requests else {}
     return NodeState(node_id, is_alive=alive, free_memory=(free * DEVICE, 0), instances=instances, loads=loads)

@@ -21,7 +21,7 @@ MODELS_OF = {"a-1": ["a"], "b-2": ["b"]}
 
 
 def status(**fields) -> NodeStatus:
-    return NodeStatus(**{"devices": ONE_DEVICE, "dram_cached": (), "ssd_cached": (), "queues": {},
+    return NodeStatus(**{"devices": ONE_DEVICE, "topology": (), "dram_cached": (), "ssd_cached": (), "queues": {},
                          "calibration": Calibration.defaults(), "pending_load_s": 0.0, "instances": (),
                          "free_dram_bytes": 0, "free_ssd_bytes": 0, "parked_models": (), "parked_host_bytes": 0,
                          **fields})
@@ -53,12 +53,12 @@ def test_parked_engines_are_listed_for_deployed_models_only():
 
 def test_only_ready_instances_of_deployed_models_are_listed_with_their_engine_kind_checkpoint_and_memory():
     (state,) = states(peer("n1", devices=(*ONE_DEVICE, DeviceStatus(1, "cuda:1", 80 * GIB, 70 * GIB)), instances=(
-        InstanceStatus("b-x", "b", InstanceState.READY, 2, 300, 1, 10 * GIB, True, 0.25),
-        InstanceStatus("a-y", "a", InstanceState.STARTING, 0, 0, 0, 0, False, 0.0),
-        InstanceStatus("z", "gone", InstanceState.READY, 1, 10, 0, 0, False, 0.0))))
-    assert [(i.id, i.engine_kind, i.num_requests, i.num_tokens, i.num_bytes, i.device, i.memory_bytes, i.is_kept,
+        InstanceStatus("b-x", "b", InstanceState.READY, 2, 300, (1,), 10 * GIB, True, 0.25),
+        InstanceStatus("a-y", "a", InstanceState.STARTING, 0, 0, (0,), 0, False, 0.0),
+        InstanceStatus("z", "gone", InstanceState.READY, 1, 10, (0,), 0, False, 0.0))))
+    assert [(i.id, i.engine_kind, i.num_requests, i.num_tokens, i.num_bytes, i.devices, i.memory_bytes, i.is_kept,
              i.request_rate) for i in state.instances] == [
-        ("b-x", EngineKind.VLLM, 2, 300, 2 * 10**9, 1, 10 * GIB, True, 0.25)]
+        ("b-x", EngineKind.VLLM, 2, 300, 2 * 10**9, (1,), 10 * GIB, True, 0.25)]
     assert state.free_memory == (80 * GIB, 70 * GIB)
 
 

@@ -98,7 +98,7 @@ class Placer:
         if deployment is None:
             return None
         spec = InstanceSpec(model, deployment.engine_kind, deployment.checkpoint_bytes,
-                            deployment.autoscaling.max_instances, self.memory_need(deployment))
+                            deployment.autoscaling.max_instances, self.memory_need(deployment), deployment.num_gpus)
         placement, self._reservations = plan_new_instance(
             spec, self.node_states(self.state.cluster_view().nodes), self._reservations, asked_by=asked_by,
             now=time.monotonic(), allow_migration=self.migrate is not None)

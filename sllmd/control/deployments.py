@@ -27,7 +27,7 @@ from sllmd.checkpoint.url_fetch import RepositoryNotFound, RepositoryUnreachable
 from sllmd.engine import check_model
 from sllmd.engine.base import AUTO_DTYPE, serving_dtype
 from sllmd.errors import Conflict, InvalidRequest, ModelNotFound, Overloaded, SllmdError
-from sllmd.scheduler.memory import kv_bytes_per_token, pins_problem, weights_bytes
+from sllmd.scheduler.memory import Pins, kv_bytes_per_token, pins_problem, weights_bytes
 from sllmd.serving.tokenizers import Tokenizers
 from sllmd.state.machine import LocalStateMachine, Op
 from sllmd.state.models import Deployment
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class DeploySpec:
     """`checkpoint`: a source as `normalize_source` takes it. `dtype`: a serving dtype or "auto" (the weights'
     own); `max_model_len`: None for the model's own context length, else at most that; `start_mode`: one of
-    `engine.base.START_MODES`."""
+    `engine.base.START_MODES`; `num_gpus`: the devices each instance spans (tensor parallelism)."""
 
     name: str
     checkpoint: str
@@ -51,6 +51,7 @@ class DeploySpec:
     dtype: str = AUTO_DTYPE
     max_model_len: int | None = None
     start_mode: str = "compiled"
+    num_gpus: int = 1
 
 
 def inspect_checkpoint(path: Path) -> tuple[dict[str, Any], int]:
@@ -176,8 +177,8 @@ class DeploymentService:
             await self._check_model(spec, config, source)
         if spec.backend is not Backend.DUMMY and num_bytes == 0:
             raise InvalidRequest(f"{source} holds no weight files", param="checkpoint")
-        if spec.backend is not Backend.DUMMY:  # before fetching: its weights alone must fit some device
-            self._check_fits(spec.name, num_bytes, "its checkpoint")
+        if spec.backend is not Backend.DUMMY:  # before fetching: its weights alone must fit the devices
+            self._check_fits(spec.name, -(-num_bytes // spec.num_gpus), "its checkpoint", num_devices=spec.num_gpus)
         manifest: Manifest | None = None
         if reads_store(spec.backend, source):
             path, manifest = await self._fetch(source, progress, show_progress)
@@ -207,8 +208,10 @@ class DeploymentService:
             weights_bytes=0 if manifest is None or spec.backend is Backend.DUMMY else weights_bytes(
                 [(t.shape, t.dtype in FLOATING_DTYPES, DTYPE_SIZES[t.dtype]) for t in manifest.tensors], dtype),
             kv_bytes_per_token=kv_bytes_per_token(config, dtype),
+            num_gpus=spec.num_gpus,
         )
-        self._check_fits(spec.name, self.worker.estimates.memory_need(deployment).total_bytes, "an instance")
+        self._check_fits(spec.name, self.worker.estimates.memory_need(deployment).total_bytes, "an instance",
+                         num_devices=spec.num_gpus)
         self._check_pins(deployment)
         # Committing adopts it into every node's worker, this one's before propose returns (Node._adopt).
         await self.state.propose({"op": Op.DEPLOY, "deployment": deployment.to_wire()})
@@ -253,21 +256,31 @@ class DeploymentService:
                                                "bytes": manifest.total_bytes})
         return path, manifest
 
-    def _check_fits(self, name: str, num_bytes: int, what: str) -> None:
-        """InvalidRequest unless `num_bytes` fit the memory budget of some device of the cluster."""
-        largest = max((budget for budgets in self.cluster_budgets() for budget in budgets), default=0)
+    def _check_fits(self, name: str, num_bytes: int, what: str, *, num_devices: int = 1) -> None:
+        """InvalidRequest unless some node of the cluster has `num_devices` devices whose memory budget holds
+        `num_bytes` each."""
+        budgets = self.cluster_budgets()
+        most_devices = max((len(node) for node in budgets), default=0)
+        if most_devices < num_devices:
+            raise InvalidRequest(f"model '{name}' cannot be served: num_gpus is {num_devices}, and no node of the "
+                                 f"cluster has that many devices (the most is {most_devices})",
+                                 param="num_gpus", code="not_enough_devices")
+        # What the k-th largest device of the best node offers: each of the k must hold its share.
+        largest = max((sorted(node, reverse=True)[num_devices - 1] for node in budgets if len(node) >= num_devices),
+                      default=0)
         if num_bytes > largest:
+            on = f" on each of {num_devices} devices" if num_devices > 1 else ""
             raise InvalidRequest(
-                f"model '{name}' cannot be served: {what} needs {num_bytes / 2**30:.2f} GiB of device memory, more "
-                f"than any device of the cluster has ({largest / 2**30:.2f} GiB; devices.cpu_slot_memory_gb on CPU "
-                "nodes, less max_model_len or serving.max_batch_kv_gb shrink the KV cache)",
+                f"model '{name}' cannot be served: {what} needs {num_bytes / 2**30:.2f} GiB of device memory{on}, "
+                f"more than the cluster's devices have ({largest / 2**30:.2f} GiB; devices.cpu_slot_memory_gb on "
+                "CPU nodes, a larger num_gpus, less max_model_len or serving.max_batch_kv_gb make it fit)",
                 param="checkpoint", code="model_too_large")
 
     def _check_pins(self, deployment: Deployment) -> None:
         """InvalidRequest unless the min_instances of every deployment, `deployment` as given, fit the cluster's
         pinned share of memory (`scheduler.memory.pins_problem`)."""
         deployments = {**self.state.deployments(), deployment.name: deployment}
-        pins = {name: (d.autoscaling.min_instances, self.worker.estimates.memory_need(d).total_bytes)
+        pins = {name: Pins(d.autoscaling.min_instances, self.worker.estimates.memory_need(d).total_bytes, d.num_gpus)
                 for name, d in deployments.items()}
         problem = pins_problem(pins, self.cluster_budgets(), self.worker.serving.pinned_memory_share)
         if problem is not None:

@@ -74,18 +74,19 @@ NO_RESOURCES = EngineResources()  # engines on their own: no DRAM cache, no park
 
 def create_engine(backend: Backend, checkpoint_dir: Path, device: str, *, dtype: str = "float32",
                   max_model_len: int | None = None, start_mode: str = "compiled",
-                  resources: EngineResources = NO_RESOURCES) -> Engine:
+                  resources: EngineResources = NO_RESOURCES, tensor_parallel_size: int = 1) -> Engine:
     """A new, not yet started engine for the local checkpoint directory `checkpoint_dir` (an sllmd v1
     checkpoint from the store, or a Hugging Face directory), computing in `dtype` (a serving dtype) with at
     most `max_model_len` tokens of prompt + completion (None: the model's own), started in `start_mode`
-    (vLLM's; the others always start eagerly)."""
+    (vLLM's; the others always start eagerly), over `tensor_parallel_size` devices (vLLM's; `device` then names
+    them all, "cuda:N,M", or is "cpu")."""
     engine_class = import_backend(backend)
     if backend is Backend.DUMMY:
         return engine_class(checkpoint_dir, max_model_len=max_model_len)
     if backend is Backend.VLLM:
         return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len, start_mode=start_mode,
                             pool=resources.vllm_pool, vllm_dir=resources.vllm_dir,
-                            kv_cache_bytes=resources.max_batch_kv_bytes)
+                            kv_cache_bytes=resources.max_batch_kv_bytes, tensor_parallel_size=tensor_parallel_size)
     return engine_class(checkpoint_dir, device, dtype=dtype, max_model_len=max_model_len,
                         dram_cache=resources.dram_cache, max_batch_size=resources.max_batch_size,
                         max_batch_kv_bytes=resources.max_batch_kv_bytes)

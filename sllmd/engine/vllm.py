@@ -126,7 +126,8 @@ class VllmEngine(Engine):
 
     def __init__(self, checkpoint_dir: Path, device: str = "cpu", *, dtype: str = "float32",
                  max_model_len: int | None = None, start_mode: str = "compiled", pool: EnginePool | None = None,
-                 vllm_dir: Path | None = None, kv_cache_bytes: int | None = None) -> None:
+                 vllm_dir: Path | None = None, kv_cache_bytes: int | None = None,
+                 tensor_parallel_size: int = 1) -> None:
         """`checkpoint_dir`: an sllmd v1 checkpoint or a Hugging Face directory. `dtype`: the serving dtype (a
         deployment's, resolved from the weights when it asked for "auto": vLLM's own "auto" would serve a float32
         checkpoint in 16 bits, unlike the transformers backend). `max_model_len`: None for the model's own.
@@ -134,8 +135,9 @@ class VllmEngine(Engine):
         this one in (None: start fresh, shut down at stop). `vllm_dir`: where shape directories and the compile
         cache live (None: vLLM reads `checkpoint_dir` itself and keeps its default cache). `kv_cache_bytes`: KV
         cache size (a node gives each engine its instance's KV budget); None lets vLLM size it (GPU memory
-        utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this). The node's DRAM cache is
-        no use here: vLLM's worker process cannot see it (see the module docstring)."""
+        utilisation; on CPU `VLLM_CPU_KVCACHE_SPACE` GiB, which also overrides this). `tensor_parallel_size`: the
+        ranks the model is split over, one per device of `device` ("cuda:N,M,...") or CPU processes. The node's
+        DRAM cache is no use here: vLLM's worker process cannot see it (see the module docstring)."""
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = device
         self.dtype = dtype
@@ -144,6 +146,7 @@ class VllmEngine(Engine):
         self.pool = pool
         self.vllm_dir = vllm_dir
         self.kv_cache_bytes = kv_cache_bytes
+        self.tensor_parallel_size = tensor_parallel_size
         self.context_length = 0
         self._vocab_size = 0
         self._llm: AsyncLLM | None = None
@@ -213,6 +216,7 @@ class VllmEngine(Engine):
             # Sleep mode frees a parked engine's GPU memory (see `stop`); vLLM offers it on GPUs only.
             enable_sleep_mode=self._on_gpu,
             kv_cache_memory_bytes=self.kv_cache_bytes,
+            tensor_parallel_size=self.tensor_parallel_size,
             disable_log_stats=True,
         )
 
@@ -224,7 +228,8 @@ class VllmEngine(Engine):
         args = self._engine_args(model_dir, report_path)
         env = {"VLLM_CACHE_ROOT": str(self.vllm_dir / "cache")} if self.vllm_dir is not None else {}
         if self._on_gpu:
-            env["CUDA_VISIBLE_DEVICES"] = _visible_device(int(self.device.partition(":")[2] or 0))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(_visible_device(int(index or 0))
+                                                   for index in self.device.partition(":")[2].split(","))
         with _env_lock:
             saved = {name: os.environ.get(name) for name in env}
             os.environ.update(env)
@@ -244,7 +249,8 @@ class VllmEngine(Engine):
         if self._llm is not None:
             raise RuntimeError("engine already started")
         self._key = engine_key_of(self.checkpoint_dir, dtype=self.dtype, max_model_len=self.max_model_len,
-                                  device=self.device, start_mode=self.start_mode, kv_cache_bytes=self.kv_cache_bytes)
+                                  device=self.device, start_mode=self.start_mode, kv_cache_bytes=self.kv_cache_bytes,
+                                  tensor_parallel_size=self.tensor_parallel_size)
         parked = self.pool.take(self._key, str(self.checkpoint_dir)) if self.pool is not None else None
         try:
             report = await (self._start_parked(parked) if parked is not None else self._start_fresh())

@@ -41,11 +41,13 @@ def engine_key(config: Mapping[str, Any], **settings: Any) -> str:
 
 
 def engine_key_of(checkpoint_dir: Path, *, dtype: str, max_model_len: int | None, device: str, start_mode: str,
-                  kv_cache_bytes: int | None = None) -> str:
+                  kv_cache_bytes: int | None = None, tensor_parallel_size: int = 1) -> str:
     """`engine_key` of an engine serving the checkpoint directory `checkpoint_dir` (its config.json) so."""
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    # One rank adds nothing to the key, so single-device keys (and their compile caches) stay what they were.
+    ranks = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}
     return engine_key(config, dtype=dtype, max_model_len=max_model_len, device=device, start_mode=start_mode,
-                      kv_cache_bytes=kv_cache_bytes)
+                      kv_cache_bytes=kv_cache_bytes, **ranks)
 
 
 @dataclass(eq=False)

@@ -21,10 +21,13 @@ from sllmd.serving.relay import RelayFailed
 from sllmd.state.machine import Op
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.types import AutoscalingPolicy, Backend
+from sllmd.worker.devices import engine_device
 from sllmd.worker.instance import Instance, ModelRuntime
 from sllmd.worker.manager import Worker
 
-DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len", "start_mode"})
+DEPLOY_FIELDS = frozenset({"name", "checkpoint", "backend", "autoscaling", "dtype", "max_model_len", "start_mode",
+                           "num_gpus"})
+MAX_NUM_GPUS = 64
 POLICY_TYPES: dict[str, tuple[type, ...]] = {
     "min_instances": (int,),
     "max_instances": (int,),
@@ -99,8 +102,15 @@ def parse_deploy(body: dict[str, Any], defaults: AutoscalingPolicy) -> DeploySpe
     if start_mode != START_MODES[0] and backend_name != Backend.VLLM.value:
         raise InvalidRequest("start_mode applies to backend vllm only (the others always start eagerly)",
                              param="start_mode")
+    num_gpus = body.get("num_gpus", 1)
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or not 1 <= num_gpus <= MAX_NUM_GPUS:
+        raise InvalidRequest(f"num_gpus must be an integer in 1..{MAX_NUM_GPUS} (the devices each instance spans)",
+                             param="num_gpus")
+    if num_gpus > 1 and backend_name == Backend.TRANSFORMERS.value:
+        raise InvalidRequest("backend transformers runs each instance on one device; num_gpus > 1 (tensor "
+                             "parallelism) needs backend vllm", param="num_gpus", code="unsupported_num_gpus")
     return DeploySpec(name, checkpoint, Backend(backend_name), policy, serving_dtype(dtype) or AUTO_DTYPE,
-                      max_model_len, start_mode)
+                      max_model_len, start_mode, num_gpus)
 
 
 def deployment_view(worker: Worker, deployment: Deployment, nodes: Sequence[PeerInfo]) -> dict[str, Any]:
@@ -160,7 +170,7 @@ def instance_view(worker: Worker, runtime: ModelRuntime, instance: Instance, now
         "id": instance.id,
         "model": runtime.deployment.name,
         "node_id": worker.node_id,
-        "device": instance.device.name,
+        "device": engine_device(instance.devices),
         "memory_bytes": instance.memory_bytes,
         "state": instance.state.value,
         "in_flight": instance.in_flight,

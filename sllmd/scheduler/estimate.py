@@ -216,19 +216,23 @@ class Calibration:
         )
 
 
-def load_time_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, calibration: Calibration) -> float:
-    """Seconds from starting an `engine_kind` engine on `num_bytes` whose best copy is at `tier` to serving:
-    `transfer_time_s` plus that kind's engine init (none for DEVICE, which is an instance already running)."""
+def load_time_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, calibration: Calibration, *,
+                num_devices: int = 1) -> float:
+    """Seconds from starting an `engine_kind` engine on `num_bytes` whose best copy is at `tier` to serving,
+    across `num_devices` devices: `transfer_time_s` plus that kind's engine init (none for DEVICE, which is an
+    instance already running)."""
     if tier is Tier.DEVICE:
         return 0.0
     init_s = calibration.init[engine_kind].predict(num_bytes / BYTES_PER_GB)
-    return transfer_time_s(num_bytes, tier, calibration) + max(0.0, init_s)
+    return transfer_time_s(num_bytes, tier, calibration, num_devices=num_devices) + max(0.0, init_s)
 
 
-def transfer_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> float:
-    """Seconds moving `num_bytes` from `tier` onto the device: bytes ÷ bandwidth for each tier they cross.
-    A peer or repository copy is fetched into the SSD first, then loaded from the SSD (the two are not
-    assumed to overlap). This is how long the load keeps the node's SSD or network busy."""
+def transfer_time_s(num_bytes: int, tier: Tier, calibration: Calibration, *, num_devices: int = 1) -> float:
+    """Seconds moving `num_bytes` from `tier` onto `num_devices` devices (each taking its share): bytes ÷
+    bandwidth for each tier they cross. A peer or repository copy is fetched into the SSD first, then loaded
+    from the SSD (the two are not assumed to overlap). The SSD and the network are one stream whatever the
+    number of devices; DRAM feeds each device over its own link, so k devices load from DRAM k times as fast.
+    This is how long the load keeps the node's SSD or network busy."""
     if tier is Tier.DEVICE:
         return 0.0
     gb = num_bytes / BYTES_PER_GB
@@ -236,7 +240,8 @@ def transfer_time_s(num_bytes: int, tier: Tier, calibration: Calibration) -> flo
     if tier in FETCH_TIERS:
         seconds += gb / calibration.fetch_gbps[tier]
         tier = Tier.SSD
-    return seconds + gb / calibration.load_gbps[tier]
+    streams = num_devices if tier is Tier.DRAM else 1
+    return seconds + gb / (calibration.load_gbps[tier] * streams)
 
 
 def migration_time_s(num_tokens: int, calibration: Calibration) -> float:

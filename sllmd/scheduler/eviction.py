@@ -74,28 +74,24 @@ def plan_evictions(candidates: Sequence[EvictionCandidate], free_bytes: Mapping[
     best: tuple[tuple[float, ...], EvictionPlan] | None = None
     for rank, group in enumerate(groups):
         free = {device: free_bytes[device] for device in group}
-
-        def short() -> list[int]:
-            return [device for device in group if free[device] < needed_bytes]
-
-        if not short():
+        if not _short(free, needed_bytes):
             plan = EvictionPlan(group, (), 0.0)
             key: tuple[float, ...] = (0, rank)  # room already: before any plan that evicts
         else:
             taken: list[EvictionCandidate] = []
             for candidate in sorted((c for c in candidates if set(c.devices) & set(group)),
                                     key=lambda c: (*_order_key(c, rule), c.id)):
-                missing = short()
+                missing = _short(free, needed_bytes)
                 if not missing:
                     break
                 if set(candidate.devices) & set(missing):
                     taken.append(candidate)
                     _add(free, candidate, candidate.num_bytes)
-            if short():
+            if _short(free, needed_bytes):
                 continue
             for candidate in sorted(taken, key=lambda c: (-c.cost, c.id)):
                 _add(free, candidate, -candidate.num_bytes)
-                if short():
+                if _short(free, needed_bytes):
                     _add(free, candidate, candidate.num_bytes)  # needed after all
                 else:
                     taken.remove(candidate)
@@ -106,6 +102,11 @@ def plan_evictions(candidates: Sequence[EvictionCandidate], free_bytes: Mapping[
         if best is None or key < best[0]:
             best = (key, plan)
     return None if best is None else best[1]
+
+
+def _short(free: Mapping[int, int], needed_bytes: int) -> list[int]:
+    """The devices of a group (the keys of `free`) with less than `needed_bytes` free."""
+    return [device for device, num_bytes in free.items() if num_bytes < needed_bytes]
 
 
 def _add(free: dict[int, int], candidate: EvictionCandidate, num_bytes: int) -> None:

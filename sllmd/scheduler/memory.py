@@ -46,11 +46,12 @@ class MemoryNeed:
 
 
 def instance_memory(backend: Backend, *, weights_bytes: int, kv_bytes_per_token: int, context_length: int,
-                    max_batch_size: int, max_kv_bytes: int, on_gpu: bool) -> MemoryNeed:
-    """The memory an instance of a model asks for: its weights, the KV of `max_batch_size` requests at the
-    model's full `context_length` capped at `max_kv_bytes` but never below one such request (what the engine is
-    then allowed to fill), and the backend's overhead on that kind of device. A model whose KV size per token
-    is unknown (0) gets the cap."""
+                    max_batch_size: int, max_kv_bytes: int, on_gpu: bool, num_devices: int = 1) -> MemoryNeed:
+    """The memory an instance of a model asks for, on each of its `num_devices` devices: its weights, the KV of
+    `max_batch_size` requests at the model's full `context_length` capped at `max_kv_bytes` but never below one
+    such request (what the engine is then allowed to fill), and the backend's overhead on that kind of device.
+    A model whose KV size per token is unknown (0) gets the cap. Over several devices (tensor parallelism) the
+    weights and the KV cache are split evenly; each device's rank has the whole overhead."""
     if backend is Backend.DUMMY:
         kv_bytes = 0
     elif kv_bytes_per_token > 0:
@@ -60,7 +61,12 @@ def instance_memory(backend: Backend, *, weights_bytes: int, kv_bytes_per_token:
         kv_bytes = max(one_request, min(max_kv_bytes, one_request * max_batch_size))
     else:
         kv_bytes = max_kv_bytes
-    return MemoryNeed(weights_bytes, kv_bytes, ENGINE_OVERHEAD_BYTES[backend, on_gpu])
+    return MemoryNeed(_share(weights_bytes, num_devices), _share(kv_bytes, num_devices),
+                      ENGINE_OVERHEAD_BYTES[backend, on_gpu])
+
+
+def _share(num_bytes: int, num_devices: int) -> int:
+    return -(-num_bytes // num_devices)  # rounded up: no device gets less than its part
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -107,25 +113,39 @@ def _gib(num_bytes: float) -> str:
     return f"{num_bytes / (1 << 30):.2f} GiB"
 
 
-def pins_problem(pins: Mapping[str, tuple[int, int]], node_budgets: Sequence[Sequence[int]], share: float
-                 ) -> str | None:
-    """Why the pinned instances `pins` (model -> (min_instances, bytes one instance asks)) cannot fit a cluster
-    whose nodes have devices of `node_budgets` bytes each, when pinned instances may hold `share` of each
-    node's memory; None when they fit. Checked: one instance of each pinned model fits within some node's
-    share and one of its devices, and all of them together fit the nodes' shares summed."""
-    if not any(count for count, _ in pins.values()):
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """A model's pinned instances: `count` of them, each asking `per_device_bytes` of `num_devices` devices."""
+
+    count: int
+    per_device_bytes: int
+    num_devices: int = 1
+
+    @property
+    def instance_bytes(self) -> int:
+        return self.per_device_bytes * self.num_devices
+
+
+def pins_problem(pins: Mapping[str, Pins], node_budgets: Sequence[Sequence[int]], share: float) -> str | None:
+    """Why the pinned instances `pins` (by model) cannot fit a cluster whose nodes have devices of
+    `node_budgets` bytes each, when pinned instances may hold `share` of each node's memory; None when they
+    fit. Checked: one instance of each pinned model fits some node's share and that many of its devices, and
+    all of them together fit the nodes' shares summed."""
+    if not any(pin.count for pin in pins.values()):
         return None
     node_shares = [share * sum(budgets) for budgets in node_budgets]
-    largest = max((min(node_share, max(budgets, default=0)) for node_share, budgets in zip(node_shares, node_budgets,
-                                                                                             strict=True)), default=0)
-    for model, (count, num_bytes) in sorted(pins.items()):
-        if count and num_bytes > largest:
-            return (f"min_instances of '{model}' cannot be kept: one instance needs {_gib(num_bytes)}, more than "
-                    f"the pinned share ({share:.0%}) of any node's devices allows ({_gib(largest)})")
-    total = sum(count * num_bytes for count, num_bytes in pins.values())
+    for model, pin in sorted(pins.items()):
+        if pin.count and not any(
+                pin.instance_bytes <= node_share and sum(b >= pin.per_device_bytes for b in budgets) >= pin.num_devices
+                for node_share, budgets in zip(node_shares, node_budgets, strict=True)):
+            largest = max((min(node_share, max(budgets, default=0)) for node_share, budgets
+                           in zip(node_shares, node_budgets, strict=True)), default=0)
+            return (f"min_instances of '{model}' cannot be kept: one instance needs {_gib(pin.instance_bytes)}, more "
+                    f"than the pinned share ({share:.0%}) of any node's devices allows ({_gib(largest)})")
+    total = sum(pin.count * pin.instance_bytes for pin in pins.values())
     if total > sum(node_shares):
-        listed = ", ".join(f"{model} {count} x {_gib(num_bytes)}" for model, (count, num_bytes) in sorted(pins.items())
-                           if count)
+        listed = ", ".join(f"{model} {pin.count} x {_gib(pin.instance_bytes)}" for model, pin in sorted(pins.items())
+                           if pin.count)
         return (f"min_instances need {_gib(total)} of device memory kept ({listed}), more than the cluster's "
                 f"pinned share: {share:.0%} of {_gib(sum(map(sum, node_budgets)))} over {len(node_budgets)} "
                 f"node(s) is {_gib(sum(node_shares))} (serving.pinned_memory_share)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from sllmd.scheduler.estimate import Calibration, load_time_s, migration_time_s, transfer_time_s
 from sllmd.scheduler.eviction import EvictionCandidate, EvictionPlan, EvictionRule, plan_evictions
+from sllmd.scheduler.topology import device_groups
 from sllmd.types import EngineKind, Tier
 
 # The asking (entry) node gets the start when its estimate is this close to the best: no relay hop, and the
@@ -36,9 +37,10 @@ class RunningInstance:
     """A ready instance. `engine_kind`: its model's (how its reload at a migration's destination inits).
     `num_tokens`: prompt + generated tokens of its in-flight requests (what a migration moves). `num_bytes`:
     its model's checkpoint size; 0 means unknown, and such an instance is never migrated (its reload cost at
-    the destination could not be estimated). `device` and `memory_bytes`: the device it runs on (an index into
-    its node's `free_memory`) and the memory it holds there. `is_kept`: kept for its model's min_instances, so
-    never evicted. `request_rate`: its model's recent requests/s on the node (what evicting it costs)."""
+    the destination could not be estimated). `devices` and `memory_bytes`: the devices it runs on (indices into
+    its node's `free_memory`; several for a model spanning GPUs) and the memory it holds on each. `is_kept`:
+    kept for its model's min_instances, so never evicted. `request_rate`: its model's recent requests/s on the
+    node (what evicting it costs)."""
 
     id: str
     model: str
@@ -47,7 +49,7 @@ class RunningInstance:
     num_tokens: int
     num_bytes: int = 0
     is_kept: bool = False
-    device: int = 0
+    devices: tuple[int, ...] = (0,)
     memory_bytes: int = 0
     request_rate: float = 0.0
 
@@ -83,6 +85,7 @@ class NodeState:
     id: str
     is_alive: bool
     free_memory: tuple[int, ...] = ()
+    topology: tuple[tuple[int, ...], ...] = ()  # distances between its devices (`scheduler.topology`); (): flat
     calibration: Calibration = field(default_factory=Calibration.defaults)
     dram_models: frozenset[str] = frozenset()
     ssd_models: frozenset[str] = frozenset()
@@ -96,24 +99,21 @@ class NodeState:
     def load(self, model: str) -> ModelLoad:
         return self.loads.get(model, ModelLoad())
 
-    def can_start(self, model: str, num_bytes: int) -> bool:
-        """A start of `model` needing `num_bytes` of device memory could begin here now: one device has them
-        free, or would after evicting idle instances of other models."""
-        return self.eviction_plan(model, num_bytes, lambda instance: 0.0) is not None
+    def can_start(self, model: str, num_bytes: int, num_devices: int = 1) -> bool:
+        """A start of `model` needing `num_bytes` on each of `num_devices` devices could begin here now: that
+        many devices have them free, or would after evicting idle instances of other models."""
+        return self.eviction_plan(model, num_bytes, lambda instance: 0.0, num_devices=num_devices) is not None
 
     def eviction_plan(self, model: str, num_bytes: int, reload_s: Callable[[RunningInstance], float],
-                      rule: EvictionRule = EvictionRule.COST) -> EvictionPlan | None:
-        """The device a start of `model` needing `num_bytes` would run on, and the idle instances of other
-        models to evict for it (`eviction.plan_evictions` by `rule`; `reload_s(i)`: seconds to start `i` again
-        here); None when no device can make the room."""
-        candidates = [EvictionCandidate(i.id, i.device, i.memory_bytes, reload_s(i), i.request_rate, 0.0, 0.0)
+                      rule: EvictionRule = EvictionRule.COST, *, num_devices: int = 1) -> EvictionPlan | None:
+        """The devices a start of `model` needing `num_bytes` on each of `num_devices` would run on (the sets
+        close in the topology preferred), and the idle instances of other models to evict for it
+        (`eviction.plan_evictions` by `rule`; `reload_s(i)`: seconds to start `i` again here); None when no
+        set can make the room."""
+        candidates = [EvictionCandidate(i.id, i.devices, i.memory_bytes, reload_s(i), i.request_rate, 0.0, 0.0)
                       for i in self.instances if i.is_evictable and i.model != model]
-        return plan_evictions(candidates, dict(enumerate(self.free_memory)), num_bytes, rule)
-
-    @property
-    def most_free_memory(self) -> int:
-        """The most memory one device has free (what the largest new instance could get without evicting)."""
-        return max(self.free_memory, default=0)
+        groups = device_groups(len(self.free_memory), num_devices, self.topology)
+        return plan_evictions(candidates, dict(enumerate(self.free_memory)), num_bytes, rule, groups=groups)
 
     def start_kind(self, model: str, engine_kind: EngineKind) -> EngineKind:
         """How a start of `model` here would init: on a parked engine where one of its shape waits."""
@@ -135,9 +135,9 @@ class Migration:
 
 @dataclass(frozen=True, slots=True)
 class StartPlan:
-    """Start `model` on device `device` of `node_id` from `tier`: first stop `evictions` (idle instance ids on
-    `node_id`) and complete `migrations` (which free the memory), then load. `estimated_s`: seconds until it
-    serves."""
+    """Start `model` on the devices `devices` of `node_id` from `tier`: first stop `evictions` (idle instance
+    ids on `node_id`) and complete `migrations` (which free the memory), then load. `estimated_s`: seconds until
+    it serves."""
 
     model: str
     node_id: str
@@ -145,7 +145,7 @@ class StartPlan:
     estimated_s: float
     migrations: tuple[Migration, ...] = ()
     evictions: tuple[str, ...] = ()
-    device: int = 0
+    devices: tuple[int, ...] = (0,)
 
 
 def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
@@ -160,37 +160,38 @@ def best_tier(model: str, node: NodeState, alive: Sequence[NodeState]) -> Tier:
 
 
 def estimated_start_s(engine_kind: EngineKind, num_bytes: int, tier: Tier, node: NodeState, *,
-                      after_s: float = 0.0) -> float:
-    """Seconds until an `engine_kind` engine loading `num_bytes` from `tier` on `node`, begun `after_s` seconds
-    from now, serves. Loads from the SSD or the network wait for `node.pending_load_s` (which drains
-    meanwhile); DRAM ones do not wait."""
+                      after_s: float = 0.0, num_devices: int = 1) -> float:
+    """Seconds until an `engine_kind` engine loading `num_bytes` from `tier` onto `num_devices` devices of
+    `node`, begun `after_s` seconds from now, serves. Loads from the SSD or the network wait for
+    `node.pending_load_s` (which drains meanwhile); DRAM ones do not wait."""
     wait_s = after_s if tier is Tier.DRAM else max(after_s, node.pending_load_s)
-    return wait_s + load_time_s(engine_kind, num_bytes, tier, node.calibration)
+    return wait_s + load_time_s(engine_kind, num_bytes, tier, node.calibration, num_devices=num_devices)
 
 
 def plan_start(
     model: str, engine_kind: EngineKind, num_bytes: int, memory_bytes: int, nodes: Sequence[NodeState], *,
-    allow_migration: bool = True
+    allow_migration: bool = True, num_devices: int = 1
 ) -> StartPlan | None:
     """The plan that has a new instance of `model` (an `engine_kind` engine on `num_bytes` of checkpoint, asking
-    `memory_bytes` of one device) serving soonest, or None when no alive node can take one.
+    `memory_bytes` of each of `num_devices` devices) serving soonest, or None when no alive node can take one.
 
     The start on node N is estimated by `estimated_start_s` from N's best tier. Candidates:
-    - N with a device that has the memory free, or would after evicting idle (not kept) instances of other
+    - N with devices that have the memory free, or would after evicting idle (not kept) instances of other
       models: `NodeState.eviction_plan` by the cost rule (eviction itself costs ~0 now; what it costs later is
       the rule's business);
-    - with `allow_migration`, N where migrating ONE running instance of another model away frees enough on
-      its device, to its best other alive node D that has room for it, possibly after evictions there of a
-      third model's idle instances (`_best_migration`). The instance must load at D and move its tokens
-      (migration_time_s at D's calibration) before N's memory is free, so `model`'s load on N starts only
-      then. D is never N, so no memory is counted twice.
+    - with `allow_migration`, N where migrating ONE running instance of another model away makes the room, to
+      its best other alive node D that has room for it (on as many devices as it spans), possibly after
+      evictions there of a third model's idle instances (`_best_migration`). The instance must load at D and
+      move its tokens (migration_time_s at D's calibration) before N's memory is free, so `model`'s load on N
+      starts only then. D is never N, so no memory is counted twice.
     The minimum wins; on equal estimates a plan without migration, then without eviction, then the lower
     node id, then the lower instance id. Dead nodes are never chosen, nor used as migration destinations.
     """
     alive = sorted((n for n in nodes if n.is_alive), key=lambda n: n.id)
     best: tuple[tuple[float, int, int, str, str], StartPlan] | None = None
     for node in alive:
-        for plan in _plans_on(model, engine_kind, num_bytes, memory_bytes, node, alive, allow_migration):
+        for plan in _plans_on(model, engine_kind, num_bytes, memory_bytes, num_devices, node, alive,
+                              allow_migration):
             victim = plan.evictions[0] if plan.evictions else plan.migrations[0].instance_id if plan.migrations else ""
             key = (plan.estimated_s, len(plan.migrations), len(plan.evictions), node.id, victim)
             if best is None or key < best[0]:
@@ -203,37 +204,46 @@ def reload_estimate(node: NodeState, alive: Sequence[NodeState]) -> Callable[[Ru
     def reload_s(instance: RunningInstance) -> float:
         tier = best_tier(instance.model, node, alive)
         return load_time_s(node.start_kind(instance.model, instance.engine_kind), instance.num_bytes, tier,
-                           node.calibration)
+                           node.calibration, num_devices=len(instance.devices))
     return reload_s
 
 
-def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, memory_bytes: int, node: NodeState,
-              alive: Sequence[NodeState], allow_migration: bool) -> list[StartPlan]:
+def _plans_on(model: str, engine_kind: EngineKind, num_bytes: int, memory_bytes: int, num_devices: int,
+              node: NodeState, alive: Sequence[NodeState], allow_migration: bool) -> list[StartPlan]:
     tier = best_tier(model, node, alive)
     engine_kind = node.start_kind(model, engine_kind)
-    start_s = estimated_start_s(engine_kind, num_bytes, tier, node)
-    room = node.eviction_plan(model, memory_bytes, reload_estimate(node, alive))
+    start_s = estimated_start_s(engine_kind, num_bytes, tier, node, num_devices=num_devices)
+    room = node.eviction_plan(model, memory_bytes, reload_estimate(node, alive), num_devices=num_devices)
     if room is not None:
-        return [StartPlan(model, node.id, tier, start_s, evictions=room.evictions, device=room.device)]
+        return [StartPlan(model, node.id, tier, start_s, evictions=room.evictions, devices=room.devices)]
     if not allow_migration:
         return []
     plans = []
     for instance in sorted((i for i in node.instances if i.model != model), key=lambda i: i.id):
-        if node.free_memory[instance.device] + instance.memory_bytes < memory_bytes:
-            continue  # moving it away would not make room
+        freed = _without(node, instance)
+        room = freed.eviction_plan(model, memory_bytes, lambda i: 0.0, num_devices=num_devices)
+        if room is None or room.evictions:
+            continue  # moving it away alone would not make room
         migration = _best_migration(instance, model, node, alive)
         if migration is not None:
-            seconds = estimated_start_s(engine_kind, num_bytes, tier, node, after_s=migration.estimated_s)
-            plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,), device=instance.device))
+            seconds = estimated_start_s(engine_kind, num_bytes, tier, node, after_s=migration.estimated_s,
+                                        num_devices=num_devices)
+            plans.append(StartPlan(model, node.id, tier, seconds, migrations=(migration,), devices=room.devices))
     return plans
+
+
+def _without(node: NodeState, instance: RunningInstance) -> NodeState:
+    """`node` once `instance` has left it: its memory free on its devices."""
+    free = tuple(f + instance.memory_bytes if d in instance.devices else f for d, f in enumerate(node.free_memory))
+    return dataclasses.replace(node, free_memory=free, instances=tuple(i for i in node.instances if i is not instance))
 
 
 def _best_migration(instance: RunningInstance, cold_model: str, source: NodeState, alive: Sequence[NodeState]
                     ) -> Migration | None:
     """Where `instance` (running on `source`) is serving again soonest: an alive node other than `source`
-    with room for its memory, or room after evicting idle instances of models other than the instance's and
-    `cold_model` (by the cost rule). None when its size is unknown or no node qualifies. Ties keep the lower
-    node id."""
+    with room for its memory on as many devices as it spans, or room after evicting idle instances of models
+    other than the instance's and `cold_model` (by the cost rule). None when its size is unknown or no node
+    qualifies. Ties keep the lower node id."""
     if instance.num_bytes <= 0:
         return None
     best: Migration | None = None
@@ -241,13 +251,14 @@ def _best_migration(instance: RunningInstance, cold_model: str, source: NodeStat
         if dest.id == source.id:
             continue
         others = dataclasses.replace(dest, instances=tuple(i for i in dest.instances if i.model != cold_model))
-        room = others.eviction_plan(instance.model, instance.memory_bytes, reload_estimate(dest, alive))
+        room = others.eviction_plan(instance.model, instance.memory_bytes, reload_estimate(dest, alive),
+                                    num_devices=len(instance.devices))
         if room is None:
             continue
         tier = best_tier(instance.model, dest, alive)
         move_s = migration_time_s(instance.num_tokens, dest.calibration)
         seconds = estimated_start_s(dest.start_kind(instance.model, instance.engine_kind), instance.num_bytes, tier,
-                                    dest) + move_s
+                                    dest, num_devices=len(instance.devices)) + move_s
         if best is None or seconds < best.estimated_s:  # `alive` is in id order: ties keep the lower id
             best = Migration(instance.id, instance.model, source.id, dest.id, seconds, room.evictions)
     return best
@@ -261,7 +272,8 @@ class InstanceSpec:
     engine_kind: EngineKind
     num_bytes: int  # its checkpoint's
     max_instances: int  # its live instances cluster-wide, at most
-    memory_bytes: int = 0  # what an instance asks of its device (`scheduler.memory`)
+    memory_bytes: int = 0  # what an instance asks of each of its devices (`scheduler.memory`)
+    num_devices: int = 1  # devices an instance spans (a deployment's num_gpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +289,8 @@ class Reservation:
     transfer_s: float  # of which the node's SSD or network is busy (what other starts there queue behind)
     made_at: float  # the `now` it was made at
     num_live_before: int  # the model's live instances on the node when it was made
-    device: int = 0
-    memory_bytes: int = 0
+    devices: tuple[int, ...] = (0,)
+    memory_bytes: int = 0  # on each of `devices`
 
     def remaining_transfer_s(self, now: float) -> float:
         return max(0.0, self.transfer_s - (now - self.made_at))
@@ -326,21 +338,22 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
         serving = sorted((live[s.id], s.id) for s in states if s.is_alive and live[s.id] > 0)
         return (Placement(serving[0][1]) if serving else None), held
     plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, spec.memory_bytes, states,
-                      allow_migration=allow_migration)
+                      allow_migration=allow_migration, num_devices=spec.num_devices)
     if plan is None:
         return None, held
     if asked_by is not None and plan.node_id != asked_by:
         only_entry = [s if s.id == asked_by else dataclasses.replace(s, free_memory=(), instances=())
                       for s in states]
         entry_plan = plan_start(spec.model, spec.engine_kind, spec.num_bytes, spec.memory_bytes, only_entry,
-                                allow_migration=allow_migration)
+                                allow_migration=allow_migration, num_devices=spec.num_devices)
         relative, absolute = ENTRY_PREFERENCE
         if entry_plan is not None and entry_plan.estimated_s <= plan.estimated_s * (1 + relative) + absolute:
             plan = entry_plan
     node = by_id[plan.node_id]
-    transfer_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(spec.num_bytes, plan.tier, node.calibration)
+    transfer_s = 0.0 if plan.tier is Tier.DRAM else transfer_time_s(spec.num_bytes, plan.tier, node.calibration,
+                                                                     num_devices=spec.num_devices)
     reservation = Reservation(spec.model, plan.node_id, plan.estimated_s, transfer_s, now,
-                              num_live(plan.node_id, spec.model), plan.device, spec.memory_bytes)
+                              num_live(plan.node_id, spec.model), plan.devices, spec.memory_bytes)
     return Placement(plan.node_id, plan), (*held, reservation)
 
 
@@ -350,7 +363,8 @@ def _with_reservations(states: Sequence[NodeState], reservations: Sequence[Reser
     held: collections.defaultdict[tuple[str, int], int] = collections.defaultdict(int)
     queued_s: collections.defaultdict[str, float] = collections.defaultdict(float)
     for r in reservations:
-        held[r.node_id, r.device] += r.memory_bytes
+        for device in r.devices:
+            held[r.node_id, device] += r.memory_bytes
         queued_s[r.node_id] += r.remaining_transfer_s(now)
     return [dataclasses.replace(
         s, free_memory=tuple(max(0, free - held[s.id, device]) for device, free in enumerate(s.free_memory)),

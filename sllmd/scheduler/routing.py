@@ -8,7 +8,8 @@ from its worker, the others from the replicated instance records and their NODE_
 3. the alive node already starting one (this node first), so a cold start is not started twice;
 4. this node, if it can start one (a device with the memory free, or after evicting idle instances of
    other models);
-5. the alive node whose devices have the memory free, the most free on one device first;
+5. the alive node whose devices have the memory free (on as many devices as an instance spans), the most
+   free first;
 6. none: nothing can take it now.
 
 Ties are broken by node id, so every entry node with the same view makes the same choice. It then answers:
@@ -61,12 +62,13 @@ def has_room(load: ModelLoad, num_requests: int, policy: AutoscalingPolicy) -> b
 
 
 def route(model: str, policy: AutoscalingPolicy, nodes: Sequence[NodeState], *, local_id: str,
-          memory_bytes: int, num_relayed: Mapping[str, int] | None = None, avoid: Collection[str] = ()) -> Route:
-    """Where a request for `model` (autoscaled by `policy`, an instance asking `memory_bytes` of one device)
-    that entered at node `local_id` goes (see the module doc). `nodes` holds every node this one knows, itself
-    included, which counts as alive whatever its state says; nodes in `avoid` (a relay to them failed lately)
-    count as dead. The requests at a node are the most of what it reports and `num_relayed[node]`, the
-    requests this node has relayed there and still streams.
+          memory_bytes: int, num_devices: int = 1, num_relayed: Mapping[str, int] | None = None,
+          avoid: Collection[str] = ()) -> Route:
+    """Where a request for `model` (autoscaled by `policy`, an instance asking `memory_bytes` of each of
+    `num_devices` devices) that entered at node `local_id` goes (see the module doc). `nodes` holds every node
+    this one knows, itself included, which counts as alive whatever its state says; nodes in `avoid` (a relay
+    to them failed lately) count as dead. The requests at a node are the most of what it reports and
+    `num_relayed[node]`, the requests this node has relayed there and still streams.
     `max_instances` counts the live instances on every node of `nodes`, dead ones too (their records stand
     until the leader drops them)."""
     relayed = num_relayed or {}
@@ -75,7 +77,7 @@ def route(model: str, policy: AutoscalingPolicy, nodes: Sequence[NodeState], *, 
         return max(node.load(model).num_requests, relayed.get(node.id, 0))
 
     alive = sorted((n for n in nodes if n.id == local_id or (n.is_alive and n.id not in avoid)), key=lambda n: n.id)
-    chosen = _choose(model, memory_bytes, alive, local_id, num_requests)
+    chosen = _choose(model, memory_bytes, num_devices, alive, local_id, num_requests)
     go: ServeHere | RelayTo = ServeHere() if chosen is None or chosen.id == local_id else RelayTo(chosen.id)
     num_live = sum(n.load(model).num_live for n in nodes)
     if chosen is None or chosen.load(model).num_live == 0 or (
@@ -84,7 +86,7 @@ def route(model: str, policy: AutoscalingPolicy, nodes: Sequence[NodeState], *, 
     return go
 
 
-def _choose(model: str, memory_bytes: int, alive: Sequence[NodeState], local_id: str,
+def _choose(model: str, memory_bytes: int, num_devices: int, alive: Sequence[NodeState], local_id: str,
             num_requests: Callable[[NodeState], int]) -> NodeState | None:
     """Rules 1–6 over the alive nodes (in id order)."""
     local = next((n for n in alive if n.id == local_id), None)
@@ -96,9 +98,14 @@ def _choose(model: str, memory_bytes: int, alive: Sequence[NodeState], local_id:
     starting = [n for n in alive if n.load(model).num_starting > 0]
     if starting:
         return min(starting, key=lambda n: (n.id != local_id, n.id))
-    if local is not None and local.can_start(model, memory_bytes):
+    if local is not None and local.can_start(model, memory_bytes, num_devices):
         return local
-    free = [n for n in alive if n.most_free_memory >= memory_bytes]
+
+    def free_on_enough(node: NodeState) -> int:  # the most every one of `num_devices` devices has free
+        ranked = sorted(node.free_memory, reverse=True)
+        return ranked[num_devices - 1] if len(ranked) >= num_devices else -1
+
+    free = [n for n in alive if free_on_enough(n) >= memory_bytes]
     if free:
-        return min(free, key=lambda n: (-n.most_free_memory, n.id))
+        return min(free, key=lambda n: (-free_on_enough(n), n.id))
     return None

@@ -54,8 +54,8 @@ class InstanceStatus:
     state: InstanceState
     num_requests: int  # in flight on it
     num_tokens: int  # prompt + generated tokens of those requests (what a migration would move)
-    device: int  # index into the node's devices
-    memory_bytes: int  # held on that device
+    devices: tuple[int, ...]  # indices into the node's devices: one, or several for a model spanning GPUs
+    memory_bytes: int  # held on each of them
     is_kept: bool  # kept for its model's min_instances: never evicted
     request_rate: float  # its model's recent requests/s on the node
 
@@ -68,6 +68,7 @@ class NodeStatus:
     with the starts under way."""
 
     devices: tuple[DeviceStatus, ...]
+    topology: tuple[tuple[int, ...], ...]  # distances between the devices (`scheduler.topology`); (): flat
     dram_cached: tuple[str, ...]
     ssd_cached: tuple[str, ...]
     queues: Mapping[str, QueueStatus]
@@ -84,6 +85,7 @@ class NodeStatus:
         return {
             "devices": [{"index": d.index, "name": d.name, "budget_bytes": d.budget_bytes, "free_bytes": d.free_bytes}
                         for d in self.devices],
+            "topology": [list(row) for row in self.topology],
             "dram_cached": list(self.dram_cached),
             "ssd_cached": list(self.ssd_cached),
             "queues": {model: {"waiting": q.num_waiting, "in_flight": q.num_in_flight}
@@ -91,7 +93,7 @@ class NodeStatus:
             "calibration": self.calibration.to_wire(),
             "pending_load_s": self.pending_load_s,
             "instances": [{"id": i.id, "model": i.model, "state": i.state.value, "requests": i.num_requests,
-                           "tokens": i.num_tokens, "device": i.device, "memory_bytes": i.memory_bytes,
+                           "tokens": i.num_tokens, "devices": list(i.devices), "memory_bytes": i.memory_bytes,
                            "kept": i.is_kept, "request_rate": i.request_rate} for i in self.instances],
             "free_dram_bytes": self.free_dram_bytes,
             "free_ssd_bytes": self.free_ssd_bytes,
@@ -110,6 +112,7 @@ class NodeStatus:
             raise StatusError(f"calibration: {exc}") from None
         return cls(
             devices=tuple(_list(fields["devices"], "devices", _device)),
+            topology=tuple(_list(fields["topology"], "topology", _row)),
             dram_cached=tuple(_list(fields["dram_cached"], "dram_cached", _str)),
             ssd_cached=tuple(_list(fields["ssd_cached"], "ssd_cached", _str)),
             queues=_queues(fields["queues"]),
@@ -148,7 +151,7 @@ class ClusterView:
 
 # ------------------------------------------------------------------------------------------ decoding
 
-_STATUS_FIELDS = frozenset({"devices", "dram_cached", "ssd_cached", "queues", "calibration",
+_STATUS_FIELDS = frozenset({"devices", "topology", "dram_cached", "ssd_cached", "queues", "calibration",
                             "pending_load_s", "instances", "free_dram_bytes", "free_ssd_bytes", "parked_models",
                             "parked_host_bytes"})
 
@@ -191,6 +194,10 @@ def _device(value: Any, name: str) -> DeviceStatus:
                         _count(f["free_bytes"], f"{name}.free_bytes"))
 
 
+def _row(value: Any, name: str) -> tuple[int, ...]:
+    return tuple(_list(value, name, _count))
+
+
 def _bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise StatusError(f"{name} must be a boolean")
@@ -210,7 +217,7 @@ def _queues(value: Any) -> dict[str, QueueStatus]:
 
 
 def _instance(value: Any, name: str) -> InstanceStatus:
-    f = _fields(value, name, frozenset({"id", "model", "state", "requests", "tokens", "device", "memory_bytes",
+    f = _fields(value, name, frozenset({"id", "model", "state", "requests", "tokens", "devices", "memory_bytes",
                                         "kept", "request_rate"}))
     try:
         state = InstanceState(f["state"])
@@ -218,5 +225,6 @@ def _instance(value: Any, name: str) -> InstanceStatus:
         raise StatusError(f"{name}.state must be one of {[s.value for s in InstanceState]}") from None
     return InstanceStatus(_str(f["id"], f"{name}.id"), _str(f["model"], f"{name}.model"), state,
                           _count(f["requests"], f"{name}.requests"), _count(f["tokens"], f"{name}.tokens"),
-                          _count(f["device"], f"{name}.device"), _count(f["memory_bytes"], f"{name}.memory_bytes"),
+                          tuple(_list(f["devices"], f"{name}.devices", _count)),
+                          _count(f["memory_bytes"], f"{name}.memory_bytes"),
                           _bool(f["kept"], f"{name}.kept"), _seconds(f["request_rate"], f"{name}.request_rate"))

@@ -52,14 +52,14 @@ def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment]
             continue
 
         states.append(NodeState(
-            node.id, is_alive, free_memory=tuple(d.free_bytes for d in status.devices),
+            node.id, is_alive, free_memory=tuple(d.free_bytes for d in status.devices), topology=status.topology,
             calibration=status.calibration,
             dram_models=named(status.dram_cached), ssd_models=named(status.ssd_cached) | in_place,
             free_dram_bytes=status.free_dram_bytes, free_ssd_bytes=status.free_ssd_bytes,
             pending_load_s=status.pending_load_s,
             instances=tuple(
                 RunningInstance(i.id, i.model, deployments[i.model].engine_kind, i.num_requests, i.num_tokens,
-                                deployments[i.model].checkpoint_bytes, is_kept=i.is_kept, device=i.device,
+                                deployments[i.model].checkpoint_bytes, is_kept=i.is_kept, devices=i.devices,
                                 memory_bytes=i.memory_bytes, request_rate=i.request_rate)
                 for i in status.instances if i.state is InstanceState.READY and i.model in deployments),
             parked_models=frozenset(m for m in status.parked_models if m in deployments),

@@ -211,6 +211,7 @@ class Router:
         decision = route(model, policy, [self._local_state(model), *self.placer.node_states(peers)],
                          local_id=self.worker.node_id,
                          memory_bytes=self.worker.estimates.memory_need(deployment).total_bytes,
+                         num_devices=deployment.num_gpus,
                          num_relayed=self._num_relayed,
                          avoid={node_id for node_id, until in self._suspect_until.items() if until > now})
         if isinstance(decision, AskLeader):
@@ -226,12 +227,14 @@ class Router:
         kept, now = worker.kept_instances(), time.monotonic()
         instances = tuple(
             RunningInstance(i.id, name, runtime.deployment.engine_kind, i.in_flight, i.num_tokens,
-                            runtime.deployment.checkpoint_bytes, is_kept=i in kept, device=i.device.index,
+                            runtime.deployment.checkpoint_bytes, is_kept=i in kept,
+                            devices=tuple(d.index for d in i.devices),
                             memory_bytes=i.memory_bytes, request_rate=runtime.request_rate.per_s(now))
             for name, runtime in worker.runtimes.items() for i in runtime.ready())
         runtime = worker.runtimes.get(model)
         loads = {} if runtime is None else {model: _load(runtime)}
         return NodeState(worker.node_id, is_alive=True, free_memory=worker.devices.free_by_device(),
+                         topology=worker.devices.topology,
                          calibration=worker.estimates.calibration, instances=instances, loads=loads)
 
     @asynccontextmanager

@@ -28,6 +28,7 @@ class Deployment:
     start_mode: str = "compiled"  # vLLM: "compiled" (torch.compile, faster decoding) or "eager" (faster start)
     weights_bytes: int = 0  # its weights once loaded in `dtype` (estimated at deploy); 0: as checkpoint_bytes
     kv_bytes_per_token: int = 0  # KV cache one token takes in `dtype`; 0: unknown
+    num_gpus: int = 1  # devices each instance spans (tensor parallelism); CPU devices on a CPU node
 
     @property
     def engine_kind(self) -> EngineKind:

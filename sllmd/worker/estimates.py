@@ -50,7 +50,7 @@ class NodeEstimates:
         return instance_memory(deployment.backend, weights_bytes=weights,
                                kv_bytes_per_token=deployment.kv_bytes_per_token,
                                context_length=deployment.context_length, max_batch_size=self.max_batch_size,
-                               max_kv_bytes=self.max_kv_bytes, on_gpu=self.on_gpu)
+                               max_kv_bytes=self.max_kv_bytes, on_gpu=self.on_gpu, num_devices=deployment.num_gpus)
 
     def observe_memory(self, deployment: Deployment, report: LoadReport) -> None:
         """A start of `deployment` here completed: remember the weights its engine really holds, when it says."""

@@ -15,7 +15,7 @@ from sllmd.engine.base import Engine
 from sllmd.scheduler.eviction import RequestRate
 from sllmd.state.models import Deployment, InstanceRecord, InstanceState
 from sllmd.types import LoadReport
-from sllmd.worker.devices import Device
+from sllmd.worker.devices import Device, engine_device
 from sllmd.worker.start_progress import StartProgress
 
 
@@ -32,8 +32,8 @@ class RunningRequest(Protocol):
 class Instance:
     id: str
     deployment: Deployment
-    device: Device
-    memory_bytes: int  # held on `device` from its start until its stop ends
+    devices: tuple[Device, ...]  # one, or several for a model spanning GPUs (its num_gpus)
+    memory_bytes: int  # held on each of `devices` from its start until its stop ends
     engine: Engine | None = None  # created off the event loop when the start begins
     state: InstanceState = InstanceState.STARTING
     in_flight: int = 0
@@ -62,7 +62,8 @@ class Instance:
 
     def to_record(self, node_id: str) -> InstanceRecord:
         """The replicated record of this instance as it is now, on node `node_id`."""
-        return InstanceRecord(self.id, self.deployment.name, node_id, self.device.name, self.state, self.started_at)
+        return InstanceRecord(self.id, self.deployment.name, node_id, engine_device(self.devices), self.state,
+                              self.started_at)
 
 
 @dataclass(frozen=True, slots=True)

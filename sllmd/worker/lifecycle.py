@@ -32,7 +32,7 @@ from sllmd.state.machine import Op
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.tasks import TaskSet
 from sllmd.types import Backend, LoadReport, Tier
-from sllmd.worker.devices import DevicePool
+from sllmd.worker.devices import DevicePool, engine_device
 from sllmd.worker.estimates import NodeEstimates
 from sllmd.worker.instance import Instance, ModelRuntime
 from sllmd.worker.start_progress import StartPhase
@@ -48,7 +48,7 @@ def default_engine_factory(deployment: Deployment, checkpoint_dir: Path, device:
                            resources: EngineResources = NO_RESOURCES) -> Engine:
     return create_engine(deployment.backend, checkpoint_dir, device, dtype=deployment.dtype,
                          max_model_len=deployment.context_length, start_mode=deployment.start_mode,
-                         resources=resources)
+                         resources=resources, tensor_parallel_size=deployment.num_gpus)
 
 
 class InstanceRecords(Protocol):
@@ -123,7 +123,8 @@ class Lifecycle:
                 fetched_from = None if lease.tier == Tier.SSD else lease.tier
             instance.progress.enter(StartPhase.CREATING, tier=fetched_from)
             instance.engine = await asyncio.to_thread(
-                self.engine_factory, deployment, checkpoint_dir, instance.device.name, self._resources_for(deployment))
+                self.engine_factory, deployment, checkpoint_dir, engine_device(instance.devices),
+                self._resources_for(deployment))
             if instance.state is not InstanceState.STARTING:
                 return  # stopped meanwhile; nothing started yet
             instance.progress.enter(StartPhase.LOADING)
@@ -162,7 +163,8 @@ class Lifecycle:
         self.metrics.start_estimate_error.labels(tier).observe(abs(start_s - instance.estimated_start_s))
         log.info(
             "instance ready",
-            extra={"instance": instance.id, "device": instance.device.name, "memory_bytes": instance.memory_bytes,
+            extra={"instance": instance.id, "device": engine_device(instance.devices),
+                   "memory_bytes": instance.memory_bytes,
                    "tier": tier,
                    "bytes": report.num_bytes, "load_s": round(report.load_s, 4), "init_s": round(report.init_s, 4),
                    "start_s": round(start_s, 4), "estimated_s": round(instance.estimated_start_s, 4)},
@@ -231,8 +233,9 @@ class Lifecycle:
         if runtime.is_removed or runtime.instances:
             return
         holder = f"{deployment.name}-prestart-{uuid.uuid4().hex[:8]}"
-        device = self.devices.acquire(holder, self.estimates.memory_need(deployment).total_bytes)
-        if device is None:
+        devices = self.devices.acquire(holder, self.estimates.memory_need(deployment).total_bytes,
+                                       deployment.num_gpus)
+        if devices is None:
             return
         estimated_s, _ = self.estimates.estimate(deployment, parked=self.has_parked_engine(deployment))
         runtime.prestarting = (estimated_s, time.time())
@@ -240,7 +243,7 @@ class Lifecycle:
         try:
             lease = await self.store.acquire(deployment.checkpoint)
             try:
-                engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, device.name,
+                engine = await asyncio.to_thread(self.engine_factory, deployment, lease.path, engine_device(devices),
                                                  self._resources_for(deployment))
                 report = await engine.start()
                 self.estimates.observe_load(deployment, report)  # a new engine's start, timed like any other
@@ -269,8 +272,9 @@ class Lifecycle:
             # An engine's key depends on the model's config.json: read it once per deployment (revision).
             key = self._engine_keys[deployment] = engine_key_of(
                 self.store.path_of(cid), dtype=deployment.dtype, max_model_len=deployment.context_length,
-                device=self.devices.devices[0].name, start_mode=deployment.start_mode,
-                kv_cache_bytes=self._resources_for(deployment).max_batch_kv_bytes)
+                device=engine_device(self.devices.devices[:deployment.num_gpus]), start_mode=deployment.start_mode,
+                kv_cache_bytes=self._resources_for(deployment).max_batch_kv_bytes,
+                tensor_parallel_size=deployment.num_gpus)
         return pool.has(key)
 
     def _resources_for(self, deployment: Deployment) -> EngineResources:

@@ -31,6 +31,7 @@ from sllmd.metrics import Metrics
 from sllmd.scheduler.autoscale import num_instances_to_start, num_instances_wanted
 from sllmd.scheduler.estimate import Calibration, transfer_time_s
 from sllmd.scheduler.eviction import EvictionCandidate, plan_evictions
+from sllmd.scheduler.topology import device_groups
 from sllmd.state.models import Deployment, InstanceState
 from sllmd.types import MAX_INSTANCES, Backend, Tier
 from sllmd.worker.admission import Admission
@@ -184,7 +185,7 @@ class Worker:
         runtime.no_room = None
         for _ in range(num_new):
             is_pin = len(runtime.instances) < num_kept and runtime.demand() <= len(runtime.instances)
-            if is_pin and self.pinned_bytes() + need > self.pinned_limit_bytes():
+            if is_pin and self.pinned_bytes() + need * runtime.deployment.num_gpus > self.pinned_limit_bytes():
                 log.warning("min_instances past the node's pinned share: not started",
                             extra={"model": runtime.deployment.name, "pinned_bytes": self.pinned_bytes(),
                                    "limit_bytes": self.pinned_limit_bytes()})
@@ -194,33 +195,36 @@ class Worker:
             if placed is None:
                 runtime.no_room = self._no_room(runtime, need)
                 break
-            device, evicting = placed
-            instance = Instance(instance_id, runtime.deployment, device, need)
+            devices, evicting = placed
+            instance = Instance(instance_id, runtime.deployment, devices, need)
             runtime.instances.append(instance)
             self.lifecycle.start(runtime, instance, evicting)
         self.lifecycle.update_gauges(runtime)
 
     def _make_room(self, runtime: ModelRuntime, instance_id: str, need: int
-                   ) -> tuple[Device, asyncio.Future | None] | None:
-        """Hold `need` bytes for `instance_id` on a device: one with room, or one where evicting idle instances
-        of other models makes it (their stops are the returned future). None: no device can."""
-        device = self.devices.acquire(instance_id, need)
-        if device is not None:
-            return device, None
+                   ) -> tuple[tuple[Device, ...], asyncio.Future | None] | None:
+        """Hold `need` bytes for `instance_id` on each of the devices its model spans: ones with room, or ones
+        where evicting idle instances of other models makes it (their stops are the returned future). None: no
+        set of devices can."""
+        num_devices = runtime.deployment.num_gpus
+        devices = self.devices.acquire(instance_id, need, num_devices)
+        if devices is not None:
+            return devices, None
         candidates = self.eviction_candidates(exclude=runtime)
+        groups = device_groups(len(self.devices.devices), num_devices, self.devices.topology)
         plan = plan_evictions([candidate for candidate, _, _ in candidates],
-                              {d.index: self.devices.free_bytes(d) for d in self.devices.devices}, need)
+                              dict(enumerate(self.devices.free_by_device())), need, groups=groups)
         if plan is None:
             return None
-        device = self.devices.devices[plan.device]
-        self.devices.take_over(device, instance_id, need, list(plan.evictions))
+        devices = tuple(self.devices.devices[i] for i in plan.devices)
+        self.devices.take_over(devices, instance_id, need, list(plan.evictions))
         by_id = {candidate.id: (victim_runtime, victim) for candidate, victim_runtime, victim in candidates}
         stops = []
         for victim_id in plan.evictions:
             victim_runtime, victim = by_id[victim_id]
             log.info("evicting idle instance", extra={"instance": victim.id, "for_model": runtime.deployment.name})
             stops.append(self.lifecycle.stop(victim_runtime, victim, is_evicted=True))
-        return device, asyncio.gather(*stops)
+        return devices, asyncio.gather(*stops)
 
     def _no_room(self, runtime: ModelRuntime, need: int) -> NoRoom:
         """Why no device here can hold `need` more bytes for `runtime`'s model, and whether that can change
@@ -230,15 +234,18 @@ class Worker:
         evictable = {victim.id for _, _, victim in self.eviction_candidates(exclude=runtime)}
         for other in self.runtimes.values():
             for instance in other.instances:
+                held = instance.memory_bytes * len(instance.devices)
                 if instance.in_flight or instance.state is InstanceState.STARTING:
-                    busy[other.deployment.name] = busy.get(other.deployment.name, 0) + instance.memory_bytes
+                    busy[other.deployment.name] = busy.get(other.deployment.name, 0) + held
                 elif instance.id not in evictable:
-                    pinned[other.deployment.name] = pinned.get(other.deployment.name, 0) + instance.memory_bytes
+                    pinned[other.deployment.name] = pinned.get(other.deployment.name, 0) + held
         free = ", ".join(f"{d.name}#{d.index} {human_bytes(self.devices.free_bytes(d))} of "
                          f"{human_bytes(d.budget_bytes)}" for d in self.devices.devices)
         held = [f"busy instances ({_by_model(busy)})"] if busy else []
         held += [f"instances kept for min_instances ({_by_model(pinned)})"] if pinned else []
-        reason = (f"an instance of '{runtime.deployment.name}' needs {human_bytes(need)} of device memory; node "
+        devices = runtime.deployment.num_gpus
+        needs = human_bytes(need) + (f" on each of {devices} devices" if devices > 1 else "")
+        reason = (f"an instance of '{runtime.deployment.name}' needs {needs} of device memory; node "
                   f"{self.node_id} has free: {free or 'no devices'}"
                   + (f"; the rest is held by {' and '.join(held)}" if held else ""))
         return NoRoom(reason, will_free=bool(busy))
@@ -250,7 +257,7 @@ class Worker:
 
     def pinned_bytes(self) -> int:
         """Memory held by the instances kept for min_instances here."""
-        return sum(instance.memory_bytes for instance in self.kept_instances())
+        return sum(instance.memory_bytes * len(instance.devices) for instance in self.kept_instances())
 
     def pinned_limit_bytes(self) -> int:
         """What instances kept for min_instances may hold here: the pinned share of every device's budget."""
@@ -287,8 +294,9 @@ class Worker:
             keep_alive_s = runtime.deployment.autoscaling.keep_alive_s
             for instance in idle[:spare]:
                 idle_s = now - instance.idle_since
-                candidate = EvictionCandidate(instance.id, instance.device.index, instance.memory_bytes, reload_s,
-                                              rate, idle_s, max(0.0, keep_alive_s - idle_s))
+                candidate = EvictionCandidate(instance.id, tuple(d.index for d in instance.devices),
+                                              instance.memory_bytes, reload_s, rate, idle_s,
+                                              max(0.0, keep_alive_s - idle_s))
                 found.append((candidate, runtime, instance))
         return found
 
