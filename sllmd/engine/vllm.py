@@ -100,6 +100,16 @@ def _visible_device(index: int) -> str:
     return visible.split(",")[index] if visible else str(index)
 
 
+def cpu_binding(num_ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `num_ranks` CPU ranks: this process's CPUs dealt into that many contiguous
+    groups ("0,1|2,3"; ranks share a CPU when there are fewer CPUs than ranks). By default vllm-cpu binds each
+    rank to a NUMA node of its own and refuses to start with fewer nodes than ranks, as on a one-socket machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cpus) // num_ranks)
+    groups = [cpus[rank * per_rank:(rank + 1) * per_rank] or [cpus[rank % len(cpus)]] for rank in range(num_ranks)]
+    return "|".join(",".join(str(cpu) for cpu in group) for group in groups)
+
+
 def _vllm_version() -> str:
     import vllm
 
@@ -230,6 +240,8 @@ class VllmEngine(Engine):
         if self._on_gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(_visible_device(int(index or 0))
                                                    for index in self.device.partition(":")[2].split(","))
+        elif self.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(self.tensor_parallel_size)
         with _env_lock:
             saved = {name: os.environ.get(name) for name in env}
             os.environ.update(env)

@@ -11,9 +11,15 @@ imported vllm) import it.
 What the loader reads: the directory `model_loader_extra_config["checkpoint"]` names, else vLLM's model
 directory (sllmd gives vLLM a *shape directory* holding only config.json, so that vLLM's compile cache, keyed by
 the model path among the rest, is shared by every model of one shape; see `sllmd.engine.vllm`):
-* an sllmd v1 checkpoint (it has manifest.json): `load_checkpoint` onto the device of the model's
-  parameters (the staged, pinned-pool pipeline on CUDA; straight into one host buffer on CPU), then the
-  tensors go to the model's own `load_weights` (which fuses q/k/v and gate/up as vLLM's layers want);
+* an sllmd v1 checkpoint (it has manifest.json), on one rank: `load_checkpoint` onto the device of the
+  model's parameters (the staged, pinned-pool pipeline on CUDA; straight into one host buffer on CPU), then
+  the tensors go to the model's own `load_weights` (which fuses q/k/v and gate/up as vLLM's layers want);
+* the same with tensor parallelism (world size over 1): each rank's `load_weights` gets views of the data files
+  mapped (`mapped.map_tensors`) instead. vLLM's weight loaders narrow each full tensor to the rank's shard and
+  copy that to the device, so a rank reads only the pages of its shard (`sllmd.checkpoint.shards`: one range
+  for a dim-0 split, one per row for a dim-1 split) and its device holds only its shard, where loading the
+  whole checkpoint onto every device would need k times the model's memory. The ranks of a node share the page
+  cache, so the node reads each page from the disk once however the shards interleave;
 * anything else (a Hugging Face directory): vLLM's own `DefaultModelLoader` with the `auto` format,
   timed the same way, so both paths report alike.
 
@@ -25,10 +31,10 @@ reads what is not resident with O_DIRECT). The simplest correct rule: a partly r
 as "ssd", and pages the kernel evicts mid-load make a "dram" load slower, which the estimators absorb.
 A Hugging Face directory always reports "ssd".
 
-The worker cannot hand a Python object back to the engine, so the load's report is written as JSON to the
-file named by `model_loader_extra_config["report_path"]` (see `read_report`), with the wall-clock times
-(`time.time()`) the engine needs to split its start into phases: when this worker process started, when it had
-imported vLLM (the plugin registered), and when the load began and ended.
+The worker cannot hand a Python object back to the engine, so the load's report is written as JSON (by rank 0
+only) to the file named by `model_loader_extra_config["report_path"]` (see `read_report`), with the wall-clock
+times (`time.time()`) the engine needs to split its start into phases: when this worker process started, when it
+had imported vLLM (the plugin registered), and when the load began and ended.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ import torch
 from torch import nn
 from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.model_loader import BaseModelLoader, DefaultModelLoader, register_model_loader
 
 from sllmd.checkpoint.fetch import WEIGHT_SUFFIXES
 from sllmd.checkpoint.loader import load_checkpoint
 from sllmd.checkpoint.manifest import MANIFEST_FILE
-from sllmd.checkpoint.reader import resident_fraction
+from sllmd.checkpoint.mapped import map_tensors
+from sllmd.checkpoint.reader import read_manifest, resident_fraction
 from sllmd.types import LoadReport
 
 LOAD_FORMAT = "sllmd"
@@ -99,20 +107,28 @@ def _process_started_at() -> float:
 
 def load_from(path: Path, model: nn.Module, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], Any]
               ) -> tuple[LoadReport, Any]:
-    """Read the v1 checkpoint `path` with sllmd's loader onto the device of `model`'s parameters and pass its
-    (name, tensor) pairs (tied aliases too: the model decides what it keeps) to `consume`; returns the load's
-    report and what `consume` returned."""
+    """Pass the (name, tensor) pairs of the v1 checkpoint `path` (tied aliases too: the model decides what it
+    keeps) to `consume`: on one rank loaded by sllmd's loader onto the device of `model`'s parameters, under
+    tensor parallelism as views of the mapped files, which `consume` narrows to this rank's shard (see the
+    module docstring). Returns the load's report (`num_bytes`: the whole checkpoint's, which the ranks read
+    between them) and what `consume` returned."""
     t0 = time.perf_counter()
     tier = "dram" if resident_fraction(path) == 1.0 else "ssd"
     device = next(model.parameters()).device
-    loaded = load_checkpoint(path, device)
-    try:
-        result = consume(iter(loaded.tensors.items()))
-    finally:
-        loaded.release()
+    if get_tensor_model_parallel_world_size() > 1:
+        manifest = read_manifest(path)
+        result = consume(iter(map_tensors(path, manifest).items()))
+        num_bytes = manifest.total_bytes
+    else:
+        loaded = load_checkpoint(path, device)
+        try:
+            result = consume(iter(loaded.tensors.items()))
+        finally:
+            loaded.release()
+        num_bytes = loaded.report.num_bytes
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # asynchronous copies count as loading
-    return LoadReport(tier, loaded.report.num_bytes, load_s=time.perf_counter() - t0, init_s=0.0), result
+    return LoadReport(tier, num_bytes, load_s=time.perf_counter() - t0, init_s=0.0), result
 
 
 class SllmdModelLoader(BaseModelLoader):
@@ -144,7 +160,8 @@ class SllmdModelLoader(BaseModelLoader):
                 torch.cuda.synchronize()
             num_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
             report = LoadReport("ssd", num_bytes, load_s=time.perf_counter() - t0, init_s=0.0)
-        if self.report_path is not None:
+        # Every rank loads; one report, written by one writer (ranks' concurrent writes could interleave).
+        if self.report_path is not None and get_tensor_model_parallel_rank() == 0:
             load = WorkerLoad(report, _process_started_at(), _registered_at or started_at, started_at, time.time())
             Path(self.report_path).write_text(json.dumps(dataclasses.asdict(load)))
 

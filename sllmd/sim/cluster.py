@@ -1,5 +1,6 @@
 """The simulated cluster of `sllmd simulate`: hardware figures, the model catalogues, what an instance holds
-of a GPU's memory (`Capacity`, `ModelSpec.memory_bytes`), and per-server caches.
+of each of its GPUs' memory (`Capacity`, `ModelSpec.memory_bytes`) and how many GPUs it spans
+(`ModelSpec.num_gpus`), and per-server caches.
 
 Every figure is the simulation's ground truth, chosen from public hardware numbers (each says where it
 comes from). The estimators start from `Calibration.defaults()`, which are deliberately below these, and
@@ -8,6 +9,7 @@ learn the truth from completed simulated loads, as a real node would.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ KV_CAP_BYTES = 16 << 30
 class Capacity(enum.StrEnum):
     """How a server's GPUs hold instances, and which idle ones its worker stops to make room for a new one."""
 
-    PER_DEVICE = "per-device"  # sllmd before memory: an instance takes a whole GPU; the longest idle goes first
+    PER_DEVICE = "per-device"  # sllmd before memory: an instance takes whole GPUs; the longest idle goes first
     PACK_LRU = "pack-lru"  # GPUs are memory budgets instances share; the longest idle goes first
     PACK_COST = "pack-cost"  # shared, the daemon's rule: the least reload seconds × request rate per byte first
     # Ollama's rule (the keep-alive that ends soonest first) is no mode of its own: every simulated model has the
@@ -41,8 +43,12 @@ class Capacity(enum.StrEnum):
         return EvictionRule.COST if self is Capacity.PACK_COST else EvictionRule.LRU
 
     def memory_bytes(self, model: ModelSpec, hardware: Hardware) -> int:
-        """What an instance of `model` holds on its GPU: all of it per device, else its `memory_bytes`."""
+        """What an instance of `model` holds on each of its `num_gpus` GPUs: all of it per device, else its
+        `memory_bytes`."""
         return hardware.gpu_bytes if self is Capacity.PER_DEVICE else model.memory_bytes
+
+
+GPU_BYTES = 80 * 10**9  # A100/H100 80 GB
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +57,10 @@ class Hardware:
 
     num_servers: int = 4
     gpus_per_server: int = 4  # the ServerlessLLM paper's test bed: 4 servers × 4 GPUs
-    gpu_bytes: int = 80 * 10**9  # A100/H100 80 GB: each GPU's memory budget; every catalogue model fits one
+    gpu_bytes: int = GPU_BYTES  # each GPU's memory budget; every catalogue model fits its `num_gpus` of them
+    # Distances between a server's GPUs (`scheduler.topology`), which decide the GPUs a multi-GPU instance
+    # takes; (): flat, every pair alike (the sets of lowest indices first).
+    topology: tuple[tuple[int, ...], ...] = ()
     pcie_gbps: float = 25.0  # PCIe 4.0 x16 moves ~25 GB/s from pinned host memory
     ssd_gbps: float = 6.0  # one PCIe 4.0 NVMe drive: 3–7 GB/s sequential read
     network_gbps: float = 1.25  # 10 Gbps Ethernet between servers (the low end of 10–25 Gbps)
@@ -62,7 +71,8 @@ class Hardware:
     # simulated catalogue is 1.1 TB) and a checkpoint missing locally comes from a peer.
     ssd_cache_bytes: int = 500 * 10**9
     # Every model runs on this kind of engine (GPU transformers; see the per-token costs below), whose init
-    # (CUDA context, allocation, binding tensors) takes ~1.5 s plus a little per GB.
+    # (CUDA context, allocation, binding tensors) takes ~1.5 s plus a little per GB. The models spanning several
+    # GPUs too: the daemon would serve them on vllm, whose new engine's longer init is left out.
     engine_kind: EngineKind = EngineKind.TRANSFORMERS
     init_base_s: float = 1.5
     init_s_per_gb: float = 0.03
@@ -76,10 +86,12 @@ class Hardware:
     decode_overhead_s: float = 0.015
     migration_base_s: float = 0.05  # cut-over: stop, send the last tokens, switch the stream
 
-    def load_s(self, num_bytes: int, source: Tier) -> float:
-        """True seconds to move `num_bytes` onto a GPU from DRAM or SSD (reads overlap copies, so an SSD
-        load runs at the slower of the two links)."""
-        gbps = self.pcie_gbps if source is Tier.DRAM else min(self.ssd_gbps, self.pcie_gbps)
+    def load_s(self, num_bytes: int, source: Tier, num_gpus: int = 1) -> float:
+        """True seconds to move `num_bytes` onto `num_gpus` GPUs (each taking its share) from DRAM or SSD. Each
+        GPU has its own PCIe link, so a DRAM load runs `num_gpus` copies at once; an SSD load is one read stream
+        (reads overlap copies, so it runs at the slower of the drive and the links)."""
+        links_gbps = self.pcie_gbps * num_gpus
+        gbps = links_gbps if source is Tier.DRAM else min(self.ssd_gbps, links_gbps)
         return num_bytes / BYTES_PER_GB / gbps
 
     def fetch_s(self, num_bytes: int, source: Tier) -> float:
@@ -94,11 +106,13 @@ class Hardware:
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """One deployed checkpoint (fp16: 2 bytes per parameter). `kv_bytes_per_token`: its architecture's, at fp16
-    (2 × layers × KV heads × head size × 2 bytes)."""
+    (2 × layers × KV heads × head size × 2 bytes). `num_gpus`: the GPUs of one server an instance spans (a
+    deployment's num_gpus: tensor parallelism), each holding `memory_bytes`."""
 
     name: str
     num_params: float
     kv_bytes_per_token: int
+    num_gpus: int = 1
 
     @property
     def num_bytes(self) -> int:
@@ -106,49 +120,70 @@ class ModelSpec:
 
     @property
     def memory_bytes(self) -> int:
-        """What an instance holds on its GPU: weights, KV budget (see KV_BATCH_SIZE) and engine overhead."""
-        return instance_memory(Backend.TRANSFORMERS, weights_bytes=self.num_bytes,
-                               kv_bytes_per_token=self.kv_bytes_per_token, context_length=MAX_CONTEXT_TOKENS,
-                               max_batch_size=KV_BATCH_SIZE, max_kv_bytes=KV_CAP_BYTES, on_gpu=True).total_bytes
+        """What an instance holds on each of its GPUs: its share of the weights and of the KV budget (see
+        KV_BATCH_SIZE), and a whole engine overhead (`scheduler.memory.instance_memory`)."""
+        return _memory_bytes(self.num_bytes, self.kv_bytes_per_token, self.num_gpus)
 
+    # Tensor parallelism splits the compute and the weights read per token over the GPUs; the fixed per-token
+    # cost is not split, and the all-reduces between the GPUs (~1 ms per token over NVLink) are left out.
     def prefill_s(self, num_tokens: int, hardware: Hardware) -> float:
-        return 2 * self.num_params * num_tokens / hardware.prefill_flops
+        return 2 * self.num_params * num_tokens / (hardware.prefill_flops * self.num_gpus)
 
     def decode_s_per_token(self, hardware: Hardware) -> float:
-        return hardware.decode_overhead_s + self.num_bytes / BYTES_PER_GB / hardware.hbm_gbps
+        return hardware.decode_overhead_s + self.num_bytes / self.num_gpus / BYTES_PER_GB / hardware.hbm_gbps
+
+
+def _memory_bytes(num_bytes: int, kv_bytes_per_token: int, num_gpus: int) -> int:
+    return instance_memory(Backend.TRANSFORMERS, weights_bytes=num_bytes, kv_bytes_per_token=kv_bytes_per_token,
+                           context_length=MAX_CONTEXT_TOKENS, max_batch_size=KV_BATCH_SIZE, max_kv_bytes=KV_CAP_BYTES,
+                           on_gpu=True, num_devices=num_gpus).total_bytes
+
+
+def fitted(name: str, num_params: float, kv_bytes_per_token: int, gpu_bytes: int = GPU_BYTES) -> ModelSpec:
+    """A model on the fewest GPUs (1, 2, 4 or 8: the tensor-parallel sizes attention heads divide by) of
+    `gpu_bytes` each that hold an instance's share (`ModelSpec.memory_bytes`). ValueError: not even 8 do."""
+    for num_gpus in (1, 2, 4, 8):
+        if _memory_bytes(int(2 * num_params), kv_bytes_per_token, num_gpus) <= gpu_bytes:
+            return ModelSpec(name, num_params, kv_bytes_per_token, num_gpus)
+    raise ValueError(f"{name} does not fit 8 GPUs of {gpu_bytes} bytes")
 
 
 def _kv_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * 2
 
 
-# Real model sizes and shapes (their Hugging Face configs). OPT-66B (132 GB) and Llama-2-70B (138 GB) need two
-# 80 GB GPUs; an sllmd instance runs on one device, so they are left out rather than modelled wrongly.
+# Real model sizes and shapes (their Hugging Face configs), the ServerlessLLM paper's models.
 BASE_MODELS = (
-    ("opt-6.7b", 6.7e9, _kv_per_token(32, 32, 128)),
-    ("llama-2-7b", 6.74e9, _kv_per_token(32, 32, 128)),
-    ("opt-13b", 12.9e9, _kv_per_token(40, 40, 128)),
-    ("llama-2-13b", 13.0e9, _kv_per_token(40, 40, 128)),
-    ("opt-30b", 30.0e9, _kv_per_token(48, 56, 128)),
+    ModelSpec("opt-6.7b", 6.7e9, _kv_per_token(32, 32, 128)),
+    ModelSpec("llama-2-7b", 6.74e9, _kv_per_token(32, 32, 128)),
+    ModelSpec("opt-13b", 12.9e9, _kv_per_token(40, 40, 128)),
+    ModelSpec("llama-2-13b", 13.0e9, _kv_per_token(40, 40, 128)),
+    ModelSpec("opt-30b", 30.0e9, _kv_per_token(48, 56, 128)),
+)
+# The paper's largest, 132 and 138 GB at fp16: more than one 80 GB GPU holds. With the KV budget capped at
+# 16 GiB, two GPUs hold an instance (~75 and ~78 GB on each), so `fitted` gives both num_gpus 2.
+LARGE_BASE_MODELS = (
+    fitted("opt-66b", 66.0e9, _kv_per_token(64, 72, 128)),
+    fitted("llama-2-70b", 69.0e9, _kv_per_token(80, 8, 128)),
 )
 # Small models of today, grouped-query attention: 0.5B to 8B (1–16 GB at fp16).
 SMALL_BASE_MODELS = (
-    ("qwen2.5-0.5b", 0.494e9, _kv_per_token(24, 2, 64)),
-    ("llama-3.2-1b", 1.24e9, _kv_per_token(16, 8, 64)),
-    ("qwen2.5-1.5b", 1.54e9, _kv_per_token(28, 2, 128)),
-    ("qwen2.5-3b", 3.09e9, _kv_per_token(36, 2, 128)),
-    ("llama-3.2-3b", 3.21e9, _kv_per_token(28, 8, 128)),
-    ("qwen2.5-7b", 7.62e9, _kv_per_token(28, 4, 128)),
-    ("mistral-7b", 7.25e9, _kv_per_token(32, 8, 128)),
-    ("llama-3.1-8b", 8.03e9, _kv_per_token(32, 8, 128)),
+    ModelSpec("qwen2.5-0.5b", 0.494e9, _kv_per_token(24, 2, 64)),
+    ModelSpec("llama-3.2-1b", 1.24e9, _kv_per_token(16, 8, 64)),
+    ModelSpec("qwen2.5-1.5b", 1.54e9, _kv_per_token(28, 2, 128)),
+    ModelSpec("qwen2.5-3b", 3.09e9, _kv_per_token(36, 2, 128)),
+    ModelSpec("llama-3.2-3b", 3.21e9, _kv_per_token(28, 8, 128)),
+    ModelSpec("qwen2.5-7b", 7.62e9, _kv_per_token(28, 4, 128)),
+    ModelSpec("mistral-7b", 7.25e9, _kv_per_token(32, 8, 128)),
+    ModelSpec("llama-3.1-8b", 8.03e9, _kv_per_token(32, 8, 128)),
 )
 
 
-def catalogue(num_copies: int, bases: tuple[tuple[str, float, int], ...] = BASE_MODELS) -> list[ModelSpec]:
+def catalogue(num_copies: int, bases: tuple[ModelSpec, ...] = BASE_MODELS) -> list[ModelSpec]:
     """`num_copies` deployments of each base model ("opt-13b-02"), copy by copy (so a Zipf ranking over the
     list mixes sizes): many models contending for few GPUs, as serverless fleets host many fine-tunes of a
     few architectures."""
-    return [ModelSpec(f"{name}-{i:02d}", params, kv) for i in range(num_copies) for name, params, kv in bases]
+    return [dataclasses.replace(base, name=f"{base.name}-{i:02d}") for i in range(num_copies) for base in bases]
 
 
 class LruCache:

@@ -14,30 +14,35 @@ Mechanics, mirroring the daemon's request pipeline and worker:
 - On the server it goes to, a request takes a ready instance of its model there (`pick_instance`: packing,
   over target when all are at target), else it waits there for one. Either way that server's autoscaler
   (`num_instances_to_start`, as the worker's) may start more instances of the model there, each where
-  `make_room` says (as the worker's `_make_room`): the GPU with the least free memory that has the
-  instance's need free, else the GPU where evicting idle instances of other models there makes room, chosen
-  by `plan_evictions` under the capacity's rule. So does any memory freed or instance gone idle on it
-  while requests wait there. A request left waiting where its model has no instance (no server could take
+  `make_room` says (as the worker's `_make_room` and `Devices.acquire`): for a model on one GPU, the GPU with
+  the least free memory that has the instance's need free; for one spanning k GPUs, the first k-GPU set of
+  `topology.device_groups` (closest in `Hardware.topology`; flat by default) whose GPUs all have it free;
+  else the set where evicting idle instances of other models there makes room, chosen by `plan_evictions`
+  over those sets under the capacity's rule. So does any memory freed or instance gone idle on it while
+  requests wait there. A request left waiting where its model has no instance (no server could take
   one) is routed again whenever memory frees or an instance goes idle: a client's retry, without the
   daemon's wait bound (the simulator rejects nothing).
-- An instance holds its memory (`Capacity.memory_bytes`: a whole GPU per device, else its weights, KV budget
-  and engine overhead) on one GPU from the moment it is placed until it stops; a GPU never holds more than
-  its budget (asserted at every placement). Each server tracks every model's request rate there
+- An instance holds its memory (`Capacity.memory_bytes`: a whole GPU per device, else its share of the
+  weights and KV budget and an engine overhead) on each of its model's `num_gpus` GPUs, all of one server,
+  from the moment it is placed until it stops; a GPU never holds more than its budget (asserted whenever a
+  hold grows). Each server tracks every model's request rate there
   (`RequestRate`, over the requests admitted there), which the cost rule and the leader's view read.
 - Each server loads one checkpoint at a time, in order (loads share its SSD, NIC and PCIe): a load waits
-  behind the server's queue, then fetches (peer / repository → SSD), loads (SSD or DRAM → GPU) and
-  initialises, all at the true figures of `Hardware`. Every completed load and migration is fed to that
-  server's `Calibration`.
+  behind the server's queue, then fetches (peer / repository → SSD), loads (SSD or DRAM → GPUs) and
+  initialises, all at the true figures of `Hardware` (a DRAM load onto k GPUs runs k PCIe copies at once; the
+  SSD and the network are one stream). Every completed load and migration is fed to that server's
+  `Calibration`.
 - Loaded checkpoints stay in the server's DRAM cache (LRU) when the policy has one; fetched ones stay in
   its SSD cache when the policy keeps them.
 - An instance idle for `keep_alive_s` stops; idle instances may be evicted at once to make room, and
   whenever one goes idle the models whose requests wait for memory are offered it (oldest first).
-- A migration (instance I of model A from N to D, to free memory on I's GPU of N for model B): D makes room
-  for A (`make_room`) and loads A, while B's instance holds the part of its need that I will not free; the
+- A migration (instance I of model A from N to D, to free memory on I's GPUs of N for model B): D makes room
+  for A on as many GPUs as A spans (`make_room`) and loads A, while B's instance holds, on each GPU it shares
+  with I, the part of its need that I will not free (on its other GPUs, all of it); the
   tokens of I's requests are re-prefilled on D (`migration_base_s` + prefill time) while I keeps decoding;
   at cut-over I's requests continue on D, I stops and B's load on N starts.
 - Decode time per token is constant per model (batch 1: weights read from HBM plus a fixed per-token
-  cost, see `Hardware`); prefill is compute bound.
+  cost, see `Hardware`); prefill is compute bound; a model on k GPUs splits both k ways.
 - With `has_checkpoint_homes`, each checkpoint is put on `num_homes` servers' SSDs before the trace
   starts (`plan_checkpoint_homes`, as at deploy). With a DRAM cache, every WARM_INTERVAL_S each server
   copies the models `plan_dram_warming` picks (request rates over the last RATE_WINDOW_S) from its SSD
@@ -63,6 +68,7 @@ from sllmd.scheduler.placement import (
     plan_dram_warming,
 )
 from sllmd.scheduler.routing import AskLeader, ServeHere, route
+from sllmd.scheduler.topology import device_groups
 from sllmd.sim.cluster import Capacity, Hardware, LruCache, ModelSpec
 from sllmd.sim.state import Decision, InstanceState, LoadJob, SimInstance, SimRequest, SimServer
 from sllmd.sim.trace import Request
@@ -75,8 +81,8 @@ RATE_WINDOW_S = 600.0
 @dataclass
 class Outcome:
     requests: list[SimRequest]
-    # Memory held × seconds, in whole GPUs (an instance holding half a GPU for 2 s counts 1); a migration's heir
-    # counts from its cut-over.
+    # Memory held × seconds, in whole GPUs (an instance holding half a GPU for 2 s counts 1, one holding half of
+    # each of two GPUs for 2 s counts 2); a migration's heir counts from its cut-over.
     gpu_s: float
     loads: Counter[str]  # instance loads (scale-outs and migrations' copies too) by the tier they read from
     num_cold_starts: int  # loads that requests waited for (they found no ready instance of their model)
@@ -117,9 +123,10 @@ class Simulation:
         self.hardware, self.autoscaling, self.policy, self.capacity = hardware, autoscaling, policy, capacity
         self.models = {m.name: m for m in models}
         self.memory_bytes = {m.name: capacity.memory_bytes(m, hardware) for m in models}
-        too_big = sorted(name for name, num_bytes in self.memory_bytes.items() if num_bytes > hardware.gpu_bytes)
+        too_big = sorted(m.name for m in models
+                         if self.memory_bytes[m.name] > hardware.gpu_bytes or m.num_gpus > hardware.gpus_per_server)
         if too_big:
-            raise ValueError(f"an instance of {too_big[0]} needs more memory than a GPU has")
+            raise ValueError(f"an instance of {too_big[0]} needs more GPUs or more memory on each than a server has")
         self.servers = [
             SimServer(f"s{i}", (hardware.gpu_bytes,) * hardware.gpus_per_server, LruCache(hardware.ssd_cache_bytes),
                       LruCache(hardware.dram_cache_bytes) if policy.has_dram_cache else None)
@@ -146,26 +153,28 @@ class Simulation:
                     self._by_id[home].ssd.add(model.name, model.num_bytes, pin=True)
 
     def node_states(self, model: str | None = None) -> list[NodeState]:
-        """The cluster as the leader's scheduler would see it now (all servers alive); with `model`, only that
-        model's loads (all that routing reads of them, and the most costly part to build)."""
+        """The cluster as the leader's scheduler would see it now (all servers alive); with `model`, what routing
+        reads of it, the cheaper to build: only that model's loads, and no instance's tokens (0: routing never
+        migrates)."""
         return [
             NodeState(
-                s.id, is_alive=True, free_memory=s.free_memory(), calibration=s.calibration,
+                s.id, is_alive=True, free_memory=s.free_memory(), topology=self.hardware.topology,
+                calibration=s.calibration,
                 dram_models=s.dram.models() if s.dram is not None else frozenset(), ssd_models=s.ssd.models(),
                 free_dram_bytes=s.dram.free_bytes if s.dram is not None else 0, free_ssd_bytes=s.ssd.free_bytes,
                 pending_load_s=s.pending_load_s(self.now),
-                instances=tuple(self._running(i) for i in s.instances
+                instances=tuple(self._running(i, with_tokens=model is None) for i in s.instances
                                 if i.state is InstanceState.READY and i.migrating_to is None),
                 loads=_loads(s, model),
             )
             for s in self.servers
         ]
 
-    def _running(self, instance: SimInstance) -> RunningInstance:
+    def _running(self, instance: SimInstance, *, with_tokens: bool) -> RunningInstance:
         decode_s = instance.spec.decode_s_per_token(self.hardware)
-        num_tokens = sum(r.num_tokens(self.now, decode_s) for r in instance.requests)
+        num_tokens = sum(r.num_tokens(self.now, decode_s) for r in instance.requests) if with_tokens else 0
         return RunningInstance(instance.id, instance.spec.name, self.hardware.engine_kind, len(instance.requests),
-                               num_tokens, instance.spec.num_bytes, device=instance.device,
+                               num_tokens, instance.spec.num_bytes, devices=instance.devices,
                                memory_bytes=instance.memory_bytes,
                                request_rate=self._rate(instance.server, instance.spec.name).per_s(self.now))
 
@@ -224,7 +233,7 @@ class Simulation:
         the server it went to."""
         model = request.request.model
         decision = route(model, self.autoscaling, self.node_states(model), local_id=entry.id,
-                         memory_bytes=self.memory_bytes[model])
+                         memory_bytes=self.memory_bytes[model], num_devices=self.models[model].num_gpus)
         if isinstance(decision, AskLeader):
             decision = decision.then(self.policy.place(self.models[model], self, asked_by=entry.id),
                                      local_id=entry.id)
@@ -284,30 +293,43 @@ class Simulation:
                 return
             self.start(spec, decision)
 
+    def gpu_groups(self, server: SimServer, spec: ModelSpec) -> list[tuple[int, ...]]:
+        """The sets of `spec.num_gpus` GPUs of `server` an instance of `spec` may take, closest first."""
+        return device_groups(len(server.gpu_bytes), spec.num_gpus, self.hardware.topology)
+
+    def fitting(self, server: SimServer, spec: ModelSpec) -> list[tuple[int, ...]]:
+        """`gpu_groups` whose GPUs all have an instance of `spec`'s need free now, in the same order."""
+        need, free = self.memory_bytes[spec.name], server.free_memory()
+        return [group for group in self.gpu_groups(server, spec) if all(free[d] >= need for d in group)]
+
     def make_room(self, server: SimServer, spec: ModelSpec) -> Decision | None:
-        """Where `server`'s worker puts a new instance of `spec`, as the daemon's `_make_room`: the GPU with the
-        least free memory that has the instance's need free (best fit: large holes stay for large models; the
-        lowest index on ties), else the GPU where stopping idle instances of other models makes room, by
-        `plan_evictions` under the capacity's rule. None: no GPU there can."""
-        need = self.memory_bytes[spec.name]
-        free = server.free_memory()
-        fitting = [(num_free, device) for device, num_free in enumerate(free) if num_free >= need]
+        """Where `server`'s worker puts a new instance of `spec`, as the daemon's `_make_room`: of the GPU sets
+        with the instance's need free on each (`fitting`), for one GPU the one with the least free memory (best
+        fit: large holes stay for large models; the lowest index on ties), for several the first; else the set
+        where stopping idle instances of other models makes room, by `plan_evictions` over `gpu_groups`
+        under the capacity's rule. None: no set there can."""
+        fitting = self.fitting(server, spec)
+        if fitting and spec.num_gpus > 1:
+            return Decision(server, fitting[0])
         if fitting:
-            return Decision(server, min(fitting)[1])
+            free = server.free_memory()
+            return Decision(server, min(fitting, key=lambda group: (free[group[0]], group)))
         idle = {i.id: i for i in server.instances if self.is_evictable(i) and i.spec.name != spec.name}
-        plan = plan_evictions([self._candidate(i) for i in idle.values()], dict(enumerate(free)), need,
-                              self.capacity.rule)
-        return None if plan is None else Decision(server, plan.device, tuple(idle[i] for i in plan.evictions))
+        plan = plan_evictions([self._candidate(i) for i in idle.values()], dict(enumerate(server.free_memory())),
+                              self.memory_bytes[spec.name], self.capacity.rule,
+                              groups=self.gpu_groups(server, spec))
+        return None if plan is None else Decision(server, plan.devices, tuple(idle[i] for i in plan.evictions))
 
     def _candidate(self, instance: SimInstance) -> EvictionCandidate:
         """An idle instance as the eviction rule sees it, at the server's own estimates (as the worker's are):
         the seconds to start it again from where its checkpoint is now, its model's request rate there."""
         server, spec = instance.server, instance.spec
         tier = self.policy.source_tier(server, spec, self)
-        reload_s = load_time_s(self.hardware.engine_kind, spec.num_bytes, tier, server.calibration)
+        reload_s = load_time_s(self.hardware.engine_kind, spec.num_bytes, tier, server.calibration,
+                               num_devices=spec.num_gpus)
         assert instance.idle_since_s is not None
         idle_s = self.now - instance.idle_since_s
-        return EvictionCandidate(instance.id, instance.device, instance.memory_bytes, reload_s,
+        return EvictionCandidate(instance.id, instance.devices, instance.memory_bytes, reload_s,
                                  self._rate(server, spec.name).per_s(self.now), idle_s,
                                  max(0.0, self.autoscaling.keep_alive_s - idle_s))
 
@@ -338,10 +360,11 @@ class Simulation:
     def is_evictable(instance: SimInstance) -> bool:
         return instance.state is InstanceState.READY and not instance.requests and instance.migrating_to is None
 
-    def _new_instance(self, spec: ModelSpec, server: SimServer, device: int, state: InstanceState, *,
+    def _new_instance(self, spec: ModelSpec, server: SimServer, devices: tuple[int, ...], state: InstanceState, *,
                       waiting_for: SimInstance | None = None) -> SimInstance:
+        assert len(set(devices)) == len(devices) == spec.num_gpus, f"{spec.name} on GPUs {devices}"
         self._num_instances += 1
-        instance = SimInstance(f"i{self._num_instances:05d}", spec, server, device, self.memory_bytes[spec.name],
+        instance = SimInstance(f"i{self._num_instances:05d}", spec, server, devices, self.memory_bytes[spec.name],
                                state, self.now, waiting_for=waiting_for)
         server.instances.append(instance)
         self._check_memory(server)
@@ -358,14 +381,14 @@ class Simulation:
         """Start an instance of `spec` as `decision` says."""
         self._evict(decision)
         if decision.migrate is None:
-            self._enqueue_load(self._new_instance(spec, decision.server, decision.device, InstanceState.LOADING))
+            self._enqueue_load(self._new_instance(spec, decision.server, decision.devices, InstanceState.LOADING))
             return
         source, dest = decision.migrate, decision.migrate_to
-        assert dest is not None and dest.server is not decision.server and source.device == decision.device
+        assert dest is not None and dest.server is not decision.server and set(source.devices) & set(decision.devices)
         self._evict(dest)
-        copy = self._new_instance(source.spec, dest.server, dest.device, InstanceState.MIGRATING_IN)
+        copy = self._new_instance(source.spec, dest.server, dest.devices, InstanceState.MIGRATING_IN)
         source.migrating_to, copy.migrating_from = copy, source
-        self._new_instance(spec, decision.server, decision.device, InstanceState.WAITING_FOR_MEMORY,
+        self._new_instance(spec, decision.server, decision.devices, InstanceState.WAITING_FOR_MEMORY,
                            waiting_for=source)
         self._num_migrations += 1
         self._enqueue_load(copy)
@@ -373,7 +396,7 @@ class Simulation:
     def _evict(self, decision: Decision) -> None:
         for victim in decision.evictions:
             assert self.is_evictable(victim) and victim.server is decision.server
-            assert victim.device == decision.device
+            assert set(victim.devices) & set(decision.devices)
             self._stop(victim, retry=False)
             self._num_evictions += 1
 
@@ -387,7 +410,8 @@ class Simulation:
             self._stop(instance, retry=True)
 
     def _stop(self, instance: SimInstance, *, retry: bool) -> None:
-        self._gpu_s += (self.now - instance.held_since_s) * instance.memory_bytes / self.hardware.gpu_bytes
+        self._gpu_s += ((self.now - instance.held_since_s) * instance.memory_bytes * len(instance.devices)
+                        / self.hardware.gpu_bytes)
         instance.state = InstanceState.STOPPED
         instance.server.instances.remove(instance)
         if retry:
@@ -412,7 +436,8 @@ class Simulation:
         if tier is Tier.DRAM:
             self._load(instance, tier)
             return
-        server.queue.append(LoadJob(instance, transfer_time_s(instance.spec.num_bytes, tier, server.calibration)))
+        server.queue.append(LoadJob(instance, transfer_time_s(instance.spec.num_bytes, tier, server.calibration,
+                                                              num_devices=instance.spec.num_gpus)))
         if server.loading is None:
             self._start_next_load(server)
 
@@ -431,7 +456,7 @@ class Simulation:
         self._loads[str(tier)] += 1
         fetch_s = self.hardware.fetch_s(spec.num_bytes, tier) if tier in (Tier.PEER, Tier.REPOSITORY) else 0.0
         source = Tier.DRAM if tier is Tier.DRAM else Tier.SSD
-        load_s = self.hardware.load_s(spec.num_bytes, source)
+        load_s = self.hardware.load_s(spec.num_bytes, source, spec.num_gpus)
         init_s = self.hardware.init_s(spec.num_bytes)
         done_s = self.now + fetch_s + load_s + init_s
         self.at(done_s, self._load_done, (instance, tier, fetch_s, source, load_s, init_s))
@@ -444,8 +469,11 @@ class Simulation:
             server.calibration = server.calibration.observe_fetch(tier, spec.num_bytes, fetch_s)
             if self.policy.keeps_fetched:
                 server.ssd.add(spec.name, spec.num_bytes)
-        server.calibration = server.calibration.observe_load(self.hardware.engine_kind, source, spec.num_bytes, load_s,
-                                                             init_s)
+        # The calibration's DRAM bandwidth is one link's (`transfer_time_s` multiplies it by the GPUs loaded), so
+        # a DRAM load onto k GPUs is taught as k links' worth of time.
+        streams = spec.num_gpus if source is Tier.DRAM else 1
+        server.calibration = server.calibration.observe_load(self.hardware.engine_kind, source, spec.num_bytes,
+                                                             load_s * streams, init_s)
         server.ssd.touch(spec.name)
         if server.dram is not None:
             server.dram.add(spec.name, spec.num_bytes)

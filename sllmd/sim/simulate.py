@@ -5,7 +5,8 @@ line) JSON.
 Capacity (`simcluster.Capacity`, `--capacity`): `per-device`, an instance takes a whole GPU whatever its size
 (sllmd before memory); `pack-lru` and `pack-cost`, each GPU is an 80 GB memory budget that instances share
 while they fit, an instance holding its weights, a KV budget (`simcluster.KV_BATCH_SIZE`: 32 requests at the
-full 4096-token context, capped at 16 GiB) and engine overhead; to make room, idle instances are evicted
+full 4096-token context, capped at 16 GiB) and engine overhead (one spanning k GPUs holds 1/k of the
+weights and KV budget and a whole overhead on each); to make room, idle instances are evicted
 longest idle first, or by the daemon's cost rule (reload seconds × request rate per byte freed, cheapest
 first). In every mode a cold start is a load that a request waited for (it found no ready instance of its
 model); loads count every instance load, scale-outs beside a ready instance and migrations' copies too.
@@ -50,6 +51,32 @@ What drives each difference (p99 startup latency, built-in trace, pack-cost; see
 - `random` (5.7× / 5.5× / 3.2×): the same tiers as sllmd, but it ignores where checkpoints are and
   which loads are queued, so ~40% of its loads are peer fetches.
 
+The serverlessllm-large workload (`--workload serverlessllm-large`; rows are placement policies): the same
+cluster, links and trace generator with the paper's largest models too: the 40 deployments above plus 2
+each of OPT-66B and Llama-2-70B (132 and 138 GB at fp16), last in the Zipf ranking (1–2% of requests, in
+bursts). Neither fits one 80 GB GPU; an instance spans 2 of one server (`ModelSpec.num_gpus`: the fewest
+GPUs that each hold its share of the weights and of the 16 GiB KV budget plus a whole engine overhead, 75
+and 78 GB), loads from DRAM over both GPUs' PCIe links (138 GB: 2.8 s + 5.6 s init), from its home SSD at
+the one drive's 6 GB/s (23 s + 5.6 s), from a peer after a 110 s fetch, and decodes at 59–61 ms/token. (The
+daemon serves a model on several GPUs with vllm only; the init here is the simulated engine's, the same for
+every model, so a new vLLM engine's tens of seconds are left out, for every policy alike.) The
+caches grow with the catalogue (1.65 TB): 240 GB of DRAM (one such checkpoint beside smaller ones) and 750
+GB of SSD per server. The table adds "multi-GPU p99 s": the 2-GPU models' requests alone. Seeds 0 / 1 / 2:
+- p99 startup over all requests: sllmd 64.6 / 133.8 / 75.0 s; no-migration 101.6 / 101.7 / 111.0 s;
+  random 128.9 / 159.0 / 104.0 s; ray-serve-cache 1102 / 1107 / 1098 s; ray-serve 7000-8000 s. Mean:
+  sllmd 4.2 / 6.4 / 4.6 s, no-migration 4.5 / 4.5 / 5.1 s, random 10.6 / 11.4 / 9.6 s. So sllmd leads
+  except on seed 1, where placement without migration wins on both.
+- The 2-GPU models alone, p99: sllmd 259 / 194 / 223 s, no-migration 148 / 184 / 139 s, random 249 / 318 /
+  176 s; mean: 39 / 79 / 46 s, 43 / 65 / 39 s, 83 / 134 / 77 s. Their mean is 0.5–0.6× random's, but their
+  tail beats random's on seed 1 only and is worse than without migration on every seed. A 2-GPU start needs
+  two GPUs of one server free or freed by evicting idle instances, and `plan_start` migrates at most one
+  running instance, which makes room only where the other GPU is free already (once in 2 h); so while its
+  home server's GPUs are busy, a burst for a 2-GPU model is started on another server from a peer: 139 s, and
+  every node-tier policy's 2-GPU p99 is at least that. With ~100–230 such requests in 2 h, their p99 is one
+  or two bursts: sllmd's 259 s on seed 0 is one peer fetch that queued behind 119 s of other loads, where
+  without migration the same burst was started at its home (behind as many) and loaded from its SSD.
+- ray-serve and ray-serve-cache download 132-138 GB at 0.2 GB/s (11-12 min) per cold start of a 2-GPU model.
+
 The many-small workload (`--workload many-small`; rows are capacity modes, all with sllmd's placement): what
 sharing GPUs buys when models are small. 2 servers × 4 80 GB GPUs (640 GB); 32 models (4 fine-tunes each of
 Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-1.5B, Qwen2.5-3B, Llama-3.2-3B, Qwen2.5-7B, Mistral-7B and Llama-3.1-8B at
@@ -80,7 +107,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sllmd.sim.cluster import SMALL_BASE_MODELS, Capacity, Hardware, ModelSpec, catalogue
+from sllmd.sim.cluster import LARGE_BASE_MODELS, SMALL_BASE_MODELS, Capacity, Hardware, ModelSpec, catalogue
 from sllmd.sim.engine import Outcome, Simulation
 from sllmd.sim.policies import Sllmd, all_policies
 from sllmd.sim.trace import Request, TokenLengths, TraceError, azure_like_trace, parse_csv
@@ -89,7 +116,13 @@ from sllmd.types import AutoscalingPolicy, Tier
 
 class Workload(enum.StrEnum):
     SERVERLESSLLM = "serverlessllm"  # the paper's regime; rows are placement policies
+    SERVERLESSLLM_LARGE = "serverlessllm-large"  # the same with 4 models spanning 2 GPUs; rows are placement policies
     MANY_SMALL = "many-small"  # 32 small models on 2 servers; rows are capacity modes
+
+    @property
+    def compares_policies(self) -> bool:
+        """Its rows are placement policies (else capacity modes under sllmd's placement)."""
+        return self is not Workload.MANY_SMALL
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +143,14 @@ SETUPS = {
         Hardware(), tuple(catalogue(8)),
         AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0),
         duration_s=7200.0, rate=1.5, warmup_s=600.0),
+    # The serverlessllm catalogue plus 2 deployments each of OPT-66B and Llama-2-70B (2 GPUs each), last in the
+    # Zipf ranking. The caches grow with the catalogue (1.1 → 1.65 TB), so each server still holds under half
+    # of it on its SSD and, in DRAM, one 138 GB checkpoint beside the smaller ones.
+    Workload.SERVERLESSLLM_LARGE: Setup(
+        Hardware(dram_cache_bytes=240 * 10**9, ssd_cache_bytes=750 * 10**9),
+        (*catalogue(8), *catalogue(2, LARGE_BASE_MODELS)),
+        AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0),
+        duration_s=7200.0, rate=1.5, warmup_s=600.0),
     # A keep-alive long enough (15 min) that memory pressure, not the timer, stops most idle instances.
     Workload.MANY_SMALL: Setup(
         Hardware(num_servers=2), tuple(catalogue(4, SMALL_BASE_MODELS)),
@@ -125,11 +166,12 @@ def builtin_trace(seed: int, *, workload: Workload = Workload.SERVERLESSLLM, dur
                             total_rate=setup.rate, seed=seed, lengths=lengths)
 
 
-def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0,
-             capacity: Capacity = Capacity.PACK_COST) -> dict[str, dict[str, Any]]:
-    """Per placement policy, the summary of playing `trace` on the serverlessllm setup under `capacity` (see
-    `summarise`); requests arriving before `warmup_s` are played but left out of the latency figures."""
-    setup = SETUPS[Workload.SERVERLESSLLM]
+def simulate(trace: list[Request], seed: int, *, warmup_s: float = 0.0, capacity: Capacity = Capacity.PACK_COST,
+             workload: Workload = Workload.SERVERLESSLLM) -> dict[str, dict[str, Any]]:
+    """Per placement policy, the summary of playing `trace` on `workload`'s setup (one that compares policies)
+    under `capacity` (see `summarise`); requests arriving before `warmup_s` are played but left out of the
+    latency figures."""
+    setup = SETUPS[workload]
     return {policy.name: summarise(Simulation(setup.hardware, list(setup.models), setup.autoscaling, policy,
                                               capacity=capacity, num_homes=setup.num_homes).run(trace), warmup_s)
             for policy in all_policies(seed)}
@@ -147,10 +189,16 @@ def compare_capacities(trace: list[Request], *, warmup_s: float = 0.0,
 def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
     """Latency percentiles over the requests arriving at or after `warmup_s` ("requests" counts them, and
     "cold_requests" those of them that waited for an instance to start); GPU-seconds, cold starts, loads,
-    evictions and migrations over the whole run; per server, the largest share of its GPU memory held at once."""
+    evictions and migrations over the whole run; per server, the largest share of its GPU memory held at once.
+    When some measured requests are for models spanning several GPUs, "multi_gpu" has their startup latencies
+    and count alone."""
     measured = [r for r in outcome.requests if r.request.time_s >= warmup_s]
     startup = sorted(r.first_token_s - r.request.time_s for r in measured)  # type: ignore[operator]
     e2e = sorted(r.done_s - r.request.time_s for r in measured)  # type: ignore[operator]
+    spanning = sorted(r.first_token_s - r.request.time_s for r in measured  # type: ignore[operator]
+                      if r.instance is not None and r.instance.spec.num_gpus > 1)
+    multi_gpu = {"multi_gpu": {"p50_s": percentile(spanning, 50), "p99_s": percentile(spanning, 99),
+                               "mean_s": _mean(spanning), "requests": len(spanning)}} if spanning else {}
     return {
         "p50_s": percentile(startup, 50), "p99_s": percentile(startup, 99), "mean_s": _mean(startup),
         "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99), "e2e_mean_s": _mean(e2e),
@@ -163,7 +211,7 @@ def summarise(outcome: Outcome, warmup_s: float) -> dict[str, Any]:
         "max_memory_share": {server: round(share, 3) for server, share in outcome.max_memory_share.items()},
         "requests": len(measured),
         "startup_s": startup,
-    }
+    } | multi_gpu
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -181,14 +229,18 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def table(summaries: dict[str, dict[str, Any]], row_name: str) -> str:
-    """One row per summary: latencies, GPU-seconds, cold starts, evictions, migrations, loads by tier."""
-    head = (f"{row_name:<16}{'p50 s':>8}{'p99 s':>9}{'mean s':>9}{'e2e p99 s':>11}{'GPU-s':>10}{'cold':>6}{'evict':>7}"
-            f"{'migr':>6}  loads")
+    """One row per summary: latencies, GPU-seconds, cold starts, evictions, migrations, loads by tier; when the
+    summaries have "multi_gpu", the p99 startup of those requests too."""
+    multi_gpu = all("multi_gpu" in s for s in summaries.values())
+    head = (f"{row_name:<16}{'p50 s':>8}{'p99 s':>9}{'mean s':>9}{'e2e p99 s':>11}"
+            + (f"{'multi-GPU p99 s':>17}" if multi_gpu else "")
+            + f"{'GPU-s':>10}{'cold':>6}{'evict':>7}{'migr':>6}  loads")
     lines = [head]
     for name, s in summaries.items():
         loads = " ".join(f"{tier}={n}" for tier, n in s["loads"].items())
         lines.append(f"{name:<16}{s['p50_s']:>8.2f}{s['p99_s']:>9.2f}{s['mean_s']:>9.2f}{s['e2e_p99_s']:>11.2f}"
-                     f"{s['gpu_s']:>10.0f}{s['cold_starts']:>6}{s['evictions']:>7}{s['migrations']:>6}  {loads}")
+                     + (f"{s['multi_gpu']['p99_s']:>17.2f}" if multi_gpu else "")
+                     + f"{s['gpu_s']:>10.0f}{s['cold_starts']:>6}{s['evictions']:>7}{s['migrations']:>6}  {loads}")
     return "\n".join(lines)
 
 
@@ -229,14 +281,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sllmd simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=[w.value for w in Workload], default=Workload.SERVERLESSLLM.value,
                         help="serverlessllm: 40 models of 13-60 GB on 4 servers x 4 80 GB GPUs, one row per placement "
-                             "policy; many-small: 32 models of 1-16 GB on 2 servers x 4 80 GB GPUs, sllmd's "
+                             "policy; serverlessllm-large: the same plus 4 models of 132-138 GB, each instance on 2 "
+                             "GPUs; many-small: 32 models of 1-16 GB on 2 servers x 4 80 GB GPUs, sllmd's "
                              "placement, one row per capacity mode (default serverlessllm)")
     parser.add_argument("--capacity", choices=[c.value for c in Capacity],
                         help="how GPUs hold instances: per-device (an instance takes a whole GPU), pack-lru or "
                              "pack-cost (GPUs are memory budgets that instances share while they fit; to make room "
                              "the longest idle, or the cheapest to reload by reload seconds x request rate per byte, "
-                             "are evicted). Default: pack-cost (the daemon's) for serverlessllm, every mode for "
-                             "many-small")
+                             "are evicted). Default: pack-cost (the daemon's) for serverlessllm and "
+                             "serverlessllm-large, every mode for many-small")
     parser.add_argument("--trace", default="builtin",
                         help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] naming the "
                              "workload's models (default builtin)")
@@ -272,9 +325,9 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     result: dict[str, Any] = {"workload": str(workload)}
-    if workload is Workload.SERVERLESSLLM:
+    if workload.compares_policies:
         capacity = Capacity(args.capacity or Capacity.PACK_COST)
-        summaries = simulate(trace, args.seed, warmup_s=warmup_s, capacity=capacity)
+        summaries = simulate(trace, args.seed, warmup_s=warmup_s, capacity=capacity, workload=workload)
         result |= {"capacity": str(capacity), "policies": summaries}
         row_name, setting = "policy", f"capacity {capacity}"
     else:

@@ -41,23 +41,23 @@ class SimInstance:
     id: str
     spec: ModelSpec
     server: SimServer
-    device: int  # the GPU of `server` it runs on
-    memory_bytes: int  # what it holds there (`Capacity.memory_bytes`)
+    devices: tuple[int, ...]  # the GPUs of `server` it runs on: `spec.num_gpus` of them
+    memory_bytes: int  # what it holds on each of them (`Capacity.memory_bytes`)
     state: InstanceState
     held_since_s: float  # since when it holds all of `memory_bytes`
     requests: set[SimRequest] = field(default_factory=set)
     idle_since_s: float | None = None
     migrating_to: SimInstance | None = None  # set on the source of a migration
     migrating_from: SimInstance | None = None  # set on the destination copy
-    waiting_for: SimInstance | None = None  # the migrating source (on the same GPU) whose memory this one takes
+    waiting_for: SimInstance | None = None  # the migrating source (sharing a GPU with it) whose memory this one takes
 
-    @property
-    def held_bytes(self) -> int:
-        """Memory it holds on its GPU now: `memory_bytes` from placement until it stops. A migration's heir holds,
-        until the cut-over, the part of it the migrating instance will not free, so no other start takes that."""
-        if self.state is InstanceState.STOPPED:
+    def held_on(self, device: int) -> int:
+        """Memory it holds on GPU `device` of its server now: `memory_bytes` on each of its devices from placement
+        until it stops. A migration's heir holds, until the cut-over, the part of it that the migrating instance
+        will not free on that GPU, so no other start takes that."""
+        if self.state is InstanceState.STOPPED or device not in self.devices:
             return 0
-        if self.waiting_for is not None:
+        if self.waiting_for is not None and device in self.waiting_for.devices:
             return max(0, self.memory_bytes - self.waiting_for.memory_bytes)
         return self.memory_bytes
 
@@ -85,7 +85,8 @@ class SimServer:
         """Each GPU's memory not held by an instance (negative if over budget, which the engine asserts never is)."""
         free = list(self.gpu_bytes)
         for instance in self.instances:
-            free[instance.device] -= instance.held_bytes
+            for device in instance.devices:
+                free[device] -= instance.held_on(device)
         return tuple(free)
 
     def pending_load_s(self, now: float) -> float:
@@ -98,12 +99,13 @@ class SimServer:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where an instance starts: on GPU `device` of `server`, after stopping `evictions` (idle, there), which
-    leaves its memory free there; or, with `migrate` (a ready instance on that GPU), once `migrate` has moved to
-    where `migrate_to` says (a GPU of another server, after its own evictions)."""
+    """Where an instance starts: on GPUs `devices` of `server` (one per GPU its model spans), after stopping
+    `evictions` (idle, there), which leaves its memory free on each; or, with `migrate` (a ready instance on at
+    least one of those GPUs), once `migrate` has moved to where `migrate_to` says (GPUs of another server, after
+    its own evictions)."""
 
     server: SimServer
-    device: int
+    devices: tuple[int, ...]
     evictions: tuple[SimInstance, ...] = ()
     migrate: SimInstance | None = None
     migrate_to: Decision | None = None

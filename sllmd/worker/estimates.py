@@ -85,9 +85,11 @@ class NodeEstimates:
         parked engine teaches the parked kind, not what a new engine costs)."""
         if report.source_tier in LOAD_TIERS:  # the loader's own tier; a dummy engine loads nothing
             kind = EngineKind.VLLM_PARKED if report.reused_engine else deployment.engine_kind
+            tier = Tier(report.source_tier)
+            # A DRAM load onto k devices ran k streams (`transfer_time_s`): what one link did took k times as long.
+            load_s = report.load_s * deployment.num_gpus if tier is Tier.DRAM else report.load_s
             self.set_calibration(self.calibration.observe_load(
-                kind, Tier(report.source_tier), report.num_bytes or deployment.checkpoint_bytes, report.load_s,
-                report.init_s))
+                kind, tier, report.num_bytes or deployment.checkpoint_bytes, load_s, report.init_s))
 
     def observe_fetch(self, tier: Tier, report: FetchReport) -> None:
         """The store copied a checkpoint in (from a peer or the repository): count it, learn its bandwidth."""
