@@ -245,7 +245,7 @@ def many_small() -> dict:
 
 
 def test_packing_memory_has_fewer_cold_starts_than_a_gpu_per_instance(many_small):
-    assert set(many_small) == {"per-device", "pack-lru", "pack-cost"}
+    assert set(many_small) == {"per-device", "pack-lru", "pack-cost", "pack-keepalive"}
     per_device, cost = many_small["per-device"], many_small["pack-cost"]
     assert cost["cold_starts"] < per_device["cold_starts"]
     assert cost["p99_s"] < per_device["p99_s"]
@@ -319,9 +319,11 @@ def test_many_small_prints_a_row_per_capacity_then_json(tmp_path, capsys):
     trace.write_text("".join(f"{t},{m.name},100,50\n" for t, m in enumerate(SETUPS[Workload.MANY_SMALL].models)))
     assert main(["simulate", "--workload", "many-small", "--trace", str(trace)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines[1:5]] == ["capacity", "per-device", "pack-lru", "pack-cost"]
+    assert [line.split()[0] for line in lines[1:6]] == ["capacity", "per-device", "pack-lru", "pack-cost",
+                                                        "pack-keepalive"]
     result = json.loads(lines[-1])
-    assert result["workload"] == "many-small" and list(result["capacities"]) == ["per-device", "pack-lru", "pack-cost"]
+    assert result["workload"] == "many-small" and list(result["capacities"]) == ["per-device", "pack-lru", "pack-cost",
+                                                                                "pack-keepalive"]
     assert all(s["requests"] == 32 and s["cold_starts"] >= 32 for s in result["capacities"].values())
     assert main(["simulate", "--workload", "many-small", "--trace", str(trace), "--capacity", "pack-lru",
                  "--json"]) == 0

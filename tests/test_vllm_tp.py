@@ -56,3 +56,22 @@ async def test_two_ranks_load_their_shards_and_serve_the_models_greedy_output(de
         assert swap.reused_engine and swap.num_bytes == num_bytes and swap.phases["swap"] > 0
     finally:
         await pool.close()
+
+
+async def test_a_node_serves_a_two_device_deployment_on_two_ranks_and_frees_both(demo_model_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    from tests.nodes import all_devices_free, running_node
+    from tests.test_lifecycle import wait_until
+
+    async with running_node(tmp_path / "node", devices__cpu_slots=2, store__probe_mb=0,
+                            serving__vllm_parked_engines=0) as node:
+        body = {"name": "wide", "checkpoint": str(demo_model_dir), "backend": "vllm", "num_gpus": 2,
+                "start_mode": "eager", "autoscaling": {"keep_alive_s": 1}}
+        async with node.http.post(f"{node.url}/admin/models", json=body) as response:
+            assert response.status == 201, await response.text()
+        status, answer = await node.complete("wide", max_tokens=4)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 4, answer
+        (instance,) = node.node.worker.runtimes["wide"].instances
+        assert sorted(d.index for d in instance.devices) == [0, 1]
+        await wait_until(lambda: not node.node.worker.runtimes["wide"].instances and all_devices_free(node), 60)

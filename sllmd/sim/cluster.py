@@ -35,12 +35,12 @@ class Capacity(enum.StrEnum):
     PER_DEVICE = "per-device"  # sllmd before memory: an instance takes whole GPUs; the longest idle goes first
     PACK_LRU = "pack-lru"  # GPUs are memory budgets instances share; the longest idle goes first
     PACK_COST = "pack-cost"  # shared, the daemon's rule: the least reload seconds × request rate per byte first
-    # Ollama's rule (the keep-alive that ends soonest first) is no mode of its own: every simulated model has the
-    # same keep-alive, under which it orders idle instances exactly as LRU does.
+    PACK_KEEPALIVE = "pack-keepalive"  # shared, Ollama's rule: the one whose keep-alive ends soonest first
 
     @property
     def rule(self) -> EvictionRule:
-        return EvictionRule.COST if self is Capacity.PACK_COST else EvictionRule.LRU
+        return {Capacity.PACK_COST: EvictionRule.COST,
+                Capacity.PACK_KEEPALIVE: EvictionRule.SHORTEST_KEEP_ALIVE}.get(self, EvictionRule.LRU)
 
     def memory_bytes(self, model: ModelSpec, hardware: Hardware) -> int:
         """What an instance of `model` holds on each of its `num_gpus` GPUs: all of it per device, else its
@@ -113,6 +113,7 @@ class ModelSpec:
     num_params: float
     kv_bytes_per_token: int
     num_gpus: int = 1
+    keep_alive_s: float | None = None  # its deployment's, where it differs from the workload's
 
     @property
     def num_bytes(self) -> int:

@@ -331,7 +331,7 @@ class Simulation:
         idle_s = self.now - instance.idle_since_s
         return EvictionCandidate(instance.id, instance.devices, instance.memory_bytes, reload_s,
                                  self._rate(server, spec.name).per_s(self.now), idle_s,
-                                 max(0.0, self.autoscaling.keep_alive_s - idle_s))
+                                 max(0.0, self._keep_alive_s(spec) - idle_s))
 
     def _retry_waiting(self, server: SimServer) -> None:
         """Memory was freed or an instance went idle on `server`: the models whose requests wait there, oldest
@@ -400,9 +400,12 @@ class Simulation:
             self._stop(victim, retry=False)
             self._num_evictions += 1
 
+    def _keep_alive_s(self, spec: ModelSpec) -> float:
+        return self.autoscaling.keep_alive_s if spec.keep_alive_s is None else spec.keep_alive_s
+
     def _arm_keep_alive(self, instance: SimInstance) -> None:
         instance.idle_since_s = self.now
-        self.at(self.now + self.autoscaling.keep_alive_s, self._keep_alive_expired, (instance, self.now))
+        self.at(self.now + self._keep_alive_s(instance.spec), self._keep_alive_expired, (instance, self.now))
 
     def _keep_alive_expired(self, arg: object) -> None:
         instance, idle_since_s = arg  # type: ignore[misc]

@@ -3,13 +3,14 @@ cluster, against the placements and capacity rules users get today, on one trace
 line) JSON.
 
 Capacity (`simcluster.Capacity`, `--capacity`): `per-device`, an instance takes a whole GPU whatever its size
-(sllmd before memory); `pack-lru` and `pack-cost`, each GPU is an 80 GB memory budget that instances share
-while they fit, an instance holding its weights, a KV budget (`simcluster.KV_BATCH_SIZE`: 32 requests at the
-full 4096-token context, capped at 16 GiB) and engine overhead (one spanning k GPUs holds 1/k of the
-weights and KV budget and a whole overhead on each); to make room, idle instances are evicted
-longest idle first, or by the daemon's cost rule (reload seconds × request rate per byte freed, cheapest
-first). In every mode a cold start is a load that a request waited for (it found no ready instance of its
-model); loads count every instance load, scale-outs beside a ready instance and migrations' copies too.
+(sllmd before memory); `pack-lru`, `pack-cost` and `pack-keepalive`, each GPU is an 80 GB memory budget that
+instances share while they fit, an instance holding its weights, a KV budget (`simcluster.KV_BATCH_SIZE`: 32
+requests at the full 4096-token context, capped at 16 GiB) and engine overhead (one spanning k GPUs holds 1/k of
+the weights and KV budget and a whole overhead on each); to make room, idle instances are evicted longest idle
+first, by the daemon's cost rule (reload seconds × request rate per byte freed, cheapest first), or by Ollama's
+rule (the keep-alive that ends soonest first). In every mode a cold start is a load that a request waited for
+(it found no ready instance of its model); loads count every instance load, scale-outs beside a ready instance
+and migrations' copies too.
 Startup latency is arrival → first token; end-to-end is arrival → last token; GPU-seconds count each
 instance's memory × its time from placement to stop, in whole GPUs, over the whole run.
 
@@ -81,23 +82,25 @@ The many-small workload (`--workload many-small`; rows are capacity modes, all w
 sharing GPUs buys when models are small. 2 servers × 4 80 GB GPUs (640 GB); 32 models (4 fine-tunes each of
 Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-1.5B, Qwen2.5-3B, Llama-3.2-3B, Qwen2.5-7B, Mistral-7B and Llama-3.1-8B at
 fp16: 1–16 GB of weights, 260 GB in all; an instance asks 3–34 GB, 554 GB for one of each); the same caches,
-links and trace generator (1 h, 1 req/s, 600 s warm-up); up to 4 instances per model and a 15 min keep-alive,
-so hot models' scale-outs and idle instances fill memory (over 98% held at the peak) and idle instances are
-evicted to make room far more often than they time out. Seeds 0 / 1 / 2:
-- cold starts: per-device 259 / 315 / 304; pack-lru 112 / 126 / 120; pack-cost 110 / 115 / 125 (2.4× /
-  2.7× / 2.4× fewer than per-device). p99 startup: per-device 5.1 / 4.7 / 7.8 s; both packing modes 2.6–2.7 s
-  (an 8B model's load from DRAM). The eight GPUs hold eight instances per device, 50-odd packed.
-- pack-cost against pack-lru: cold starts within 10% either way; cost evicts 14% fewer instances (251 /
-  271 / 318 against 291 / 315 / 368) and loads 4–7% fewer, as per byte freed it prefers large, rarely asked
-  instances. They are close because a reload takes nearly the same 1.6–2.6 s at every size here (DRAM at
-  25 GB/s plus 1.5 s init), so the cost rule ranks by request rate per byte, and under Zipf arrivals recency
-  tracks rate. With 40 GB GPUs (more pressure) cost has 1–4% fewer cold starts; with a 5 min keep-alive
-  (Ollama's default) half the idle instances stop by the timer: 124 / 136 / 140 (cost), 122 / 141 / 128 (LRU).
+links and trace generator (1 h, 1 req/s, 600 s warm-up); up to 4 instances per model, keep-alives of 5, 15,
+30 and 60 min by copy (as operators set them per deployment), so hot models' scale-outs and idle instances fill
+memory (over 98% held at the peak) and idle instances are evicted to make room far more often than they time
+out. Seeds 0 / 1 / 2:
+- cold starts: per-device 259 / 315 / 304; pack-lru 115 / 124 / 117; pack-cost 113 / 110 / 121 (2.3× / 2.9× /
+  2.5× fewer than per-device); pack-keepalive (Ollama's rule) 114 / 132 / 140. p99 startup: per-device 5.1 /
+  4.7 / 7.8 s; every packing mode 2.6–2.7 s (an 8B model's load from DRAM). The eight GPUs hold eight instances
+  per device, 50-odd packed.
+- the eviction rules: the cost rule evicts the fewest instances (234 / 254 / 301, against LRU's 268 / 293 / 350
+  and Ollama's 325 / 385 / 462) and uses the fewest GPU-seconds; its cold starts are within 10% of LRU's and
+  2–16% under Ollama's, which stops a popular model whose keep-alive happens to be short. They are close
+  because a reload takes nearly the same 1.6–2.6 s at every size here (DRAM at 25 GB/s plus 1.5 s init), so
+  the cost rule ranks by request rate per byte, and under Zipf arrivals recency tracks rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import json
 import math
@@ -123,6 +126,13 @@ class Workload(enum.StrEnum):
     def compares_policies(self) -> bool:
         """Its rows are placement policies (else capacity modes under sllmd's placement)."""
         return self is not Workload.MANY_SMALL
+
+
+def with_keep_alives(models: list[ModelSpec], num_bases: int, keep_alives_s: Sequence[float]) -> list[ModelSpec]:
+    """`models` (a `catalogue`, copy by copy of `num_bases` base models) with copy i kept alive
+    `keep_alives_s[i % len(keep_alives_s)]` seconds."""
+    return [dataclasses.replace(model, keep_alive_s=keep_alives_s[(i // num_bases) % len(keep_alives_s)])
+            for i, model in enumerate(models)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +161,12 @@ SETUPS = {
         (*catalogue(8), *catalogue(2, LARGE_BASE_MODELS)),
         AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=60.0),
         duration_s=7200.0, rate=1.5, warmup_s=600.0),
-    # A keep-alive long enough (15 min) that memory pressure, not the timer, stops most idle instances.
+    # Keep-alives long enough (5 min to 1 h, 15 min for the workload's default) that memory pressure, not the
+    # timer, stops most idle instances; they differ by deployment, as operators set them, so Ollama's rule (the
+    # keep-alive that ends soonest first) is not LRU's.
     Workload.MANY_SMALL: Setup(
-        Hardware(num_servers=2), tuple(catalogue(4, SMALL_BASE_MODELS)),
+        Hardware(num_servers=2), tuple(with_keep_alives(catalogue(4, SMALL_BASE_MODELS), len(SMALL_BASE_MODELS),
+                                                        (900.0, 300.0, 3600.0, 1800.0))),
         AutoscalingPolicy(min_instances=0, max_instances=4, target_concurrency=4, keep_alive_s=900.0),
         duration_s=3600.0, rate=1.0, warmup_s=600.0),
 }
@@ -285,10 +298,11 @@ def main(argv: list[str]) -> int:
                              "GPUs; many-small: 32 models of 1-16 GB on 2 servers x 4 80 GB GPUs, sllmd's "
                              "placement, one row per capacity mode (default serverlessllm)")
     parser.add_argument("--capacity", choices=[c.value for c in Capacity],
-                        help="how GPUs hold instances: per-device (an instance takes a whole GPU), pack-lru or "
-                             "pack-cost (GPUs are memory budgets that instances share while they fit; to make room "
-                             "the longest idle, or the cheapest to reload by reload seconds x request rate per byte, "
-                             "are evicted). Default: pack-cost (the daemon's) for serverlessllm and "
+                        help="how GPUs hold instances: per-device (an instance takes a whole GPU), pack-lru, "
+                             "pack-cost or pack-keepalive (GPUs are memory budgets that instances share while they "
+                             "fit; to make room the longest idle, the cheapest to reload by reload seconds x request "
+                             "rate per byte, or the one whose keep-alive ends soonest (Ollama's) are evicted). "
+                             "Default: pack-cost (the daemon's) for serverlessllm and "
                              "serverlessllm-large, every mode for many-small")
     parser.add_argument("--trace", default="builtin",
                         help="'builtin' or a CSV of time_s,model[,prompt_tokens,output_tokens] naming the "
