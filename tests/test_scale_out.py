@@ -99,16 +99,23 @@ def test_a_saturated_node_without_room_scales_out_onto_another_node(tmp_path, de
                                          "autoscaling": policy}).status_code == 201
         wait_until(lambda: "demo" in n2.models(), 5, "the model on n2", cluster)
         # Long enough to keep n1's one instance busy through the second request's scale-out, also on a loaded
-        # machine (300 tokens could end first, and n1 then served the second request itself).
-        reader = Stream(n1, "demo", 1000)
-        reader.start()
-        assert reader.progressed.wait(60)
-        assert instance_nodes(cluster, "demo") == ["n1"]  # n1's one instance, busy at its target concurrency
-        reply = n1.post("/v1/completions", {"model": "demo", "prompt": "Hi", "max_tokens": 2}, timeout_s=60)
-        assert reply.status_code == 200, reply.text
-        assert instance_nodes(cluster, "demo") == ["n1", "n2"]  # the second instance went where there was room
-        reader.join(120)
-        assert reader.done
+        # machine (300 tokens could end first, and n1 then served the second request itself). Where the stream
+        # still ends first (its timing is the machine's), the scenario is played again, at most three times.
+        for _ in range(3):
+            reader = Stream(n1, "demo", 1000)
+            reader.start()
+            assert reader.progressed.wait(60)
+            assert instance_nodes(cluster, "demo") == ["n1"]  # n1's one instance, busy at its target concurrency
+            reply = n1.post("/v1/completions", {"model": "demo", "prompt": "Hi", "max_tokens": 2}, timeout_s=60)
+            assert reply.status_code == 200, reply.text
+            reader.join(120)
+            assert reader.done
+            if instance_nodes(cluster, "demo") == ["n1", "n2"]:
+                break  # the second instance went where there was room
+        else:
+            logs = [line for member in cluster for line in member.log().splitlines()
+                    if "placed" in line or "relay" in line or "instance" in line]
+            raise AssertionError("no second instance on n2:\n" + "\n".join(logs))
 
 
 def test_min_instances_are_kept_once_across_the_cluster_and_move_when_their_node_dies(tmp_path, demo_model_dir):

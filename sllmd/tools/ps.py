@@ -1,7 +1,7 @@
 """`sllmd ps`: every instance in the cluster, one row each, from one call to any node (`GET /admin/instances`).
 
-What only an instance's own node knows (memory held, idle time, keep-alive left, the tier it loaded from)
-shows as "-" for the other nodes' instances.
+What only an instance's own node knows (idle time, keep-alive left, the tier it loaded from) shows as "-" for
+the other nodes' instances; their memory comes from their nodes' statuses.
 """
 
 from __future__ import annotations
