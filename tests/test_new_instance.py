@@ -3,6 +3,8 @@ max_instances, reservations and their end, the entry node's preference, dead nod
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sllmd.scheduler.estimate import Calibration, load_time_s, transfer_time_s
@@ -81,6 +83,17 @@ def test_a_reserved_transfer_queues_later_starts_on_that_node_while_it_lasts():
     assert plan(states)[0].node_id == "a"
     assert plan(states, (reservation,), now=100.0)[0].node_id == "b"  # a's SSD and network busy for 20 s
     assert plan(states, (reservation,), now=100.0 + reservation.transfer_s)[0].node_id == "a"  # done
+
+
+def test_a_reservation_holds_while_only_the_records_show_its_start():
+    spec = InstanceSpec("m", HF, 2 * GB, 4, DEVICE)
+    _, (reservation,) = plan([node("a")], spec=spec)
+    # The records show the instance, the node's status (its free memory) not yet: the memory stays reserved.
+    recorded_only = dataclasses.replace(node("a"), loads={"m": ModelLoad(num_starting=1, num_in_status=0)})
+    placement, held = plan([recorded_only], (reservation,), now=100.1, spec=spec)
+    assert held[0] == reservation and placement is None  # its one device is reserved: no second start there
+    in_status = dataclasses.replace(node("a"), loads={"m": ModelLoad(num_starting=1, num_in_status=1)})
+    assert plan([in_status], (reservation,), now=100.1, spec=spec)[1][:1] != (reservation,)
 
 
 def test_a_reservation_ends_when_its_start_shows_or_after_its_estimate_and_the_slack():

@@ -61,16 +61,24 @@ class RunningInstance:
 @dataclass(frozen=True, slots=True)
 class ModelLoad:
     """One model on one node: its live instances (by the replicated instance records, or the node's own
-    worker) and the requests for it there, waiting or in flight."""
+    worker) and the requests for it there, waiting or in flight. `num_in_status`: the live instances the node's
+    last status lists, which its free memory accounts for (None: the same as `num_live`, e.g. the node's own
+    worker's exact figures)."""
 
     num_ready: int = 0
     num_starting: int = 0
     num_requests: int = 0
+    num_in_status: int | None = None
 
     @property
     def num_live(self) -> int:
         """Starting or ready: what counts against max_instances."""
         return self.num_ready + self.num_starting
+
+    @property
+    def num_accounted(self) -> int:
+        """Live instances whose memory the node's free memory already leaves out."""
+        return self.num_live if self.num_in_status is None else self.num_in_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +287,10 @@ class InstanceSpec:
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """A start `plan_new_instance` placed, which its node's state may not show yet: its memory on its device
-    is not offered again and its transfer counts as queued on the node. It ends once the node has more live
-    instances of the model than `num_live_before` (the start shows), or RESERVATION_SLACK_S after its estimate
-    ran out."""
+    is not offered again and its transfer counts as queued on the node. It ends once the node's free memory
+    accounts for more live instances of the model than `num_live_before` (the start shows in the node's status,
+    not only in the replicated records, which can come first), or RESERVATION_SLACK_S after its estimate ran
+    out."""
 
     model: str
     node_id: str
@@ -329,8 +338,12 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
         state = by_id.get(node_id)
         return 0 if state is None else state.load(model).num_live
 
+    def num_accounted(node_id: str, model: str) -> int:
+        state = by_id.get(node_id)
+        return 0 if state is None else state.load(model).num_accounted
+
     held = tuple(r for r in reservations
-                 if not r.is_expired(now) and num_live(r.node_id, r.model) <= r.num_live_before)
+                 if not r.is_expired(now) and num_accounted(r.node_id, r.model) <= r.num_live_before)
     states = _with_reservations(states, held, now)
     live = collections.Counter({s.id: s.load(spec.model).num_live for s in states})
     live.update(r.node_id for r in held if r.model == spec.model)

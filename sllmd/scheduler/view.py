@@ -28,7 +28,8 @@ def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment]
       its memory, out of its device's free bytes, but serves nothing).
     - `loads`: per model, its live instances, and the requests its status reports waiting or in flight. An
       instance counts once it is in the replicated records or in the node's status, whichever shows it first:
-      records are written in the background, and while the cluster has no leader only statuses arrive.
+      records are written in the background, and while the cluster has no leader only statuses arrive. Apart,
+      `num_in_status`: those the status lists, whose memory its free memory leaves out.
     """
 
     def named(ids: Iterable[str]) -> frozenset[str]:
@@ -43,8 +44,10 @@ def node_states(nodes: Sequence[PeerInfo], deployments: Mapping[str, Deployment]
             (node.id, i.model, i.state) for i in (status.instances if status is not None else ()))
         live = {key: max(recorded[key], reported[key]) for key in {*recorded, *reported} if key[0] == node.id}
         models = {m for (_, m, _) in live} | set(requests)
+        in_status = collections.Counter(model for (_, model, state) in reported.elements()
+                                        if state is not InstanceState.STOPPING)
         loads = {m: ModelLoad(live.get((node.id, m, InstanceState.READY), 0),
-                              live.get((node.id, m, InstanceState.STARTING), 0), requests.get(m, 0))
+                              live.get((node.id, m, InstanceState.STARTING), 0), requests.get(m, 0), in_status[m])
                  for m in models}
         is_alive = (node.is_alive and node.http is not None) or node.id == local_node_id
         if status is None:
