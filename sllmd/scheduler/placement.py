@@ -346,7 +346,8 @@ def plan_new_instance(spec: InstanceSpec, states: Sequence[NodeState], reservati
                  if not r.is_expired(now) and num_accounted(r.node_id, r.model) <= r.num_live_before)
     states = _with_reservations(states, held, now)
     live = collections.Counter({s.id: s.load(spec.model).num_live for s in states})
-    live.update(r.node_id for r in held if r.model == spec.model)
+    # A held start the records show already is counted there, not again.
+    live.update(r.node_id for r in held if r.model == spec.model and num_live(r.node_id, r.model) <= r.num_live_before)
     if live.total() >= spec.max_instances:
         serving = sorted((live[s.id], s.id) for s in states if s.is_alive and live[s.id] > 0)
         return (Placement(serving[0][1]) if serving else None), held
