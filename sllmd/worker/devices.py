@@ -93,10 +93,6 @@ class DevicePool:
         self.topology = tuple(tuple(row) for row in topology)
         self._holds: dict[str, tuple[tuple[Device, ...], int]] = {}  # holder -> (devices, bytes on each)
 
-    @property
-    def largest_budget_bytes(self) -> int:
-        return max((device.budget_bytes for device in self.devices), default=0)
-
     def held_bytes(self, device: Device) -> int:
         return sum(num_bytes for held_on, num_bytes in self._holds.values() if device in held_on)
 
